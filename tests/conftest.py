@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny generated image datasets that a small network can learn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_BACKBONE = "test_efficientnet"  # a real timm architecture, ~0.1 M parameters
+NORM = {"image_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def stripes(orientation: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """An RGB image of stripes, horizontal or vertical, with random period, phase and colours."""
+    period = rng.integers(4, 9)
+    phase = rng.integers(0, period)
+    ramp = ((np.arange(size) + phase) // (period // 2)) % 2
+    mask = np.tile(ramp[:, None], (1, size)) if orientation == "h" else np.tile(ramp[None, :], (size, 1))
+    fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    while np.abs(fg.astype(int) - bg).sum() < 150:
+        fg = rng.integers(0, 256, 3)
+    image = np.where(mask[..., None] == 1, fg, bg).astype(np.float64)
+    image += rng.normal(0, 12, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_stripes_folder(root: Path, per_class: int = 40, seed: int = 0, size: int = 32) -> Path:
+    """``root/horizontal/*.png`` and ``root/vertical/*.png``: orientation is the label."""
+    rng = np.random.default_rng(seed)
+    for name, orientation in (("horizontal", "h"), ("vertical", "v")):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(stripes(orientation, rng, size)).save(folder / f"{name}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def stripes_folder(tmp_path: Path) -> Path:
+    return make_stripes_folder(tmp_path / "stripes", per_class=40)
+
+
+@pytest.fixture(scope="session")
+def stripes_folder_large(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stripes_folder(tmp_path_factory.mktemp("data") / "stripes", per_class=150)

@@ -1,0 +1,129 @@
+"""Backbones: timm models without classifier, and every source of pretrained weights."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import TINY_BACKBONE
+from PIL import Image
+from sklearn.datasets import load_sample_image
+from timm.data import ImageNetInfo
+
+from transferkit.backbones import (
+    BackboneError,
+    HubUnreachableError,
+    bundled_state_dict,
+    create_backbone,
+)
+
+BUILDINGS = {"palace", "church", "bell cote", "monastery", "stupa", "castle", "mosque", "boathouse", "dome"}
+
+
+def _china_batch(size: int = 224) -> torch.Tensor:
+    image = Image.fromarray(load_sample_image("china.jpg")).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return ((x - 0.5) / 0.5)[None]  # the bundled weights expect mean = std = 0.5
+
+
+def test_bundled_weights_are_real_imagenet_weights():
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    model.load_state_dict(bundled_state_dict("tf_efficientnet_lite0"))
+    with torch.no_grad():
+        top5 = model(_china_batch()).softmax(-1)[0].topk(5).indices.tolist()
+    info = ImageNetInfo()
+    names = [info.index_to_description(i).split(",")[0].lower() for i in top5]
+    assert BUILDINGS & set(names), f"top-5 for a photo of a Chinese palace were {names}"
+
+
+def test_bundled_backbone_features_differ_from_random_init():
+    x = _china_batch()
+    pretrained = create_backbone("tf_efficientnet_lite0", pretrained="bundled").eval()
+    random = create_backbone("tf_efficientnet_lite0", pretrained=False).eval()
+    with torch.no_grad():
+        a, b = pretrained(x), random(x)
+    assert a.shape == (1, 1280) and pretrained.num_features == 1280
+    assert not torch.allclose(a, b, atol=1e-3)
+    assert pretrained.data_config["mean"] == (0.5, 0.5, 0.5)
+    assert pretrained.data_config["input_size"] == (3, 224, 224)
+    assert pretrained.weights == "bundled:tf_efficientnet_lite0"
+
+
+def test_any_timm_model_returns_pooled_features():
+    backbone = create_backbone(TINY_BACKBONE, pretrained=False)
+    out = backbone(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, backbone.num_features)
+    assert set(backbone.data_config) >= {"input_size", "mean", "std"}
+
+
+def test_hub_unreachable_fails_fast_with_alternatives(monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_HUB_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(HubUnreachableError) as info:
+        create_backbone("resnet18", pretrained="hub")
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert "unreachable" in message and "'bundled'" in message and "path" in message
+
+
+def test_hub_offline_flag_is_respected(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE"):
+        create_backbone("resnet18", pretrained="hub")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_from_a_local_file(tmp_path, suffix):
+    source = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=5)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": source.state_dict()}, path)  # wrapped, as many trainers save
+    backbone = create_backbone(TINY_BACKBONE, pretrained=str(path))
+    for name, tensor in backbone.model.state_dict().items():
+        torch.testing.assert_close(tensor, source.state_dict()[name])
+
+
+def test_weights_with_other_names_load_through_a_key_map(tmp_path):
+    source = timm.create_model(TINY_BACKBONE, pretrained=False)
+    path = tmp_path / "renamed.pth"
+    torch.save({f"encoder.{k}": v for k, v in source.state_dict().items()}, path)
+    with pytest.raises(BackboneError, match="missing keys"):
+        create_backbone(TINY_BACKBONE, pretrained=str(path))
+    backbone = create_backbone(TINY_BACKBONE, pretrained=str(path), key_map={r"^encoder\.": ""})
+    torch.testing.assert_close(backbone.model.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_weights_for_another_architecture_list_the_keys(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), path)
+    with pytest.raises(BackboneError) as info:
+        create_backbone(TINY_BACKBONE, pretrained=str(path))
+    message = str(info.value)
+    assert "missing keys" in message and "unexpected keys" in message and "conv_stem.weight" in message
+
+
+class _NotAWeight:
+    pass
+
+
+def test_a_weights_file_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"conv_stem.weight": _NotAWeight()}, path)
+    with pytest.raises(BackboneError, match="never unpickles code"):
+        create_backbone(TINY_BACKBONE, pretrained=str(path))
+
+
+def test_missing_weights_file_and_unknown_name_are_clear():
+    with pytest.raises(BackboneError, match="does not exist"):
+        create_backbone(TINY_BACKBONE, pretrained="/nowhere/weights.pth")
+    with pytest.raises(BackboneError, match="Did you mean.*resnet18"):
+        create_backbone("resnet-18", pretrained=False)
+    with pytest.raises(BackboneError, match="bundled weights exist for"):
+        create_backbone("resnet18", pretrained="bundled")

@@ -1,0 +1,97 @@
+"""The command line: help, recipes, overrides, and an end-to-end finetune."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import TINY_BACKBONE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "transferkit", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=600,
+    )
+
+
+def test_help_lists_every_command():
+    result = _run("--help")
+    assert result.returncode == 0
+    for command in ("fit", "validate", "test", "predict", "finetune"):
+        assert f"  {command}" in result.stdout
+
+
+def test_print_config_resolves_the_quickstart_recipe_with_overrides():
+    result = _run(
+        "fit",
+        "--config",
+        "recipes/quickstart.yaml",
+        "--model.lr",
+        "0.0003",
+        "--data.batch_size",
+        "7",
+        "--print_config",
+    )
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["lr"] == 0.0003 and config["data"]["batch_size"] == 7
+    assert (
+        config["model"]["backbone"] == "tf_efficientnet_lite0" and config["model"]["pretrained"] == "bundled"
+    )
+    milestones = config["model"]["freeze_schedule"]["milestones"]
+    assert {int(k): v for k, v in milestones.items()} == {0: 0, 2: 3}
+
+
+def test_finetune_end_to_end_writes_metrics(stripes_folder, tmp_path):
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 4, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run")},
+        "model": {
+            "backbone": TINY_BACKBONE,
+            "pretrained": False,
+            "lr": 0.003,
+            "freeze_schedule": {"frozen_epochs": 1},
+        },
+        "data": {
+            "source": "folder",
+            "root": str(stripes_folder),
+            "image_size": 32,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "num_workers": 0,
+            "batch_size": 16,
+            "augment": "light",
+        },
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = _run("finetune", "--config", str(tmp_path / "recipe.yaml"), "--trainer.max_epochs", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics_file,) = (tmp_path / "run").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["epochs"] == 5
+    assert metrics["split_sizes"] == {"train": 54, "val": 10, "test": 16}
+    assert 0.0 <= metrics["test"]["test_acc"] <= 1.0 and Path(metrics["best_checkpoint"]).is_file()
+    assert "test_acc" in result.stdout
+
+
+def test_bad_recipe_values_fail_before_training(tmp_path):
+    result = _run(
+        "fit",
+        "--config",
+        "recipes/quickstart.yaml",
+        "--model.activation",
+        "gelu",
+        "--trainer.max_epochs",
+        "1",
+    )
+    assert result.returncode != 0
+    assert "unknown activation 'gelu'" in result.stderr

@@ -1,0 +1,32 @@
+"""transferkit: fine-tune pretrained image models on small real datasets, offline.
+
+>>> import transferkit as tk
+>>> backbone = tk.create_backbone("tf_efficientnet_lite0", pretrained="bundled")
+>>> model = tk.TransferClassifier(num_classes=2, freeze_schedule=tk.FreezeSchedule(frozen_epochs=2))
+"""
+
+import os
+
+# Albumentations asks PyPI for its latest version at import; offline machines wait on that for nothing
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from transferkit.backbones import Backbone, BackboneError, HubUnreachableError, create_backbone  # noqa: E402
+from transferkit.data import ImageDataModule  # noqa: E402
+from transferkit.finetuning import FreezeSchedule  # noqa: E402
+from transferkit.heads import ClassifierHead  # noqa: E402
+from transferkit.module import TransferClassifier  # noqa: E402
+from transferkit.trainer import Trainer  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "ClassifierHead",
+    "FreezeSchedule",
+    "HubUnreachableError",
+    "ImageDataModule",
+    "Trainer",
+    "TransferClassifier",
+    "create_backbone",
+]

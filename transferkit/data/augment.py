@@ -1,0 +1,125 @@
+"""Albumentations pipelines: train-time augmentation presets, and the eval pipeline.
+
+A pipeline is data: every pipeline built here round-trips through ``A.to_dict`` / ``A.from_dict``, so a
+recipe can name it, a checkpoint can store it and inference can replay it exactly.
+
+The train pipeline is ``resize (or random resized crop) -> augmentations -> normalize -> tensor``; the
+eval pipeline is ``resize -> normalize -> tensor``, with the backbone's own mean and std.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+
+from collections.abc import Mapping, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+
+__all__ = ["PRESETS", "Augment", "augmentations", "build_train_transform", "build_eval_transform"]
+
+PRESETS = ("none", "light", "medium", "heavy")
+
+# a preset name, or inline Albumentations transforms: a list of {Name: {params}} /
+# {"__class_fullname__": Name, ...} items, or the dict that A.to_dict writes
+Augment = str | list[dict[str, Any]] | dict[str, Any]
+
+
+def _preset(name: str) -> list[A.BasicTransform]:
+    if name == "none":
+        return []
+    if name == "light":
+        return [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.95, 1.05), translate_percent=(-0.03, 0.03), rotate=(-10, 10), p=0.5),
+        ]
+    if name == "medium":
+        return [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-15, 15), p=0.7),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        ]
+    if name == "heavy":
+        return [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(
+                scale=(0.85, 1.15), translate_percent=(-0.08, 0.08), rotate=(-25, 25), shear=(-8, 8), p=0.8
+            ),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.6),
+            A.GaussNoise(std_range=(0.02, 0.08), p=0.3),
+            A.CoarseDropout(
+                num_holes_range=(1, 6), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15), p=0.4
+            ),
+        ]
+    raise ValueError(
+        f"unknown augmentation preset '{name}'; choose one of {', '.join(PRESETS)} or give transforms inline."
+    )
+
+
+def augmentations(augment: Augment) -> list[A.BasicTransform]:
+    """The augmentation transforms named by a preset or described inline (without resize/normalize)."""
+    if isinstance(augment, str):
+        return _preset(augment)
+    if isinstance(augment, Mapping):
+        if "transform" not in augment:
+            raise ValueError(
+                "an inline augmentation dict must be what A.to_dict writes (with a 'transform' key); "
+                f"got keys {sorted(augment)}. Or give a list of transforms, e.g. [{{HorizontalFlip: {{p: 0.5}}}}]."
+            )
+        composed = A.from_dict(dict(augment))
+        return list(composed.transforms)
+    if isinstance(augment, Sequence):
+        return [_transform_from_item(item) for item in augment]
+    raise TypeError(
+        f"augment must be a preset name, a list of transforms or an A.to_dict dict, got {augment!r}."
+    )
+
+
+def _transform_from_item(item: Mapping[str, Any]) -> A.BasicTransform:
+    if not isinstance(item, Mapping):
+        raise TypeError(f"each inline transform must be a mapping, got {item!r}.")
+    if "__class_fullname__" in item:
+        spec = dict(item)
+    elif len(item) == 1:
+        ((name, params),) = item.items()
+        spec = {"__class_fullname__": name, **(params or {})}
+    else:
+        raise ValueError(
+            f"cannot read transform {dict(item)}: write it as {{Name: {{param: value}}}}, "
+            "e.g. {HorizontalFlip: {p: 0.5}}."
+        )
+    name = spec["__class_fullname__"]
+    if not hasattr(A, name):
+        raise ValueError(
+            f"'{name}' is not an Albumentations transform (see albumentations' list of transforms)."
+        )
+    try:
+        return A.from_dict({"transform": spec})
+    except Exception as err:
+        raise ValueError(f"invalid parameters for {name}: {err}") from err
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+
+
+def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """``Resize(image_size) -> Normalize(mean, std) -> tensor``: ``(H, W, 3) uint8`` to ``(3, S, S)`` float."""
+    return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA), *_normalize(mean, std)])
+
+
+def build_train_transform(
+    augment: Augment, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> A.Compose:
+    """Resize (the ``heavy`` preset: random resized crop), augment, normalize, to tensor."""
+    if augment == "heavy":
+        resize: A.BasicTransform = A.RandomResizedCrop(
+            size=(image_size, image_size), scale=(0.6, 1.0), interpolation=cv2.INTER_AREA
+        )
+    else:
+        resize = A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)
+    return A.Compose([resize, *augmentations(augment), *_normalize(mean, std)])

@@ -1,0 +1,283 @@
+"""The LightningDataModule: source -> seeded stratified splits -> Albumentations pipelines -> loaders."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.data.augment import Augment, build_eval_transform, build_train_transform
+from transferkit.data.images import ImageReadError, find_unreadable, load_image
+from transferkit.data.sources import DatasetError, DataSource, SourceName, load_source, split_indices
+
+__all__ = ["ImageDataModule", "ImageDataset"]
+
+
+class ImageDataset(Dataset):
+    """Items (file paths or ``(H, W)``/``(H, W, C)`` uint8 arrays) through an Albumentations pipeline.
+
+    ``dataset[i]`` is ``(image (3, S, S) float32, label int64)``.
+    """
+
+    def __init__(self, items: Sequence[str | np.ndarray], labels: np.ndarray, transform: A.Compose) -> None:
+        self.items = items
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, index: int) -> np.ndarray:
+        """The raw image ``(H, W, 3) uint8`` of sample ``index``, before any transform."""
+        item = self.items[index]
+        if isinstance(item, np.ndarray):
+            return _to_three_channels(item)
+        return load_image(item)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.transform(image=self.read(index))["image"]
+        return image, torch.as_tensor(self.labels[index], dtype=torch.long)
+
+
+def _to_three_channels(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    elif array.shape[-1] == 4:
+        array = array[..., :3]
+    return np.ascontiguousarray(array.astype(np.uint8, copy=False))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Labelled images for fine-tuning, split and augmented.
+
+    Args:
+        source: ``folder`` (``root/<class>/<images>``, or ``root/{train,val,test}/<class>/...``),
+            ``csv`` (``path,label[,split]`` columns), ``elpv`` (the ELPV solar-cell benchmark) or
+            ``digits`` (scikit-learn's 8x8 digits).
+        root: the image folder (``folder``), or the folder CSV paths are relative to (``csv``).
+        csv_path: the CSV file (``csv``).
+        task: ELPV only: ``binary`` (defective = defect probability >= 0.5) or ``4class``.
+        val_fraction: share of the non-test images held out for validation (early stopping, best checkpoint).
+        test_fraction: share of all images held out for the test; ``None`` = 0.25 for ELPV (its protocol),
+            0.2 otherwise.
+        seed: seed of the stratified splits.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        augment: train-time augmentation: ``none``, ``light``, ``medium``, ``heavy``, or Albumentations
+            transforms inline (``[{HorizontalFlip: {p: 0.5}}, ...]`` or an ``A.to_dict`` dict).
+        image_size: side of the square network input; ``None`` = the backbone's own.
+        mean, std: normalisation; ``None`` = the backbone's own (read from the model at setup).
+        skip_bad_images: ``False``: an unreadable image is an error naming it. ``True``: such images are
+            left out with a warning and counted in ``skipped_images``.
+        max_samples: keep at most this many images (a stratified subset), for quick runs.
+
+    Example:
+        >>> dm = ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader()))[0].shape
+        torch.Size([32, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        source: SourceName = "folder",
+        root: str | None = None,
+        csv_path: str | None = None,
+        task: Literal["binary", "4class"] = "binary",
+        val_fraction: float = 0.15,
+        test_fraction: float | None = None,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        augment: Augment = "light",
+        image_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        skip_bad_images: bool = False,
+        max_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.source = source
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.image_size = image_size
+        self.mean = mean
+        self.std = std
+        self.skip_bad_images = skip_bad_images
+        self.val_fraction = val_fraction
+        self.test_fraction = (0.25 if source == "elpv" else 0.2) if test_fraction is None else test_fraction
+        self.seed = seed
+        # listing is cheap and finds missing paths and empty classes before any training starts
+        self.data: DataSource = load_source(source, root=root, csv_path=csv_path, task=task)
+        if max_samples is not None and max_samples < len(self.data):
+            self.data = _subset(self.data, max_samples, seed)
+        self.skipped_images: list[ImageReadError] = []
+        self.split_indices: dict[str, np.ndarray] | None = None
+        self.datasets: dict[str, ImageDataset] = {}
+        self._train_transform = self._eval_transform = None
+
+    # --- what the model needs to know --------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.data.class_names)
+
+    @property
+    def train_transform(self) -> A.Compose:
+        self._resolve_transforms()
+        return self._train_transform
+
+    @property
+    def eval_transform(self) -> A.Compose:
+        self._resolve_transforms()
+        return self._eval_transform
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split_indices is None:
+            if self.data.items and isinstance(self.data.items[0], str) and self.data.name != "elpv":
+                self._drop_unreadable()
+            self.split_indices = split_indices(self.data, self.val_fraction, self.test_fraction, self.seed)
+            for split in ("train", "val"):
+                if len(self.split_indices.get(split, [])) == 0:
+                    raise DatasetError(
+                        f"the {split} split is empty ({len(self.data)} images, val_fraction={self.val_fraction}, "
+                        f"test_fraction={self.test_fraction}); add images or change the fractions."
+                    )
+        self._resolve_transforms()
+        for split, indices in self.split_indices.items():
+            transform = self._train_transform if split == "train" else self._eval_transform
+            items = [self.data.items[i] for i in indices]
+            self.datasets[split] = ImageDataset(items, self.data.labels[indices], transform)
+
+    def _drop_unreadable(self) -> None:
+        bad = find_unreadable([str(p) for p in self.data.items])
+        if not bad:
+            return
+        if not self.skip_bad_images:
+            listing = "\n".join(f"  {err.path}: {err.reason}" for err in bad[:10])
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise DatasetError(
+                f"{len(bad)} of {len(self.data)} images cannot be read:\n{listing}{more}\n"
+                "Fix or remove them, or set data.skip_bad_images=true to leave them out."
+            )
+        self.skipped_images = bad
+        bad_paths = {err.path for err in bad}
+        keep = np.asarray([str(p) not in bad_paths for p in self.data.items])
+        self.data = _select(self.data, np.flatnonzero(keep))
+        warnings.warn(
+            f"skipped {len(bad)} unreadable images (skip_bad_images=true), e.g. "
+            + "; ".join(f"{e.path}: {e.reason}" for e in bad[:3]),
+            stacklevel=2,
+        )
+
+    def _resolve_transforms(self) -> None:
+        if self._train_transform is not None:
+            return
+        size, mean, std = self.image_size, self.mean, self.std
+        if size is None or mean is None or std is None:
+            config = self._model_data_config()
+            size = size or int(config["input_size"][-1])
+            mean = mean or tuple(config["mean"])
+            std = std or tuple(config["std"])
+        self.image_size, self.mean, self.std = int(size), tuple(mean), tuple(std)
+        self._train_transform = build_train_transform(self.augment, self.image_size, self.mean, self.std)
+        self._eval_transform = build_eval_transform(self.image_size, self.mean, self.std)
+
+    def _model_data_config(self) -> dict[str, Any]:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        config = getattr(model, "data_config", None)
+        if config is None:
+            raise DatasetError(
+                "image_size, mean and std are taken from the backbone when the data module runs in a "
+                "Trainer with a TransferClassifier; pass them explicitly to use it on its own "
+                "(e.g. ImageDataModule(..., image_size=224, mean=(0.5,)*3, std=(0.5,)*3))."
+            )
+        return config
+
+    # --- loaders -----------------------------------------------------------------------------------
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.split_indices is not None and len(self.split_indices.get("test", [])) == 0:
+            raise DatasetError("there is no test split (test_fraction=0 and no test/ folder or CSV rows).")
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split: ``{split: {class name: count}}``."""
+        if self.split_indices is None:
+            self.setup()
+        out = {}
+        for split, indices in self.split_indices.items():
+            counts = np.bincount(self.data.labels[indices], minlength=self.num_classes)
+            out[split] = {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
+        return out
+
+
+def _select(data: DataSource, keep: np.ndarray) -> DataSource:
+    remap = None
+    if data.splits is not None:
+        position = {int(old): new for new, old in enumerate(keep)}
+        remap = {
+            s: np.asarray([position[i] for i in idx if int(i) in position]) for s, idx in data.splits.items()
+        }
+    return DataSource(
+        data.name,
+        [data.items[i] for i in keep],
+        data.labels[keep],
+        data.class_names,
+        data.stratify[keep],
+        {k: v[keep] for k, v in data.meta.items()},
+        remap,
+    )
+
+
+def _subset(data: DataSource, max_samples: int, seed: int) -> DataSource:
+    from sklearn.model_selection import train_test_split
+
+    try:
+        keep, _ = train_test_split(
+            np.arange(len(data)), train_size=max_samples, stratify=data.stratify, random_state=seed
+        )
+    except ValueError:  # strata too small for a stratified subset of this size
+        keep = np.random.default_rng(seed).choice(len(data), size=max_samples, replace=False)
+    return _select(data, np.sort(keep))

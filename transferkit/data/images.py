@@ -1,0 +1,91 @@
+"""Reading images from disk into ``(H, W, 3) uint8`` RGB arrays, whatever their mode.
+
+Grayscale, palette, CMYK, 16-bit and alpha images are converted to 3-channel RGB (alpha composited
+onto white); EXIF orientation is applied. An image that cannot be read raises :class:`ImageReadError`
+naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "load_image", "to_rgb", "find_unreadable"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageReadError(OSError):
+    """An image file could not be read. ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image '{self.path}': {reason}")
+
+    def __reduce__(self):  # keeps path and reason when raised inside a DataLoader worker
+        return (type(self), (self.path, self.reason))
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as an ``(H, W, 3) uint8`` RGB array."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError(path, "the file is empty (0 bytes)")
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image) or image
+            image.load()
+            return to_rgb(image)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError as err:
+        raise ImageReadError(path, "not an image in a format Pillow can decode") from err
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, f"too large to decode safely ({err})") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        reason = str(err) or type(err).__name__
+        if "truncated" in reason.lower():
+            reason = f"the file is truncated or corrupt ({reason})"
+        raise ImageReadError(path, reason) from err
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to an ``(H, W, 3) uint8`` array."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16-bit and 32-bit grayscale: scale to 8 bits instead of clipping
+        array = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            lo, hi = float(array.min()), float(array.max())
+            array = (array - lo) / (hi - lo or 1.0) * 255.0
+        else:
+            top = 65535.0 if array.max() > 255 else 255.0
+            array = array / top * 255.0
+        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def find_unreadable(paths: Sequence[str | os.PathLike], workers: int | None = None) -> list[ImageReadError]:
+    """Decode every image once (in threads: decoding releases the GIL) and return the failures."""
+
+    def check(path: str | os.PathLike) -> ImageReadError | None:
+        try:
+            load_image(path)
+        except ImageReadError as err:
+            return err
+        return None
+
+    workers = workers or min(8, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [err for err in pool.map(check, paths) if err is not None]

@@ -1,0 +1,259 @@
+"""Where labelled images come from: a class-per-folder tree, a CSV, ELPV, or scikit-learn's digits.
+
+Each source gives a :class:`DataSource`: one item per sample (a file path, or an in-memory array),
+integer labels, class names, a stratification key, per-sample metadata and, where the source defines
+them, its own train/val/test splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from transferkit.data.images import IMAGE_SUFFIXES
+
+__all__ = ["DataSource", "DatasetError", "SOURCES", "load_source", "split_indices"]
+
+SourceName = Literal["folder", "csv", "elpv", "digits"]
+SOURCES = ("folder", "csv", "elpv", "digits")
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """The dataset is not usable as given: a missing path, an empty class, too few images to split, ..."""
+
+
+@dataclass
+class DataSource:
+    """Samples of one dataset, before splitting and augmentation."""
+
+    name: str
+    items: list[str | np.ndarray]
+    labels: np.ndarray
+    class_names: list[str]
+    stratify: np.ndarray
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
+    splits: dict[str, np.ndarray] | None = None  # predefined split indices, where the source has them
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def load_source(
+    source: SourceName,
+    root: str | os.PathLike | None = None,
+    csv_path: str | os.PathLike | None = None,
+    task: Literal["binary", "4class"] = "binary",
+) -> DataSource:
+    """List the samples of ``source`` (images are read later, when the dataset is indexed)."""
+    if source == "folder":
+        if root is None:
+            raise DatasetError("source 'folder' needs root=<folder holding one sub-folder per class>.")
+        return _folder_source(Path(root).expanduser())
+    if source == "csv":
+        if csv_path is None:
+            raise DatasetError("source 'csv' needs csv_path=<file with 'path' and 'label' columns>.")
+        return _csv_source(Path(csv_path).expanduser(), Path(root).expanduser() if root else None)
+    if source == "elpv":
+        return _elpv_source(task)
+    if source == "digits":
+        return _digits_source()
+    raise DatasetError(f"unknown data source '{source}'; choose one of {', '.join(SOURCES)}.")
+
+
+# --- folder ----------------------------------------------------------------------------------------
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_class_folder(folder: Path) -> list[str]:
+    files = sorted(str(p) for p in folder.rglob("*") if _is_image(p))
+    if not files:
+        others = [p.name for p in folder.rglob("*") if p.is_file()][:3]
+        seen = f" (it holds {others} ...)" if others else " (it is empty)"
+        raise DatasetError(
+            f"class folder '{folder}' holds no images{seen}; image files end in {', '.join(IMAGE_SUFFIXES)}. "
+            "Add images or remove the folder."
+        )
+    return files
+
+
+def _folder_source(root: Path) -> DataSource:
+    if not root.exists():
+        raise DatasetError(
+            f"data root '{root}' does not exist; pass data.root=<folder with one sub-folder per class>."
+        )
+    if not root.is_dir():
+        raise DatasetError(f"data root '{root}' is not a folder.")
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    predefined = "train" in split_dirs and len(split_dirs) >= 2
+    tops = list(split_dirs.values()) if predefined else [root]
+
+    class_names = sorted({d.name for top in tops for d in _class_dirs(top)})
+    if not class_names:
+        raise DatasetError(
+            f"data root '{root}' has no class folders; expected '{root}/<class name>/<images>' "
+            "(or train/, val/, test/ folders laid out that way)."
+        )
+    if len(class_names) < 2:
+        raise DatasetError(
+            f"data root '{root}' has a single class ({class_names[0]}); a classifier needs at least 2."
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    items: list[str | np.ndarray] = []
+    labels: list[int] = []
+    split_of: list[str] = []
+    for split, top in split_dirs.items() if predefined else [("all", root)]:
+        for class_dir in _class_dirs(top):
+            files = _list_class_folder(class_dir)
+            items += files
+            labels += [index[class_dir.name]] * len(files)
+            split_of += [split] * len(files)
+    label_array = np.asarray(labels, dtype=np.int64)
+    splits = None
+    if predefined:
+        where = np.asarray(split_of)
+        splits = {s: np.flatnonzero(where == s) for s in split_dirs}
+    return DataSource("folder", items, label_array, class_names, label_array.astype(str), splits=splits)
+
+
+# --- csv -------------------------------------------------------------------------------------------
+
+
+def _csv_source(csv_path: Path, root: Path | None) -> DataSource:
+    if not csv_path.is_file():
+        raise DatasetError(f"CSV file '{csv_path}' does not exist.")
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        if "path" not in columns or "label" not in columns:
+            raise DatasetError(
+                f"CSV '{csv_path}' must have 'path' and 'label' columns (optionally 'split'); it has {columns}."
+            )
+        rows = list(reader)
+    if not rows:
+        raise DatasetError(f"CSV '{csv_path}' has no rows.")
+    base = root or csv_path.parent
+    paths = [str(p if (p := Path(r["path"])).is_absolute() else base / p) for r in rows]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(paths)} files listed in '{csv_path}' do not exist, e.g. {missing[:3]}; "
+            f"relative paths are read from '{base}' (set data.root to change that)."
+        )
+    raw = [r["label"].strip() for r in rows]
+    unique = set(raw)
+    numeric = all(s.lstrip("-").isdigit() for s in unique)
+    class_names = sorted(unique, key=int) if numeric else sorted(unique)
+    if len(class_names) < 2:
+        raise DatasetError(
+            f"CSV '{csv_path}' has a single label ({class_names[0]}); a classifier needs at least 2."
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.asarray([index[s] for s in raw], dtype=np.int64)
+    splits = None
+    if "split" in columns:
+        where = np.asarray([r["split"].strip().lower() for r in rows])
+        unknown = sorted(set(where) - set(SPLITS))
+        if unknown:
+            raise DatasetError(f"CSV '{csv_path}' has split values {unknown}; use train, val or test.")
+        splits = {s: np.flatnonzero(where == s) for s in SPLITS if (where == s).any()}
+    return DataSource("csv", list(paths), labels, class_names, labels.astype(str), splits=splits)
+
+
+# --- ELPV ------------------------------------------------------------------------------------------
+
+
+def _elpv_source(task: str) -> DataSource:
+    try:
+        import elpv_dataset
+    except ImportError as err:
+        raise DatasetError(
+            "source 'elpv' needs the package 'elpv-dataset' (CC BY-NC-SA 4.0): pip install 'transferkit[elpv]'."
+        ) from err
+    labels_csv = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
+    data = np.genfromtxt(labels_csv, dtype=["|S19", "<f8", "|S4"], names=["path", "probability", "type"])
+    paths = [str(labels_csv.parent / p) for p in np.char.decode(data["path"])]
+    probs = data["probability"].astype(np.float64)
+    types = np.char.decode(data["type"])
+    if task == "binary":
+        labels = (probs >= 0.5).astype(np.int64)
+        class_names = ["functional", "defective"]
+    elif task == "4class":
+        labels = np.rint(probs * 3).astype(np.int64)
+        class_names = ["0", "1/3", "2/3", "1"]
+    else:
+        raise DatasetError(f"unknown ELPV task '{task}'; choose 'binary' or '4class'.")
+    stratify = np.asarray([f"{p:.2f}_{t}" for p, t in zip(probs, types, strict=True)])
+    meta = {"defect_probability": probs, "cell_type": types}
+    return DataSource("elpv", list(paths), labels, class_names, stratify, meta=meta)
+
+
+# --- digits ----------------------------------------------------------------------------------------
+
+
+def _digits_source() -> DataSource:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+    labels = digits.target.astype(np.int64)
+    return DataSource("digits", list(images), labels, [str(i) for i in range(10)], labels.astype(str))
+
+
+# --- splits ----------------------------------------------------------------------------------------
+
+
+def split_indices(
+    data: DataSource, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Seeded, stratified train/val/test indices.
+
+    The test split is ``train_test_split(indices, test_size=test_fraction, stratify=data.stratify,
+    random_state=seed)`` (the ELPV protocol); validation comes out of the rest the same way. Splits the
+    source defines itself are kept; a missing validation split is carved out of train.
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise DatasetError(f"{name} must be in [0, 1), got {value}.")
+    indices = np.arange(len(data))
+    if data.splits is not None:
+        splits = {k: np.asarray(v) for k, v in data.splits.items()}
+        if "val" not in splits:
+            splits["train"], splits["val"] = _split(splits["train"], data.stratify, val_fraction, seed, "val")
+        splits.setdefault("test", np.asarray([], dtype=np.int64))
+        return splits
+    train, test = _split(indices, data.stratify, test_fraction, seed, "test")
+    train, val = _split(train, data.stratify, val_fraction, seed, "val")
+    return {"train": train, "val": val, "test": test}
+
+
+def _split(
+    indices: np.ndarray, stratify: np.ndarray, fraction: float, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    if fraction == 0:
+        return indices, np.asarray([], dtype=np.int64)
+    keys = stratify[indices]
+    try:
+        kept, held = train_test_split(indices, test_size=fraction, stratify=keys, random_state=seed)
+    except ValueError as err:
+        values, counts = np.unique(keys, return_counts=True)
+        rare = {str(v): int(c) for v, c in zip(values, counts, strict=True) if c < 2}
+        raise DatasetError(
+            f"cannot carve a stratified {what} split of {fraction:.0%} from {len(indices)} images: {err}. "
+            f"Classes with fewer than 2 images: {rare or 'none'}. Add images, merge rare classes, "
+            f"or lower data.{what}_fraction."
+        ) from err
+    return np.sort(kept), np.sort(held)

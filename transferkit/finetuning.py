@@ -1,0 +1,153 @@
+"""Which backbone layers train when: groups, the freeze schedule, the BatchNorm policy, parameter groups.
+
+The backbone is split once into ordered groups (bottom to top) from timm's own ``group_matcher``. Which
+groups are frozen is a pure function of ``(epoch, schedule)``, so a resumed run is in exactly the state
+an uninterrupted one would be. A frozen group is frozen by how it runs, not by rebuilding the optimizer:
+
+- its parameters stop requiring gradients, so autograd records nothing below the lowest trainable
+  group and no backward pass runs through it (the optimizer skips parameters whose grad is ``None``);
+- with ``bn_policy="frozen"`` its BatchNorm layers are kept in eval mode on every ``train()`` call, so
+  their running statistics do not move.
+
+Every optimizer parameter group is built up front (head first, then the backbone from the top down),
+each with its own learning rate, so schedulers never see groups appear or disappear mid-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from timm.models import group_parameters
+from torch import nn
+
+from transferkit.backbones import Backbone
+
+__all__ = [
+    "FreezeSchedule",
+    "backbone_groups",
+    "apply_freeze",
+    "frozen_batchnorm_to_eval",
+    "group_learning_rates",
+]
+
+BNPolicy = Literal["frozen", "train"]
+
+
+@dataclass
+class FreezeSchedule:
+    """When each backbone group starts training. Groups are counted from the top (the head side).
+
+    Three ways to say it (the first that is set wins):
+
+    - ``milestones``: ``{epoch: number of trainable backbone groups from the top}`` (``-1`` = all). Before
+      the first milestone the whole backbone is frozen.
+    - ``unfreeze_every``: after ``frozen_epochs`` head-only epochs, one more group from the top becomes
+      trainable, then another every ``unfreeze_every`` epochs (gradual unfreezing).
+    - otherwise: the whole backbone is frozen for ``frozen_epochs`` epochs, then all of it trains.
+
+    Args:
+        frozen_epochs: epochs at the start during which only the head trains.
+        unfreeze_every: for gradual unfreezing, epochs between two unfreezes.
+        milestones: explicit schedule, e.g. ``{0: 0, 2: 3, 5: -1}``.
+        bn_policy: ``frozen`` keeps BatchNorm layers of frozen groups in eval mode (running statistics
+            untouched); ``train`` lets them update like the trainable ones.
+
+    Example:
+        >>> s = FreezeSchedule(frozen_epochs=2, unfreeze_every=1)
+        >>> [s.trainable_groups(epoch, num_groups=4) for epoch in range(7)]
+        [0, 0, 1, 2, 3, 4, 4]
+    """
+
+    frozen_epochs: int = 0
+    unfreeze_every: int | None = None
+    milestones: dict[int, int] | None = None
+    bn_policy: BNPolicy = "frozen"
+
+    def __post_init__(self) -> None:
+        if self.frozen_epochs < 0:
+            raise ValueError(f"frozen_epochs must be >= 0, got {self.frozen_epochs}.")
+        if self.unfreeze_every is not None and self.unfreeze_every < 1:
+            raise ValueError(f"unfreeze_every must be >= 1 epoch, got {self.unfreeze_every}.")
+        if self.bn_policy not in ("frozen", "train"):
+            raise ValueError(f"bn_policy must be 'frozen' or 'train', got {self.bn_policy!r}.")
+        if self.milestones is not None:
+            self.milestones = {int(k): int(v) for k, v in self.milestones.items()}
+            bad = {k: v for k, v in self.milestones.items() if k < 0 or v < -1}
+            if bad:
+                raise ValueError(
+                    f"milestones map epoch (>= 0) -> trainable groups (>= 0, or -1 for all); got {bad}."
+                )
+
+    def trainable_groups(self, epoch: int, num_groups: int) -> int:
+        """How many backbone groups, counted from the top, train during ``epoch`` (0-based)."""
+        if self.milestones:
+            reached = [e for e in self.milestones if e <= epoch]
+            n = self.milestones[max(reached)] if reached else 0
+        elif self.unfreeze_every is not None:
+            n = 0 if epoch < self.frozen_epochs else 1 + (epoch - self.frozen_epochs) // self.unfreeze_every
+        else:
+            n = 0 if epoch < self.frozen_epochs else num_groups
+        return num_groups if n < 0 else min(n, num_groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so a checkpoint holding it loads with ``weights_only=True``."""
+        return asdict(self)
+
+    @classmethod
+    def coerce(cls, value: FreezeSchedule | Mapping[str, Any] | None) -> FreezeSchedule:
+        """Accept a schedule, its dict form (from a checkpoint or YAML) or ``None`` (everything trains)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**value)
+        raise TypeError(f"freeze_schedule must be a FreezeSchedule or a dict, got {type(value).__name__}.")
+
+
+def backbone_groups(backbone: Backbone) -> list[list[str]]:
+    """Parameter names of the backbone, split into ordered groups from bottom (stem) to top.
+
+    Names are relative to ``backbone.model``. Uses timm's coarse ``group_matcher`` (stem, each stage,
+    the final layers).
+    """
+    matcher = backbone.group_matcher(coarse=True)
+    grouped = group_parameters(backbone.model, matcher)
+    return [grouped[k] for k in sorted(grouped) if grouped[k]]
+
+
+def _modules_of(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
+    """The modules that directly own the given parameters."""
+    owners = {name.rsplit(".", 1)[0] if "." in name else "" for name in names}
+    return [module for module_name, module in model.named_modules() if module_name in owners]
+
+
+def apply_freeze(backbone: Backbone, groups: list[list[str]], trainable: int, bn_policy: BNPolicy) -> None:
+    """Make the top ``trainable`` groups trainable and freeze the rest (see module doc for what that means)."""
+    params = dict(backbone.model.named_parameters())
+    frozen_count = len(groups) - trainable
+    for index, names in enumerate(groups):
+        requires_grad = index >= frozen_count
+        for name in names:
+            params[name].requires_grad_(requires_grad)
+    frozen_batchnorm_to_eval(backbone, groups, trainable, bn_policy)
+
+
+def frozen_batchnorm_to_eval(
+    backbone: Backbone, groups: list[list[str]], trainable: int, bn_policy: BNPolicy
+) -> None:
+    """Put the BatchNorm layers of frozen groups in eval mode (when ``bn_policy == "frozen"``)."""
+    if bn_policy != "frozen":
+        return
+    frozen_names = [name for names in groups[: len(groups) - trainable] for name in names]
+    for module in _modules_of(backbone.model, frozen_names):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def group_learning_rates(head_lr: float, num_groups: int, layer_decay: float) -> list[float]:
+    """Backbone groups' learning rates, bottom to top: the top group gets ``head_lr * layer_decay``,
+    the one below it ``head_lr * layer_decay**2``, and so on (deeper = smaller)."""
+    return [head_lr * layer_decay ** (num_groups - index) for index in range(num_groups)]

@@ -1,0 +1,250 @@
+"""The LightningModule: a pretrained backbone, a new head, and the optimisation recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from transferkit.backbones import Pretrained, create_backbone
+from transferkit.finetuning import (
+    FreezeSchedule,
+    apply_freeze,
+    backbone_groups,
+    frozen_batchnorm_to_eval,
+    group_learning_rates,
+)
+from transferkit.heads import ClassifierHead
+from transferkit.optim import create_optimizer, create_scheduler
+
+__all__ = ["TransferClassifier"]
+
+
+class TransferClassifier(L.LightningModule):
+    """A pretrained timm backbone with a new classifier head, fine-tuned with Adam and exponential LR decay.
+
+    ``forward(x)`` maps images ``(B, 3, H, W)`` to logits ``(B, num_classes)``.
+
+    Args:
+        num_classes: number of classes (the CLI fills it in from the data).
+        backbone: timm architecture name.
+        pretrained: where the backbone's weights come from: ``bundled``, ``hub``, a file path, or ``False``.
+        class_names: names of the classes, in label order (the CLI fills them in from the data).
+        hidden_dims: widths of the head's hidden layers (``[]`` for a linear head).
+        activation: the head's activation (``elu``, ``leaky_relu``, ``relu``, ``selu``, ``tanh``, ``sigmoid``).
+        init: the head's weight init (``he``, ``xavier``, ``lecun``; ``None`` = the one that suits the activation).
+        dropout: dropout rate in the head.
+        batch_norm: BatchNorm between each hidden Linear and its activation.
+        max_norm: max-norm constraint on the head's incoming weight vectors, enforced after every step.
+        optimizer: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``rmsprop``.
+        lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth``.
+        weight_decay: L2 weight decay (decoupled for ``adamw``).
+        momentum: momentum of ``momentum``/``nesterov``.
+        layer_decay: factor between the learning rates of two neighbouring backbone groups (deeper = smaller).
+        lr_schedule: ``exponential`` (default) or ``none``.
+        decay_rate: exponential decay: ``lr(t) = lr0 * decay_rate ** (t / decay_steps)``.
+        decay_steps: optimizer steps per ``decay_rate`` factor; ``None`` = the whole run.
+        label_smoothing: cross-entropy label smoothing.
+        freeze_schedule: which backbone groups train when (default: all of them from the start).
+        drop_path_rate: stochastic depth in the backbone, where the architecture supports it.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: Pretrained = "bundled",
+        class_names: list[str] | None = None,
+        hidden_dims: tuple[int, ...] = (256,),
+        activation: str = "elu",
+        init: str | None = None,
+        dropout: float = 0.2,
+        batch_norm: bool = True,
+        max_norm: float | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        layer_decay: float = 0.8,
+        lr_schedule: str = "exponential",
+        decay_rate: float = 0.1,
+        decay_steps: int | None = None,
+        label_smoothing: float = 0.0,
+        freeze_schedule: FreezeSchedule | None = None,
+        drop_path_rate: float | None = None,
+    ) -> None:
+        super().__init__()
+        schedule = FreezeSchedule.coerce(freeze_schedule)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
+        if not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
+        self.save_hyperparameters(ignore=["freeze_schedule"])
+        # plain types only, so checkpoints load with weights_only=True
+        self.hparams["freeze_schedule"] = schedule.to_dict()
+        self.hparams["hidden_dims"] = list(hidden_dims)
+
+        self.backbone = create_backbone(backbone, pretrained=pretrained, drop_path_rate=drop_path_rate)
+        self.head = ClassifierHead(
+            self.backbone.num_features,
+            num_classes,
+            hidden_dims=tuple(hidden_dims),
+            activation=activation,
+            init=init,
+            dropout=dropout,
+            batch_norm=batch_norm,
+            max_norm=max_norm,
+        )
+        self.freeze_schedule = schedule
+        self.class_names = (
+            list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        )
+        self._groups: list[list[str]] | None = None
+        self.trainable_groups: int | None = None  # None: nothing frozen yet (before training starts)
+
+        def metrics() -> MetricCollection:
+            return MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "f1": MulticlassF1Score(num_classes, average="macro"),
+                }
+            )
+
+        self.train_metrics = metrics().clone(prefix="train_")
+        self.val_metrics = metrics().clone(prefix="val_")
+        self.test_metrics = metrics().clone(prefix="test_")
+
+    # --- model -------------------------------------------------------------------------------------
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """Input size, mean and std the backbone's weights expect."""
+        return self.backbone.data_config
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """Backbone parameter names in ordered groups, bottom (stem) to top; built once."""
+        if self._groups is None:
+            self._groups = backbone_groups(self.backbone)
+        return self._groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    # --- freezing ----------------------------------------------------------------------------------
+
+    def _uses_freezing(self) -> bool:
+        s = self.freeze_schedule
+        return bool(s.frozen_epochs or s.unfreeze_every or s.milestones)
+
+    def on_train_epoch_start(self) -> None:
+        if not self._uses_freezing():
+            return
+        trainable = self.freeze_schedule.trainable_groups(self.current_epoch, len(self.groups))
+        self.trainable_groups = trainable
+        apply_freeze(self.backbone, self.groups, trainable, self.freeze_schedule.bn_policy)
+        self.log("trainable_groups", float(trainable), on_step=False, on_epoch=True)
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        super().train(mode)
+        if mode and self.trainable_groups is not None:
+            # BatchNorm of frozen groups stays in eval mode, whoever calls train()
+            frozen_batchnorm_to_eval(
+                self.backbone, self.groups, self.trainable_groups, self.freeze_schedule.bn_policy
+            )
+        return self
+
+    # --- steps -------------------------------------------------------------------------------------
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str):
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        metrics.update(logits, labels)
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities ``(B, num_classes)``."""
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(images).softmax(dim=-1)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.head.apply_max_norm()  # the constraint holds after every update
+
+    # --- optimisation ------------------------------------------------------------------------------
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, all built up front: the head, then backbone groups top to bottom."""
+        hp = self.hparams
+        named = dict(self.backbone.model.named_parameters())
+        lrs = group_learning_rates(hp.lr, len(self.groups), hp.layer_decay)
+        groups = [{"name": "head", "params": list(self.head.parameters()), "lr": hp.lr}]
+        for index in reversed(range(len(self.groups))):
+            groups.append(
+                {
+                    "name": f"backbone.{index}",
+                    "params": [named[n] for n in self.groups[index]],
+                    "lr": lrs[index],
+                }
+            )
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = create_optimizer(
+            hp.optimizer,
+            self.parameter_groups(),
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            momentum=hp.momentum,
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        scheduler = create_scheduler(
+            hp.lr_schedule,
+            optimizer,
+            total_steps=total_steps,
+            decay_rate=hp.decay_rate,
+            decay_steps=hp.decay_steps,
+        )
+        config: dict[str, Any] = {"optimizer": optimizer}
+        if scheduler is not None:
+            config["lr_scheduler"] = scheduler
+        return config
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["transferkit"] = {
+            "backbone": self.backbone.name,
+            "weights": self.backbone.weights,
+            "class_names": list(self.class_names),
+            "data_config": _plain(self.data_config),
+            "freeze_schedule": self.freeze_schedule.to_dict(),
+            "trainable_groups": self.trainable_groups,
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,94 @@
+"""Lightning's Trainer plus ``finetune``: fit, test the best checkpoint, write the results."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from transferkit.runtime import tune_allocator
+
+__all__ = ["Trainer"]
+
+
+class Trainer(L.Trainer):
+    """Lightning's :class:`~lightning.pytorch.Trainer` with one more entry point, :meth:`finetune`.
+
+    Creating one also tunes the memory allocator for CPU training (:func:`transferkit.runtime.tune_allocator`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        tune_allocator()
+        super().__init__(*args, **kwargs)
+
+    def finetune(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+    ) -> dict[str, Any]:
+        """Fit, then test the best checkpoint, then print the results and write ``metrics.json`` in the run dir.
+
+        Args:
+            model: the module to train.
+            datamodule: the data; it must provide a test split.
+            ckpt_path: resume the fit from this checkpoint.
+
+        Returns:
+            The figures written to ``metrics.json``.
+        """
+        start = time.perf_counter()
+        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - start
+        if self.interrupted:
+            raise KeyboardInterrupt("training was interrupted; the last checkpoint is kept for resuming.")
+
+        callback = self.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") or None
+        start = time.perf_counter()
+        tested = self.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        test_seconds = time.perf_counter() - start
+
+        best_score = getattr(callback, "best_model_score", None)
+        results: dict[str, Any] = {
+            "test": {k: float(v) for k, v in (tested[0] if tested else {}).items()},
+            "best_checkpoint": best,
+            "monitor": getattr(callback, "monitor", None),
+            "best_score": float(best_score) if best_score is not None else None,
+            "epochs": int(self.current_epoch),
+            "global_steps": int(self.global_step),
+            "fit_seconds": round(fit_seconds, 2),
+            "test_seconds": round(test_seconds, 2),
+        }
+        if datamodule is not None and hasattr(datamodule, "summary"):
+            results["class_names"] = list(getattr(datamodule, "class_names", []))
+            results["split_sizes"] = {s: sum(c.values()) for s, c in datamodule.summary().items()}
+        if self.is_global_zero:
+            run_dir = Path(self.log_dir or self.default_root_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+            results["run_dir"] = str(run_dir)
+            _print_results(results)
+        return results
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="transferkit finetune: test results (best checkpoint)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(results["test"].items()):
+        table.add_row(key, f"{value:.4f}")
+    if results.get("best_score") is not None:
+        table.add_row(f"best {results['monitor']}", f"{results['best_score']:.4f}")
+    table.add_row("epochs", str(results["epochs"]))
+    table.add_row("fit time", f"{results['fit_seconds']:.0f} s")
+    console = Console()
+    console.print(table)
+    console.print(f"best checkpoint: {results['best_checkpoint']}")
+    console.print(f"metrics written to {Path(results['run_dir']) / 'metrics.json'}")
