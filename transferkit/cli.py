@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -59,19 +60,32 @@ class TransferKitCLI(LightningCLI):
         )
 
 
-def _cli(args: Sequence[str] | None) -> TransferKitCLI:
-    return TransferKitCLI(
-        TransferClassifier,
-        ImageDataModule,
-        trainer_class=Trainer,
-        args=None if args is None else list(args),
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
+def cli_kwargs(args: Sequence[str] | None) -> dict[str, Any]:
+    """The arguments every transferkit command builds its :class:`TransferKitCLI` with."""
+    return {
+        "model_class": TransferClassifier,
+        "datamodule_class": ImageDataModule,
+        "trainer_class": Trainer,
+        "args": None if args is None else list(args),
+        "seed_everything_default": 0,
+        "save_config_kwargs": {"overwrite": True},
+        "trainer_defaults": {
             "callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="epoch")],
         },
-        parser_kwargs={"default_env": False},
-    )
+        "parser_kwargs": {"default_env": False},
+    }
+
+
+def _plan(argv: Sequence[str]) -> int:
+    from transferkit.plan import main as plan_main
+
+    return plan_main(argv)
+
+
+TOOL_COMMANDS["plan"] = (
+    "print the freeze schedule phase by phase (groups, params, LRs, BN) without training",
+    _plan,
+)
 
 
 def _overview() -> str:
@@ -102,5 +116,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in TRAINING_COMMANDS and not command.startswith("-"):
         print(f"unknown command '{command}'.\n\n{_overview()}", file=sys.stderr)
         return 2
-    _cli(None if argv is None else args)
+    TransferKitCLI(**cli_kwargs(None if argv is None else args))
     return 0

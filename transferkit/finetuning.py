@@ -28,7 +28,7 @@ __all__ = [
     "FreezeSchedule",
     "backbone_groups",
     "apply_freeze",
-    "frozen_batchnorm_to_eval",
+    "set_batchnorm_modes",
     "group_learning_rates",
 ]
 
@@ -53,6 +53,8 @@ class FreezeSchedule:
         milestones: explicit schedule, e.g. ``{0: 0, 2: 3, 5: -1}``.
         bn_policy: ``frozen`` keeps BatchNorm layers of frozen groups in eval mode (running statistics
             untouched); ``train`` lets them update like the trainable ones.
+        warmup_steps: a group unfrozen mid-run ramps its learning rate linearly from 0 over this many
+            optimizer steps (0 = no warm-up), so its first large gradients do not wreck pretrained weights.
 
     Example:
         >>> s = FreezeSchedule(frozen_epochs=2, unfreeze_every=1)
@@ -64,12 +66,15 @@ class FreezeSchedule:
     unfreeze_every: int | None = None
     milestones: dict[int, int] | None = None
     bn_policy: BNPolicy = "frozen"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.frozen_epochs < 0:
             raise ValueError(f"frozen_epochs must be >= 0, got {self.frozen_epochs}.")
         if self.unfreeze_every is not None and self.unfreeze_every < 1:
             raise ValueError(f"unfreeze_every must be >= 1 epoch, got {self.unfreeze_every}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.bn_policy not in ("frozen", "train"):
             raise ValueError(f"bn_policy must be 'frozen' or 'train', got {self.bn_policy!r}.")
         if self.milestones is not None:
@@ -90,6 +95,18 @@ class FreezeSchedule:
         else:
             n = 0 if epoch < self.frozen_epochs else num_groups
         return num_groups if n < 0 else min(n, num_groups)
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is ever frozen (the default schedule trains everything from the start)."""
+        return bool(self.frozen_epochs or self.unfreeze_every or self.milestones)
+
+    def unfreeze_epoch(self, depth: int, num_groups: int, max_epochs: int) -> int | None:
+        """The first epoch in which the group ``depth`` places from the top (1 = top) trains, if any."""
+        for epoch in range(max_epochs):
+            if self.trainable_groups(epoch, num_groups) >= depth:
+                return epoch
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so a checkpoint holding it loads with ``weights_only=True``."""
@@ -132,19 +149,20 @@ def apply_freeze(backbone: Backbone, groups: list[list[str]], trainable: int, bn
         requires_grad = index >= frozen_count
         for name in names:
             params[name].requires_grad_(requires_grad)
-    frozen_batchnorm_to_eval(backbone, groups, trainable, bn_policy)
+    set_batchnorm_modes(backbone, groups, trainable, bn_policy)
 
 
-def frozen_batchnorm_to_eval(
+def set_batchnorm_modes(
     backbone: Backbone, groups: list[list[str]], trainable: int, bn_policy: BNPolicy
 ) -> None:
-    """Put the BatchNorm layers of frozen groups in eval mode (when ``bn_policy == "frozen"``)."""
-    if bn_policy != "frozen":
-        return
-    frozen_names = [name for names in groups[: len(groups) - trainable] for name in names]
-    for module in _modules_of(backbone.model, frozen_names):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    """Set every backbone BatchNorm's mode: eval in frozen groups (when ``bn_policy == "frozen"``),
+    the backbone's own mode elsewhere (so a group unfrozen mid-run starts updating its statistics)."""
+    frozen_count = len(groups) - trainable
+    for index, names in enumerate(groups):
+        keep_eval = bn_policy == "frozen" and index < frozen_count
+        for module in _modules_of(backbone.model, names):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train(backbone.training and not keep_eval)
 
 
 def group_learning_rates(head_lr: float, num_groups: int, layer_decay: float) -> list[float]:

@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from transferkit.backbones import Pretrained, create_backbone
+from transferkit.backbones import BackboneError, Pretrained, create_backbone
 from transferkit.finetuning import (
     FreezeSchedule,
     apply_freeze,
     backbone_groups,
-    frozen_batchnorm_to_eval,
     group_learning_rates,
+    set_batchnorm_modes,
 )
 from transferkit.heads import ClassifierHead
-from transferkit.optim import create_optimizer, create_scheduler
+from transferkit.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler
 
 __all__ = ["TransferClassifier"]
 
@@ -46,9 +46,13 @@ class TransferClassifier(L.LightningModule):
         weight_decay: L2 weight decay (decoupled for ``adamw``).
         momentum: momentum of ``momentum``/``nesterov``.
         layer_decay: factor between the learning rates of two neighbouring backbone groups (deeper = smaller).
-        lr_schedule: ``exponential`` (default) or ``none``.
-        decay_rate: exponential decay: ``lr(t) = lr0 * decay_rate ** (t / decay_steps)``.
+        lr_schedule: ``exponential`` (default), ``piecewise``, ``performance`` (reduce on plateau of
+            ``val_loss``), ``onecycle``, ``cosine`` or ``none``.
+        decay_rate: exponential decay: ``lr(t) = lr0 * decay_rate ** (t / decay_steps)``; also the factor
+            of each ``piecewise`` milestone and of each ``performance`` reduction.
         decay_steps: optimizer steps per ``decay_rate`` factor; ``None`` = the whole run.
+        lr_milestones: ``piecewise``: epochs at which the LR is multiplied by ``decay_rate``.
+        plateau_patience: ``performance``: epochs without improvement before the LR drops.
         label_smoothing: cross-entropy label smoothing.
         freeze_schedule: which backbone groups train when (default: all of them from the start).
         drop_path_rate: stochastic depth in the backbone, where the architecture supports it.
@@ -74,6 +78,8 @@ class TransferClassifier(L.LightningModule):
         lr_schedule: str = "exponential",
         decay_rate: float = 0.1,
         decay_steps: int | None = None,
+        lr_milestones: list[int] | None = None,
+        plateau_patience: int = 2,
         label_smoothing: float = 0.0,
         freeze_schedule: FreezeSchedule | None = None,
         drop_path_rate: float | None = None,
@@ -82,6 +88,10 @@ class TransferClassifier(L.LightningModule):
         schedule = FreezeSchedule.coerce(freeze_schedule)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr_schedule '{lr_schedule}'; choose one of {', '.join(SCHEDULES)}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
         if not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
         self.save_hyperparameters(ignore=["freeze_schedule"])
@@ -105,7 +115,10 @@ class TransferClassifier(L.LightningModule):
             list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         )
         self._groups: list[list[str]] | None = None
+        self._pending_rng_state: torch.Tensor | None = None
         self.trainable_groups: int | None = None  # None: nothing frozen yet (before training starts)
+        if schedule.active:
+            _ = self.groups  # a backbone that cannot be split fails here, before any training
 
         def metrics() -> MetricCollection:
             return MetricCollection(
@@ -130,7 +143,13 @@ class TransferClassifier(L.LightningModule):
     def groups(self) -> list[list[str]]:
         """Backbone parameter names in ordered groups, bottom (stem) to top; built once."""
         if self._groups is None:
-            self._groups = backbone_groups(self.backbone)
+            try:
+                self._groups = backbone_groups(self.backbone)
+            except BackboneError:
+                if self.freeze_schedule.active:
+                    raise
+                # nothing to freeze: the whole backbone is one group
+                self._groups = [[name for name, _ in self.backbone.model.named_parameters()]]
         return self._groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,12 +157,20 @@ class TransferClassifier(L.LightningModule):
 
     # --- freezing ----------------------------------------------------------------------------------
 
-    def _uses_freezing(self) -> bool:
-        s = self.freeze_schedule
-        return bool(s.frozen_epochs or s.unfreeze_every or s.milestones)
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if stage == "fit" and self.freeze_schedule.active and isinstance(strategy, DDPStrategy):
+            # frozen groups get no gradients, and unfrozen ones start getting them mid-run: DDP must look
+            # for unused parameters every step (it is set before the model is wrapped, which comes next)
+            strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_train_epoch_start(self) -> None:
-        if not self._uses_freezing():
+        if self._pending_rng_state is not None:
+            torch.set_rng_state(self._pending_rng_state)  # resume with the RNG where the run left it
+            self._pending_rng_state = None
+        if not self.freeze_schedule.active:
             return
         trainable = self.freeze_schedule.trainable_groups(self.current_epoch, len(self.groups))
         self.trainable_groups = trainable
@@ -154,7 +181,7 @@ class TransferClassifier(L.LightningModule):
         super().train(mode)
         if mode and self.trainable_groups is not None:
             # BatchNorm of frozen groups stays in eval mode, whoever calls train()
-            frozen_batchnorm_to_eval(
+            set_batchnorm_modes(
                 self.backbone, self.groups, self.trainable_groups, self.freeze_schedule.bn_policy
             )
         return self
@@ -216,18 +243,36 @@ class TransferClassifier(L.LightningModule):
             weight_decay=hp.weight_decay,
             momentum=hp.momentum,
         )
-        total_steps = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        total_steps, steps_per_epoch, max_epochs = 1, 1, 1
+        if self._trainer is not None:
+            total_steps = int(self.trainer.estimated_stepping_batches)
+            max_epochs = self.trainer.max_epochs or 0
+            steps_per_epoch = max(total_steps // max_epochs, 1) if max_epochs > 0 else total_steps
+            max_epochs = max_epochs if max_epochs > 0 else 10_000
         scheduler = create_scheduler(
             hp.lr_schedule,
             optimizer,
             total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
             decay_rate=hp.decay_rate,
             decay_steps=hp.decay_steps,
+            milestones=hp.lr_milestones or (),
+            plateau_patience=hp.plateau_patience,
+            unfreeze_steps=self._unfreeze_steps(steps_per_epoch, max_epochs),
+            warmup_steps=self.freeze_schedule.warmup_steps,
         )
-        config: dict[str, Any] = {"optimizer": optimizer}
-        if scheduler is not None:
-            config["lr_scheduler"] = scheduler
-        return config
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _unfreeze_steps(self, steps_per_epoch: int, max_epochs: int) -> list[int]:
+        """Per optimizer group (head, then backbone top to bottom): the step at which it starts training."""
+        steps = [0]
+        for depth in range(1, len(self.groups) + 1):
+            if not self.freeze_schedule.active:
+                steps.append(0)
+                continue
+            epoch = self.freeze_schedule.unfreeze_epoch(depth, len(self.groups), max_epochs)
+            steps.append(epoch * steps_per_epoch if epoch is not None else 10**9)
+        return steps
 
     # --- checkpoints -------------------------------------------------------------------------------
 
@@ -240,6 +285,10 @@ class TransferClassifier(L.LightningModule):
             "freeze_schedule": self.freeze_schedule.to_dict(),
             "trainable_groups": self.trainable_groups,
         }
+        checkpoint["transferkit_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng_state = checkpoint.get("transferkit_rng_state")
 
 
 def _plain(value: Any) -> Any:

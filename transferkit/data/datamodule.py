@@ -10,13 +10,13 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transferkit.data.augment import Augment, build_eval_transform, build_train_transform
 from transferkit.data.images import ImageReadError, find_unreadable, load_image
 from transferkit.data.sources import DatasetError, DataSource, SourceName, load_source, split_indices
 
-__all__ = ["ImageDataModule", "ImageDataset"]
+__all__ = ["EpochShuffleSampler", "ImageDataModule", "ImageDataset"]
 
 
 class ImageDataset(Dataset):
@@ -53,6 +53,29 @@ def _to_three_channels(array: np.ndarray) -> np.ndarray:
     elif array.shape[-1] == 4:
         array = array[..., :3]
     return np.ascontiguousarray(array.astype(np.uint8, copy=False))
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A new random order each epoch that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so a run resumed at epoch ``e`` sees the
+    same order as an uninterrupted one (a sampler driven by one long-lived generator would not).
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -221,11 +244,12 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            # an own generator: loaders never draw from the global RNG that dropout uses
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,346 @@
+"""Freezing on a schedule: groups, resume, LR schedules across unfreezes, BatchNorm, no wasted backward."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import NORM, TINY_BACKBONE, make_stripes_folder
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
+from transferkit.backbones import BackboneError, create_backbone
+from transferkit.finetuning import backbone_groups
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _dm(root: Path, **kwargs) -> ImageDataModule:
+    return ImageDataModule(
+        source="folder", root=str(root), num_workers=0, batch_size=8, augment="none", **NORM, **kwargs
+    )
+
+
+def _model(schedule: FreezeSchedule | None = None, **kwargs) -> TransferClassifier:
+    kwargs = {"lr": 1e-2, "layer_decay": 0.5, "dropout": 0.3, **kwargs}
+    return TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, freeze_schedule=schedule, **kwargs
+    )
+
+
+def _trainer(tmp_path: Path, **kwargs) -> Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+# --- groups and schedules ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [TINY_BACKBONE, "test_resnet", "test_vit"])
+def test_groups_follow_timm_stages_and_cover_every_parameter(name):
+    backbone = create_backbone(name, pretrained=False)
+    groups = backbone_groups(backbone)
+    names = [n for n, _ in backbone.model.named_parameters()]
+    flat = [n for group in groups for n in group]
+    assert len(groups) >= 3
+    assert sorted(flat) == sorted(names) and len(set(flat)) == len(flat)
+    assert names[0] in groups[0]  # the stem is the bottom group
+    assert names[-1] in groups[-1]  # the final layers are the top group
+
+
+def test_a_backbone_without_stages_is_refused_before_training():
+    with pytest.raises(BackboneError, match="no group_matcher"):
+        backbone_groups(create_backbone("pit_ti_224", pretrained=False))
+    with pytest.raises(BackboneError, match="cannot split it into freezable groups"):
+        TransferClassifier(
+            num_classes=2,
+            backbone="pit_ti_224",
+            pretrained=False,
+            freeze_schedule=FreezeSchedule(frozen_epochs=1),
+        )
+
+
+def test_the_three_ways_to_write_a_schedule():
+    epochs = range(7)
+    assert [FreezeSchedule(frozen_epochs=2).trainable_groups(e, 5) for e in epochs] == [0, 0, 5, 5, 5, 5, 5]
+    gradual = FreezeSchedule(frozen_epochs=1, unfreeze_every=2)
+    assert [gradual.trainable_groups(e, 5) for e in epochs] == [0, 1, 1, 2, 2, 3, 3]
+    milestones = FreezeSchedule.coerce({"milestones": {"1": 2, "4": -1}})  # as YAML gives it
+    assert [milestones.trainable_groups(e, 5) for e in epochs] == [0, 2, 2, 2, 5, 5, 5]
+    assert not FreezeSchedule().active
+    with pytest.raises(ValueError, match="unfreeze_every"):
+        FreezeSchedule(unfreeze_every=0)
+
+
+# --- resume -----------------------------------------------------------------------------------------
+
+
+class _StopAfterEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _weights(model: TransferClassifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_after", [0, 2], ids=["before-first-unfreeze", "after-first-unfreeze"])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(stripes_folder, tmp_path, stop_after):
+    schedule = FreezeSchedule(frozen_epochs=1, unfreeze_every=1, warmup_steps=3)
+    epochs = 4
+
+    L.seed_everything(0)
+    model = _model(schedule)
+    _trainer(tmp_path / "full", max_epochs=epochs).fit(model, datamodule=_dm(stripes_folder))
+    uninterrupted = _weights(model)
+
+    L.seed_everything(0)
+    model = _model(schedule)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(
+        tmp_path / "cut",
+        max_epochs=epochs,
+        enable_checkpointing=True,
+        callbacks=[checkpoint, _StopAfterEpoch(stop_after)],
+    )
+    trainer.fit(model, datamodule=_dm(stripes_folder))
+    assert trainer.current_epoch == stop_after + 1  # really stopped early
+
+    L.seed_everything(123)  # the resumed process starts from another state; the checkpoint must restore it
+    resumed_model = _model(schedule)
+    _trainer(tmp_path / "resumed", max_epochs=epochs).fit(
+        resumed_model, datamodule=_dm(stripes_folder), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    resumed = _weights(resumed_model)
+    assert resumed_model.trainable_groups == uninterrupted_groups(schedule, resumed_model, epochs)
+    worst = max((resumed[k].double() - uninterrupted[k].double()).abs().max().item() for k in uninterrupted)
+    assert worst <= 1e-6
+
+
+def uninterrupted_groups(schedule: FreezeSchedule, model: TransferClassifier, epochs: int) -> int:
+    return schedule.trainable_groups(epochs - 1, len(model.groups))
+
+
+# --- learning rates ---------------------------------------------------------------------------------
+
+
+class _RecordLR(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+
+def _onecycle(t: float, total: int) -> float:
+    up, down = 0.45 * total, 0.9 * total
+    if t <= up:
+        return 0.1 + 0.9 * t / up
+    if t <= down:
+        return 1.0 - 0.9 * (t - up) / (down - up)
+    return 0.1 - 0.099 * (t - down) / (total - down)
+
+
+SCHEDULE_FORMULAS = {
+    "exponential": lambda t, total: 0.1 ** (t / total),
+    "cosine": lambda t, total: 0.5 * (1 + math.cos(math.pi * t / total)),
+    "onecycle": _onecycle,
+    "piecewise": lambda t, total: 0.1 ** sum(t >= m for m in (2 * total // 5, 4 * total // 5)),
+}
+
+
+@pytest.mark.parametrize("schedule_name", [*SCHEDULE_FORMULAS, "performance"])
+def test_every_group_has_the_expected_lr_at_every_step_across_unfreezes(
+    stripes_folder, tmp_path, schedule_name
+):
+    epochs, warmup = 5, 0 if schedule_name == "performance" else 4
+    freeze = FreezeSchedule(frozen_epochs=1, unfreeze_every=1, warmup_steps=warmup)
+    model = _model(
+        freeze, lr=1e-2, layer_decay=0.5, lr_schedule=schedule_name, lr_milestones=[2, 4], plateau_patience=0
+    )
+    record = _RecordLR()
+    trainer = _trainer(tmp_path, max_epochs=epochs, callbacks=[record])
+    trainer.fit(model, datamodule=_dm(stripes_folder))
+    total = int(trainer.estimated_stepping_batches)
+    per_epoch = total // epochs
+    assert len(record.lrs) == total and len(record.lrs[0]) == 1 + len(model.groups)
+
+    for step, lrs in enumerate(record.lrs):
+        for depth, lr in enumerate(lrs):  # 0 = head, 1 = top backbone group, ...
+            base = 1e-2 * 0.5**depth
+            if schedule_name == "performance":
+                # reductions multiply every group alike: the discriminative ratios hold
+                assert lr / lrs[0] == pytest.approx(0.5**depth, rel=1e-9)
+                continue
+            unfreeze_step = 0 if depth == 0 else (freeze.frozen_epochs + depth - 1) * per_epoch
+            ramp = 1.0 if unfreeze_step == 0 else min(1.0, max(0.0, (step - unfreeze_step + 1) / warmup))
+            expected = base * SCHEDULE_FORMULAS[schedule_name](step, total) * ramp
+            assert lr == pytest.approx(expected, rel=1e-6, abs=1e-12), (schedule_name, step, depth)
+    if schedule_name == "performance":
+        assert record.lrs[-1][0] < record.lrs[0][0]  # patience 0 on noisy validation: it did reduce
+
+
+# --- BatchNorm and autograd ---------------------------------------------------------------------------
+
+
+class _CallTrainEveryBatch(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module.train()  # what user code and other callbacks do; frozen BN must stay frozen anyway
+
+
+def _bn_stats(model: TransferClassifier) -> dict[str, torch.Tensor]:
+    return {
+        k: v.clone() for k, v in model.backbone.state_dict().items() if "running_" in k or "num_batches" in k
+    }
+
+
+@pytest.mark.parametrize("bn_policy", ["frozen", "train"])
+def test_batchnorm_policy_of_frozen_groups(stripes_folder, tmp_path, bn_policy):
+    model = _model(FreezeSchedule(frozen_epochs=1, bn_policy=bn_policy))
+    before = _bn_stats(model)
+    weights = {k: v.clone() for k, v in model.backbone.named_parameters()}
+    _trainer(tmp_path, max_epochs=1, callbacks=[_CallTrainEveryBatch()]).fit(
+        model, datamodule=_dm(stripes_folder)
+    )
+    after = _bn_stats(model)
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    assert unchanged == (bn_policy == "frozen")
+    assert all(torch.equal(weights[k], v) for k, v in model.backbone.named_parameters())  # frozen either way
+
+
+class _GradientRecorder(Callback):
+    def __init__(self) -> None:
+        self.with_grad: set[str] = set()
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.with_grad |= {n for n, p in pl_module.backbone.model.named_parameters() if p.grad is not None}
+
+
+def test_frozen_groups_run_no_backward(stripes_folder, tmp_path):
+    model = _model(FreezeSchedule(milestones={0: 2}))
+    recorder = _GradientRecorder()
+    _trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[recorder]).fit(
+        model, datamodule=_dm(stripes_folder)
+    )
+    top_two = {n for group in model.groups[-2:] for n in group}
+    assert recorder.with_grad == top_two
+    # below the lowest trainable group autograd records nothing at all
+    bottom = model.backbone.model.conv_stem
+    output = bottom(torch.randn(1, 3, 32, 32))
+    assert not output.requires_grad
+
+
+# --- DDP --------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, {tests!r})
+from conftest import NORM, TINY_BACKBONE
+
+import transferkit as tk
+
+OUT = Path({out!r})
+
+
+class Save(Callback):
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            torch.save(dict(pl_module.named_parameters()), OUT / "initial.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        params = {{k: v.detach().clone() for k, v in pl_module.named_parameters()}}
+        torch.save(params, OUT / f"rank{{trainer.global_rank}}.pt")
+
+
+if __name__ == "__main__":
+    import lightning as L
+
+    L.seed_everything(0)
+    model = tk.TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr=1e-2, layer_decay=1.0,
+        freeze_schedule=tk.FreezeSchedule(frozen_epochs=1),
+    )
+    data = tk.ImageDataModule(source="folder", root={root!r}, num_workers=0, batch_size=8, augment="light", **NORM)
+    trainer = tk.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Save()],
+    )
+    trainer.fit(model, datamodule=data)
+"""
+
+
+def test_ddp_two_processes_stay_identical_after_an_unfreeze(tmp_path):
+    root = make_stripes_folder(tmp_path / "data", per_class=24)
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(TESTS), out=str(tmp_path), root=str(root))))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    initial = torch.load(tmp_path / "initial.pt", weights_only=True)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # the backbone was unfrozen in epoch 1 and really trained (on different shards, in sync)
+    changed = [n for n in rank0 if n.startswith("backbone.") and not torch.equal(rank0[n], initial[n])]
+    assert len(changed) > 0.9 * sum(n.startswith("backbone.") for n in rank0)
+
+
+# --- plan -------------------------------------------------------------------------------------------
+
+
+def test_plan_prints_one_row_per_phase(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        textwrap.dedent(
+            f"""
+            trainer: {{max_epochs: 5, accelerator: cpu}}
+            model:
+              backbone: {TINY_BACKBONE}
+              pretrained: false
+              freeze_schedule: {{frozen_epochs: 2, unfreeze_every: 1}}
+            data: {{source: digits, image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], num_workers: 0}}
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "transferkit", "plan", "--config", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    phase_rows = [r for r in rows if "/6" in r]
+    assert [r.split("│")[1].strip() for r in phase_rows] == ["0-1", "2", "3", "4"]
+    assert [r.split("│")[2].strip() for r in phase_rows] == ["0/6", "1/6", "2/6", "3/6"]
+    assert "frozen groups: eval" in phase_rows[0] and "head=" in phase_rows[0] and "g5=" not in phase_rows[0]
+    assert "g5=" in phase_rows[1]
