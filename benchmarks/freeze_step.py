@@ -20,7 +20,9 @@ from transferkit.finetuning import apply_freeze
 from transferkit.runtime import tune_allocator
 
 
-def step_seconds(model: TransferClassifier, trainable: int, batch: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+def step_seconds(
+    model: TransferClassifier, trainable: int, batch: torch.Tensor, labels: torch.Tensor, steps: int
+) -> float:
     apply_freeze(model.backbone, model.groups, trainable, model.freeze_schedule.bn_policy)
     model.trainable_groups = trainable
     model.train()
@@ -50,12 +52,17 @@ def main() -> None:
 
     tune_allocator()
     torch.manual_seed(0)
-    model = TransferClassifier(num_classes=2, pretrained="bundled", freeze_schedule=FreezeSchedule(frozen_epochs=1))
+    model = TransferClassifier(
+        num_classes=2, pretrained="bundled", freeze_schedule=FreezeSchedule(frozen_epochs=1)
+    )
     batch = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, 2, (args.batch_size,))
     num_groups = len(model.groups)
     settings = {"head_only": 0, "top_3_groups": 3, "fully_unfrozen": num_groups}
-    seconds = {name: step_seconds(model, trainable, batch, labels, args.steps) for name, trainable in settings.items()}
+    seconds = {
+        name: step_seconds(model, trainable, batch, labels, args.steps)
+        for name, trainable in settings.items()
+    }
     result = {
         "benchmark": "freeze_step",
         "backbone": "tf_efficientnet_lite0",

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from transferkit.data import ImageDataModule
@@ -70,7 +70,7 @@ def cli_kwargs(args: Sequence[str] | None) -> dict[str, Any]:
         "seed_everything_default": 0,
         "save_config_kwargs": {"overwrite": True},
         "trainer_defaults": {
-            "callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="epoch")],
+            "callbacks": [LearningRateMonitor(logging_interval="epoch")],
         },
         "parser_kwargs": {"default_env": False},
     }

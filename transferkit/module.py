@@ -153,6 +153,10 @@ class TransferClassifier(L.LightningModule):
         return self._groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` -> logits; pooled backbone features ``(B, num_features)`` (from the
+        frozen-feature cache) go straight to the head."""
+        if x.ndim == 2:
+            return self.head(x)
         return self.head(self.backbone(x))
 
     # --- freezing ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 
 from transferkit.runtime import tune_allocator
 
@@ -17,11 +18,17 @@ __all__ = ["Trainer"]
 class Trainer(L.Trainer):
     """Lightning's :class:`~lightning.pytorch.Trainer` with one more entry point, :meth:`finetune`.
 
-    Creating one also tunes the memory allocator for CPU training (:func:`transferkit.runtime.tune_allocator`).
+    Creating one also tunes the memory allocator for CPU training (:func:`transferkit.runtime.tune_allocator`),
+    and shows a Rich progress bar unless ``enable_progress_bar=False`` or another progress bar is given.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         tune_allocator()
+        if kwargs.get("enable_progress_bar", True) is not False:
+            callbacks = kwargs.get("callbacks") or []
+            callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
+            if not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, RichProgressBar()]
         super().__init__(*args, **kwargs)
 
     def finetune(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transferkit.data.augment import Augment, build_eval_transform, build_train_transform
 from transferkit.data.images import ImageReadError, find_unreadable, load_image
 from transferkit.data.sources import DatasetError, DataSource, SourceName, load_source, split_indices
+from transferkit.features import CachedFeatures, FeatureCache, extract_features
 
 __all__ = ["EpochShuffleSampler", "ImageDataModule", "ImageDataset"]
 
@@ -101,6 +103,12 @@ class ImageDataModule(L.LightningDataModule):
         skip_bad_images: ``False``: an unreadable image is an error naming it. ``True``: such images are
             left out with a warning and counted in ``skipped_images``.
         max_samples: keep at most this many images (a stratified subset), for quick runs.
+        feature_cache: while the model's whole backbone is frozen (and its BatchNorm too), feed the head
+            stored backbone features instead of images: ``off``; ``clean`` (one vector per image, eval
+            pipeline); ``augmented`` (``cache_views`` train-pipeline views per image, one drawn per epoch).
+            Validation uses clean features in both cases. See :mod:`transferkit.features`.
+        cache_views: augmented views per training image for ``feature_cache: augmented``.
+        cache_dir: where cached features are stored; ``None`` = ``<trainer.default_root_dir>/feature_cache``.
 
     Example:
         >>> dm = ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -126,6 +134,9 @@ class ImageDataModule(L.LightningDataModule):
         std: tuple[float, float, float] | None = None,
         skip_bad_images: bool = False,
         max_samples: int | None = None,
+        feature_cache: Literal["off", "clean", "augmented"] = "off",
+        cache_views: int = 4,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -142,6 +153,14 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = (0.25 if source == "elpv" else 0.2) if test_fraction is None else test_fraction
         self.seed = seed
+        if feature_cache not in ("off", "clean", "augmented"):
+            raise ValueError(f"feature_cache must be 'off', 'clean' or 'augmented', got {feature_cache!r}.")
+        if cache_views < 1:
+            raise ValueError(f"cache_views must be >= 1, got {cache_views}.")
+        self.feature_cache = feature_cache
+        self.cache_views = cache_views
+        self.cache_dir = cache_dir
+        self._features: dict[tuple[str, str], torch.Tensor] = {}
         # listing is cheap and finds missing paths and empty classes before any training starts
         self.data: DataSource = load_source(source, root=root, csv_path=csv_path, task=task)
         if max_samples is not None and max_samples < len(self.data):
@@ -185,6 +204,9 @@ class ImageDataModule(L.LightningDataModule):
                         f"test_fraction={self.test_fraction}); add images or change the fractions."
                     )
         self._resolve_transforms()
+        if self.feature_cache != "off" and self.trainer is not None:
+            # the loaders change when the backbone unfreezes: ask for them again every epoch
+            self.trainer.reload_dataloaders_every_n_epochs = 1
         for split, indices in self.split_indices.items():
             transform = self._train_transform if split == "train" else self._eval_transform
             items = [self.data.items[i] for i in indices]
@@ -253,10 +275,76 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._cached_loader("train", shuffle=True) or self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._cached_loader("val", shuffle=False) or self._loader("val", shuffle=False)
+
+    # --- frozen-feature cache ----------------------------------------------------------------------
+
+    def _frozen_backbone(self) -> Any | None:
+        """The model's backbone if this epoch of a fit runs it fully frozen (so its features are fixed)."""
+        if self.feature_cache == "off" or self.trainer is None or self.trainer.state.fn != "fit":
+            return None
+        model = self.trainer.lightning_module
+        schedule = getattr(model, "freeze_schedule", None)
+        if schedule is None or not schedule.active:
+            return None
+        if schedule.trainable_groups(self.trainer.current_epoch, len(model.groups)) != 0:
+            return None
+        if schedule.bn_policy != "frozen":
+            warnings.warn(
+                "feature_cache is ignored with bn_policy='train': BatchNorm statistics keep changing, "
+                "so the frozen backbone's features are not fixed.",
+                stacklevel=2,
+            )
+            return None
+        return model.backbone
+
+    def features(self, split: str, backbone: Any) -> torch.Tensor:
+        """Backbone features ``(views, N, num_features)`` of ``split``, from the cache or computed once."""
+        augmented = split == "train" and self.feature_cache == "augmented"
+        views = self.cache_views if augmented else 1
+        transform = self._train_transform if augmented else self._eval_transform
+        dataset = self.datasets[split]
+        key = FeatureCache.key(backbone, transform, dataset.items, split, views, self.seed)
+        if (split, key) in self._features:
+            return self._features[(split, key)]
+        root = self.cache_dir or os.path.join(
+            self.trainer.default_root_dir if self.trainer else ".", "feature_cache"
+        )
+        cache = FeatureCache(root)
+        stored = cache.load(split, key)
+        if stored is None:
+            loader = DataLoader(
+                ImageDataset(dataset.items, dataset.labels, transform),
+                batch_size=max(self.batch_size, 64),
+                num_workers=self.num_workers,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+            stored = torch.stack([extract_features(backbone, loader) for _ in range(views)])
+            cache.save(split, key, stored)
+        self._features = {k: v for k, v in self._features.items() if k[0] != split}  # one key per split
+        self._features[(split, key)] = stored
+        return stored
+
+    def _cached_loader(self, split: str, shuffle: bool) -> DataLoader | None:
+        backbone = self._frozen_backbone()
+        if backbone is None:
+            return None
+        if split not in self.datasets:
+            self.setup()
+        epoch = self.trainer.current_epoch
+        dataset = CachedFeatures(
+            self.features(split, backbone), self.datasets[split].labels, epoch, self.seed
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def test_dataloader(self) -> DataLoader:
         if self.split_indices is not None and len(self.split_indices.get("test", [])) == 0:

@@ -1,0 +1,111 @@
+"""The frozen-feature cache: same training, far less work, never stale."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import NORM, TINY_BACKBONE
+from PIL import Image
+
+import transferkit.data.datamodule as datamodule_module
+from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
+
+
+def _dm(root, tmp_path, **kwargs) -> ImageDataModule:
+    kwargs = {"augment": "none", "cache_dir": str(tmp_path / "cache"), **NORM, **kwargs}
+    return ImageDataModule(source="folder", root=str(root), num_workers=0, batch_size=8, **kwargs)
+
+
+def _fit(dm: ImageDataModule, tmp_path, epochs: int = 2, frozen_epochs: int = 2) -> TransferClassifier:
+    L.seed_everything(0)
+    model = TransferClassifier(
+        num_classes=2,
+        backbone=TINY_BACKBONE,
+        pretrained=False,
+        dropout=0.3,
+        freeze_schedule=FreezeSchedule(frozen_epochs=frozen_epochs),
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    trainer.fit(model, datamodule=dm)
+    return model
+
+
+class _CountExtractions:
+    def __init__(self, monkeypatch) -> None:
+        self.calls = 0
+        original = datamodule_module.extract_features
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(datamodule_module, "extract_features", counting)
+
+
+def test_clean_cache_trains_the_head_exactly_as_without_it(stripes_folder, tmp_path):
+    plain = _fit(_dm(stripes_folder, tmp_path, feature_cache="off"), tmp_path)
+    cached = _fit(_dm(stripes_folder, tmp_path, feature_cache="clean"), tmp_path)
+    for (name, a), b in zip(plain.head.state_dict().items(), cached.head.state_dict().values(), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-4, msg=name)
+    assert list((tmp_path / "cache").glob("*.pt"))
+
+
+def test_the_cache_is_reused_and_never_stale(stripes_folder, tmp_path, monkeypatch):
+    counter = _CountExtractions(monkeypatch)
+    dm = _dm(stripes_folder, tmp_path, feature_cache="clean")
+    _fit(dm, tmp_path)
+    assert counter.calls == 2  # train and val, once each for two frozen epochs
+    _fit(_dm(stripes_folder, tmp_path, feature_cache="clean"), tmp_path)
+    assert counter.calls == 2  # read back from disk
+    # change one training image: the training features are recomputed
+    path = dm.datasets["train"].items[0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+    _fit(_dm(stripes_folder, tmp_path, feature_cache="clean"), tmp_path)
+    assert counter.calls == 3
+    # another input size changes the pipeline, so every feature is recomputed
+    _fit(_dm(stripes_folder, tmp_path, feature_cache="clean", image_size=24), tmp_path)
+    assert counter.calls == 5
+
+
+def test_augmented_cache_holds_several_views_and_unfrozen_epochs_see_images(stripes_folder, tmp_path):
+    dm = _dm(stripes_folder, tmp_path, feature_cache="augmented", cache_views=3, augment="heavy")
+    model = _fit(dm, tmp_path, epochs=2, frozen_epochs=1)
+    (train_features,) = [v for (split, _), v in dm._features.items() if split == "train"]
+    assert train_features.shape == (3, len(dm.datasets["train"]), model.backbone.num_features)
+    assert not torch.allclose(train_features[0], train_features[1])  # augmented views differ
+    # epoch 1 trained the whole backbone from images
+    loader = dm.train_dataloader()
+    images, _ = next(iter(loader))
+    assert images.ndim == 4
+
+
+def test_the_cache_is_skipped_when_batchnorm_trains(stripes_folder, tmp_path):
+    dm = _dm(stripes_folder, tmp_path, feature_cache="clean")
+    L.seed_everything(0)
+    model = TransferClassifier(
+        num_classes=2,
+        backbone=TINY_BACKBONE,
+        pretrained=False,
+        freeze_schedule=FreezeSchedule(frozen_epochs=1, bn_policy="train"),
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match="feature_cache is ignored with bn_policy='train'"):
+        trainer.fit(model, datamodule=dm)

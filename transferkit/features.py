@@ -1,0 +1,142 @@
+"""The frozen-feature cache: while the whole backbone is frozen its output for an image never changes.
+
+BatchNorm runs in eval mode in frozen groups, so ``backbone(image)`` is a fixed function of the image:
+compute it once and train the head on the stored vectors. ``clean`` stores one vector per image (the
+eval pipeline); ``augmented`` stores ``views`` vectors per image, each through the train pipeline, and
+every epoch draws one of them per image. Head-only epochs then cost a pass over a small matrix instead
+of a backbone pass.
+
+A cache file is keyed by everything that changes the features: the architecture, a hash of the weights,
+the pipeline (its Albumentations dict, which holds the input size, mean and std), the images (paths,
+sizes and modification times, or the pixels of in-memory arrays), the split, the views and the seed.
+Any change gives another key, so a stale cache is never read. Files hold plain tensors and load with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.backbones import Backbone
+
+__all__ = ["FeatureCache", "backbone_fingerprint", "extract_features", "items_fingerprint"]
+
+
+def backbone_fingerprint(backbone: Backbone) -> str:
+    """A hash of the architecture and every weight and buffer (a few ms for a 5 M-parameter model)."""
+    digest = hashlib.sha256(backbone.name.encode())
+    for name, tensor in backbone.model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def items_fingerprint(items: Sequence[str | np.ndarray]) -> str:
+    """A hash of the images: file path, size and modification time, or the pixels of an array."""
+    digest = hashlib.sha256()
+    for item in items:
+        if isinstance(item, np.ndarray):
+            digest.update(np.ascontiguousarray(item).tobytes())
+        else:
+            stat = os.stat(item)
+            digest.update(f"{item}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(backbone: Backbone, loader: DataLoader) -> torch.Tensor:
+    """Pooled features ``(N, num_features)`` of every image the loader yields, in order, in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        chunks = [backbone(images) for images, _ in loader]
+    finally:
+        backbone.train(was_training)
+    return torch.cat(chunks).float()
+
+
+class FeatureCache:
+    """Backbone features on disk, one file per (split, key).
+
+    Args:
+        directory: where the files live (created when first written).
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+
+    @staticmethod
+    def key(
+        backbone: Backbone,
+        transform: A.Compose,
+        items: Sequence[str | np.ndarray],
+        split: str,
+        views: int,
+        seed: int,
+    ) -> str:
+        parts: dict[str, Any] = {
+            "backbone": backbone.name,
+            "weights": backbone_fingerprint(backbone),
+            "pipeline": A.to_dict(transform),
+            "items": items_fingerprint(items),
+            "split": split,
+            "views": views,
+            "seed": seed,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def path(self, split: str, key: str) -> Path:
+        return self.directory / f"{split}-{key[:20]}.pt"
+
+    def load(self, split: str, key: str) -> torch.Tensor | None:
+        """The cached ``(views, N, F)`` features for ``key``, or ``None`` if absent or for another key."""
+        path = self.path(split, key)
+        if not path.is_file():
+            return None
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a partial or foreign file is recomputed, never trusted
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != key:
+            return None
+        return stored["features"]
+
+    def save(self, split: str, key: str, features: torch.Tensor) -> Path:
+        """Write atomically: a crash mid-write never leaves a truncated cache file behind."""
+        path = self.path(split, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": key, "features": features.contiguous()}, tmp)
+        os.replace(tmp, path)
+        return path
+
+
+class CachedFeatures(Dataset):
+    """``(features (F,), label)`` pairs; with several views, each epoch draws one view per image."""
+
+    def __init__(self, features: torch.Tensor, labels: np.ndarray, epoch: int, seed: int) -> None:
+        views, count, _ = features.shape
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
+        self.view = (
+            torch.randint(views, (count,), generator=generator)
+            if views > 1
+            else torch.zeros(count, dtype=torch.long)
+        )
+        self.features = features
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[self.view[index], index], self.labels[index]
