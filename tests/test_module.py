@@ -104,3 +104,18 @@ def test_max_norm_holds_after_training_steps(stripes_folder, tmp_path):
         m.weight.norm(dim=1).max().item() for m in model.head.modules() if isinstance(m, torch.nn.Linear)
     ]
     assert max(norms) <= 0.2 + 1e-5
+
+
+@pytest.mark.parametrize(
+    ("tta", "transform"), [("hflip", lambda x: x.flip(-1)), ("d4", lambda x: torch.rot90(x, 1, (-2, -1)))]
+)
+def test_test_time_augmentation_makes_predictions_invariant(tta, transform):
+    torch.manual_seed(0)
+    model = _model(tta=tta).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        probs = model.predict_proba(x)
+        torch.testing.assert_close(model.predict_proba(transform(x)), probs, atol=1e-5, rtol=1e-4)
+        plain = model.predict_proba(x, tta="none")
+    assert not torch.allclose(plain, probs, atol=1e-4)  # the views really changed the prediction
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))

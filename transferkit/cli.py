@@ -82,6 +82,16 @@ def _plan(argv: Sequence[str]) -> int:
     return plan_main(argv)
 
 
+def _probe(argv: Sequence[str]) -> int:
+    from transferkit.probe import main as probe_main
+
+    return probe_main(argv)
+
+
+TOOL_COMMANDS["probe"] = (
+    "linear probe of the frozen features at every backbone depth, and how deep to unfreeze",
+    _probe,
+)
 TOOL_COMMANDS["plan"] = (
     "print the freeze schedule phase by phase (groups, params, LRs, BN) without training",
     _plan,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -22,7 +22,29 @@ from transferkit.finetuning import (
 from transferkit.heads import ClassifierHead
 from transferkit.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler
 
-__all__ = ["TransferClassifier"]
+__all__ = ["TTA_VIEWS", "TransferClassifier"]
+
+
+def _hflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
+def _vflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-2)
+
+
+def _rot90(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+# test-time augmentation: views of a batch (B, 3, H, W) whose probabilities are averaged
+TTA_VIEWS: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
+    "none": [lambda x: x],
+    "hflip": [lambda x: x, _hflip],
+    "flips": [lambda x: x, _hflip, _vflip, lambda x: _vflip(_hflip(x))],
+    "d4": [lambda x, k=k: _rot90(x, k) for k in range(4)]
+    + [lambda x, k=k: _rot90(_hflip(x), k) for k in range(4)],
+}
 
 
 class TransferClassifier(L.LightningModule):
@@ -56,6 +78,9 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         freeze_schedule: which backbone groups train when (default: all of them from the start).
         drop_path_rate: stochastic depth in the backbone, where the architecture supports it.
+        tta: test-time augmentation for ``test`` and ``predict``: ``none``, ``hflip`` (image + mirror),
+            ``flips`` (+ vertical flips), ``d4`` (all 8 flips and 90-degree rotations); the
+            probabilities of the views are averaged.
     """
 
     def __init__(
@@ -83,6 +108,7 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         freeze_schedule: FreezeSchedule | None = None,
         drop_path_rate: float | None = None,
+        tta: str = "none",
     ) -> None:
         super().__init__()
         schedule = FreezeSchedule.coerce(freeze_schedule)
@@ -92,6 +118,8 @@ class TransferClassifier(L.LightningModule):
             raise ValueError(f"unknown lr_schedule '{lr_schedule}'; choose one of {', '.join(SCHEDULES)}.")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
+        if tta not in TTA_VIEWS:
+            raise ValueError(f"unknown tta '{tta}'; choose one of {', '.join(TTA_VIEWS)}.")
         if not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
         self.save_hyperparameters(ignore=["freeze_schedule"])
@@ -192,9 +220,20 @@ class TransferClassifier(L.LightningModule):
 
     # --- steps -------------------------------------------------------------------------------------
 
+    def predict_proba(self, images: torch.Tensor, tta: str | None = None) -> torch.Tensor:
+        """Class probabilities ``(B, num_classes)`` for images ``(B, 3, H, W)``, averaged over the
+        test-time augmentation views (``tta``: ``none``, ``hflip``, ``flips``, ``d4``; default: the
+        module's own ``tta``)."""
+        views = TTA_VIEWS[tta or self.hparams.tta]
+        return torch.stack([self(view(images)).softmax(dim=-1) for view in views]).mean(dim=0)
+
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str):
         images, labels = batch
-        logits = self(images)
+        if stage == "test" and self.hparams.tta != "none" and images.ndim == 4:
+            # averaged probabilities; the loss is the NLL of the average
+            logits = self.predict_proba(images).clamp_min(1e-12).log()
+        else:
+            logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         metrics.update(logits, labels)
         on_step = stage == "train"
@@ -212,9 +251,9 @@ class TransferClassifier(L.LightningModule):
         self._shared_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities ``(B, num_classes)``."""
+        """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation)."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(images).softmax(dim=-1)
+        return self.predict_proba(images)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

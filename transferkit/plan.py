@@ -103,6 +103,7 @@ def main(argv: Sequence[str]) -> int:
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         cli = TransferKitCLI(**cli_kwargs(list(argv)), run=False)
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    datamodule.use_data_config(model.data_config)
     datamodule.setup("fit")
     train_size = len(datamodule.datasets["train"])
     batches = train_size // datamodule.batch_size if train_size > datamodule.batch_size else 1

@@ -246,6 +246,13 @@ class ImageDataModule(L.LightningDataModule):
         self._train_transform = build_train_transform(self.augment, self.image_size, self.mean, self.std)
         self._eval_transform = build_eval_transform(self.image_size, self.mean, self.std)
 
+    def use_data_config(self, config: dict[str, Any]) -> None:
+        """Fill image size, mean and std that were left ``None`` from a backbone's data config
+        (what a Trainer does at setup; tools that run without one call it themselves)."""
+        self.image_size = self.image_size or int(config["input_size"][-1])
+        self.mean = self.mean or tuple(config["mean"])
+        self.std = self.std or tuple(config["std"])
+
     def _model_data_config(self) -> dict[str, Any]:
         model = self.trainer.lightning_module if self.trainer is not None else None
         config = getattr(model, "data_config", None)

@@ -1,0 +1,167 @@
+"""The ELPV benchmark: fine-tune and test one model per seed on the protocol's split, print one JSON object.
+
+Protocol (shared/DESIGN.md): ``train_test_split(indices, test_size=0.25, stratify=f"{p:.2f}_{type}",
+random_state=seed)`` gives 1,968 training and 656 test cells; validation (early stopping, best
+checkpoint) comes out of the 1,968 only. Reported per seed and as mean +- std: binary accuracy
+(defective = defect probability >= 0.5), 4-class accuracy where the recipe's task is 4class, macro-F1,
+accuracy on mono- and on polycrystalline cells, with and without test-time augmentation; training wall
+seconds and peak memory. Each seed runs in its own process, so its peak memory is its own.
+
+    python benchmarks/elpv.py --seeds 0 1 2 --config recipes/elpv.yaml --tta d4
+    python benchmarks/elpv.py --seeds 0 --config recipes/elpv-4class.yaml -- --trainer.max_epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scores(probs, labels, task: str, cell_type) -> dict[str, float]:
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    predicted = probs.argmax(1)
+    out: dict[str, float] = {}
+    if task == "4class":
+        out["acc_4class"] = float((predicted == labels).mean())
+        out["macro_f1_4class"] = float(f1_score(labels, predicted, average="macro"))
+        binary_pred, binary_true = predicted >= 2, labels >= 2  # classes 2/3 and 1 are defective
+    else:
+        binary_pred, binary_true = predicted == 1, labels == 1
+    out["acc_binary"] = float((binary_pred == binary_true).mean())
+    out["macro_f1_binary"] = float(f1_score(binary_true, binary_pred, average="macro"))
+    for kind in ("mono", "poly"):
+        mask = np.asarray(cell_type) == kind
+        out[f"acc_binary_{kind}"] = float((binary_pred[mask] == binary_true[mask]).mean())
+    return out
+
+
+def run_seed(seed: int, config: str, tta: str, extra: list[str]) -> dict:
+    import torch
+
+    from transferkit.cli import TransferKitCLI, cli_kwargs
+    from transferkit.module import TransferClassifier
+
+    args = [
+        "--config",
+        config,
+        "--seed_everything",
+        str(seed),
+        "--data.seed",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(ROOT / "runs" / "elpv-benchmark" / f"seed{seed}"),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = TransferKitCLI(**cli_kwargs(args), run=False)
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    start = time.perf_counter()
+    results = trainer.finetune(model, datamodule=data)
+    train_seconds = time.perf_counter() - start - results["test_seconds"]
+
+    best = TransferClassifier.load_from_checkpoint(results["best_checkpoint"], weights_only=True).eval()
+    test = data.datasets["test"]
+    loader = torch.utils.data.DataLoader(test, batch_size=64, num_workers=data.num_workers)
+    probs = {name: [] for name in ("none", tta)}
+    with torch.no_grad():
+        for images, _ in loader:
+            for name in probs:
+                probs[name].append(best.predict_proba(images, tta=name))
+    labels = test.labels
+    cell_type = data.data.meta["cell_type"][data.split_indices["test"]]
+    task = "4class" if data.num_classes == 4 else "binary"
+    out = {
+        "seed": seed,
+        "task": task,
+        "split_sizes": results["split_sizes"],
+        "epochs": results["epochs"],
+        "train_seconds": round(train_seconds, 1),
+        "peak_memory_mb": round(
+            (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            )
+            / 1024,
+            1,
+        ),
+        "test": _scores(torch.cat(probs["none"]).numpy(), labels, task, cell_type),
+    }
+    if tta != "none":
+        out[f"test_tta_{tta}"] = _scores(torch.cat(probs[tta]).numpy(), labels, task, cell_type)
+    return out
+
+
+def _summary(runs: list[dict]) -> dict:
+    summary = {}
+    for section in [k for k in runs[0] if k.startswith("test")]:
+        for metric in runs[0][section]:
+            values = [r[section][metric] for r in runs]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[f"{section}.{metric}"] = {"mean": round(statistics.mean(values), 4), "std": round(std, 4)}
+    for key in ("train_seconds", "peak_memory_mb"):
+        values = [r[key] for r in runs]
+        summary[key] = {"mean": round(statistics.mean(values), 1), "max": max(values)}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--config", default=str(ROOT / "recipes" / "elpv.yaml"))
+    parser.add_argument("--tta", default="d4", choices=["none", "hflip", "flips", "d4"])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args, extra = parser.parse_known_args()
+    extra = [e for e in extra if e != "--"]
+
+    if args.worker:
+        print("ELPV-RESULT " + json.dumps(run_seed(args.seeds[0], args.config, args.tta, extra)), flush=True)
+        return
+
+    runs = []
+    for seed in args.seeds:
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--seeds",
+            str(seed),
+            "--config",
+            args.config,
+            "--tta",
+            args.tta,
+            *extra,
+        ]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("ELPV-RESULT ")]
+        if completed.returncode != 0 or not lines:
+            sys.stderr.write(completed.stderr[-5000:])
+            raise SystemExit(f"seed {seed} failed (exit {completed.returncode})")
+        runs.append(json.loads(lines[-1][len("ELPV-RESULT ") :]))
+        print(f"seed {seed}: {json.dumps(runs[-1]['test'])}", file=sys.stderr, flush=True)
+    report = {
+        "benchmark": "elpv",
+        "config": args.config,
+        "overrides": extra,
+        "published_anchor": {"vgg19_finetuned_gpu": 0.8842, "svm": 0.8244},
+        "seeds": runs,
+        "summary": _summary(runs),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
