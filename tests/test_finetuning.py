@@ -344,3 +344,38 @@ def test_plan_prints_one_row_per_phase(tmp_path):
     assert [r.split("│")[2].strip() for r in phase_rows] == ["0/6", "1/6", "2/6", "3/6"]
     assert "frozen groups: eval" in phase_rows[0] and "head=" in phase_rows[0] and "g5=" not in phase_rows[0]
     assert "g5=" in phase_rows[1]
+
+
+def test_probe_scores_every_depth_and_suggests_how_deep_to_unfreeze(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        textwrap.dedent(
+            f"""
+            trainer: {{max_epochs: 1, accelerator: cpu, default_root_dir: {str(tmp_path)!r}}}
+            model: {{backbone: {TINY_BACKBONE}, pretrained: false}}
+            data: {{source: digits, image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], num_workers: 0}}
+            """
+        )
+    )
+    command = [sys.executable, "-m", "transferkit", "probe", "--config", str(recipe)]
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│ g")]
+    assert [r.split("│")[1].strip() for r in rows] == [f"g{i}" for i in range(6)]
+    val_accs = [float(r.split("│")[5].strip(" *")) for r in rows]
+    assert max(val_accs) > 0.5  # ten digit classes: chance is 0.1, even random conv features do far better
+    assert "suggestion: " in result.stdout and "unfreeze the top" in result.stdout.lower()
+    assert list(tmp_path.glob("feature_cache/probe-train-g*.pt"))  # cached for the next probe
+
+
+def test_bn_policy_eval_keeps_imagenet_statistics_while_the_backbone_trains(stripes_folder, tmp_path):
+    model = _model(FreezeSchedule(bn_policy="eval"))  # nothing frozen, every group trains
+    before = _bn_stats(model)
+    weights = {k: v.clone() for k, v in model.backbone.named_parameters()}
+    _trainer(tmp_path, max_epochs=1, callbacks=[_CallTrainEveryBatch()]).fit(
+        model, datamodule=_dm(stripes_folder)
+    )
+    assert all(torch.equal(before[k], v) for k, v in _bn_stats(model).items())
+    changed = [k for k, v in model.backbone.named_parameters() if not torch.equal(weights[k], v)]
+    assert len(changed) == len(weights)  # BatchNorm scale and shift train too

@@ -119,3 +119,14 @@ def test_test_time_augmentation_makes_predictions_invariant(tta, transform):
         plain = model.predict_proba(x, tta="none")
     assert not torch.allclose(plain, probs, atol=1e-4)  # the views really changed the prediction
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+
+def test_channels_last_computes_the_same_function():
+    torch.manual_seed(0)
+    model = _model().eval()
+    fast = _model(channels_last=True).eval()
+    fast.load_state_dict(model.state_dict())
+    fast.backbone.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)

@@ -32,7 +32,7 @@ __all__ = [
     "group_learning_rates",
 ]
 
-BNPolicy = Literal["frozen", "train"]
+BNPolicy = Literal["frozen", "train", "eval"]
 
 
 @dataclass
@@ -52,7 +52,10 @@ class FreezeSchedule:
         unfreeze_every: for gradual unfreezing, epochs between two unfreezes.
         milestones: explicit schedule, e.g. ``{0: 0, 2: 3, 5: -1}``.
         bn_policy: ``frozen`` keeps BatchNorm layers of frozen groups in eval mode (running statistics
-            untouched); ``train`` lets them update like the trainable ones.
+            untouched); ``train`` lets them update like the trainable ones; ``eval`` keeps every backbone
+            BatchNorm in eval mode, unfrozen groups included (their scale and shift still train): the
+            advice for fine-tuning EfficientNets, whose BatchNorm momentum of 0.01 adapts too slowly to a
+            new batch distribution.
         warmup_steps: a group unfrozen mid-run ramps its learning rate linearly from 0 over this many
             optimizer steps (0 = no warm-up), so its first large gradients do not wreck pretrained weights.
 
@@ -75,8 +78,8 @@ class FreezeSchedule:
             raise ValueError(f"unfreeze_every must be >= 1 epoch, got {self.unfreeze_every}.")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.bn_policy not in ("frozen", "train"):
-            raise ValueError(f"bn_policy must be 'frozen' or 'train', got {self.bn_policy!r}.")
+        if self.bn_policy not in ("frozen", "train", "eval"):
+            raise ValueError(f"bn_policy must be 'frozen', 'train' or 'eval', got {self.bn_policy!r}.")
         if self.milestones is not None:
             self.milestones = {int(k): int(v) for k, v in self.milestones.items()}
             bad = {k: v for k, v in self.milestones.items() if k < 0 or v < -1}
@@ -155,11 +158,11 @@ def apply_freeze(backbone: Backbone, groups: list[list[str]], trainable: int, bn
 def set_batchnorm_modes(
     backbone: Backbone, groups: list[list[str]], trainable: int, bn_policy: BNPolicy
 ) -> None:
-    """Set every backbone BatchNorm's mode: eval in frozen groups (when ``bn_policy == "frozen"``),
+    """Set every backbone BatchNorm's mode: eval everywhere (``eval``), in frozen groups (``frozen``),
     the backbone's own mode elsewhere (so a group unfrozen mid-run starts updating its statistics)."""
     frozen_count = len(groups) - trainable
     for index, names in enumerate(groups):
-        keep_eval = bn_policy == "frozen" and index < frozen_count
+        keep_eval = bn_policy == "eval" or (bn_policy == "frozen" and index < frozen_count)
         for module in _modules_of(backbone.model, names):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.train(backbone.training and not keep_eval)

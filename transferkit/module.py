@@ -81,6 +81,8 @@ class TransferClassifier(L.LightningModule):
         tta: test-time augmentation for ``test`` and ``predict``: ``none``, ``hflip`` (image + mirror),
             ``flips`` (+ vertical flips), ``d4`` (all 8 flips and 90-degree rotations); the
             probabilities of the views are averaged.
+        channels_last: run the backbone in channels-last memory layout (often faster with bf16 on GPUs).
+        compile: compile the backbone with ``torch.compile`` when training starts.
     """
 
     def __init__(
@@ -109,6 +111,8 @@ class TransferClassifier(L.LightningModule):
         freeze_schedule: FreezeSchedule | None = None,
         drop_path_rate: float | None = None,
         tta: str = "none",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         schedule = FreezeSchedule.coerce(freeze_schedule)
@@ -185,12 +189,19 @@ class TransferClassifier(L.LightningModule):
         frozen-feature cache) go straight to the head."""
         if x.ndim == 2:
             return self.head(x)
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))
 
     # --- freezing ----------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import DDPStrategy
+
+        if self.hparams.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if self.hparams.compile and stage == "fit":
+            self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
 
         strategy = self.trainer.strategy if self._trainer is not None else None
         if stage == "fit" and self.freeze_schedule.active and isinstance(strategy, DDPStrategy):
@@ -202,11 +213,13 @@ class TransferClassifier(L.LightningModule):
         if self._pending_rng_state is not None:
             torch.set_rng_state(self._pending_rng_state)  # resume with the RNG where the run left it
             self._pending_rng_state = None
-        if not self.freeze_schedule.active:
+        schedule = self.freeze_schedule
+        if not schedule.active and schedule.bn_policy != "eval":
             return
-        trainable = self.freeze_schedule.trainable_groups(self.current_epoch, len(self.groups))
+        groups = len(self.groups)
+        trainable = schedule.trainable_groups(self.current_epoch, groups) if schedule.active else groups
         self.trainable_groups = trainable
-        apply_freeze(self.backbone, self.groups, trainable, self.freeze_schedule.bn_policy)
+        apply_freeze(self.backbone, self.groups, trainable, schedule.bn_policy)
         self.log("trainable_groups", float(trainable), on_step=False, on_epoch=True)
 
     def train(self, mode: bool = True) -> TransferClassifier:

@@ -66,11 +66,12 @@ def plan_phases(model: TransferClassifier, max_epochs: int, steps_per_epoch: int
             factor = multipliers[index](step) if multipliers else 1.0
             lrs[name] = base * factor
         trainable_params = head_params + sum(group_sizes[len(groups) - trainable :])
-        bn_mode = (
-            "all train"
-            if trainable == len(groups) or schedule.bn_policy == "train"
-            else "frozen groups: eval"
-        )
+        if schedule.bn_policy == "eval":
+            bn_mode = "all eval (ImageNet statistics)"
+        elif trainable == len(groups) or schedule.bn_policy == "train":
+            bn_mode = "all train"
+        else:
+            bn_mode = "frozen groups: eval"
         phases.append(Phase(epoch, last, trainable, len(groups), trainable_params, total, lrs, bn_mode))
         epoch = last + 1
     return phases

@@ -299,7 +299,7 @@ class ImageDataModule(L.LightningDataModule):
             return None
         if schedule.trainable_groups(self.trainer.current_epoch, len(model.groups)) != 0:
             return None
-        if schedule.bn_policy != "frozen":
+        if schedule.bn_policy == "train":
             warnings.warn(
                 "feature_cache is ignored with bn_policy='train': BatchNorm statistics keep changing, "
                 "so the frozen backbone's features are not fixed.",
