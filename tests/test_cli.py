@@ -48,7 +48,7 @@ def test_print_config_resolves_the_quickstart_recipe_with_overrides():
         config["model"]["backbone"] == "tf_efficientnet_lite0" and config["model"]["pretrained"] == "bundled"
     )
     milestones = config["model"]["freeze_schedule"]["milestones"]
-    assert {int(k): v for k, v in milestones.items()} == {0: 0, 2: 3}
+    assert {int(k): v for k, v in milestones.items()} == {0: 0, 3: 3}
 
 
 def test_finetune_end_to_end_writes_metrics(stripes_folder, tmp_path):
