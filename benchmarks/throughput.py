@@ -156,7 +156,9 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--recipe", default="recipes/elpv.yaml", help="whose augmentation and workers the pipeline uses")
+    parser.add_argument(
+        "--recipe", default="recipes/elpv.yaml", help="whose augmentation and workers the pipeline uses"
+    )
     parser.add_argument("--pipeline-batches", type=int, default=20)
     parser.add_argument("--no-pipeline", action="store_true")
     args = parser.parse_args()
@@ -180,7 +182,10 @@ def main() -> None:
         "raw_loop_images_per_second": round(max(loop), 2),
         "transferkit_images_per_second": round(max(lightning), 2),
         "ratio_transferkit_to_raw": round(max(lightning) / max(loop), 3),
-        "all_runs": {"raw_loop": [round(v, 2) for v in loop], "transferkit": [round(v, 2) for v in lightning]},
+        "all_runs": {
+            "raw_loop": [round(v, 2) for v in loop],
+            "transferkit": [round(v, 2) for v in lightning],
+        },
     }
     if not args.no_pipeline:
         rate, settings = pipeline_images_per_second(args)
