@@ -48,3 +48,18 @@ def stripes_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def stripes_folder_large(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stripes_folder(tmp_path_factory.mktemp("data") / "stripes", per_class=150)
+
+
+def quiet_trainer(root: Path, **kwargs):
+    """A real transferkit Trainer on the CPU, deterministic, without progress bar, summary or logger."""
+    from transferkit import Trainer
+
+    defaults = dict(
+        accelerator="cpu",
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        deterministic=True,
+    )
+    return Trainer(**{**defaults, **kwargs})

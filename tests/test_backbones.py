@@ -63,7 +63,7 @@ def test_hub_unreachable_fails_fast_with_alternatives(monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_HUB_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     start = time.monotonic()
     with pytest.raises(HubUnreachableError) as info:
-        create_backbone("resnet18", pretrained="hub")
+        create_backbone("resnet18", pretrained="hub")  # offline: must raise the unreachable-hub error
     assert time.monotonic() - start < 30
     message = str(info.value)
     assert "unreachable" in message and "'bundled'" in message and "path" in message
@@ -72,7 +72,7 @@ def test_hub_unreachable_fails_fast_with_alternatives(monkeypatch):
 def test_hub_offline_flag_is_respected(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE"):
-        create_backbone("resnet18", pretrained="hub")
+        create_backbone("resnet18", pretrained="hub")  # offline: must raise the unreachable-hub error
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -6,7 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import NORM, TINY_BACKBONE
+from conftest import NORM, TINY_BACKBONE, quiet_trainer
 from PIL import Image
 
 import transferkit.data.datamodule as datamodule_module
@@ -27,16 +27,7 @@ def _fit(dm: ImageDataModule, tmp_path, epochs: int = 2, frozen_epochs: int = 2)
         dropout=0.3,
         freeze_schedule=FreezeSchedule(frozen_epochs=frozen_epochs),
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs, enable_checkpointing=False)
     trainer.fit(model, datamodule=dm)
     return model
 

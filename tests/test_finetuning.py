@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import NORM, TINY_BACKBONE, make_stripes_folder
+from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
@@ -36,17 +36,7 @@ def _model(schedule: FreezeSchedule | None = None, **kwargs) -> TransferClassifi
 
 
 def _trainer(tmp_path: Path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
-    )
-    return Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, **{"enable_checkpointing": False, "num_sanity_val_steps": 0, **kwargs})
 
 
 # --- groups and schedules ---------------------------------------------------------------------------

@@ -5,22 +5,14 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import NORM, TINY_BACKBONE
+from conftest import NORM, TINY_BACKBONE, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
 from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        deterministic=True,
-    )
-    return Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, **kwargs)
 
 
 def _model(**kwargs) -> TransferClassifier:
