@@ -35,9 +35,11 @@ def _scores(probs, labels, task: str, cell_type) -> dict[str, float]:
     if task == "4class":
         out["acc_4class"] = float((predicted == labels).mean())
         out["macro_f1_4class"] = float(f1_score(labels, predicted, average="macro"))
-        binary_pred, binary_true = predicted >= 2, labels >= 2  # classes 2/3 and 1 are defective
+        # Defective = defect probability >= 0.5, i.e. classes 2/3 and 1; a 4-class model's
+        # probability of that is the sum of its two defective classes.
+        binary_pred, binary_true = probs[:, 2:].sum(1) >= 0.5, labels >= 2
     else:
-        binary_pred, binary_true = predicted == 1, labels == 1
+        binary_pred, binary_true = probs[:, 1] >= 0.5, labels == 1
     out["acc_binary"] = float((binary_pred == binary_true).mean())
     out["macro_f1_binary"] = float(f1_score(binary_true, binary_pred, average="macro"))
     for kind in ("mono", "poly"):

@@ -153,10 +153,12 @@ class TransferClassifier(L.LightningModule):
             _ = self.groups  # a backbone that cannot be split fails here, before any training
 
         def metrics() -> MetricCollection:
+            # validate_args=False: the argument checks read values back from the device (a sync on
+            # every step); labels are already checked by the data module and the loss.
             return MetricCollection(
                 {
-                    "acc": MulticlassAccuracy(num_classes, average="micro"),
-                    "f1": MulticlassF1Score(num_classes, average="macro"),
+                    "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+                    "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
                 }
             )
 
