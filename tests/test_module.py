@@ -122,3 +122,61 @@ def test_channels_last_computes_the_same_function():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def _fit_penalised(stripes_folder, tmp_path, **kwargs) -> tuple[TransferClassifier, dict]:
+    L.seed_everything(0)
+    dm = ImageDataModule(
+        source="folder", root=str(stripes_folder), num_workers=0, batch_size=16, augment="none", **NORM
+    )
+    model = _model(lr=3e-3, layer_decay=1.0, hidden_dims=(64,), dropout=0.0, lr_schedule="none", **kwargs)
+    trainer = _trainer(tmp_path, max_epochs=4)
+    trainer.fit(model, datamodule=dm)
+    return model, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_l1_makes_the_penalised_weights_sparse_and_l2_shrinks_them(stripes_folder_large, tmp_path):
+    data = stripes_folder_large
+    plain, _ = _fit_penalised(data, tmp_path / "plain")
+    sparse, metrics = _fit_penalised(data, tmp_path / "l1", l1=1.0)
+    small, _ = _fit_penalised(data, tmp_path / "l2", l2=1e-2)
+    assert metrics["l1_sparsity"] == pytest.approx(sparse.sparsity())
+    assert sparse.sparsity() > 0.5 and plain.sparsity() < 0.1, (sparse.sparsity(), plain.sparsity())
+    exact_zeros = sum(int((w == 0).sum()) for w in sparse.penalised_weights)
+    assert exact_zeros / sum(w.numel() for w in sparse.penalised_weights) > 0.5  # truly zero, not just small
+    assert metrics["val_acc"] >= 0.8, metrics  # still a classifier (chance 0.5)
+    # L2 on the head only: head weights shrink, the backbone is not penalised
+    norm = lambda m: sum(w.norm() ** 2 for w in m.penalised_weights).sqrt().item()  # noqa: E731
+    assert norm(small) < 0.7 * norm(plain), (norm(small), norm(plain))
+    assert all(p.ndim >= 2 for p in small.penalised_weights)
+    assert {id(p) for p in small.penalised_weights} <= {id(p) for p in small.head.parameters()}
+
+
+def test_penalty_groups_are_checked_by_name():
+    model = _model(l1=1e-4, penalty_groups=["head", "backbone.99"])
+    with pytest.raises(ValueError, match="unknown groups.*backbone.99"):
+        _ = model.penalised_weights
+    whole = _model(l2=1e-4, penalty_groups="all")
+    assert len(whole.penalised_weights) > len(_model(l2=1e-4).penalised_weights)
+
+
+def test_mc_dropout_returns_mean_probabilities_and_their_spread():
+    torch.manual_seed(0)
+    model = _model(dropout=0.5, mc_dropout=16).eval()
+    x = torch.randn(6, 3, 32, 32)
+    out = model.predict_step(x, 0)
+    assert set(out) == {"probs", "std", "entropy"}
+    torch.testing.assert_close(out["probs"].sum(-1), torch.ones(6))
+    assert (out["std"] > 0).all()  # the passes really differ
+    assert ((0 <= out["entropy"]) & (out["entropy"] <= torch.log(torch.tensor(2.0)) + 1e-6)).all()
+    assert not model.training and not any(m.training for m in model.modules())  # left in eval mode
+    # the mean of many passes approaches the deterministic (dropout-scaled) prediction
+    many = model.predict_mc_dropout(x, samples=400)["probs"]
+    torch.testing.assert_close(many, model.predict_proba(x), atol=0.05, rtol=0)
+
+
+def test_mc_dropout_without_dropout_is_refused():
+    with pytest.raises(ValueError, match="dropout"):
+        _model(dropout=0.0, mc_dropout=10)
+    with pytest.raises(ValueError, match="at least 2"):
+        _model(dropout=0.2).predict_mc_dropout(torch.randn(1, 3, 32, 32), samples=1)

@@ -65,7 +65,15 @@ class TransferClassifier(L.LightningModule):
         max_norm: max-norm constraint on the head's incoming weight vectors, enforced after every step.
         optimizer: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``rmsprop``.
         lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth``.
-        weight_decay: L2 weight decay (decoupled for ``adamw``).
+        weight_decay: L2 weight decay in the optimizer, on every trained parameter (decoupled for ``adamw``).
+        l1: L1 penalty ``l1 * sum |w|`` on the weights of ``penalty_groups``, applied as its proximal
+            step after every optimizer step (soft-thresholding by ``lr * l1``), which sets weights
+            exactly to zero; the fraction under ``sparsity_threshold`` is logged as ``l1_sparsity``.
+        l2: L2 penalty ``l2 * sum w^2`` added to the loss, on the weights of ``penalty_groups``.
+        penalty_groups: which weights ``l1``/``l2`` apply to: ``head``, ``backbone``, ``all``, or a list of
+            optimizer group names (``head``, ``backbone.0`` ... ``backbone.N``, top = N). Biases and
+            normalisation parameters are never penalised.
+        sparsity_threshold: ``|w|`` below which a penalised weight counts as zero in ``l1_sparsity``.
         momentum: momentum of ``momentum``/``nesterov``.
         layer_decay: factor between the learning rates of two neighbouring backbone groups (deeper = smaller).
         lr_schedule: ``exponential`` (default), ``piecewise``, ``performance`` (reduce on plateau of
@@ -78,6 +86,9 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         freeze_schedule: which backbone groups train when (default: all of them from the start).
         drop_path_rate: stochastic depth in the backbone, where the architecture supports it.
+        mc_dropout: Monte Carlo dropout at predict time: this many stochastic forward passes with the
+            head's dropout on (BatchNorm stays in eval mode); ``predict`` then returns the mean
+            probabilities and their uncertainty. ``0`` = off.
         tta: test-time augmentation for ``test`` and ``predict``: ``none``, ``hflip`` (image + mirror),
             ``flips`` (+ vertical flips), ``d4`` (all 8 flips and 90-degree rotations); the
             probabilities of the views are averaged.
@@ -100,6 +111,10 @@ class TransferClassifier(L.LightningModule):
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        penalty_groups: str | list[str] = "head",
+        sparsity_threshold: float = 1e-3,
         momentum: float = 0.9,
         layer_decay: float = 0.8,
         lr_schedule: str = "exponential",
@@ -110,6 +125,7 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         freeze_schedule: FreezeSchedule | None = None,
         drop_path_rate: float | None = None,
+        mc_dropout: int = 0,
         tta: str = "none",
         channels_last: bool = False,
         compile: bool = False,
@@ -126,6 +142,14 @@ class TransferClassifier(L.LightningModule):
             raise ValueError(f"unknown tta '{tta}'; choose one of {', '.join(TTA_VIEWS)}.")
         if not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
+        if l1 < 0 or l2 < 0:
+            raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}.")
+        if mc_dropout < 0 or mc_dropout == 1:
+            raise ValueError(
+                f"mc_dropout is the number of stochastic passes (0 = off, >= 2 to measure a spread), got {mc_dropout}."
+            )
+        if mc_dropout and dropout == 0:
+            raise ValueError("mc_dropout needs dropout in the head; set model.dropout > 0 (e.g. 0.2).")
         self.save_hyperparameters(ignore=["freeze_schedule"])
         # plain types only, so checkpoints load with weights_only=True
         self.hparams["freeze_schedule"] = schedule.to_dict()
@@ -147,6 +171,7 @@ class TransferClassifier(L.LightningModule):
             list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         )
         self._groups: list[list[str]] | None = None
+        self._penalised: list[torch.nn.Parameter] | None = None
         self._pending_rng_state: torch.Tensor | None = None
         self.trainable_groups: int | None = None  # None: nothing frozen yet (before training starts)
         if schedule.active:
@@ -254,7 +279,66 @@ class TransferClassifier(L.LightningModule):
         on_step = stage == "train"
         self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        if stage == "train" and (self.hparams.l1 or self.hparams.l2):
+            penalty = self.penalty()
+            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(labels))
+            if self.hparams.l2:
+                loss = loss + self.hparams.l2 * sum(
+                    w.square().sum() for w in self.penalised_weights if w.requires_grad
+                )
         return loss
+
+    # --- regularisation ----------------------------------------------------------------------------
+
+    @property
+    def penalised_weights(self) -> list[torch.nn.Parameter]:
+        """The weights ``l1``/``l2`` apply to (weight matrices and conv kernels of ``penalty_groups``)."""
+        if self._penalised is None:
+            chosen = self.hparams.penalty_groups
+            groups = self.parameter_groups()
+            names = [g["name"] for g in groups]
+            if chosen == "all":
+                wanted = set(names)
+            elif chosen == "head":
+                wanted = {"head"}
+            elif chosen == "backbone":
+                wanted = {n for n in names if n.startswith("backbone.")}
+            else:
+                wanted = {chosen} if isinstance(chosen, str) else set(chosen)
+                unknown = wanted - set(names)
+                if unknown:
+                    raise ValueError(
+                        f"penalty_groups names unknown groups {sorted(unknown)}; choose 'head', 'backbone', "
+                        f"'all' or a list of {names}."
+                    )
+            self._penalised = [p for g in groups if g["name"] in wanted for p in g["params"] if p.ndim >= 2]
+        return self._penalised
+
+    def penalty(self) -> torch.Tensor:
+        """``l1 * sum |w| + l2 * sum w^2`` over :attr:`penalised_weights` that are trained now (logged as
+        ``train_penalty``; the L2 part is in the training loss, the L1 part is applied by its proximal step)."""
+        hp = self.hparams
+        total = torch.zeros((), device=self.device)
+        for weight in self.penalised_weights:
+            if not weight.requires_grad:  # a frozen group is not regularised (it cannot change)
+                continue
+            if hp.l1:
+                total = total + hp.l1 * weight.abs().sum()
+            if hp.l2:
+                total = total + hp.l2 * weight.square().sum()
+        return total
+
+    def sparsity(self) -> float:
+        """Fraction of :attr:`penalised_weights` with ``|w| < sparsity_threshold``."""
+        weights = self.penalised_weights
+        if not weights:
+            return 0.0
+        small = sum(int((w.detach().abs() < self.hparams.sparsity_threshold).sum()) for w in weights)
+        return small / sum(w.numel() for w in weights)
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.l1:
+            self.log("l1_sparsity", self.sparsity(), on_step=False, on_epoch=True)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, self.train_metrics, "train")
@@ -265,14 +349,68 @@ class TransferClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, self.test_metrics, "test")
 
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation)."""
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation); with
+        ``mc_dropout`` a dict of the mean ``probs``, their ``std`` ``(B, num_classes)`` and the
+        predictive ``entropy`` ``(B,)`` over the stochastic passes."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
+        if self.hparams.mc_dropout:
+            return self.predict_mc_dropout(images, self.hparams.mc_dropout)
         return self.predict_proba(images)
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    @torch.no_grad()
+    def predict_mc_dropout(self, images: torch.Tensor, samples: int = 20) -> dict[str, torch.Tensor]:
+        """Monte Carlo dropout (Gal & Ghahramani, 2016): ``samples`` forward passes of the head with
+        dropout active, the backbone and every BatchNorm in eval mode.
+
+        Returns ``probs`` (mean, ``(B, C)``), ``std`` (spread of each class probability, ``(B, C)``) and
+        ``entropy`` (of the mean, ``(B,)``; high = uncertain). The backbone runs once per view.
+        """
+        if samples < 2:
+            raise ValueError(f"MC dropout needs at least 2 samples, got {samples}.")
+        dropouts = [m for m in self.head.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if not dropouts:
+            raise ValueError("MC dropout needs dropout in the head; this model was built with dropout=0.")
+        was_training = self.training
+        self.eval()
+        try:
+            for m in dropouts:
+                m.train()
+            draws = []
+            for view in TTA_VIEWS[self.hparams.tta]:
+                x = view(images)
+                features = (
+                    x
+                    if x.ndim == 2
+                    else self.backbone(
+                        x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+                    )
+                )
+                draws += [self.head(features).softmax(dim=-1) for _ in range(samples)]
+        finally:
+            self.train(was_training)
+        stacked = torch.stack(draws)
+        probs = stacked.mean(dim=0)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+        return {"probs": probs, "std": stacked.std(dim=0), "entropy": entropy}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, *args, **kwargs)
+        if self.hparams.l1:
+            self._l1_proximal_step(optimizer)
         self.head.apply_max_norm()  # the constraint holds after every update
+
+    @torch.no_grad()
+    def _l1_proximal_step(self, optimizer: Any) -> None:
+        # The proximal step of l1 * |w| (soft-thresholding by lr * l1, as in ISTA): weights the data
+        # does not hold away from zero become exactly zero, where a subgradient would leave them
+        # oscillating around it.
+        penalised = {id(w) for w in self.penalised_weights}
+        for group in optimizer.param_groups:
+            threshold = group["lr"] * self.hparams.l1
+            for weight in group["params"]:
+                if id(weight) in penalised and weight.requires_grad:
+                    weight.copy_(weight.sign() * (weight.abs() - threshold).clamp_min(0))
 
     # --- optimisation ------------------------------------------------------------------------------
 
