@@ -12,6 +12,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from transferkit.backbones import Backbone, BackboneError, HubUnreachableError, create_backbone  # noqa: E402
 from transferkit.data import ImageDataModule  # noqa: E402
+from transferkit.diagnostics import (  # noqa: E402
+    GradientHealth,
+    GradientHealthReport,
+    LayerHealth,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    diagnose,
+)
 from transferkit.finetuning import FreezeSchedule  # noqa: E402
 from transferkit.heads import ClassifierHead  # noqa: E402
 from transferkit.module import TransferClassifier  # noqa: E402
@@ -24,9 +32,15 @@ __all__ = [
     "BackboneError",
     "ClassifierHead",
     "FreezeSchedule",
+    "GradientHealth",
+    "GradientHealthReport",
     "HubUnreachableError",
     "ImageDataModule",
+    "LayerHealth",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
     "Trainer",
     "TransferClassifier",
     "create_backbone",
+    "diagnose",
 ]

@@ -88,6 +88,12 @@ def _probe(argv: Sequence[str]) -> int:
     return probe_main(argv)
 
 
+def _diagnose(argv: Sequence[str]) -> int:
+    from transferkit.diagnostics import main as diagnose_main
+
+    return diagnose_main(argv)
+
+
 TOOL_COMMANDS["probe"] = (
     "linear probe of the frozen features at every backbone depth, and how deep to unfreeze",
     _probe,
@@ -95,6 +101,10 @@ TOOL_COMMANDS["probe"] = (
 TOOL_COMMANDS["plan"] = (
     "print the freeze schedule phase by phase (groups, params, LRs, BN) without training",
     _plan,
+)
+TOOL_COMMANDS["diagnose"] = (
+    "gradient health per layer (vanishing / exploding / dying / saturated) over a few training batches",
+    _diagnose,
 )
 
 

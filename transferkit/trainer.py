@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 
+from transferkit.diagnostics import NonFiniteLossGuard
 from transferkit.runtime import tune_allocator
 
 __all__ = ["Trainer"]
@@ -20,6 +21,8 @@ class Trainer(L.Trainer):
 
     Creating one also tunes the memory allocator for CPU training (:func:`transferkit.runtime.tune_allocator`),
     and shows a Rich progress bar unless ``enable_progress_bar=False`` or another progress bar is given.
+    A :class:`~transferkit.diagnostics.NonFiniteLossGuard` stops training at the first NaN/inf loss, before
+    its optimizer step, with an error that says why and what to do.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -29,6 +32,10 @@ class Trainer(L.Trainer):
             callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
             if not any(isinstance(c, ProgressBar) for c in callbacks):
                 kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        callbacks = kwargs.get("callbacks") or []
+        callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
+        if not any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, NonFiniteLossGuard()]
         super().__init__(*args, **kwargs)
 
     def finetune(
