@@ -1,0 +1,179 @@
+"""The notebooks in notebooks/ run top to bottom in small mode, and show what they promise.
+
+Each notebook's first code cell is tagged ``parameters`` and holds its size knobs with full-size
+defaults; the test inserts a cell after it that sets small values (and an output directory in a tmp dir),
+then executes the notebook with nbclient in the ``python3`` kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+CELL_TIMEOUT = 300  # seconds per cell
+
+# small-mode parameters per notebook: together they run in a few minutes on 2 CPU cores
+SMALL: dict[str, dict[str, Any]] = {
+    "01_quickstart": {"max_epochs": 3, "max_samples": 500, "data_source": "digits", "image_size": 64},
+    "02_augmentation": {"n_images": 2, "n_views": 3, "image_size": 96},
+    "03_freeze_schedules": {
+        "max_epochs": 6,
+        "max_samples": 300,
+        "data_source": "digits",
+        "image_size": 64,
+        "augment": "none",
+    },
+    "05_elpv": {"max_samples": 160, "max_epochs": 2, "image_size": 64, "tta": "none"},
+    "06_optimizers_and_schedules": {"max_epochs": 4, "max_samples": 500, "image_size": 32},
+}
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+def parameters_index(nb: nbformat.NotebookNode) -> int:
+    code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+    assert code, "the notebook has no code cells"
+    first = nb.cells[code[0]]
+    assert "parameters" in first.metadata.get("tags", []), (
+        "the first code cell must hold the size knobs and be tagged 'parameters'"
+    )
+    return code[0]
+
+
+def execute(path: Path, parameters: dict[str, Any]) -> nbformat.NotebookNode:
+    """Run the notebook with ``parameters`` set right after its parameters cell; cell errors raise."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    index = parameters_index(nb)
+    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in parameters.items()))
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(index + 1, injected)
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},  # run from notebooks/, as Jupyter does
+    )
+    client.execute()
+    return nb
+
+
+def text_of(nb: nbformat.NotebookNode) -> str:
+    """Everything the notebook printed or displayed as text."""
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.output_type == "stream":
+                parts.append(output.text)
+            elif output.output_type in ("execute_result", "display_data"):
+                parts.append(output.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def images_shown(nb: nbformat.NotebookNode) -> int:
+    return sum(
+        "image/png" in output.get("data", {})
+        for cell in nb.cells
+        for output in cell.get("outputs", [])
+        if output.output_type in ("execute_result", "display_data")
+    )
+
+
+# --- what each notebook must show ------------------------------------------------------------------
+
+
+def check_01_quickstart(nb, out: Path) -> None:
+    text = text_of(nb)
+    accuracy = float(re.search(r"test accuracy: ([\d.]+)", text).group(1))
+    majority = float(re.search(r"most frequent class: ([\d.]+)", text).group(1))
+    # 10 digit classes, head trained on pretrained features: far above always answering one class
+    assert accuracy > majority + 0.25, (accuracy, majority)
+    assert (out / "01_quickstart" / "confusion_matrix.png").is_file()
+    assert list((out / "01_quickstart").rglob("metrics.json"))
+    assert images_shown(nb) >= 2  # the predicted images and the confusion matrix
+
+
+def check_02_augmentation(nb, out: Path) -> None:
+    folder = out / "02_augmentation"
+    for name in ("none", "light", "medium", "heavy"):
+        assert (folder / f"preset_{name}.png").is_file(), name
+    assert (folder / "inline.png").is_file()
+    assert images_shown(nb) >= 5
+    assert "round trip through A.to_dict / A.from_dict: identical" in text_of(nb)
+
+
+def check_03_freeze_schedules(nb, out: Path) -> None:
+    text = text_of(nb)
+    # the plan: 2 head-only epochs, then one more group every 2 epochs
+    assert (
+        re.search(r"0-1\s+0/\d+", text)
+        and re.search(r"2-3\s+1/\d+", text)
+        and re.search(r"4-5\s+2/\d+", text)
+    )
+    assert "unfrozen at epochs [2, 4] (schedule), [2, 4] (logged)" in text
+    assert (out / "03_freeze_schedules" / "learning_curves.png").is_file()
+    assert images_shown(nb) >= 1
+
+
+def check_05_elpv(nb, out: Path) -> None:
+    text = text_of(nb)
+    assert "0.882" in text  # the stored 3-seed mean binary accuracy, read from benchmarks/results
+    report = json.loads((out / "05_elpv" / "elpv-benchmark.json").read_text())
+    (seed,) = report["seeds"]
+    assert seed["split_sizes"]["test"] == 40  # 25 % of 160 cells, the protocol's test share
+    assert 0.0 <= seed["test"]["acc_binary"] <= 1.0
+    assert "this run" in text
+
+
+def check_06_optimizers_and_schedules(nb, out: Path) -> None:
+    from transferkit.optim import OPTIMIZERS, SCHEDULES
+
+    text = text_of(nb)
+    for name in (*OPTIMIZERS, *SCHEDULES):
+        assert re.search(rf"^\s*{name}\s+[\d.]+\s+[\d.]+\s+[\d.]+", text, re.MULTILINE), name
+    for family in ("optimizers", "schedules"):
+        for curve in ("train_loss", "val_acc"):
+            assert (out / "06_optimizers_and_schedules" / f"{family}_{curve}.png").is_file()
+    assert images_shown(nb) == 4
+    assert re.search(r"Adam: [\d.]+ best validation accuracy, rank \d of 8", text)
+    assert "verdict:" in text
+
+
+CHECKS = {name[len("check_") :]: f for name, f in globals().items() if name.startswith("check_")}
+
+
+# --- tests -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
+def test_committed_notebooks_are_clean(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    parameters_index(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, (
+                "commit notebooks with outputs stripped"
+            )
+    assert path.stem in SMALL, f"add small-mode parameters for {path.name} to SMALL in {Path(__file__).name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
+def test_notebook_runs_in_small_mode(path: Path, tmp_path: Path):
+    if path.stem not in SMALL:
+        pytest.fail(f"add small-mode parameters for {path.name} to SMALL in {Path(__file__).name}")
+    nb = execute(path, {**SMALL[path.stem], "output_dir": str(tmp_path)})
+    check = CHECKS.get(path.stem)
+    assert check is not None, f"add a check_{path.stem} that asserts what the notebook shows"
+    check(nb, tmp_path)
