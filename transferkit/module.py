@@ -473,18 +473,50 @@ class TransferClassifier(L.LightningModule):
     # --- checkpoints -------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint self-describing (see :mod:`transferkit.serving`): backbone and the source of
+        its weights, class names, the eval pipeline (``A.to_dict``) with mean, std and input size, and
+        the freeze schedule with its state. Plain types only, so it loads with ``weights_only=True``."""
+        from transferkit.serving import SECTION_FORMAT, checkpoint_preprocessing
+
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         checkpoint["transferkit"] = {
+            "format": SECTION_FORMAT,
             "backbone": self.backbone.name,
             "weights": self.backbone.weights,
             "class_names": list(self.class_names),
             "data_config": _plain(self.data_config),
+            "preprocessing": checkpoint_preprocessing(self, datamodule),
             "freeze_schedule": self.freeze_schedule.to_dict(),
             "trainable_groups": self.trainable_groups,
+            "num_groups": len(self.groups),
         }
         checkpoint["transferkit_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head."""
+        if "transferkit" in checkpoint:
+            from transferkit.serving import check_compatible
+
+            check_compatible(self, checkpoint)
         self._pending_rng_state = checkpoint.get("transferkit_rng_state")
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides: Any) -> TransferClassifier:
+        """The model saved in the checkpoint ``path``, in eval mode on the CPU, without its recipe.
+
+        Rebuilt from the checkpoint's own hyperparameters with ``pretrained=False``, so no weights are
+        fetched from a bundle, a file or the hub: all of them come from the checkpoint, which is read
+        with ``weights_only=True``. ``overrides`` change what does not alter the weights' shapes (e.g.
+        ``tta="hflip"``). The eval pipeline it was tested with:
+        :func:`transferkit.serving.load_for_inference` returns both.
+
+        Example:
+            >>> model = TransferClassifier.from_checkpoint("runs/x/checkpoints/best.ckpt")  # doctest: +SKIP
+            >>> model.predict_proba(images)  # (B, num_classes)  # doctest: +SKIP
+        """
+        from transferkit.serving import load_checkpoint_model
+
+        return load_checkpoint_model(path, **overrides)
 
 
 def _plain(value: Any) -> Any:
