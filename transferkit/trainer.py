@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ class Trainer(L.Trainer):
         datamodule: L.LightningDataModule | None = None,
         ckpt_path: str | None = None,
     ) -> dict[str, Any]:
-        """Fit, then test the best checkpoint, then print the results and write ``metrics.json`` in the run dir.
+        """Fit, then test the best checkpoint, then print the results and write ``metrics.json`` and the run
+        report (``report.md`` with learning curves, test confusion matrix and augmentation preview, see
+        :func:`transferkit.report.write_run_report`) in the run dir.
 
         Args:
             model: the module to train.
@@ -85,8 +88,22 @@ class Trainer(L.Trainer):
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
             results["run_dir"] = str(run_dir)
+            results["report"] = _write_report(self, model, datamodule, results)
             _print_results(results)
         return results
+
+
+def _write_report(
+    trainer: Trainer, model: L.LightningModule, datamodule: Any, results: dict[str, Any]
+) -> str | None:
+    """report.md and its pictures; a failure is a warning, never a failed run (the model is trained)."""
+    from transferkit.report import write_run_report
+
+    try:
+        return str(write_run_report(trainer, model, datamodule, results))
+    except Exception as err:
+        warnings.warn(f"the run report could not be written: {type(err).__name__}: {err}", stacklevel=3)
+        return None
 
 
 def _print_results(results: dict[str, Any]) -> None:
@@ -106,3 +123,5 @@ def _print_results(results: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"best checkpoint: {results['best_checkpoint']}")
     console.print(f"metrics written to {Path(results['run_dir']) / 'metrics.json'}")
+    if results.get("report"):
+        console.print(f"report: {results['report']}")

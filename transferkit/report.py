@@ -1,0 +1,436 @@
+"""What a run leaves to look at: ``report.md`` with learning curves, test confusion matrix and an
+augmentation preview, and the ``augment-preview`` command.
+
+:meth:`transferkit.Trainer.finetune` calls :func:`write_run_report` after testing the best checkpoint; the
+run directory (``trainer.log_dir``, or ``default_root_dir`` when logging is off) then holds::
+
+    config.yaml               the resolved recipe (runs started from the command line)
+    metrics.csv               every logged metric, per step and epoch (CSVLogger)
+    metrics.json              the final figures
+    learning_curves.png       loss and accuracy per epoch, train vs validation, unfreeze points dashed
+    confusion_matrix.png      the best checkpoint on the test split
+    augmentation_preview.png  a few training images through the real train pipeline
+    report.md                 all of the above, linked, with test accuracy/F1, best epoch and train time
+
+A picture that cannot be drawn is reported as a warning in ``report.md``; it never fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from transferkit import plots  # noqa: E402
+
+__all__ = ["augment_preview", "pipeline_text", "test_predictions", "write_run_report"]
+
+PREVIEW_IMAGES = 4  # training images in the report's augmentation preview
+PREVIEW_VIEWS = 4  # augmented views of each
+
+
+# --- run report ------------------------------------------------------------------------------------
+
+
+def write_run_report(trainer: Any, model: Any, datamodule: Any, results: dict[str, Any]) -> Path:
+    """Draw the run's pictures and write ``report.md`` into the run directory; returns its path.
+
+    Args:
+        trainer: the Trainer that ran ``fit`` and ``test`` (its ``log_dir``, loggers, checkpoint callback).
+        model: the module, holding the best checkpoint's weights (``test`` loaded them).
+        datamodule: the data module (test split for the confusion matrix, train pipeline for the preview);
+            ``None`` leaves those pictures out with a warning.
+        results: what :meth:`~transferkit.Trainer.finetune` returns (test metrics, best checkpoint, times).
+
+    A picture that fails is listed under "Warnings" in the report instead of raising.
+    """
+    run_dir = Path(results.get("run_dir") or trainer.log_dir or trainer.default_root_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    drawn: dict[str, Path] = {}
+
+    def attempt(name: str, draw: Any) -> None:
+        try:
+            drawn[name] = draw(run_dir / name)
+        except Exception as err:
+            problems.append(f"`{name}` was not drawn: {type(err).__name__}: {err}")
+
+    metrics_csv = _metrics_csv(trainer)
+    attempt("learning_curves.png", lambda path: _draw_learning_curves(metrics_csv, path, model))
+    confusion: dict[str, Any] = {}
+    attempt("confusion_matrix.png", lambda path: _draw_confusion(trainer, model, datamodule, path, confusion))
+    attempt("augmentation_preview.png", lambda path: _draw_augmentation(datamodule, path))
+
+    best_epoch = _best_epoch(results.get("best_checkpoint"))
+    text = _markdown(run_dir, model, datamodule, results, metrics_csv, drawn, confusion, best_epoch, problems)
+    report = run_dir / "report.md"
+    report.write_text(text)
+    return report
+
+
+def _metrics_csv(trainer: Any) -> Path | None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in getattr(trainer, "loggers", []):
+        if isinstance(logger, CSVLogger):
+            return Path(logger.log_dir) / "metrics.csv"
+    return None
+
+
+def _draw_learning_curves(metrics_csv: Path | None, path: Path, model: Any) -> Path:
+    if metrics_csv is None:
+        raise RuntimeError(
+            "no per-epoch metrics: the run had no CSVLogger (trainer.logger is off or set to other loggers); "
+            "leave trainer.logger at its default (true) or add a CSVLogger to draw them."
+        )
+    name = getattr(getattr(model, "backbone", None), "name", type(model).__name__)
+    # unfreeze points come from the logged trainable_groups (unfreeze_epochs=None)
+    return plots.learning_curves(metrics_csv, path, title=f"{name}: learning curves")
+
+
+@torch.no_grad()
+def test_predictions(model: Any, datamodule: Any, device: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """True and predicted labels ``(N,)`` on the data module's test split, as the test loop predicts them
+    (eval mode, the model's own test-time augmentation)."""
+    was_training = model.training
+    original = next(model.parameters()).device
+    device = torch.device(device) if device is not None else original
+    model.to(device).eval()
+    truth, predicted = [], []
+    try:
+        for images, labels in datamodule.test_dataloader():
+            probs = model.predict_proba(images.to(device))
+            predicted.append(probs.argmax(dim=-1).cpu())
+            truth.append(labels.cpu())
+    finally:
+        model.to(original).train(was_training)
+    return torch.cat(truth).numpy(), torch.cat(predicted).numpy()
+
+
+def _draw_confusion(trainer: Any, model: Any, datamodule: Any, path: Path, out: dict[str, Any]) -> Path:
+    if datamodule is None or not hasattr(datamodule, "test_dataloader"):
+        raise RuntimeError("no data module with a test split was given to finetune.")
+    device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    truth, predicted = test_predictions(model, datamodule, device)
+    names = list(getattr(model, "class_names", None) or range(int(max(truth.max(), predicted.max()) + 1)))
+    out["accuracy"] = float((truth == predicted).mean()) if truth.size else math.nan
+    out["samples"] = int(truth.size)
+    return plots.confusion_matrix_plot(
+        truth,
+        predicted,
+        names,
+        path,
+        title=f"test split, best checkpoint\naccuracy {out['accuracy']:.3f} ({truth.size} images)",
+    )
+
+
+def _preview_indices(labels: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` sample indices, taking the classes in turn so each one shows."""
+    by_class = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < count and any(depth < len(ix) for ix in by_class):
+        picked += [ix[depth] for ix in by_class if depth < len(ix)]
+        depth += 1
+    return picked[:count]
+
+
+def _draw_augmentation(datamodule: Any, path: Path) -> Path:
+    datasets = getattr(datamodule, "datasets", None) or {}
+    if "train" not in datasets:
+        raise RuntimeError("no training split to preview (the data module was not set up).")
+    train = datasets["train"]
+    indices = _preview_indices(np.asarray(train.labels), PREVIEW_IMAGES)
+    names = list(getattr(datamodule, "class_names", []))
+    labels = [names[int(train.labels[i])] if names else str(int(train.labels[i])) for i in indices]
+    augment = getattr(datamodule, "augment", None)
+    setting = f"augment: {augment}" if isinstance(augment, str) else "inline augmentation"
+    return plots.augmentation_grid(
+        datamodule.train_transform,
+        [train.read(i) for i in indices],
+        path,
+        n_views=PREVIEW_VIEWS,
+        image_size=getattr(datamodule, "image_size", None),
+        title=f"train pipeline ({setting}): original, then {PREVIEW_VIEWS} draws",
+        row_labels=labels,
+    )
+
+
+def _best_epoch(best_checkpoint: str | None) -> int | None:
+    if not best_checkpoint or not Path(best_checkpoint).is_file():
+        return None
+    try:
+        checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+    return int(epoch) if epoch is not None else None
+
+
+def _link(target: Path | str, run_dir: Path) -> str:
+    try:
+        return os.path.relpath(target, run_dir)
+    except ValueError:  # another drive (Windows)
+        return str(target)
+
+
+def _markdown(
+    run_dir: Path,
+    model: Any,
+    datamodule: Any,
+    results: dict[str, Any],
+    metrics_csv: Path | None,
+    drawn: dict[str, Path],
+    confusion: dict[str, Any],
+    best_epoch: int | None,
+    problems: list[str],
+) -> str:
+    test = results.get("test", {})
+    backbone = getattr(getattr(model, "backbone", None), "name", type(model).__name__)
+    weights = getattr(getattr(model, "backbone", None), "weights", None)
+    source = getattr(getattr(datamodule, "data", None), "name", None)
+    title = f"# Run report: {backbone}" + (f" on {source}" if source else "")
+
+    def figure(key: str, fmt: str = "{:.4f}") -> str:
+        value = test.get(key)
+        return fmt.format(value) if value is not None else "n/a"
+
+    rows = [
+        ("test accuracy", figure("test_acc")),
+        ("test macro-F1", figure("test_f1")),
+        ("test loss", figure("test_loss")),
+    ]
+    monitor, score = results.get("monitor"), results.get("best_score")
+    best = f"{best_epoch}" if best_epoch is not None else "n/a"
+    if score is not None:
+        best += f" ({monitor} {score:.4f})"
+    rows.append(("best epoch (0-based)", best))
+    rows.append(("epochs run", str(results.get("epochs", "n/a"))))
+    fit_seconds, test_seconds = results.get("fit_seconds"), results.get("test_seconds")
+    if fit_seconds is not None:
+        rows.append(
+            ("train time", f"{fit_seconds:.1f} s" + (f" (test {test_seconds:.1f} s)" if test_seconds else ""))
+        )
+    checkpoint = results.get("best_checkpoint")
+    rows.append(("best checkpoint", f"`{_link(checkpoint, run_dir)}`" if checkpoint else "n/a"))
+    if weights:
+        rows.append(("backbone weights", f"`{weights}`"))
+    if results.get("split_sizes"):
+        rows.append(("images (train/val/test)", " / ".join(str(v) for v in results["split_sizes"].values())))
+    if results.get("class_names"):
+        rows.append(("classes", ", ".join(map(str, results["class_names"]))))
+
+    lines = [title, "", "| | |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    lines += ["", "## Files", ""]
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        lines.append("- [config.yaml](config.yaml): the resolved recipe")
+    else:
+        lines.append("- config.yaml: not written (the run was not started from a recipe on the command line)")
+    if metrics_csv is not None:
+        lines.append(
+            f"- [metrics.csv]({_link(metrics_csv, run_dir)}): every logged metric, per step and epoch"
+        )
+    else:
+        lines.append("- metrics.csv: not written (no CSVLogger)")
+    if (run_dir / "metrics.json").is_file():
+        lines.append("- [metrics.json](metrics.json): the final figures")
+
+    sections = [
+        ("learning_curves.png", "Learning curves", "Dashed lines: more backbone groups unfrozen."),
+        (
+            "confusion_matrix.png",
+            "Confusion matrix (test split, best checkpoint)",
+            "Rows: true class; columns: predicted.",
+        ),
+        ("augmentation_preview.png", "Augmentation preview", "Training images through the train pipeline."),
+    ]
+    for name, heading, caption in sections:
+        lines += ["", f"## {heading}", ""]
+        if name in drawn:
+            lines += [f"![{heading}]({name})", "", caption]
+        else:
+            lines.append("Not drawn; see Warnings.")
+    accuracy, test_acc = confusion.get("accuracy"), test.get("test_acc")
+    if accuracy is not None and test_acc is not None and abs(accuracy - test_acc) > 1e-4:
+        problems.append(
+            f"the confusion matrix's accuracy ({accuracy:.4f}) differs from test_acc ({test_acc:.4f}): "
+            "the model in memory may not hold the best checkpoint's weights."
+        )
+    if problems:
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {problem}" for problem in problems]
+    return "\n".join(lines) + "\n"
+
+
+# --- augment-preview -------------------------------------------------------------------------------
+
+
+def _non_default_params(transform: A.BasicTransform) -> dict[str, Any]:
+    params = transform.to_dict()["transform"]
+    params = {k: v for k, v in params.items() if k not in ("__class_fullname__", "transforms")}
+    try:
+        signature = inspect.signature(type(transform).__init__).parameters
+    except (TypeError, ValueError):
+        return params
+    shown = {}
+    for key, value in params.items():
+        default = signature[key].default if key in signature else inspect.Parameter.empty
+        if key == "p" or default is inspect.Parameter.empty or _plain(default) != _plain(value):
+            shown[key] = value
+    return shown
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def pipeline_text(pipeline: A.BaseCompose | A.BasicTransform, indent: int = 0) -> str:
+    """A compact listing of a pipeline: one transform per line with the parameters that differ from
+    its defaults (and always ``p``), nested composes indented.
+
+    Example:
+        >>> print(pipeline_text(A.Compose([A.HorizontalFlip(p=0.5), A.Blur(blur_limit=(3, 5), p=0.2)])))
+        1. HorizontalFlip(p=0.5)
+        2. Blur(p=0.2, blur_limit=(3, 5))
+    """
+    pad = "   " * indent
+    transforms = list(pipeline.transforms) if isinstance(pipeline, A.BaseCompose) else [pipeline]
+    lines = []
+    for number, transform in enumerate(transforms, start=1):
+        params = ", ".join(f"{k}={v!r}" for k, v in _non_default_params(transform).items())
+        lines.append(f"{pad}{number}. {type(transform).__name__}({params})")
+        if isinstance(transform, A.BaseCompose):
+            lines.append(pipeline_text(transform, indent + 1))
+    return "\n".join(lines)
+
+
+def augment_preview(
+    pipeline: A.BaseCompose,
+    image: np.ndarray,
+    path: str | os.PathLike,
+    n: int = 8,
+    image_size: int | None = None,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
+    """One image through ``pipeline`` ``n`` times, in a grid (the original first), with the pipeline's
+    listing (:func:`pipeline_text`) under it; writes the PNG ``path`` and returns it.
+
+    Args:
+        pipeline: a train pipeline (e.g. ``ImageDataModule.train_transform``); Normalize and ToTensorV2
+            are left out of the pictures, so they show pixels.
+        image: ``(H, W, 3)`` uint8.
+        n: augmented draws.
+        image_size: side of the views (default: the image's larger side).
+        seed: seed of the draws.
+        title: the figure's title.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1 augmented views, got {n}.")
+    views = plots.augmentation_views(pipeline, [image], n_views=n, image_size=image_size, seed=seed)[0]
+    panels = len(views)
+    cols = min(panels, max(3, math.ceil(math.sqrt(panels))))
+    rows = math.ceil(panels / cols)
+    width = max(1.8 * cols, 6.0)
+    wrap = int(width * 15)  # characters per line at 7-point monospace
+    text = "\n".join(
+        textwrap.fill(line, wrap, subsequent_indent="      ") for line in pipeline_text(pipeline).splitlines()
+    )
+    text_height = 0.14 * (text.count("\n") + 2)
+
+    fig = Figure(figsize=(width, 1.8 * rows + text_height + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.8 * rows + 0.3, text_height])
+    axes = np.atleast_1d(top.subplots(rows, cols, squeeze=False)).ravel()
+    for k, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= panels:
+            ax.axis("off")
+            continue
+        ax.imshow(views[k], interpolation="nearest")
+        ax.set_title("original" if k == 0 else f"draw {k}", fontsize=8)
+    top.suptitle(title or f"{n} draws of the train pipeline", fontsize=10)
+    bottom.text(0.01, 0.98, text, family="monospace", fontsize=7, va="top", ha="left")
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"the preview is written as PNG; give a path ending in .png, got '{out}'.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def augment_preview_main(argv: Sequence[str]) -> int:
+    """``augment-preview``: one training image of a recipe through its train pipeline N times."""
+    import warnings
+
+    from transferkit.cli import TransferKitCLI, cli_kwargs
+
+    parser = argparse.ArgumentParser(
+        prog="python -m transferkit augment-preview",
+        description=(
+            "Show one training image of a recipe through its train pipeline N times, in a grid with the "
+            "pipeline listed under it. Give the recipe with --config (overrides such as --data.augment "
+            "heavy work as for fit)."
+        ),
+    )
+    parser.add_argument("--out", default="augmentation_preview.png", help="the PNG to write")
+    parser.add_argument("--n", type=int, default=8, help="augmented draws (default: %(default)s)")
+    parser.add_argument("--index", type=int, default=0, help="which training image (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    args, recipe_args = parser.parse_known_args(list(argv))
+    if not any(a == "--config" or a.startswith("--config=") for a in recipe_args):
+        parser.error("give the recipe with --config recipes/X.yaml.")
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}.")
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = TransferKitCLI(**cli_kwargs(["--trainer.logger", "false", *recipe_args]), run=False)
+    model, datamodule = cli.model, cli.datamodule
+    datamodule.use_data_config(model.data_config)
+    datamodule.setup("fit")
+    train = datamodule.datasets["train"]
+    if not 0 <= args.index < len(train):
+        print(
+            f"error: --index {args.index} is outside the training split (0..{len(train) - 1}).",
+            file=sys.stderr,
+        )
+        return 2
+    label = datamodule.class_names[int(train.labels[args.index])]
+    item = train.items[args.index]
+    where = f" {Path(item).name}," if isinstance(item, str) else ""
+    augment = datamodule.augment
+    setting = f"augment: {augment}" if isinstance(augment, str) else "inline augmentation"
+    out = augment_preview(
+        datamodule.train_transform,
+        train.read(args.index),
+        args.out,
+        n=args.n,
+        image_size=datamodule.image_size,
+        seed=args.seed,
+        title=f"training image {args.index} ({label},{where} {datamodule.image_size} px): {args.n} draws, {setting}",
+    )
+    print(f"wrote {out}: training image {args.index} ({label}) through the train pipeline {args.n} times")
+    return 0
