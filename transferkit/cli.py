@@ -7,18 +7,20 @@ Training commands (``fit``, ``validate``, ``test``, ``predict``, ``finetune``) t
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from transferkit.data import ImageDataModule
 from transferkit.module import TransferClassifier
 from transferkit.trainer import Trainer
 
-__all__ = ["TransferKitCLI", "main"]
+__all__ = ["TransferKitCLI", "main", "run_loggers"]
 
 TRAINING_COMMANDS = {
     "fit": "train a model (LightningCLI fit)",
@@ -32,8 +34,40 @@ TRAINING_COMMANDS = {
 TOOL_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {}
 
 
+def run_loggers(save_dir: str | os.PathLike, tensorboard: bool | None = None) -> list[Logger]:
+    """The loggers a run gets by default (``trainer.logger: true``): a :class:`CSVLogger` first, so
+    ``metrics.csv``, checkpoints, ``config.yaml`` and the run report share its
+    ``<save_dir>/lightning_logs/version_N``; then, when TensorBoard is installed (``tensorboard=None``),
+    a :class:`TensorBoardLogger` writing into that directory's ``tensorboard/``."""
+    csv_logger = CSVLogger(save_dir)
+    loggers: list[Logger] = [csv_logger]
+    if tensorboard is None:
+        tensorboard = _tensorboard_available()
+    if tensorboard:
+        loggers.append(
+            TensorBoardLogger(
+                save_dir,
+                name=csv_logger.name,
+                version=csv_logger.version,
+                sub_dir="tensorboard",
+                default_hp_metric=False,
+            )
+        )
+    return loggers
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
 class TransferKitCLI(LightningCLI):
-    """LightningCLI for :class:`TransferClassifier` on an :class:`ImageDataModule`, with ``finetune``."""
+    """LightningCLI for :class:`TransferClassifier` on an :class:`ImageDataModule`, with ``finetune``.
+
+    ``trainer.logger: true`` (the default) means :func:`run_loggers`: CSV, plus TensorBoard when installed;
+    ``false`` turns logging off, and any logger (or list) given in a recipe is used as it is.
+    """
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -59,6 +93,12 @@ class TransferKitCLI(LightningCLI):
             {"early_stopping.monitor": "val_loss", "early_stopping.mode": "min", "early_stopping.patience": 5}
         )
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        config = self._get(self.config_init, "trainer", default={})
+        if "logger" not in kwargs and config.get("logger") is True:
+            kwargs["logger"] = run_loggers(config.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
+
 
 def cli_kwargs(args: Sequence[str] | None) -> dict[str, Any]:
     """The arguments every transferkit command builds its :class:`TransferKitCLI` with."""
@@ -71,6 +111,8 @@ def cli_kwargs(args: Sequence[str] | None) -> dict[str, Any]:
         "save_config_kwargs": {"overwrite": True},
         "trainer_defaults": {
             "callbacks": [LearningRateMonitor(logging_interval="epoch")],
+            # true: run_loggers(default_root_dir), CSV (+ TensorBoard); a recipe may set false or its own
+            "logger": True,
         },
         "parser_kwargs": {"default_env": False},
     }
@@ -94,6 +136,24 @@ def _diagnose(argv: Sequence[str]) -> int:
     return diagnose_main(argv)
 
 
+def _augment_preview(argv: Sequence[str]) -> int:
+    from transferkit.report import augment_preview_main
+
+    return augment_preview_main(argv)
+
+
+def _predict_images(argv: Sequence[str]) -> int:
+    from transferkit.serving import main as predict_main
+
+    return predict_main(argv)
+
+
+def _export(argv: Sequence[str]) -> int:
+    from transferkit.export import main as export_main
+
+    return export_main(argv)
+
+
 TOOL_COMMANDS["probe"] = (
     "linear probe of the frozen features at every backbone depth, and how deep to unfreeze",
     _probe,
@@ -105,6 +165,18 @@ TOOL_COMMANDS["plan"] = (
 TOOL_COMMANDS["diagnose"] = (
     "gradient health per layer (vanishing / exploding / dying / saturated) over a few training batches",
     _diagnose,
+)
+TOOL_COMMANDS["augment-preview"] = (
+    "one training image through the recipe's train pipeline N times, in a grid with the pipeline's text",
+    _augment_preview,
+)
+TOOL_COMMANDS["predict-images"] = (
+    "class probabilities of image files/folders from a checkpoint alone, to CSV (unreadable ones listed)",
+    _predict_images,
+)
+TOOL_COMMANDS["export"] = (
+    "a checkpoint to ONNX or TorchScript, BatchNorm folded, with <name>.preprocessing.json beside it",
+    _export,
 )
 
 
