@@ -29,6 +29,7 @@ SMALL: dict[str, dict[str, Any]] = {
         "image_size": 64,
         "augment": "none",
     },
+    "04_vanishing_gradients": {"max_epochs": 2, "max_samples": 600},
     "05_elpv": {"max_samples": 160, "max_epochs": 2, "image_size": 64, "tta": "none"},
     "06_optimizers_and_schedules": {"max_epochs": 4, "max_samples": 500, "image_size": 32},
 }
@@ -122,6 +123,35 @@ def check_03_freeze_schedules(nb, out: Path) -> None:
     assert "unfrozen at epochs [2, 4] (schedule), [2, 4] (logged)" in text
     assert (out / "03_freeze_schedules" / "learning_curves.png").is_file()
     assert images_shown(nb) >= 1
+
+
+def check_04_vanishing_gradients(nb, out: Path) -> None:
+    text = text_of(nb)
+
+    def diagnosed(setup: str) -> tuple[str, int]:
+        """The verdict and the number of unhealthy layers in the diagnosis summary."""
+        row = re.search(rf"^{re.escape(setup)}\s+(\w+)\s+(\d+)/12\s", text, re.MULTILINE)
+        assert row, f"no diagnosis row for {setup}"
+        return row.group(1), int(row.group(2))
+
+    def final_accuracy(setup: str) -> float:
+        row = re.search(rf"^{re.escape(setup)}\s+\w+\s+([\d.]+)\s+[\d.]+", text, re.MULTILINE)
+        assert row, f"no training row for {setup}"
+        return float(row.group(1))
+
+    # 12 layers: N(0, 1) weights drive the sigmoids to their bounds; He + ELU + BatchNorm keeps all healthy
+    assert diagnosed("sigmoid + N(0,1)")[0] != "healthy"
+    assert diagnosed("sigmoid + Xavier")[0] == "vanishing"  # no saturation, but (1/4)^11 of the gradient
+    assert diagnosed("ELU + He + BN") == ("healthy", 0)
+    # and training agrees: 10 classes, so 0.1 is chance
+    assert final_accuracy("ELU + He + BN") > 0.6
+    assert final_accuracy("sigmoid + Xavier") < 0.2
+    assert "stopped: non-finite loss" in text  # ReLU + N(0,1) blows up and the guard ends the run
+    folder = out / "04_vanishing_gradients"
+    for name in ("gradient_health_worst", "gradient_health_best", "learning_curves"):
+        assert (folder / f"{name}.png").is_file(), name
+    assert images_shown(nb) == 3
+    assert re.search(r"^best after 2 epochs: .+ at [\d.]+ validation accuracy", text, re.MULTILINE)
 
 
 def check_05_elpv(nb, out: Path) -> None:
