@@ -20,9 +20,12 @@ from transferkit.diagnostics import (  # noqa: E402
     NonFiniteLossGuard,
     diagnose,
 )
+from transferkit.export import export_checkpoint  # noqa: E402
 from transferkit.finetuning import FreezeSchedule  # noqa: E402
 from transferkit.heads import ClassifierHead  # noqa: E402
 from transferkit.module import TransferClassifier  # noqa: E402
+from transferkit.report import write_run_report  # noqa: E402
+from transferkit.serving import CheckpointError, CheckpointMismatchError, load_for_inference  # noqa: E402
 from transferkit.trainer import Trainer  # noqa: E402
 
 __version__ = "0.1.0"
@@ -30,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Backbone",
     "BackboneError",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "ClassifierHead",
     "FreezeSchedule",
     "GradientHealth",
@@ -43,4 +48,7 @@ __all__ = [
     "TransferClassifier",
     "create_backbone",
     "diagnose",
+    "export_checkpoint",
+    "load_for_inference",
+    "write_run_report",
 ]

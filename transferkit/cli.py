@@ -95,8 +95,16 @@ class TransferKitCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._get(self.config_init, "trainer", default={})
-        if "logger" not in kwargs and config.get("logger") is True:
+        logger = kwargs.get("logger", config.get("logger"))
+        if logger is True:
             kwargs["logger"] = run_loggers(config.get("default_root_dir") or os.getcwd())
+        elif not logger:
+            # logging off: the LR monitor, which needs a logger, is left out instead of failing the run
+            callbacks = self.trainer_defaults.get("callbacks", [])
+            self.trainer_defaults = {
+                **self.trainer_defaults,
+                "callbacks": [c for c in callbacks if not isinstance(c, LearningRateMonitor)],
+            }
         return super().instantiate_trainer(**kwargs)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from transferkit.inference import count_batchnorm, fold_batchnorm
-from transferkit.serving import CheckpointError, _build_model, preprocessing_of, read_checkpoint
+from transferkit.serving import CheckpointError, build_model, preprocessing_of, read_checkpoint
 
 __all__ = ["ExportResult", "export_checkpoint", "preprocessing_path"]
 
@@ -101,7 +101,7 @@ def export_checkpoint(
     if format not in _SUFFIXES:
         raise ValueError(f"unknown export format '{format}'; choose 'onnx' or 'torchscript'.")
     checkpoint = read_checkpoint(ckpt_path)
-    model = _build_model(checkpoint, ckpt_path, {})
+    model = build_model(checkpoint, ckpt_path)
     preprocessing = preprocessing_of(checkpoint)
     preprocessing["source_checkpoint"] = Path(ckpt_path).name
     preprocessing["outputs"] = {"logits": "(B, C) float32", "probabilities": "(B, C) float32, softmax"}

@@ -37,11 +37,17 @@ from transferkit.data.images import IMAGE_SUFFIXES, ImageReadError, load_image  
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
+    "build_model",
     "check_compatible",
     "checkpoint_preprocessing",
+    "eval_transform_of",
+    "list_images",
+    "load_checkpoint_model",
     "load_for_inference",
     "predict_images",
+    "preprocessing_of",
     "read_checkpoint",
+    "write_predictions_csv",
 ]
 
 # the checkpoint's transferkit section; 1 = before it held the eval pipeline
@@ -160,11 +166,11 @@ def check_compatible(model: Any, checkpoint: Mapping[str, Any], source: str = "t
         raise CheckpointMismatchError(
             f"{source} does not fit this model: "
             + "; ".join(differences)
-            + f". It holds a {_describe(saved_backbone, saved_classes, saved_hidden)}. Build the model "
-            "with those settings, or let TransferClassifier.from_checkpoint(path) / "
-            "transferkit.serving.load_for_inference(path) rebuild it as it was saved. To reuse its "
-            "backbone for other classes, fine-tune a new model with pretrained=<a state dict of the "
-            "backbone's weights>."
+            + f". It holds a {_describe(saved_backbone, saved_classes, saved_hidden)}: build the model "
+            f"with backbone={saved_backbone!r}, num_classes={saved_classes}"
+            + (f", hidden_dims={list(saved_hidden)}" if saved_hidden is not None else "")
+            + " (in a recipe: the model section), or load it with TransferClassifier.from_checkpoint(path), "
+            "which rebuilds it as it was saved."
         )
 
 
@@ -187,6 +193,8 @@ def _model_kwargs(checkpoint: Mapping[str, Any], overrides: Mapping[str, Any]) -
         raise TypeError(
             f"unknown TransferClassifier arguments {sorted(unknown)}; choose from {sorted(set(accepted) - {'self'})}."
         )
+    if "num_classes" in overrides and "class_names" not in overrides:
+        kwargs.pop("class_names", None)  # the saved names would contradict the new count
     kwargs.update(overrides)
     return kwargs
 
@@ -244,10 +252,12 @@ def load_checkpoint_model(path: str | os.PathLike, **overrides: Any) -> Any:
     arguments that do not alter the weights' shapes (``tta``, ``mc_dropout``, ``dropout``); changing
     ``backbone``, ``num_classes`` or ``hidden_dims`` raises :class:`CheckpointMismatchError`.
     """
-    return _build_model(read_checkpoint(path), path, overrides)
+    return build_model(read_checkpoint(path), path, **overrides)
 
 
-def _build_model(checkpoint: Mapping[str, Any], path: str | os.PathLike, overrides: Mapping[str, Any]) -> Any:
+def build_model(checkpoint: Mapping[str, Any], path: str | os.PathLike, **overrides: Any) -> Any:
+    """The model in an already read checkpoint (:func:`read_checkpoint`), as :func:`load_checkpoint_model`
+    builds it; ``path`` names it in messages and in ``backbone.weights``."""
     from transferkit.module import TransferClassifier
 
     model = TransferClassifier(**_model_kwargs(checkpoint, overrides))
@@ -277,7 +287,7 @@ def load_for_inference(path: str | os.PathLike, **overrides: Any) -> tuple[Any, 
         >>> model.class_names[int(model.predict_proba(x).argmax())]  # doctest: +SKIP
     """
     checkpoint = read_checkpoint(path)
-    return _build_model(checkpoint, path, overrides), eval_transform_of(checkpoint)
+    return build_model(checkpoint, path, **overrides), eval_transform_of(checkpoint)
 
 
 # --- predict-images --------------------------------------------------------------------------------
