@@ -57,12 +57,13 @@ def items_fingerprint(items: Sequence[str | np.ndarray]) -> str:
 def extract_features(backbone: Backbone, loader: DataLoader) -> torch.Tensor:
     """Pooled features ``(N, num_features)`` of every image the loader yields, in order, in eval mode."""
     was_training = backbone.training
+    device = next(backbone.parameters()).device  # the trainer's device (a GPU when training on one)
     backbone.eval()
     try:
-        chunks = [backbone(images) for images, _ in loader]
+        chunks = [backbone(images.to(device, non_blocking=True)).float().cpu() for images, _ in loader]
     finally:
         backbone.train(was_training)
-    return torch.cat(chunks).float()
+    return torch.cat(chunks)
 
 
 class FeatureCache:
