@@ -809,14 +809,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteLossGuard(Callback):
-    """Stop training at the first non-finite loss, before its backward pass and optimizer step.
+    """Stop training at the first non-finite loss, and never write a checkpoint from its weights.
 
-    The weights are left as they were after the last good step, and no checkpoint is written from NaN
-    weights. The :class:`NonFiniteLossError` names the epoch and step, the loss, the learning rates,
-    the likely cause (non-finite inputs, weights already non-finite, or a learning rate too high /
-    exploding gradients) and the fixes. :class:`transferkit.Trainer` adds one to every run.
-
-    The check reads one scalar per step from the device (what a progress bar showing the loss does).
+    On the CPU the loss is checked before its backward pass and optimizer step, so the weights are
+    left as they were after the last good step. On an accelerator, reading the loss back every step
+    would stall the device, so the check of a step's loss happens when the next step starts (by
+    then it is long computed), and before every checkpoint and validation: the run stops one step
+    later, and no checkpoint holds the non-finite weights. The :class:`NonFiniteLossError` names the
+    epoch and step, the loss, the learning rates, the likely cause (non-finite inputs, weights
+    already non-finite, or a learning rate too high / exploding gradients) and the fixes.
+    :class:`transferkit.Trainer` adds one to every run.
 
     Example:
         >>> import lightning as L
@@ -827,10 +829,13 @@ class NonFiniteLossGuard(Callback):
     def __init__(self) -> None:
         self._batch: Any = None
         self._batch_idx = 0
+        # on an accelerator: (finite flag on the device, loss, batch, batch index, epoch, step)
+        self._pending: tuple[torch.Tensor, torch.Tensor, Any, int, int, int] | None = None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._check_pending(trainer, pl_module)
         self._batch, self._batch_idx = batch, batch_idx
 
     def on_train_batch_end(
@@ -841,13 +846,64 @@ class NonFiniteLossGuard(Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        if bool(torch.isfinite(loss.detach()).all()):
+        loss = loss.detach()
+        finite = torch.isfinite(loss).all()
+        if loss.device.type != "cpu":
+            self._pending = (
+                finite,
+                loss,
+                self._batch,
+                self._batch_idx,
+                trainer.current_epoch,
+                trainer.global_step,
+            )
             return
-        value = float(loss.detach().float().flatten()[0]) if loss.numel() else math.nan
+        if not bool(finite):
+            self._raise(
+                trainer,
+                pl_module,
+                loss,
+                self._batch,
+                self._batch_idx,
+                trainer.current_epoch,
+                trainer.global_step,
+            )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_pending(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_pending(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._check_pending(trainer, pl_module)  # raising here leaves the previous checkpoint file as it was
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_pending(trainer, pl_module)
+
+    def _check_pending(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None:
+            return
+        finite, loss, batch, batch_idx, epoch, step = self._pending
+        self._pending = None
+        if not bool(finite):
+            self._raise(trainer, pl_module, loss, batch, batch_idx, epoch, step)
+
+    def _raise(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        loss: torch.Tensor,
+        batch: Any,
+        batch_idx: int,
+        epoch: int,
+        step: int,
+    ) -> None:
+        value = float(loss.float().flatten()[0]) if loss.numel() else math.nan
         rates = _learning_rates(trainer)
-        message = _nonfinite_message(trainer, pl_module, value, rates, self._batch, self._batch_idx)
+        message = _nonfinite_message(trainer, pl_module, value, rates, batch, batch_idx, epoch, step)
         self._batch = None
-        raise NonFiniteLossError(message, trainer.current_epoch, trainer.global_step, value, rates)
+        raise NonFiniteLossError(message, epoch, step, value, rates)
 
 
 def _learning_rates(trainer: L.Trainer) -> dict[str, float]:
@@ -882,6 +938,8 @@ def _nonfinite_message(
     rates: dict[str, float],
     batch: Any,
     batch_idx: int,
+    epoch: int,
+    step: int,
 ) -> str:
     shown = list(rates.items())[:8]
     rate_text = ", ".join(f"{k}={v:.2e}" for k, v in shown) + (" ..." if len(rates) > len(shown) else "")
@@ -904,7 +962,7 @@ def _nonfinite_message(
             f"(largest weight magnitude {largest:.2e}), but the forward pass overflowed"
         )
     lines = [
-        f"the training loss is {loss} at epoch {trainer.current_epoch}, step {trainer.global_step} "
+        f"the training loss is {loss} at epoch {epoch}, step {step} "
         f"(batch {batch_idx} of the epoch); training stopped before this batch's backward pass and "
         "optimizer step, so the weights are those of the last good step.",
         f"learning rates: {rate_text or 'no optimizer'}",
