@@ -27,7 +27,7 @@ TRAINING_COMMANDS = {
     "validate": "evaluate on the validation split",
     "test": "evaluate on the test split",
     "predict": "predict class probabilities",
-    "finetune": "fit, then test the best checkpoint, then write metrics.json in the run dir",
+    "finetune": "fit, test the best checkpoint, write metrics.json and report.md (curves, confusion, augmentation)",
 }
 
 # tool commands register here: name -> (one-line help, main(argv) -> exit code)
