@@ -75,14 +75,18 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str]) -> dict:
     results = trainer.finetune(model, datamodule=data)
     train_seconds = time.perf_counter() - start - results["test_seconds"]
 
-    best = TransferClassifier.load_from_checkpoint(results["best_checkpoint"], weights_only=True).eval()
+    device = trainer.strategy.root_device  # the device it trained on
+    best = TransferClassifier.load_from_checkpoint(
+        results["best_checkpoint"], map_location="cpu", weights_only=True
+    )
+    best = best.to(device).eval()
     test = data.datasets["test"]
     loader = torch.utils.data.DataLoader(test, batch_size=64, num_workers=data.num_workers)
     probs = {name: [] for name in ("none", tta)}
     with torch.no_grad():
         for images, _ in loader:
             for name in probs:
-                probs[name].append(best.predict_proba(images, tta=name))
+                probs[name].append(best.predict_proba(images.to(device), tta=name).cpu())
     labels = test.labels
     cell_type = data.data.meta["cell_type"][data.split_indices["test"]]
     task = "4class" if data.num_classes == 4 else "binary"
