@@ -24,13 +24,27 @@ __all__ = ["EpochShuffleSampler", "ImageDataModule", "ImageDataset"]
 class ImageDataset(Dataset):
     """Items (file paths or ``(H, W)``/``(H, W, C)`` uint8 arrays) through an Albumentations pipeline.
 
-    ``dataset[i]`` is ``(image (3, S, S) float32, label int64)``.
+    ``dataset[i]`` is ``(image (3, S, S) float32, label int64)``. The pipeline's random draws for a
+    sample depend only on ``(seed, epoch, i)`` (Albumentations keeps its own RNG, which
+    ``seed_everything`` does not reach), so two runs with the same seed see the same augmented images
+    whatever the number of DataLoader workers, and a resumed run continues with the same draws.
+    ``dataset[(epoch, i)]`` (what :class:`EpochShuffleSampler` yields with ``tag_epoch=True``) draws
+    for that epoch; ``dataset[i]`` for :attr:`epoch`.
     """
 
-    def __init__(self, items: Sequence[str | np.ndarray], labels: np.ndarray, transform: A.Compose) -> None:
+    def __init__(
+        self,
+        items: Sequence[str | np.ndarray],
+        labels: np.ndarray,
+        transform: A.Compose,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> None:
         self.items = items
         self.labels = labels
         self.transform = transform
+        self.seed = seed
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -42,9 +56,17 @@ class ImageDataset(Dataset):
             return _to_three_channels(item)
         return load_image(item)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.transform(image=self.read(index))["image"]
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        image = self.read(index)
+        self.transform.set_random_seed(_sample_seed(self.seed, epoch, index))
+        image = self.transform(image=image)["image"]
         return image, torch.as_tensor(self.labels[index], dtype=torch.long)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one sample's augmentation, well mixed from ``(seed, epoch, index)``."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
 
 
 def _to_three_channels(array: np.ndarray) -> np.ndarray:
@@ -62,11 +84,14 @@ class EpochShuffleSampler(Sampler[int]):
 
     Lightning calls :meth:`set_epoch` before every epoch, so a run resumed at epoch ``e`` sees the
     same order as an uninterrupted one (a sampler driven by one long-lived generator would not).
+    With ``tag_epoch=True`` it yields ``(epoch, index)`` pairs, which carry the epoch into DataLoader
+    workers (persistent ones too) so that :class:`ImageDataset` draws that epoch's augmentations.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(self, num_samples: int, seed: int, tag_epoch: bool = False) -> None:
         self.num_samples = num_samples
         self.seed = seed
+        self.tag_epoch = tag_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -77,7 +102,10 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.tag_epoch:
+            return iter([(self.epoch, i) for i in order])
+        return iter(order)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -210,7 +238,7 @@ class ImageDataModule(L.LightningDataModule):
         for split, indices in self.split_indices.items():
             transform = self._train_transform if split == "train" else self._eval_transform
             items = [self.data.items[i] for i in indices]
-            self.datasets[split] = ImageDataset(items, self.data.labels[indices], transform)
+            self.datasets[split] = ImageDataset(items, self.data.labels[indices], transform, seed=self.seed)
 
     def _drop_unreadable(self) -> None:
         bad = find_unreadable([str(p) for p in self.data.items])
@@ -273,7 +301,7 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(dataset), self.seed, tag_epoch=True) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
@@ -323,13 +351,17 @@ class ImageDataModule(L.LightningDataModule):
         cache = FeatureCache(root)
         stored = cache.load(split, key)
         if stored is None:
-            loader = DataLoader(
-                ImageDataset(dataset.items, dataset.labels, transform),
-                batch_size=max(self.batch_size, 64),
-                num_workers=self.num_workers,
-                generator=torch.Generator().manual_seed(self.seed),
-            )
-            stored = torch.stack([extract_features(backbone, loader) for _ in range(views)])
+
+            def view_loader(view: int) -> DataLoader:
+                # each view its own augmentation draws (epoch = view number), the same in every run
+                return DataLoader(
+                    ImageDataset(dataset.items, dataset.labels, transform, seed=self.seed, epoch=view),
+                    batch_size=max(self.batch_size, 64),
+                    num_workers=self.num_workers,
+                    generator=torch.Generator().manual_seed(self.seed),
+                )
+
+            stored = torch.stack([extract_features(backbone, view_loader(v)) for v in range(views)])
             cache.save(split, key, stored)
         self._features = {k: v for k, v in self._features.items() if k[0] != split}  # one key per split
         self._features[(split, key)] = stored

@@ -21,15 +21,34 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 class ImageReadError(OSError):
-    """An image file could not be read. ``path`` and ``reason`` say which and why."""
+    """An image file could not be read. ``path`` and ``reason`` say which and why.
 
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+    Raised inside a DataLoader worker, it reaches the main process as an ``ImageReadError`` too, with
+    the same path and reason and the worker named instead of the worker's traceback.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None) -> None:
+        if reason is None:  # one argument: the text a DataLoader worker sends back
+            path, reason = _from_worker_text(str(path))
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read image '{self.path}': {reason}")
 
-    def __reduce__(self):  # keeps path and reason when raised inside a DataLoader worker
+    def __reduce__(self):  # keeps path and reason when pickled
         return (type(self), (self.path, self.reason))
+
+
+def _from_worker_text(text: str) -> tuple[str, str]:
+    """Path and reason out of ``Caught ImageReadError in DataLoader worker process N. Original Traceback
+    ... ImageReadError: cannot read image '<path>': <reason>``."""
+    import re
+
+    where = re.search(r"Caught ImageReadError (in [^.\n]*)", text)
+    found = re.findall(r"ImageReadError: cannot read image '(.*)': (.*)", text)
+    if not found:
+        return "<unknown>", text.strip().splitlines()[-1] if text.strip() else "unknown reason"
+    path, reason = found[-1]
+    return path, f"{reason} ({where.group(1)})" if where else reason
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
