@@ -180,3 +180,30 @@ def test_mc_dropout_without_dropout_is_refused():
         _model(dropout=0.0, mc_dropout=10)
     with pytest.raises(ValueError, match="at least 2"):
         _model(dropout=0.2).predict_mc_dropout(torch.randn(1, 3, 32, 32), samples=1)
+
+
+@pytest.mark.parametrize("algorithm", ["value", "norm"])
+def test_gradient_clipping_bounds_every_update(stripes_folder, tmp_path, algorithm):
+    # plain SGD with lr 1: an update is exactly the (clipped) gradient
+    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    model = _model(optimizer="sgd", lr=1.0, layer_decay=1.0, lr_schedule="none", dropout=0.0)
+    clip = 1e-4
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = _trainer(
+        tmp_path,
+        max_steps=1,
+        limit_val_batches=0,
+        gradient_clip_val=clip,
+        gradient_clip_algorithm=algorithm,
+    )
+    trainer.fit(model, datamodule=dm)
+    # BatchNorm running statistics are buffers, not parameters: only the optimizer moved these
+    deltas = [(p.detach() - b) for p, b in zip(model.parameters(), before, strict=True)]
+    largest = max(d.abs().max().item() for d in deltas)
+    total = torch.sqrt(sum((d**2).sum() for d in deltas)).item()
+    assert largest > 0  # it trained
+    if algorithm == "value":
+        assert largest <= clip * (1 + 1e-3)  # float32 rounding of w + update - w
+        assert total > clip  # many coordinates at the bound: not a norm clip
+    else:
+        assert total <= clip * (1 + 1e-3)
