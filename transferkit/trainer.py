@@ -80,6 +80,9 @@ class Trainer(L.Trainer):
             "fit_seconds": round(fit_seconds, 2),
             "test_seconds": round(test_seconds, 2),
         }
+        skipped = getattr(datamodule, "skipped_images", None)
+        if skipped is not None:
+            results["skipped_images"] = [f"{e.path}: {e.reason}" for e in skipped]
         if datamodule is not None and hasattr(datamodule, "summary"):
             results["class_names"] = list(getattr(datamodule, "class_names", []))
             results["split_sizes"] = {s: sum(c.values()) for s, c in datamodule.summary().items()}
@@ -121,6 +124,8 @@ def _print_results(results: dict[str, Any]) -> None:
     table.add_row("fit time", f"{results['fit_seconds']:.0f} s")
     console = Console()
     console.print(table)
+    if results.get("skipped_images"):
+        console.print(f"skipped {len(results['skipped_images'])} unreadable images (listed in metrics.json)")
     console.print(f"best checkpoint: {results['best_checkpoint']}")
     console.print(f"metrics written to {Path(results['run_dir']) / 'metrics.json'}")
     if results.get("report"):

@@ -30,6 +30,10 @@ class ImageDataset(Dataset):
     whatever the number of DataLoader workers, and a resumed run continues with the same draws.
     ``dataset[(epoch, i)]`` (what :class:`EpochShuffleSampler` yields with ``tag_epoch=True``) draws
     for that epoch; ``dataset[i]`` for :attr:`epoch`.
+
+    An image that cannot be read raises :class:`ImageReadError` naming it (also from a DataLoader
+    worker); with ``skip_bad=True`` (a file that broke after the data module checked it) the next
+    readable sample stands in for it, with a warning.
     """
 
     def __init__(
@@ -39,12 +43,14 @@ class ImageDataset(Dataset):
         transform: A.Compose,
         seed: int = 0,
         epoch: int = 0,
+        skip_bad: bool = False,
     ) -> None:
         self.items = items
         self.labels = labels
         self.transform = transform
         self.seed = seed
         self.epoch = epoch
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,10 +64,28 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
-        image = self.read(index)
+        image, index = self._read_or_stand_in(index)
         self.transform.set_random_seed(_sample_seed(self.seed, epoch, index))
         image = self.transform(image=image)["image"]
         return image, torch.as_tensor(self.labels[index], dtype=torch.long)
+
+    def _read_or_stand_in(self, index: int) -> tuple[np.ndarray, int]:
+        try:
+            return self.read(index), index
+        except ImageReadError as err:
+            if not self.skip_bad:
+                raise
+            for step in range(1, min(len(self), 16)):
+                stand_in = (index + step) % len(self)
+                try:
+                    image = self.read(stand_in)
+                except ImageReadError:
+                    continue
+                warnings.warn(
+                    f"{err}; skipped (skip_bad_images=true), sample {stand_in} used instead", stacklevel=3
+                )
+                return image, stand_in
+            raise
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -238,7 +262,9 @@ class ImageDataModule(L.LightningDataModule):
         for split, indices in self.split_indices.items():
             transform = self._train_transform if split == "train" else self._eval_transform
             items = [self.data.items[i] for i in indices]
-            self.datasets[split] = ImageDataset(items, self.data.labels[indices], transform, seed=self.seed)
+            self.datasets[split] = ImageDataset(
+                items, self.data.labels[indices], transform, seed=self.seed, skip_bad=self.skip_bad_images
+            )
 
     def _drop_unreadable(self) -> None:
         bad = find_unreadable([str(p) for p in self.data.items])

@@ -52,26 +52,56 @@ def _from_worker_text(text: str) -> tuple[str, str]:
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as an ``(H, W, 3) uint8`` RGB array."""
+    """Read an image file as an ``(H, W, 3) uint8`` RGB array.
+
+    Raises :class:`ImageReadError` (never another exception) for a missing, empty, truncated or
+    corrupt file, a file that is not an image, and an image over Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``), which is checked before any pixel is decoded.
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageReadError(path, "the file is empty (0 bytes)")
         with Image.open(path) as image:
+            _check_size(path, image)
             image = ImageOps.exif_transpose(image) or image
             image.load()
             return to_rgb(image)
     except ImageReadError:
         raise
+    except FileNotFoundError as err:
+        raise ImageReadError(path, "the file does not exist") from err
     except UnidentifiedImageError as err:
         raise ImageReadError(path, "not an image in a format Pillow can decode") from err
     except Image.DecompressionBombError as err:
-        raise ImageReadError(path, f"too large to decode safely ({err})") from err
+        raise ImageReadError(
+            path,
+            f"over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS; "
+            f"Pillow: {err}); downscale the file, or raise the limit if you trust it",
+        ) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         reason = str(err) or type(err).__name__
         if "truncated" in reason.lower():
             reason = f"the file is truncated or corrupt ({reason})"
         raise ImageReadError(path, reason) from err
+    except MemoryError as err:
+        raise ImageReadError(path, "not enough memory to decode it") from err
+    except Exception as err:  # a corrupt file can trip any decoder (struct.error, IndexError, ...)
+        raise ImageReadError(path, f"the file is corrupt ({type(err).__name__}: {err})") from err
+
+
+def _check_size(path: Path, image: Image.Image) -> None:
+    # Pillow only warns between 1x and 2x its limit; a training set is better served by a clear error
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageReadError(path, f"the image has no pixels ({width}x{height})")
+    if limit is not None and width * height > limit:
+        raise ImageReadError(
+            path,
+            f"{width}x{height} = {width * height:,} pixels is over the decompression-bomb limit of "
+            f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS); downscale the file, or raise the limit if you trust it",
+        )
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

@@ -1,0 +1,134 @@
+"""Bad input: unreadable and unusual image files, and datasets that cannot train as given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import NORM, TINY_BACKBONE, quiet_trainer
+from PIL import Image
+
+from transferkit import ImageDataModule, TransferClassifier
+from transferkit.data import DatasetError, ImageReadError, load_image
+from transferkit.data.augment import build_eval_transform
+from transferkit.data.datamodule import ImageDataset
+
+
+def _dm(root: Path, **kwargs) -> ImageDataModule:
+    return ImageDataModule(
+        source="folder",
+        **{"root": str(root), "num_workers": 0, "batch_size": 8, "augment": "none", **NORM, **kwargs},
+    )
+
+
+def _save(folder: Path, name: str, image: Image.Image, **kwargs) -> Path:
+    path = folder / name
+    image.save(path, **kwargs)
+    return path
+
+
+# --- images that read, with the right pixels ---------------------------------------------------------
+
+
+def test_unusual_modes_read_as_rgb_with_the_right_pixels(tmp_path):
+    gray16 = Image.fromarray(np.array([[0, 1000, 32768, 65535]], dtype=np.uint16))
+    assert load_image(_save(tmp_path, "g16.png", gray16))[0, :, 0].tolist() == [0, 4, 128, 255]  # scaled
+    half_red = Image.new("RGBA", (3, 2), (255, 0, 0, 128))  # alpha composited onto white
+    assert load_image(_save(tmp_path, "rgba.png", half_red))[1, 2].tolist() == [255, 127, 127]
+    clear_la = Image.new("LA", (2, 2), (0, 0))
+    assert (load_image(_save(tmp_path, "la.png", clear_la)) == 255).all()
+    assert load_image(_save(tmp_path, "l.png", Image.new("L", (2, 2), 77)))[0, 0].tolist() == [77] * 3
+    red_cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))
+    assert load_image(_save(tmp_path, "cmyk.tif", red_cmyk))[0, 0].tolist() == [255, 0, 0]
+    palette = Image.new("P", (2, 2), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert load_image(_save(tmp_path, "p.png", palette))[0, 0].tolist() == [10, 200, 30]
+    one = load_image(_save(tmp_path, "one.png", Image.new("RGB", (1, 1), (1, 2, 3))))
+    assert one.shape == (1, 1, 3) and one.dtype == np.uint8 and one[0, 0].tolist() == [1, 2, 3]
+    # a 1x1 image goes through the pipeline to the network's input size
+    dataset = ImageDataset(
+        [str(tmp_path / "one.png")], np.array([0]), build_eval_transform(32, (0.5,) * 3, (0.5,) * 3)
+    )
+    assert tuple(dataset[0][0].shape) == (3, 32, 32)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_huge_image_reads_and_one_over_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    big = Image.new("RGB", (6000, 6000), (9, 8, 7))
+    big.putpixel((5999, 5999), (200, 100, 50))
+    path = _save(tmp_path, "big.png", big, compress_level=1)
+    array = load_image(path)
+    assert array.shape == (6000, 6000, 3) and array[-1, -1].tolist() == [200, 100, 50]
+    del array
+    # over Pillow's limit (where it only warns) and over twice the limit (where it refuses)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000_000)
+    with pytest.raises(ImageReadError, match=r"6000x6000 = 36,000,000 pixels is over the decompression-bomb"):
+        load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    with pytest.raises(ImageReadError, match=r"over the decompression-bomb limit of 1,000,000 pixels"):
+        load_image(path)
+
+
+# --- images that do not read: named, with the reason -------------------------------------------------
+
+
+def _broken_files(folder: Path) -> dict[str, str]:
+    """File name -> the reason expected for it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    png = _save(folder, "full.png", noisy).read_bytes()
+    jpg = _save(folder, "full.jpg", noisy).read_bytes()
+    (folder / "full.png").unlink(), (folder / "full.jpg").unlink()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "cut.png").write_bytes(png[: len(png) // 2])
+    (folder / "cut.jpg").write_bytes(jpg[: len(jpg) // 3])
+    (folder / "page.jpg").write_text("<html><body>404 not found</body></html>")
+    return {
+        "empty.png": "empty",
+        "cut.png": "truncated",
+        "cut.jpg": "truncated",
+        "page.jpg": "not an image",
+    }
+
+
+def test_each_unreadable_file_is_named_with_its_reason(tmp_path):
+    for name, reason in _broken_files(tmp_path).items():
+        with pytest.raises(ImageReadError, match=reason) as info:
+            load_image(tmp_path / name)
+        assert info.value.path == str(tmp_path / name)
+
+
+def test_setup_lists_the_bad_files_or_skips_them_and_training_goes_on(stripes_folder, tmp_path):
+    expected = _broken_files(stripes_folder / "vertical")
+    with pytest.raises(DatasetError) as info:
+        _dm(stripes_folder).setup()
+    message = str(info.value)
+    assert message.startswith("4 of 84 images cannot be read") and "skip_bad_images=true" in message
+    for name, reason in expected.items():
+        assert any(name in line and reason in line for line in message.splitlines()), name
+
+    dm = _dm(stripes_folder, skip_bad_images=True)
+    with pytest.warns(UserWarning, match="skipped 4 unreadable images"):
+        dm.setup()
+    model = TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
+    trainer = quiet_trainer(tmp_path / "run", max_epochs=1, enable_checkpointing=False)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step > 0 and len(dm.skipped_images) == 4
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_file_that_breaks_after_setup_is_named_from_a_worker(stripes_folder, skip_bad):
+    dm = _dm(stripes_folder, num_workers=1, skip_bad_images=skip_bad)
+    dm.setup("fit")
+    victim = Path(dm.datasets["train"].items[0])
+    victim.write_bytes(b"")  # gone bad between the check at setup and loading
+    loader = dm.train_dataloader()
+    if not skip_bad:
+        with pytest.raises(ImageReadError) as info:
+            list(loader)
+        assert info.value.path == str(victim) and "empty" in info.value.reason
+        assert "DataLoader worker" in info.value.reason and "Traceback" not in str(info.value)
+    else:
+        batches = list(loader)  # another sample stands in for it
+        assert sum(len(labels) for _, labels in batches) == len(loader) * dm.batch_size
