@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,70 @@ def test_a_file_that_breaks_after_setup_is_named_from_a_worker(stripes_folder, s
     else:
         batches = list(loader)  # another sample stands in for it
         assert sum(len(labels) for _, labels in batches) == len(loader) * dm.batch_size
+
+
+# --- datasets that cannot train as given ------------------------------------------------------------
+
+
+def test_dataset_layout_errors_say_what_is_wrong_and_what_to_do(tmp_path, stripes_folder):
+    cases = []
+    with pytest.raises(DatasetError) as info:
+        _dm(tmp_path / "nowhere")
+    cases.append((info, r"data root '.*nowhere' does not exist; pass data.root="))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError) as info:
+        _dm(tmp_path / "empty")
+    cases.append((info, r"has no class folders; expected '.*empty/<class name>/<images>'"))
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "one" / "cats" / "a.png")
+    with pytest.raises(DatasetError) as info:
+        _dm(tmp_path / "one")
+    cases.append((info, r"has a single class \(cats\); a classifier needs at least 2"))
+    (stripes_folder / "diagonal").mkdir()
+    with pytest.raises(DatasetError) as info:
+        _dm(stripes_folder)
+    cases.append((info, r"class folder '.*diagonal' holds no images \(it is empty\).*Add images or remove"))
+    for info, pattern in cases:
+        assert info.match(pattern)
+
+
+def _imbalanced(root: Path, large: int = 60, small: int = 5) -> Path:
+    rng = np.random.default_rng(0)
+    for name, count in (("common", large), ("rare", small)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_severe_imbalance_warns_with_counts_and_the_balanced_sampler_evens_it_out(tmp_path):
+    root = _imbalanced(tmp_path / "data")
+    with pytest.warns(
+        UserWarning, match=r"severely imbalanced \(common: \d+, rare: \d+;.*data.sampler=balanced"
+    ):
+        _dm(root).setup("fit")
+    dm = _dm(root, sampler="balanced")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no imbalance warning once it is handled
+        dm.setup("fit")
+    loader = dm.train_dataloader()
+    drawn = {}
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        drawn[epoch] = np.concatenate([labels.numpy() for _, labels in loader])
+    train_share = dm.summary()["train"]["rare"] / sum(dm.summary()["train"].values())
+    assert train_share < 0.1 and 0.35 < drawn[0].mean() < 0.65  # rare: about half the draws
+    assert not np.array_equal(drawn[0], drawn[1])  # a new draw each epoch
+    loader.sampler.set_epoch(0)
+    assert np.array_equal(drawn[0], np.concatenate([labels.numpy() for _, labels in loader]))  # seeded
+
+
+def test_identical_files_in_two_splits_are_named(stripes_folder):
+    source = stripes_folder / "vertical" / "vertical_000.png"
+    for i in range(12):
+        (stripes_folder / "vertical" / f"copy_{i}.png").write_bytes(source.read_bytes())
+    with pytest.warns(
+        UserWarning,
+        match=r"\d+ images appear in more than one split with identical bytes, e\.g\. .*\.png \(train\) = .*\.png \((val|test)\)",
+    ):
+        _dm(stripes_folder).setup("fit")

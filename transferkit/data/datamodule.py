@@ -18,7 +18,10 @@ from transferkit.data.images import ImageReadError, find_unreadable, load_image
 from transferkit.data.sources import DatasetError, DataSource, SourceName, load_source, split_indices
 from transferkit.features import CachedFeatures, FeatureCache, extract_features
 
-__all__ = ["EpochShuffleSampler", "ImageDataModule", "ImageDataset"]
+__all__ = ["BalancedSampler", "EpochShuffleSampler", "ImageDataModule", "ImageDataset"]
+
+# the largest / smallest class count in train above which setup warns and suggests sampler: balanced
+IMBALANCE_WARNING_RATIO = 10.0
 
 
 class ImageDataset(Dataset):
@@ -132,6 +135,36 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(order)
 
 
+class BalancedSampler(EpochShuffleSampler):
+    """Class-balanced sampling: each epoch draws ``len(labels)`` samples with replacement, every class
+    equally likely (sample weight ``1 / count of its class``), in an order that depends only on
+    ``(seed, epoch)``.
+
+    For severely imbalanced training sets, where the loss would otherwise be dominated by the large
+    classes. Rare images are seen several times an epoch, frequent ones not every epoch.
+
+    Example:
+        >>> sampler = BalancedSampler(np.array([0] * 95 + [1] * 5), seed=0)
+        >>> counts = np.bincount(np.array(list(sampler)), minlength=100)
+        >>> int(counts[95:].sum()) > 30  # the 5 rare samples: about half of the 100 draws
+        True
+    """
+
+    def __init__(self, labels: np.ndarray, seed: int, tag_epoch: bool = False) -> None:
+        super().__init__(len(labels), seed, tag_epoch)
+        counts = np.bincount(labels)
+        self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.multinomial(
+            self.weights, self.num_samples, replacement=True, generator=generator
+        ).tolist()
+        if self.tag_epoch:
+            return iter([(self.epoch, i) for i in order])
+        return iter(order)
+
+
 class ImageDataModule(L.LightningDataModule):
     """Labelled images for fine-tuning, split and augmented.
 
@@ -161,6 +194,9 @@ class ImageDataModule(L.LightningDataModule):
             Validation uses clean features in both cases. See :mod:`transferkit.features`.
         cache_views: augmented views per training image for ``feature_cache: augmented``.
         cache_dir: where cached features are stored; ``None`` = ``<trainer.default_root_dir>/feature_cache``.
+        sampler: order of the training samples: ``shuffle`` (each image once per epoch) or ``balanced``
+            (classes drawn equally often, see :class:`BalancedSampler`; for severely imbalanced data, which
+            setup warns about with the counts per class).
 
     Example:
         >>> dm = ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -189,6 +225,7 @@ class ImageDataModule(L.LightningDataModule):
         feature_cache: Literal["off", "clean", "augmented"] = "off",
         cache_views: int = 4,
         cache_dir: str | None = None,
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,6 +249,9 @@ class ImageDataModule(L.LightningDataModule):
         self.feature_cache = feature_cache
         self.cache_views = cache_views
         self.cache_dir = cache_dir
+        if sampler not in ("shuffle", "balanced"):
+            raise ValueError(f"sampler must be 'shuffle' or 'balanced', got {sampler!r}.")
+        self.sampler = sampler
         self._features: dict[tuple[str, str], torch.Tensor] = {}
         # listing is cheap and finds missing paths and empty classes before any training starts
         self.data: DataSource = load_source(source, root=root, csv_path=csv_path, task=task)
@@ -255,6 +295,9 @@ class ImageDataModule(L.LightningDataModule):
                         f"the {split} split is empty ({len(self.data)} images, val_fraction={self.val_fraction}, "
                         f"test_fraction={self.test_fraction}); add images or change the fractions."
                     )
+            self._warn_imbalance()
+            if self.data.items and isinstance(self.data.items[0], str) and self.data.name != "elpv":
+                self._warn_duplicates_across_splits()
         self._resolve_transforms()
         if self.feature_cache != "off" and self.trainer is not None:
             # the loaders change when the backbone unfreezes: ask for them again every epoch
@@ -264,6 +307,41 @@ class ImageDataModule(L.LightningDataModule):
             items = [self.data.items[i] for i in indices]
             self.datasets[split] = ImageDataset(
                 items, self.data.labels[indices], transform, seed=self.seed, skip_bad=self.skip_bad_images
+            )
+
+    def _warn_imbalance(self) -> None:
+        counts = np.bincount(self.data.labels[self.split_indices["train"]], minlength=self.num_classes)
+        if self.sampler == "balanced" or counts.min() * IMBALANCE_WARNING_RATIO > counts.max():
+            return
+        listing = ", ".join(f"{name}: {int(c)}" for name, c in zip(self.class_names, counts, strict=True))
+        warnings.warn(
+            f"the training split is severely imbalanced ({listing}; largest/smallest = "
+            f"{counts.max() / max(counts.min(), 1):.0f}x). The loss will favour the large classes; "
+            "set data.sampler=balanced to draw every class equally often, and watch val_f1 (macro) "
+            "rather than accuracy.",
+            stacklevel=3,
+        )
+
+    def _warn_duplicates_across_splits(self) -> None:
+        """Files with the same bytes in two splits make the test (or validation) score optimistic."""
+        digests: dict[str, tuple[str, str]] = {}
+        found: list[str] = []
+        count = 0
+        for split in ("train", "val", "test"):
+            for i in self.split_indices.get(split, []):
+                path = str(self.data.items[i])
+                digest = _file_digest(path)
+                first = digests.setdefault(digest, (split, path))
+                if first[0] != split:
+                    count += 1
+                    if len(found) < 3:
+                        found.append(f"{first[1]} ({first[0]}) = {path} ({split})")
+        if count:
+            warnings.warn(
+                f"{count} images appear in more than one split with identical bytes, e.g. "
+                + "; ".join(found)
+                + ". Scores on val/test overstate accuracy on new images; remove the copies.",
+                stacklevel=3,
             )
 
     def _drop_unreadable(self) -> None:
@@ -327,13 +405,18 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed, tag_epoch=True) if shuffle else None,
+            sampler=self._train_sampler(dataset.labels, tag_epoch=True) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
             # an own generator: loaders never draw from the global RNG that dropout uses
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _train_sampler(self, labels: np.ndarray, tag_epoch: bool = False) -> EpochShuffleSampler:
+        if self.sampler == "balanced":
+            return BalancedSampler(np.asarray(labels), self.seed, tag_epoch)
+        return EpochShuffleSampler(len(labels), self.seed, tag_epoch)
 
     def train_dataloader(self) -> DataLoader:
         return self._cached_loader("train", shuffle=True) or self._loader("train", shuffle=True)
@@ -406,7 +489,7 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            sampler=self._train_sampler(dataset.labels) if shuffle else None,
             drop_last=shuffle and len(dataset) > self.batch_size,
             generator=torch.Generator().manual_seed(self.seed),
         )
@@ -428,6 +511,13 @@ class ImageDataModule(L.LightningDataModule):
             counts = np.bincount(self.data.labels[indices], minlength=self.num_classes)
             out[split] = {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
         return out
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "blake2b").hexdigest()
 
 
 def _select(data: DataSource, keep: np.ndarray) -> DataSource:
