@@ -187,7 +187,8 @@ class TransferClassifier(L.LightningModule):
                 }
             )
 
-        self.train_metrics = metrics().clone(prefix="train_")
+        # training accuracy is a batch-weighted mean kept on the device by self.log: torchmetrics'
+        # confusion counts (bincount) read the device back on every step
         self.val_metrics = metrics().clone(prefix="val_")
         self.test_metrics = metrics().clone(prefix="test_")
 
@@ -267,7 +268,9 @@ class TransferClassifier(L.LightningModule):
         views = TTA_VIEWS[tta or self.hparams.tta]
         return torch.stack([self(view(images)).softmax(dim=-1) for view in views]).mean(dim=0)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str):
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection | None, stage: str
+    ):
         images, labels = batch
         if stage == "test" and self.hparams.tta != "none" and images.ndim == 4:
             # averaged probabilities; the loss is the NLL of the average
@@ -275,10 +278,14 @@ class TransferClassifier(L.LightningModule):
         else:
             logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        metrics.update(logits, labels)
         on_step = stage == "train"
         self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        if metrics is None:
+            correct = (logits.detach().argmax(dim=-1) == labels).float().mean()
+            self.log(f"{stage}_acc", correct, on_step=False, on_epoch=True, batch_size=len(labels))
+        else:
+            metrics.update(logits, labels)
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
         if stage == "train" and (self.hparams.l1 or self.hparams.l2):
             penalty = self.penalty()
             self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(labels))
@@ -341,7 +348,7 @@ class TransferClassifier(L.LightningModule):
             self.log("l1_sparsity", self.sparsity(), on_step=False, on_epoch=True)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.train_metrics, "train")
+        return self._shared_step(batch, None, "train")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, self.val_metrics, "val")
