@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
-from conftest import NORM
+from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer
 
-from transferkit import ImageDataModule
+from transferkit import ImageDataModule, TransferClassifier
+from transferkit.serving import CheckpointError, read_checkpoint
+from transferkit.trainer import RunCheckpoint
 
 
 def _augmented_dm(root, seed: int, num_workers: int) -> ImageDataModule:
@@ -54,3 +66,170 @@ def test_a_resumed_epoch_draws_what_the_uninterrupted_run_drew(stripes_folder):
     fresh.setup("fit")
     resumed = _epoch_batches(fresh, 2)
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed, strict=True))
+
+
+# --- checkpoints: every epoch, atomic ---------------------------------------------------------------
+
+
+def _tiny_model() -> TransferClassifier:
+    return TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, hidden_dims=[])
+
+
+def _tiny_dm(root: Path) -> ImageDataModule:
+    return ImageDataModule(
+        source="folder", root=str(root), num_workers=0, batch_size=16, augment="light", **NORM
+    )
+
+
+def test_last_checkpoint_is_rewritten_every_epoch_even_without_a_new_best(stripes_folder, tmp_path):
+    # monitoring "epoch" in mode "min": only epoch 0 is ever a new best
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", monitor="epoch", mode="min", save_last=True)
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[checkpoint], num_sanity_val_steps=0)
+    trainer.fit(_tiny_model(), datamodule=_tiny_dm(stripes_folder))
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert [p.name.split("-")[0] for p in (tmp_path / "ckpt").glob("epoch=*")] == ["epoch=0"]  # one best
+
+
+def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_one_intact(
+    stripes_folder, tmp_path, monkeypatch
+):
+    trainer = quiet_trainer(tmp_path, max_epochs=1, enable_checkpointing=False, num_sanity_val_steps=0)
+    model = _tiny_model()
+    trainer.fit(model, datamodule=_tiny_dm(stripes_folder))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    real_write, written = os.write, [0]
+
+    def disk_fills_up(fd: int, data) -> int:
+        if written[0] > 20_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written[0] += len(data[:8192])
+        return real_write(fd, data[:8192])
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the new checkpoint would differ
+    monkeypatch.setattr(os, "write", disk_fills_up)
+    with pytest.raises(
+        OSError,
+        match=r"could not write checkpoint .*No space left on device.*previous 'model.ckpt' is unchanged",
+    ):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert written[0] > 20_000  # it really failed midway
+    assert path.read_bytes() == before and read_checkpoint(path)["state_dict"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no half-written file
+
+
+# --- interruptions ----------------------------------------------------------------------------------
+
+FIT_SCRIPT = """
+import os, sys, time
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+import lightning as L, torch
+from lightning.pytorch.callbacks import Callback
+from transferkit import ImageDataModule, Trainer, TransferClassifier
+from transferkit.trainer import RunCheckpoint
+
+out, mode = sys.argv[1], sys.argv[2]
+
+
+class SlowEpochs(Callback):  # time for the test to interrupt between two epochs
+    def on_train_epoch_end(self, trainer, pl_module):
+        time.sleep(float(os.environ.get("EPOCH_PAUSE", "0")))
+
+
+L.seed_everything(0)
+torch.set_num_threads(1)
+model = TransferClassifier(num_classes=2, backbone="{backbone}", pretrained=False, hidden_dims=[], lr=1e-2)
+dm = ImageDataModule(source="folder", root="{root}", num_workers=0, batch_size=16, augment="light",
+                     image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+trainer = Trainer(
+    accelerator="cpu", max_epochs=4, deterministic=True, logger=False, enable_progress_bar=False,
+    enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=out,
+    callbacks=[RunCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_last=True), SlowEpochs()],
+)
+ckpt = None if mode == "fresh" else mode
+trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+torch.save(model.state_dict(), os.path.join(out, "final.pt"))
+print("global_step", trainer.global_step)
+"""
+
+
+def _fit_process(
+    tmp_path: Path, root: Path, out: Path, mode: str = "fresh", pause: float = 0.0
+) -> subprocess.Popen:
+    script = tmp_path / "fit_script.py"
+    script.write_text(textwrap.dedent(FIT_SCRIPT.format(backbone=TINY_BACKBONE, root=root)))
+    env = {**os.environ, "EPOCH_PAUSE": str(pause), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=240)
+    return process.returncode, stdout, stderr
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def fault_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stripes_folder(tmp_path_factory.mktemp("faults") / "stripes", per_class=24)
+
+
+def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(fault_data, tmp_path):
+    full = _fit_process(tmp_path, fault_data, tmp_path / "full")
+    killed = _fit_process(tmp_path, fault_data, tmp_path / "cut", pause=1.0)
+    _wait_for(tmp_path / "cut" / "ckpt" / "last.ckpt", killed)
+    killed.send_signal(signal.SIGKILL)  # no handler, no cleanup: only what is on disk survives
+    assert _finish(killed)[0] == -signal.SIGKILL
+    assert torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=True)["epoch"] < 3
+    code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "cut", mode="last"))
+    assert code == 0, stderr[-3000:]
+    assert _finish(full)[0] == 0
+    uninterrupted = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
+    for name, value in uninterrupted.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(fault_data, tmp_path, signum):
+    process = _fit_process(tmp_path, fault_data, tmp_path / "run", pause=1.0)
+    _wait_for(tmp_path / "run" / "ckpt" / "last.ckpt", process)
+    process.send_signal(signum)
+    code, _, stderr = _finish(process)
+    assert code != 0 or signum == signal.SIGTERM
+    saved = tmp_path / "run" / "ckpt" / "interrupted.ckpt"
+    assert f"saved '{saved}'" in stderr and f"--ckpt_path {saved}" in stderr, stderr[-3000:]
+    interrupted_at = read_checkpoint(saved)["global_step"]
+    assert 0 < interrupted_at < 8
+    code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "run", mode=str(saved)))
+    assert code == 0, stderr[-3000:]
+    assert "global_step 8" in stdout  # 4 epochs of 2 batches: it finished the run
+
+
+def test_resuming_from_a_checkpoint_with_pickled_code_is_refused(stripes_folder, tmp_path):
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": L.LightningModule}, evil)  # a class: needs unpickling code
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    with pytest.raises(CheckpointError, match=r"refused to resume from '.*evil.ckpt': it holds pickled code"):
+        trainer.fit(_tiny_model(), datamodule=_tiny_dm(stripes_folder), ckpt_path=str(evil))
+    with pytest.raises(CheckpointError, match=r"no checkpoint to resume from at '.*missing.ckpt'"):
+        trainer.fit(
+            _tiny_model(), datamodule=_tiny_dm(stripes_folder), ckpt_path=str(tmp_path / "missing.ckpt")
+        )

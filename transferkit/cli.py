@@ -12,13 +12,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from transferkit.data import ImageDataModule
 from transferkit.module import TransferClassifier
-from transferkit.trainer import Trainer
+from transferkit.trainer import RunCheckpoint, Trainer
 
 __all__ = ["TransferKitCLI", "main", "run_loggers"]
 
@@ -78,8 +78,8 @@ class TransferKitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        # always-on callbacks, configured under their own keys in a recipe
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # always-on callbacks, configured under their own keys in a recipe; last.ckpt every epoch
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_loss",

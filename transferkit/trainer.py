@@ -3,18 +3,153 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transferkit.diagnostics import NonFiniteLossGuard
 from transferkit.runtime import tune_allocator
 
-__all__ = ["Trainer"]
+__all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "RunCheckpoint", "Trainer"]
+
+_CHUNK = 1 << 20
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, flushed to disk, then moved over it
+    with ``os.replace``: a crash, a kill or a full disk while writing leaves the previous checkpoint
+    intact (and no half-written file). Remote paths (``s3://`` ...) go through Lightning's own writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = _serialise(checkpoint)
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            view = memoryview(buffer)
+            while view:
+                written = os.write(fd, view[:_CHUNK])
+                view = view[written:]
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(temp, path)
+        except BaseException as err:
+            if fd >= 0:
+                os.close(fd)
+            Path(temp).unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                kept = f"the previous '{path.name}' is unchanged" if path.exists() else "nothing was written"
+                raise OSError(
+                    err.errno,
+                    f"could not write checkpoint '{path}' ({os.strerror(err.errno) if err.errno else err}); "
+                    f"{kept}. Free disk space or set another checkpoint directory.",
+                ) from err
+            raise
+
+
+def _serialise(checkpoint: dict[str, Any]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` that rewrites ``last.ckpt`` after every
+    epoch (with ``save_last=True``), not only in epochs that also save a new best, so a killed run
+    resumes from its latest epoch with ``ckpt_path=last``.
+
+    Args: those of ``ModelCheckpoint``.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[RunCheckpoint(monitor="val_loss", save_last=True)])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule=dm, ckpt_path="last")  # resumes where it stopped  # doctest: +SKIP
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_every_epoch(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_every_epoch(trainer)
+
+    def _save_last_every_epoch(self, trainer: L.Trainer) -> None:
+        skip = trainer.fast_dev_run or trainer.sanity_checking
+        if self.save_last and not skip and getattr(self, "_last_step_of_last", None) != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step_of_last = trainer.global_step
+
+
+class InterruptCheckpoint(Callback):
+    """On Ctrl+C (SIGINT) or SIGTERM during ``fit``, write ``interrupted.ckpt`` into the run's checkpoint
+    directory (atomically, see :class:`AtomicCheckpointIO`) and say how to resume from it.
+
+    Lightning stops at the next batch boundary after a SIGTERM and at once after a Ctrl+C; both reach
+    this callback's ``on_exception``. The checkpoint holds the loop's progress, so ``fit(...,
+    ckpt_path=<it>)`` continues from that step.
+
+    Args:
+        filename: the file name, in the checkpoint callback's ``dirpath`` (or
+            ``<default_root_dir>/checkpoints`` without one).
+
+    Example:
+        >>> trainer = Trainer(callbacks=[InterruptCheckpoint()])  # the transferkit Trainer adds it anyway
+    """
+
+    def __init__(self, filename: str = "interrupted.ckpt") -> None:
+        self.filename = filename
+        self.path: str | None = None
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
+            return
+        if trainer.sanity_checking or trainer.global_step == 0 and trainer.current_epoch == 0:
+            return  # nothing trained yet: nothing to resume
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        path = os.path.join(folder, self.filename)
+        signal_name = "Ctrl+C (SIGINT)" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as err:  # the interruption is the news; a failed save must not hide it
+            print(
+                f"\n{signal_name}: training stopped; the interrupted state could not be saved: {err}",
+                file=sys.stderr,
+            )
+            return
+        self.path = path
+        print(
+            f"\n{signal_name}: training stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+            f"saved '{path}'.\nResume with: python -m transferkit fit --config <your recipe> --ckpt_path {path}"
+            f"\n  (or trainer.fit(model, datamodule=dm, ckpt_path={path!r}))",
+            file=sys.stderr,
+        )
 
 
 class Trainer(L.Trainer):
@@ -36,8 +171,61 @@ class Trainer(L.Trainer):
         callbacks = kwargs.get("callbacks") or []
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
         if not any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, NonFiniteLossGuard()]
+            callbacks = [*callbacks, NonFiniteLossGuard()]
+        if not any(isinstance(c, InterruptCheckpoint) for c in callbacks):
+            callbacks = [*callbacks, InterruptCheckpoint()]
+        kwargs["callbacks"] = callbacks
+        plugins = kwargs.get("plugins")
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and not _strategy_has_io(
+            kwargs.get("strategy")
+        ):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         super().__init__(*args, **kwargs)
+
+    def fit(
+        self,
+        model: L.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+    ) -> None:
+        """Lightning's ``fit``; a checkpoint to resume from is read with ``weights_only=True`` (never
+        running code from the file) unless ``weights_only=False`` is passed, and one holding pickled
+        code is refused with a :class:`~transferkit.serving.CheckpointError`."""
+        named = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+        if (
+            ckpt_path is not None
+            and not named
+            and "://" not in str(ckpt_path)
+            and not Path(ckpt_path).is_file()
+        ):
+            from transferkit.serving import CheckpointError
+
+            raise CheckpointError(
+                f"no checkpoint to resume from at '{ckpt_path}'; pass the .ckpt file a run wrote "
+                "(its checkpoints/ folder), or ckpt_path=last for the latest one of this run."
+            )
+        try:
+            super().fit(
+                model,
+                train_dataloaders,
+                val_dataloaders,
+                datamodule,
+                ckpt_path,
+                weights_only=True if weights_only is None else weights_only,
+            )
+        except pickle.UnpicklingError as err:
+            from transferkit.serving import CheckpointError
+
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"refused to resume from '{ckpt_path}': it holds pickled code or objects, not only tensors "
+                f"and plain containers ({first_line}). transferkit loads checkpoints with weights_only=True "
+                "and never runs code from a file; resume from a checkpoint a transferkit run wrote."
+            ) from err
 
     def finetune(
         self,
@@ -94,6 +282,10 @@ class Trainer(L.Trainer):
             results["report"] = _write_report(self, model, datamodule, results)
             _print_results(results)
         return results
+
+
+def _strategy_has_io(strategy: Any) -> bool:
+    return getattr(strategy, "_checkpoint_io", None) is not None
 
 
 def _write_report(
