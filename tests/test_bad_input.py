@@ -200,3 +200,84 @@ def test_identical_files_in_two_splits_are_named(stripes_folder):
         match=r"\d+ images appear in more than one split with identical bytes, e\.g\. .*\.png \(train\) = .*\.png \((val|test)\)",
     ):
         _dm(stripes_folder).setup("fit")
+
+
+# --- configs that cannot work: refused before any training -------------------------------------------
+
+
+def _model_error(**kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        TransferClassifier(**{"num_classes": 2, "backbone": TINY_BACKBONE, "pretrained": False, **kwargs})
+    return str(info.value)
+
+
+def test_unknown_names_are_refused_with_the_valid_choices():
+    assert "Did you mean 'resnet50'" in _model_error(backbone="resnet5O")
+    assert _model_error(activation="gelu_new") == (
+        "unknown activation 'gelu_new'; choose one of elu, leaky_relu, relu, selu, tanh, sigmoid."
+    )
+    optimizer = _model_error(optimizer="adamax")
+    assert optimizer.startswith("unknown optimizer 'adamax'; choose one of ") and "adamw" in optimizer
+    schedule = _model_error(lr_schedule="linear")
+    assert schedule.startswith("unknown lr_schedule 'linear'; choose one of ") and "cosine" in schedule
+    assert _model_error(lr=0.0) == "lr must be > 0, got 0.0."
+    assert _model_error(hidden_dims=[-1]).startswith("hidden_dims must be positive layer widths")
+
+
+def test_a_freeze_schedule_beyond_the_backbone_groups_is_refused():
+    message = _model_error(freeze_schedule={"milestones": {0: 0, 1: 12}})
+    assert message.startswith(
+        f"freeze_schedule.milestones asks for 12 trainable backbone groups (at epoch 1), but '{TINY_BACKBONE}' has"
+    )
+    assert "or -1 for all" in message
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "expected"),
+    [
+        (TINY_BACKBONE, 16, "data.image_size=16 is too small for 'test_efficientnet': it downsamples 32x"),
+        (
+            "test_vit",
+            40,
+            "'test_vit' cannot take 40x40 inputs (data.image_size=40): AssertionError: Input height (40) should be divisible by patch size",
+        ),
+    ],
+)
+def test_an_input_size_the_backbone_cannot_take_is_refused_before_training(
+    stripes_folder, tmp_path, backbone, size, expected
+):
+    model = TransferClassifier(num_classes=2, backbone=backbone, pretrained=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    with pytest.raises(ValueError) as info:
+        trainer.fit(model, datamodule=_dm(stripes_folder, image_size=size))
+    assert expected in str(info.value) and trainer.global_step == 0
+
+
+def test_fit_from_a_checkpoint_with_another_class_count_is_refused(stripes_folder, tmp_path):
+    from transferkit.cli import main
+    from transferkit.serving import CheckpointMismatchError
+
+    model = TransferClassifier(
+        num_classes=3, backbone=TINY_BACKBONE, pretrained=False, class_names=["a", "b", "c"]
+    )
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    dm = _dm(stripes_folder)
+    trainer.fit(model, datamodule=dm)  # a 3-class model on 2-class data trains; only its shape matters here
+    ckpt = tmp_path / "three.ckpt"
+    trainer.save_checkpoint(ckpt)
+    args = [
+        "fit",
+        f"--model.backbone={TINY_BACKBONE}",
+        "--model.pretrained=false",
+        "--data.source=folder",
+        f"--data.root={stripes_folder}",
+        "--data.num_workers=0",
+        "--data.image_size=32",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--ckpt_path={ckpt}",
+    ]
+    with pytest.raises(CheckpointMismatchError, match=r"num_classes: checkpoint 3 \(a, b, c\), model 2"):
+        main(args)

@@ -132,6 +132,16 @@ class TransferClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         schedule = FreezeSchedule.coerce(freeze_schedule)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+        if any(not isinstance(d, int) or d < 1 for d in hidden_dims):
+            raise ValueError(
+                f"hidden_dims must be positive layer widths (or [] for a linear head), got {list(hidden_dims)}."
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
         if lr_schedule not in SCHEDULES:
@@ -176,6 +186,14 @@ class TransferClassifier(L.LightningModule):
         self.trainable_groups: int | None = None  # None: nothing frozen yet (before training starts)
         if schedule.active:
             _ = self.groups  # a backbone that cannot be split fails here, before any training
+            most = max(schedule.milestones.values()) if schedule.milestones else 0
+            if most > len(self.groups):
+                epoch = next(e for e, n in schedule.milestones.items() if n == most)
+                raise ValueError(
+                    f"freeze_schedule.milestones asks for {most} trainable backbone groups (at epoch {epoch}), "
+                    f"but '{backbone}' has {len(self.groups)}; use at most {len(self.groups)}, or -1 for all of "
+                    "them (python -m transferkit plan --config <recipe> shows the groups)."
+                )
 
         def metrics() -> MetricCollection:
             # validate_args=False: the argument checks read values back from the device (a sync on

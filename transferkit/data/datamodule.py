@@ -375,8 +375,42 @@ class ImageDataModule(L.LightningDataModule):
             mean = mean or tuple(config["mean"])
             std = std or tuple(config["std"])
         self.image_size, self.mean, self.std = int(size), tuple(mean), tuple(std)
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1 pixel, got {self.image_size}.")
+        self._check_input_size()
         self._train_transform = build_train_transform(self.augment, self.image_size, self.mean, self.std)
         self._eval_transform = build_eval_transform(self.image_size, self.mean, self.std)
+
+    def _check_input_size(self) -> None:
+        """Refuse, before training, an image size the model's backbone cannot take."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        backbone = getattr(model, "backbone", None)
+        if backbone is None or not hasattr(backbone, "model"):
+            return
+        size, name = self.image_size, getattr(backbone, "name", type(backbone.model).__name__)
+        info = getattr(backbone.model, "feature_info", None)
+        reduction = int(info[-1]["reduction"]) if info else 1
+        pretrained_size = int(backbone.data_config["input_size"][-1])
+        if size < reduction:
+            raise ValueError(
+                f"data.image_size={size} is too small for '{name}': it downsamples {reduction}x, so its last "
+                f"feature map would be under one pixel. Use data.image_size >= {reduction} (its pretrained "
+                f"input size is {pretrained_size})."
+            )
+        parameter = next(backbone.parameters(), None)
+        probe = torch.zeros(1, 3, size, size, device=parameter.device if parameter is not None else "cpu")
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            with torch.no_grad():
+                backbone(probe)
+        except Exception as err:
+            raise ValueError(
+                f"'{name}' cannot take {size}x{size} inputs (data.image_size={size}): {type(err).__name__}: "
+                f"{err}. Use its pretrained input size, data.image_size={pretrained_size} (or leave it unset)."
+            ) from err
+        finally:
+            backbone.train(was_training)
 
     def use_data_config(self, config: dict[str, Any]) -> None:
         """Fill image size, mean and std that were left ``None`` from a backbone's data config
