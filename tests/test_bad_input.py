@@ -281,3 +281,56 @@ def test_fit_from_a_checkpoint_with_another_class_count_is_refused(stripes_folde
     ]
     with pytest.raises(CheckpointMismatchError, match=r"num_classes: checkpoint 3 \(a, b, c\), model 2"):
         main(args)
+
+
+# --- recipes and checkpoints that would run code ------------------------------------------------------
+
+
+def _fit_args(root: Path, run: Path) -> list[str]:
+    return [
+        "fit",
+        f"--model.backbone={TINY_BACKBONE}",
+        "--model.pretrained=false",
+        "--data.source=folder",
+        f"--data.root={root}",
+        "--data.num_workers=0",
+        "--data.image_size=32",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={run}",
+    ]
+
+
+def test_a_recipe_with_python_tags_is_refused_and_never_runs(tmp_path, capsys):
+    from transferkit.cli import main
+
+    marker = tmp_path / "ran"
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(
+        f'model:\n  lr: 0.001\n  backbone: !!python/object/apply:os.system ["touch {marker}"]\n'
+    )
+    assert main(["fit", "--config", str(recipe)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: refused recipe '{recipe}': line 3 uses the YAML tag '!!python/object/apply:os.system'"
+    )
+    # a tag spelled so that the check above misses it still meets the parser's safe loader
+    recipe.write_text(f'model:\n  backbone: !python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(recipe)])
+    assert info.value.code != 0 and "could not determine a constructor" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_fit_resuming_from_a_checkpoint_with_pickled_code_is_refused(stripes_folder, tmp_path):
+    import lightning as L
+    import torch
+
+    from transferkit.cli import main
+    from transferkit.serving import CheckpointError
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "payload": L.LightningModule}, evil)
+    with pytest.raises(CheckpointError, match=r"refused to resume from '.*evil.ckpt': it holds pickled code"):
+        main([*_fit_args(stripes_folder, tmp_path / "run"), f"--ckpt_path={evil}"])

@@ -8,8 +8,11 @@ Training commands (``fit``, ``validate``, ``test``, ``predict``, ``finetune``) t
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
@@ -18,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from transferkit.data import ImageDataModule
 from transferkit.module import TransferClassifier
-from transferkit.trainer import RunCheckpoint, Trainer
+from transferkit.trainer import RunCheckpoint, Trainer, pickled_code_error
 
 __all__ = ["TransferKitCLI", "main", "run_loggers"]
 
@@ -92,6 +95,14 @@ class TransferKitCLI(LightningCLI):
         parser.set_defaults(
             {"early_stopping.monitor": "val_loss", "early_stopping.mode": "min", "early_stopping.patience": 5}
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of --ckpt_path (weights_only=True) before anything else
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as err:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            raise pickled_code_error(ckpt_path, err) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._get(self.config_init, "trainer", default={})
@@ -204,6 +215,31 @@ def _overview() -> str:
     return "\n".join(lines)
 
 
+# YAML tags that construct Python objects (and so can run code); recipes are read with safe loaders,
+# which refuse them, and this names the file and the tag before any parsing
+_CODE_TAG = re.compile(r"!!python/[\w/.:-]*|!<?tag:yaml\.org,2002:python/[\w/.:-]*>?")
+
+
+def _refuse_code_in_recipes(args: Sequence[str]) -> str | None:
+    """A message if a ``--config`` file uses a YAML tag that builds Python objects, else ``None``."""
+    paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue  # the parser reports a missing file in its own words
+        match = _CODE_TAG.search(text)
+        if match:
+            line = text.count("\n", 0, match.start()) + 1
+            return (
+                f"refused recipe '{path}': line {line} uses the YAML tag '{match.group(0)}', which would build "
+                "Python objects (and can run code). Recipes are read with a safe YAML loader; write plain "
+                "values (strings, numbers, lists, mappings) or class_path/init_args."
+            )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m transferkit`` and the ``transferkit`` script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -215,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return TOOL_COMMANDS[command][1](args[1:])
     if command not in TRAINING_COMMANDS and not command.startswith("-"):
         print(f"unknown command '{command}'.\n\n{_overview()}", file=sys.stderr)
+        return 2
+    refused = _refuse_code_in_recipes(args)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return 2
     TransferKitCLI(**cli_kwargs(None if argv is None else args))
     return 0

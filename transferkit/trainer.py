@@ -218,14 +218,7 @@ class Trainer(L.Trainer):
                 weights_only=True if weights_only is None else weights_only,
             )
         except pickle.UnpicklingError as err:
-            from transferkit.serving import CheckpointError
-
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"refused to resume from '{ckpt_path}': it holds pickled code or objects, not only tensors "
-                f"and plain containers ({first_line}). transferkit loads checkpoints with weights_only=True "
-                "and never runs code from a file; resume from a checkpoint a transferkit run wrote."
-            ) from err
+            raise pickled_code_error(ckpt_path, err) from err
 
     def finetune(
         self,
@@ -282,6 +275,19 @@ class Trainer(L.Trainer):
             results["report"] = _write_report(self, model, datamodule, results)
             _print_results(results)
         return results
+
+
+def pickled_code_error(path: Any, err: Exception) -> Exception:
+    """The :class:`~transferkit.serving.CheckpointError` for a checkpoint to resume from that holds pickled
+    code (``torch.load(weights_only=True)`` refused it)."""
+    from transferkit.serving import CheckpointError
+
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(
+        f"refused to resume from '{path}': it holds pickled code or objects, not only tensors and plain "
+        f"containers ({first_line}). transferkit loads checkpoints with weights_only=True and never runs "
+        "code from a file; resume from a checkpoint a transferkit run wrote."
+    )
 
 
 def _strategy_has_io(strategy: Any) -> bool:
