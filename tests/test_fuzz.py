@@ -1,0 +1,123 @@
+"""Fuzzing (bounded): arbitrary file bytes never crash image reading, arbitrary recipe values never
+crash the CLI with an error from deep inside."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_BACKBONE, make_stripes_folder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from transferkit.data import ImageReadError, load_image
+
+
+def _valid(fmt: str) -> bytes:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+VALID = {"png": _valid("PNG"), "jpg": _valid("JPEG"), "gif": _valid("GIF"), "bmp": _valid("BMP")}
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz-images")
+
+
+def _assert_reads_or_is_named(folder: Path, data: bytes, suffix: str) -> None:
+    path = folder / f"sample.{suffix}"
+    path.write_bytes(data)
+    try:
+        array = load_image(path)
+    except ImageReadError as err:
+        assert err.path == str(path) and err.reason
+        return
+    assert array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8 and min(array.shape) >= 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=300), suffix=st.sampled_from(["png", "jpg", "gif", "tif", "webp"]))
+def test_random_bytes_read_as_rgb_or_raise_image_read_error(scratch, data, suffix):
+    _assert_reads_or_is_named(scratch, data, suffix)
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    fmt=st.sampled_from(sorted(VALID)),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+    cut=st.none() | st.integers(0, 2_000),
+)
+def test_mutated_valid_images_read_as_rgb_or_raise_image_read_error(scratch, fmt, edits, cut):
+    data = bytearray(VALID[fmt])
+    for position, value in edits:
+        data[position % len(data)] = value
+    _assert_reads_or_is_named(scratch, bytes(data[:cut] if cut is not None else data), fmt)
+
+
+# --- recipe values ----------------------------------------------------------------------------------
+
+FIELDS = [
+    "model.lr",
+    "model.hidden_dims",
+    "model.activation",
+    "model.dropout",
+    "model.optimizer",
+    "model.freeze_schedule",
+    "model.layer_decay",
+    "model.tta",
+    "data.batch_size",
+    "data.val_fraction",
+    "data.augment",
+    "data.max_samples",
+]
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 300),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz_-{}[]:, 0123456789", max_size=10),
+    st.lists(st.integers(-3, 300), max_size=3),
+    st.dictionaries(
+        st.sampled_from(["milestones", "frozen_epochs", "p", "x"]), st.integers(-2, 20), max_size=2
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stripes_folder(tmp_path_factory.mktemp("fuzz") / "stripes", per_class=6, size=16)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=st.dictionaries(st.sampled_from(FIELDS), VALUES, min_size=1, max_size=2))
+def test_random_recipe_values_give_a_clear_error_or_a_working_setup(fuzz_folder, tmp_path, overrides):
+    from transferkit.cli import TransferKitCLI, cli_kwargs
+
+    args = [
+        f"--model.backbone={TINY_BACKBONE}",
+        "--model.pretrained=false",
+        "--data.source=folder",
+        f"--data.root={fuzz_folder}",
+        "--data.num_workers=0",
+        "--data.image_size=32",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    args += [f"--{field}={json.dumps(value)}" for field, value in overrides.items()]
+    try:
+        cli = TransferKitCLI(**cli_kwargs(args), run=False)  # parse, then build data module, model, trainer
+        assert cli.model.hparams.num_classes == 2
+    except SystemExit as err:  # the parser's error, printed with the option's name
+        assert err.code != 0
+    except ValueError as err:  # ValueError, DatasetError, BackboneError: a message for people
+        assert str(err)
