@@ -182,7 +182,7 @@ TOOL_COMMANDS["plan"] = (
     _plan,
 )
 TOOL_COMMANDS["diagnose"] = (
-    "gradient health per layer (vanishing / exploding / dying / saturated) over a few training batches",
+    "gradient health per layer (vanishing / exploding / dying; saturated units) over a few training batches",
     _diagnose,
 )
 TOOL_COMMANDS["augment-preview"] = (

@@ -3,8 +3,8 @@
 :class:`GradientHealth` records, over a few real training batches, for every ``Linear`` / ``Conv``
 layer: the norm of its weight's gradient, how far one optimizer step moves its weights, and the
 statistics of the activation that follows it (mean, std, fraction saturated, fraction of dead units).
-Each layer gets a verdict (``healthy``, ``vanishing``, ``exploding``, ``dying``, ``saturated``, or
-``frozen`` when it does not train) and the run an overall one, with the fixes that apply.
+Each layer gets a verdict (``healthy``, ``vanishing``, ``exploding``, ``dying``, or ``frozen`` when it
+does not train) and the run an overall one, with the fixes that apply.
 :func:`diagnose` runs it on a model and its data; ``python -m transferkit diagnose --config X`` on a
 recipe.
 
@@ -23,16 +23,17 @@ Verdict rules (a layer gets the first that applies):
   two orders of magnitude slower than the top one; in a healthy deep net (an init that preserves the
   variance, or BatchNorm) the relative gradients of all layers stay within about one order of
   magnitude of each other.
+  It is also the verdict of a *saturated* layer, the textbook cause of vanishing gradients: more than
+  :data:`SATURATED_FRACTION` (a quarter) of the outputs of the sigmoid or tanh that follows lie
+  within :data:`SATURATION_MARGIN` (0.01) of its bounds (sigmoid: < 0.01 or > 0.99; tanh: < -0.99 or
+  > 0.99), where its derivative is below 0.01 (sigmoid; 0.25 at its centre) or 0.02 (tanh; 1 at its
+  centre), so those outputs pass on less than 1/25 of the gradient. A layer
+  initialised for its activation (Xavier, scaled inputs) has about 1% of its outputs there; with
+  pre-activations a few times too large (e.g. N(0, 1) weights on 100 inputs) it is 40% or more.
 - ``dying``: more than :data:`DEAD_FRACTION` (half) of the units (features of a ``Linear``, channels
   of a ``Conv``) of the rectifier that follows are dead: their output was never positive over all
   recorded samples and positions. For ReLU that is an output of exactly 0 and a zero gradient; for
   leaky ReLU, ELU, SELU, GELU, SiLU and kin it is the negative part, where the slope is small.
-- ``saturated``: more than :data:`SATURATED_FRACTION` (a quarter) of the outputs of the sigmoid or
-  tanh that follows lie within :data:`SATURATION_MARGIN` (0.01) of its bounds (sigmoid: < 0.01 or
-  > 0.99; tanh: < -0.99 or > 0.99), where its derivative is below 0.01 (sigmoid; 0.25 at its centre)
-  or 0.02 (tanh; 1 at its centre), so those outputs pass on less than 1/25 of the gradient. A layer
-  initialised for its activation (Xavier, scaled inputs) has about 1% of its outputs there; with
-  pre-activations a few times too large (e.g. N(0, 1) weights on 100 inputs) it is 40% or more.
 
 The *top layer* is the trainable layer nearest the output (the last to run in the forward pass); the
 *relative gradient* in the report is a layer's ``||grad|| / ||w||`` divided by the top layer's.
@@ -71,7 +72,7 @@ __all__ = [
     "main",
 ]
 
-VERDICTS = ("healthy", "vanishing", "exploding", "dying", "saturated", "frozen")
+VERDICTS = ("healthy", "vanishing", "exploding", "dying", "frozen")
 VANISHING_FACTOR = 100.0
 EXPLODING_FACTOR = 100.0
 MAX_UPDATE_RATIO = 1.0
@@ -80,7 +81,7 @@ SATURATED_FRACTION = 0.25
 SATURATION_MARGIN = 0.01
 
 # problems, most severe first: the order in which a layer's verdict is chosen
-_SEVERITY = ("exploding", "vanishing", "dying", "saturated")
+_SEVERITY = ("exploding", "vanishing", "dying")
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -116,17 +117,13 @@ _FIXES = {
         "and use an init that preserves the variance (He for ReLU/ELU) or BatchNorm"
     ),
     "vanishing": (
-        "initialise the weights for the activation (He for ReLU/ELU, LeCun for SELU, Xavier for "
-        "tanh/sigmoid), use a non-saturating activation (ELU, leaky ReLU), put BatchNorm between the "
-        "layers, or add residual connections"
+        "initialise the weights for the activation (He for ReLU/ELU, LeCun for SELU, Xavier/Glorot for "
+        "tanh/sigmoid), scale the inputs, use a non-saturating activation (ELU, leaky ReLU), put "
+        "BatchNorm between the layers, or add residual connections"
     ),
     "dying": (
         "use leaky ReLU or ELU instead of ReLU, lower the learning rate (model.lr), and He init; "
         "BatchNorm before the activation keeps units from settling in the negative part"
-    ),
-    "saturated": (
-        "initialise the weights with Xavier/Glorot (std sqrt(2 / (fan_in + fan_out))), scale the inputs, "
-        "put BatchNorm before the activation, or use a non-saturating one (ELU, leaky ReLU)"
     ),
 }
 
@@ -172,7 +169,7 @@ class GradientHealthReport:
     Attributes:
         layers: one :class:`LayerHealth` per ``Linear`` / ``Conv`` layer that ran, input to output.
         verdict: ``healthy`` when every trainable layer is, else the problem most layers have (ties go
-            to the more severe: exploding, vanishing, dying, saturated).
+            to the more severe: exploding, vanishing, dying).
         summary: what was found and what to do about it, in words.
         epoch: the epoch in which the recording started.
         batches: the number of training batches recorded.
@@ -278,7 +275,6 @@ class GradientHealthReport:
             "vanishing": "tab:blue",
             "exploding": "tab:red",
             "dying": "black",
-            "saturated": "tab:orange",
             "frozen": "tab:gray",
         }
         count = len(self.layers)
@@ -740,9 +736,12 @@ def _verdict(row: LayerHealth) -> None:
     if row.dead is not None and row.dead > DEAD_FRACTION:
         reasons["dying"] = f"{100 * row.dead:.0f}% of the units never output a positive value"
     if row.saturated is not None and row.saturated > SATURATED_FRACTION:
-        reasons["saturated"] = (
-            f"{100 * row.saturated:.0f}% of the outputs within {SATURATION_MARGIN} of the bounds"
+        # saturated units pass back almost no gradient: the vanishing-gradient problem at its source
+        saturated = (
+            f"saturated: {100 * row.saturated:.0f}% of the outputs within {SATURATION_MARGIN} of the "
+            "activation's bounds, where it passes back < 1/25 of the gradient"
         )
+        reasons["vanishing"] = f"{reasons['vanishing']}; {saturated}" if "vanishing" in reasons else saturated
     row.reasons = [reasons[k] for k in _SEVERITY if k in reasons]
     row.verdict = next((k for k in _SEVERITY if k in reasons), "healthy")
 
@@ -1068,7 +1067,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transferkit diagnose",
         description=(
-            "Gradient health per layer (vanishing / exploding / dying / saturated) over a few training "
+            "Gradient health per layer (vanishing, incl. saturated units / exploding / dying) over a few training "
             "batches of a recipe. Other options are the recipe's, as for fit (--config X, --model.lr ...)."
         ),
     )
