@@ -96,6 +96,7 @@ def fuzz_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stripes_folder(tmp_path_factory.mktemp("fuzz") / "stripes", per_class=6, size=16)
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.dictionaries(st.sampled_from(FIELDS), VALUES, min_size=1, max_size=2))
 def test_random_recipe_values_give_a_clear_error_or_a_working_setup(fuzz_folder, tmp_path, overrides):

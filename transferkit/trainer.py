@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -219,6 +220,9 @@ class Trainer(L.Trainer):
             )
         except pickle.UnpicklingError as err:
             raise pickled_code_error(ckpt_path, err) from err
+        except SIGTERMException as err:
+            # Lightning stops with exit status 0; a scheduler should see the run was terminated
+            raise SystemExit(128 + signal.SIGTERM) from err
 
     def finetune(
         self,
