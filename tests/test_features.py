@@ -65,7 +65,7 @@ def test_the_cache_is_reused_and_never_stale(stripes_folder, tmp_path, monkeypat
     _fit(_dm(stripes_folder, tmp_path, feature_cache="clean"), tmp_path)
     assert counter.calls == 3
     # another input size changes the pipeline, so every feature is recomputed
-    _fit(_dm(stripes_folder, tmp_path, feature_cache="clean", image_size=24), tmp_path)
+    _fit(_dm(stripes_folder, tmp_path, feature_cache="clean", image_size=40), tmp_path)
     assert counter.calls == 5
 
 
