@@ -182,6 +182,20 @@ def test_default_loggers_keep_csv_first_and_share_its_run_dir(tmp_path):
     assert Path(board.log_dir) == Path(csv_logger.log_dir) / "tensorboard"
 
 
+def test_a_finetune_logs_its_curves_to_tensorboard_too(run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = run.run_dir / "tensorboard"
+    assert list(board.glob("events.out.tfevents.*")), sorted(p.name for p in run.run_dir.iterdir())
+    events = EventAccumulator(str(board))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train_loss_epoch", "val_loss", "val_acc"} <= set(scalars), scalars
+    epochs = len(events.Scalars("val_loss"))
+    assert epochs == run.metrics["epochs"]  # one point per epoch, like metrics.csv
+
+
 # --- augment-preview -------------------------------------------------------------------------------
 
 
