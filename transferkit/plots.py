@@ -40,6 +40,7 @@ from transferkit.data.augment import Augment, build_train_transform  # noqa: E40
 from transferkit.data.images import load_image  # noqa: E402
 
 __all__ = [
+    "save_png",
     "augmentation_grid",
     "augmentation_views",
     "compare_curves",
@@ -200,7 +201,7 @@ def augmentation_grid(
             if c == 0 and row_labels is not None:
                 ax.set_ylabel(str(row_labels[r]), fontsize=9)
     fig.suptitle(title or _describe(augment), fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --- learning curves -------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def learning_curves(
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --- confusion matrix ------------------------------------------------------------------------------
@@ -484,7 +485,7 @@ def confusion_matrix_plot(
                 color="white" if value > top / 2 else "black",
             )
     ax.set_title(title or f"accuracy {accuracy:.3f} ({int(raw.sum())} samples)")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --- comparisons -----------------------------------------------------------------------------------
@@ -541,7 +542,7 @@ def compare_curves(
     ax.legend(fontsize=8, ncols=2 if len(curves) > 5 else 1)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _minor_log_label(value: float, _position: int) -> str:
@@ -552,7 +553,8 @@ def _minor_log_label(value: float, _position: int) -> str:
     return f"{value:g}" if leading in (2, 3, 5) else ""
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` (which must end in ``.png``), creating its folder; returns the path."""
     out = Path(path)
     if out.suffix.lower() != ".png":
         raise ValueError(f"plots are written as PNG; give a path ending in .png, got '{out}'.")

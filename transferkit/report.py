@@ -373,12 +373,9 @@ def augment_preview(
         ax.set_title("original" if k == 0 else f"draw {k}", fontsize=8)
     top.suptitle(title or f"{n} draws of the train pipeline", fontsize=10)
     bottom.text(0.01, 0.98, text, family="monospace", fontsize=7, va="top", ha="left")
-    out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"the preview is written as PNG; give a path ending in .png, got '{out}'.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    from transferkit.plots import save_png
+
+    return save_png(fig, path)
 
 
 def augment_preview_main(argv: Sequence[str]) -> int:
