@@ -160,6 +160,19 @@ def test_dataset_layout_errors_say_what_is_wrong_and_what_to_do(tmp_path, stripe
         assert info.match(pattern)
 
 
+def test_a_class_found_only_in_val_or_test_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    layout = {"train": ("cats", "dogs"), "val": ("cats", "dogs", "owls"), "test": ("cats", "dogs")}
+    for split, classes in layout.items():
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / split / name / f"{i}.png")
+    with pytest.raises(DatasetError, match=r"in the val split but not in train: 'owls' \(3 images\)"):
+        _dm(tmp_path).setup("fit")
+
+
 def _imbalanced(root: Path, large: int = 60, small: int = 5) -> Path:
     rng = np.random.default_rng(0)
     for name, count in (("common", large), ("rare", small)):

@@ -234,10 +234,26 @@ def split_indices(
         if "val" not in splits:
             splits["train"], splits["val"] = _split(splits["train"], data.stratify, val_fraction, seed, "val")
         splits.setdefault("test", np.asarray([], dtype=np.int64))
+        _check_classes_are_trained(data, splits)
         return splits
     train, test = _split(indices, data.stratify, test_fraction, seed, "test")
     train, val = _split(train, data.stratify, val_fraction, seed, "val")
     return {"train": train, "val": val, "test": test}
+
+
+def _check_classes_are_trained(data: DataSource, splits: dict[str, np.ndarray]) -> None:
+    """A class with images in val/test but none in train can never be predicted: refuse it."""
+    trained = set(data.labels[splits["train"]].tolist())
+    for split in ("val", "test"):
+        labels = data.labels[splits.get(split, np.asarray([], dtype=np.int64))]
+        missing = sorted(set(labels.tolist()) - trained)
+        if missing:
+            found = ", ".join(f"'{data.class_names[c]}' ({int((labels == c).sum())} images)" for c in missing)
+            raise DatasetError(
+                f"classes appear in the {split} split but not in train: {found}. The model cannot learn "
+                "a class it never sees; add training images of them, or remove them from "
+                f"the {split} split."
+            )
 
 
 def _split(
