@@ -207,3 +207,21 @@ def test_gradient_clipping_bounds_every_update(stripes_folder, tmp_path, algorit
         assert total > clip  # many coordinates at the bound: not a norm clip
     else:
         assert total <= clip * (1 + 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "settings", "expected"),
+    [
+        ("adam", {"betas": (0.8, 0.99), "eps": 1e-6}, {"betas": (0.8, 0.99), "eps": 1e-6}),
+        ("nadam", {"betas": (0.85, 0.995)}, {"betas": (0.85, 0.995)}),
+        ("rmsprop", {"rho": 0.95, "eps": 1e-7}, {"alpha": 0.95, "eps": 1e-7}),
+        ("nesterov", {"momentum": 0.8}, {"momentum": 0.8, "nesterov": True}),
+    ],
+)
+def test_optimizer_hyperparameters_reach_every_group(optimizer, settings, expected):
+    model = _model(optimizer=optimizer, **settings)
+    built = model.configure_optimizers()["optimizer"]
+    for group in built.param_groups:
+        for key, value in expected.items():
+            got = tuple(group[key]) if isinstance(group[key], tuple | list) else group[key]
+            assert got == pytest.approx(value), (key, got)

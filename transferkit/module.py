@@ -75,6 +75,9 @@ class TransferClassifier(L.LightningModule):
             normalisation parameters are never penalised.
         sparsity_threshold: ``|w|`` below which a penalised weight counts as zero in ``l1_sparsity``.
         momentum: momentum of ``momentum``/``nesterov``.
+        betas: Adam/AdamW/NAdam's decay rates of the gradient's mean and of its square (beta1, beta2).
+        eps: the term added to the denominator of the adaptive optimizers (AdaGrad, RMSProp, Adam...).
+        rho: RMSProp's decay rate of the squared-gradient average.
         layer_decay: factor between the learning rates of two neighbouring backbone groups (deeper = smaller).
         lr_schedule: ``exponential`` (default), ``piecewise``, ``performance`` (reduce on plateau of
             ``val_loss``), ``onecycle``, ``cosine`` or ``none``.
@@ -116,6 +119,9 @@ class TransferClassifier(L.LightningModule):
         penalty_groups: str | list[str] = "head",
         sparsity_threshold: float = 1e-3,
         momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        rho: float = 0.9,
         layer_decay: float = 0.8,
         lr_schedule: str = "exponential",
         decay_rate: float = 0.1,
@@ -164,6 +170,7 @@ class TransferClassifier(L.LightningModule):
         # plain types only, so checkpoints load with weights_only=True
         self.hparams["freeze_schedule"] = schedule.to_dict()
         self.hparams["hidden_dims"] = list(hidden_dims)
+        self.hparams["betas"] = [float(b) for b in betas]
 
         self.backbone = create_backbone(backbone, pretrained=pretrained, drop_path_rate=drop_path_rate)
         self.head = ClassifierHead(
@@ -463,6 +470,9 @@ class TransferClassifier(L.LightningModule):
             lr=hp.lr,
             weight_decay=hp.weight_decay,
             momentum=hp.momentum,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+            rho=hp.rho,
         )
         total_steps, steps_per_epoch, max_epochs = 1, 1, 1
         if self._trainer is not None:

@@ -32,11 +32,13 @@ def create_optimizer(
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    rho: float = 0.9,
 ) -> torch.optim.Optimizer:
     """An optimizer by name over ``param_groups`` (each group may carry its own ``lr``).
 
     ``momentum`` is SGD with momentum, ``nesterov`` SGD with Nesterov momentum (both use ``momentum``);
-    RMSProp decays its squared-gradient average with ``alpha=0.9``, as Hinton proposed.
+    RMSProp decays its squared-gradient average by ``rho`` (0.9, as Hinton proposed; torch's ``alpha``);
+    Adam, AdamW and NAdam use ``betas`` (momentum and squared-gradient decay) and ``eps``.
     """
     groups = list(param_groups)
     if name == "sgd":
@@ -48,7 +50,7 @@ def create_optimizer(
     if name == "adagrad":
         return torch.optim.Adagrad(groups, lr=lr, weight_decay=weight_decay, eps=eps)
     if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=eps, weight_decay=weight_decay)
+        return torch.optim.RMSprop(groups, lr=lr, alpha=rho, eps=eps, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw":
