@@ -27,13 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+import albumentations as A
+import numpy as np
+import torch
 
-import albumentations as A  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from transferkit import plots  # noqa: E402
+from transferkit import plots
 
 __all__ = ["augment_preview", "pipeline_text", "test_predictions", "write_run_report"]
 

@@ -26,13 +26,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+import albumentations as A
+import torch
 
-import albumentations as A  # noqa: E402
-import torch  # noqa: E402
-
-from transferkit.data.augment import build_eval_transform  # noqa: E402
-from transferkit.data.images import IMAGE_SUFFIXES, ImageReadError, load_image  # noqa: E402
+from transferkit.data.augment import build_eval_transform
+from transferkit.data.images import IMAGE_SUFFIXES, ImageReadError, load_image
 
 __all__ = [
     "CheckpointError",
