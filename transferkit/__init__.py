@@ -10,6 +10,7 @@ import os
 # Albumentations asks PyPI for its latest version at import; offline machines wait on that for nothing
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from transferkit.averaging import EMA  # noqa: E402
 from transferkit.backbones import Backbone, BackboneError, HubUnreachableError, create_backbone  # noqa: E402
 from transferkit.data import ImageDataModule  # noqa: E402
 from transferkit.diagnostics import (  # noqa: E402
@@ -31,6 +32,7 @@ from transferkit.trainer import Trainer  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
     "Backbone",
     "BackboneError",
     "CheckpointError",

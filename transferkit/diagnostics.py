@@ -812,9 +812,10 @@ class NonFiniteLossGuard(Callback):
 
     On the CPU the loss is checked before its backward pass and optimizer step, so the weights are
     left as they were after the last good step. On an accelerator, reading the loss back every step
-    would stall the device, so the check of a step's loss happens when the next step starts (by
-    then it is long computed), and before every checkpoint and validation: the run stops one step
-    later, and no checkpoint holds the non-finite weights. The :class:`NonFiniteLossError` names the
+    would stall the device, so the check of a step's loss happens when the next step starts, and
+    before every checkpoint and validation: the run stops one step later, and no checkpoint holds the
+    non-finite weights. On CUDA the finite flag is copied to pinned host memory behind a stream event,
+    so the check waits for that step's forward pass only, never for the step queued behind it. The :class:`NonFiniteLossError` names the
     epoch and step, the loss, the learning rates, the likely cause (non-finite inputs, weights
     already non-finite, or a learning rate too high / exploding gradients) and the fixes.
     :class:`transferkit.Trainer` adds one to every run.
@@ -828,8 +829,9 @@ class NonFiniteLossGuard(Callback):
     def __init__(self) -> None:
         self._batch: Any = None
         self._batch_idx = 0
-        # on an accelerator: (finite flag on the device, loss, batch, batch index, epoch, step)
-        self._pending: tuple[torch.Tensor, torch.Tensor, Any, int, int, int] | None = None
+        # on an accelerator: (finite flag, the event after which it can be read (CUDA), loss, batch,
+        # batch index, epoch, step)
+        self._pending: tuple[torch.Tensor, Any, torch.Tensor, Any, int, int, int] | None = None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -848,8 +850,16 @@ class NonFiniteLossGuard(Callback):
         loss = loss.detach()
         finite = torch.isfinite(loss).all()
         if loss.device.type != "cpu":
+            ready = None
+            if loss.device.type == "cuda":
+                # reading `finite` itself later would queue behind the whole next step (a stall per
+                # step); a non-blocking copy to pinned memory plus an event waits for this point only
+                finite = finite.to("cpu", non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
             self._pending = (
                 finite,
+                ready,
                 loss,
                 self._batch,
                 self._batch_idx,
@@ -883,8 +893,10 @@ class NonFiniteLossGuard(Callback):
     def _check_pending(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is None:
             return
-        finite, loss, batch, batch_idx, epoch, step = self._pending
+        finite, ready, loss, batch, batch_idx, epoch, step = self._pending
         self._pending = None
+        if ready is not None:
+            ready.synchronize()
         if not bool(finite):
             self._raise(trainer, pl_module, loss, batch, batch_idx, epoch, step)
 
