@@ -2,13 +2,16 @@
 
 Both train the same TransferClassifier (bundled tf_efficientnet_lite0 + head, fully unfrozen) with the
 same Adam parameter groups and exponential decay, on the same in-memory batches. They alternate
-(loop, trainer, loop, trainer) and the better of each pair is kept. Also measured: the data pipeline
-alone (a recipe's augmentation and workers, decoding ELPV images), so one sees which side limits.
-Prints one JSON object.
+(loop, trainer, loop, trainer, ...; ``--repeats`` rounds) and the best of each is kept. Also measured:
+the data pipeline alone (a recipe's augmentation and workers, decoding ELPV images), so one sees which
+side limits. With ``--ablate``, each round also times the transferkit step without its non-finite-loss
+guard, without ``self.log``, and under a plain ``lightning.Trainer``, which says where a gap comes from.
+Every measurement is printed to stderr as it finishes; the result is one JSON object on stdout.
 
     python benchmarks/throughput.py                                  # CPU, fp32
     python benchmarks/throughput.py --channels-last --precision bf16-mixed
     python benchmarks/throughput.py --device cuda --batch-size 128 --steps 30
+    python benchmarks/throughput.py --device cuda --batch-size 128 --steps 60 --ablate --no-pipeline
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit import ImageDataModule, Trainer, TransferClassifier
+from transferkit.diagnostics import NonFiniteLossGuard
 from transferkit.runtime import tune_allocator
 
 
@@ -65,10 +70,31 @@ def _loader(args: argparse.Namespace) -> DataLoader:
     return DataLoader(TensorDataset(images, labels), batch_size=args.batch_size, shuffle=False)
 
 
-def lightning_images_per_second(args: argparse.Namespace) -> float:
+class _NoGuard(NonFiniteLossGuard):
+    """Stands in for the guard the transferkit Trainer adds, and checks nothing."""
+
+    def on_train_batch_start(self, *args, **kwargs) -> None: ...
+    def on_before_backward(self, *args, **kwargs) -> None: ...
+    def on_train_epoch_end(self, *args, **kwargs) -> None: ...
+    def on_validation_start(self, *args, **kwargs) -> None: ...
+    def on_save_checkpoint(self, *args, **kwargs) -> None: ...
+    def on_train_end(self, *args, **kwargs) -> None: ...
+
+
+class _Silent(TransferClassifier):
+    """The same module with ``self.log`` switched off."""
+
+    def log(self, *args, **kwargs) -> None: ...
+
+
+def lightning_images_per_second(args: argparse.Namespace, variant: str = "transferkit") -> float:
+    """``variant``: ``transferkit``, ``no_guard``, ``no_log`` or ``plain_lightning`` (lightning.Trainer)."""
     model = _model(args)
+    if variant == "no_log":
+        model.__class__ = _Silent
     timer = _Timer(args.warmup)
-    trainer = Trainer(
+    callbacks = [timer, _NoGuard()] if variant == "no_guard" else [timer]
+    trainer = (L.Trainer if variant == "plain_lightning" else Trainer)(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
         precision=args.precision,
@@ -79,7 +105,7 @@ def lightning_images_per_second(args: argparse.Namespace) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=callbacks,
     )
     trainer.fit(model, train_dataloaders=_loader(args))
     return args.batch_size * args.steps / timer.seconds
@@ -161,14 +187,28 @@ def main() -> None:
     )
     parser.add_argument("--pipeline-batches", type=int, default=20)
     parser.add_argument("--no-pipeline", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of (loop, trainer) timings")
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also time the step without the guard, without logging, plain Lightning",
+    )
     args = parser.parse_args()
 
     tune_allocator()
     L.seed_everything(0, verbose=False)
-    loop, lightning = [], []
-    for _ in range(2):
-        loop.append(loop_images_per_second(args))
-        lightning.append(lightning_images_per_second(args))
+    variants = ["transferkit", *(["no_guard", "no_log", "plain_lightning"] if args.ablate else [])]
+    runs: dict[str, list[float]] = {"raw_loop": [], **{v: [] for v in variants}}
+    for _ in range(args.repeats):
+        for name in runs:
+            rate = (
+                loop_images_per_second(args)
+                if name == "raw_loop"
+                else lightning_images_per_second(args, name)
+            )
+            runs[name].append(rate)
+            print(f"{name}: {rate:.1f} img/s", file=sys.stderr, flush=True)
+    loop, lightning = runs["raw_loop"], runs["transferkit"]
     result = {
         "benchmark": "throughput",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -182,11 +222,10 @@ def main() -> None:
         "raw_loop_images_per_second": round(max(loop), 2),
         "transferkit_images_per_second": round(max(lightning), 2),
         "ratio_transferkit_to_raw": round(max(lightning) / max(loop), 3),
-        "all_runs": {
-            "raw_loop": [round(v, 2) for v in loop],
-            "transferkit": [round(v, 2) for v in lightning],
-        },
+        "all_runs": {name: [round(v, 2) for v in rates] for name, rates in runs.items()},
     }
+    if args.ablate:
+        result["ratio_to_raw_best"] = {name: round(max(rates) / max(loop), 3) for name, rates in runs.items()}
     if not args.no_pipeline:
         rate, settings = pipeline_images_per_second(args)
         result["data_pipeline_images_per_second"] = round(rate, 1)
