@@ -124,8 +124,8 @@ def test_finetune_leaves_a_report_with_the_final_figures_and_pictures(run):
     assert f"| best epoch (0-based) | {best_epoch} (val_loss {metrics['best_score']:.4f}) |" in report
     assert f"`checkpoints/{run.best.name}`" in report
     assert f"| train time | {metrics['fit_seconds']:.1f} s" in report
-    # every link resolves; no warnings: each picture was drawn, and the confusion matrix (re-predicted
-    # from the model after testing) has exactly the test accuracy of the best checkpoint
+    # every link resolves; no warnings: each picture was drawn, and the confusion matrix (the test
+    # loop's own predictions) has exactly the test accuracy of the best checkpoint
     links = re.findall(r"\]\(([^)]+)\)", report)
     assert {"learning_curves.png", "confusion_matrix.png", "augmentation_preview.png", "config.yaml"} <= set(
         links
@@ -170,6 +170,44 @@ def test_a_failing_report_never_fails_the_training(tmp_path, stripes_folder, mon
         results = quiet_trainer(tmp_path, max_epochs=1).finetune(model, datamodule=data)
     assert results["report"] is None and "test_acc" in results["test"]
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_finetune_reads_the_test_split_once_and_its_confusion_matrix_matches_the_test(
+    tmp_path, stripes_folder
+):
+    data = tk.ImageDataModule(
+        source="folder", root=str(stripes_folder), num_workers=0, augment="none", **NORM
+    )
+    reads: list[int] = []
+    test_dataloader = data.test_dataloader
+
+    def counting_test_dataloader() -> torch.utils.data.DataLoader:
+        loader = test_dataloader()
+
+        class Counting(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return len(loader.dataset)
+
+            def __getitem__(self, index: int):
+                reads.append(index)
+                return loader.dataset[index]
+
+        return torch.utils.data.DataLoader(Counting(), batch_size=loader.batch_size)
+
+    data.test_dataloader = counting_test_dataloader
+    model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
+    results = quiet_trainer(tmp_path, max_epochs=2).finetune(model, datamodule=data)
+
+    size = results["split_sizes"]["test"]
+    assert len(reads) == size, (
+        f"{len(reads)} test images read for a test split of {size}: read more than once"
+    )
+    truth, predicted = model.test_predictions
+    assert len(truth) == size
+    accuracy = float((truth == predicted).mean())
+    assert accuracy == pytest.approx(results["test"]["test_acc"], abs=1e-6)
+    report = Path(results["report"]).read_text()
+    assert f"accuracy {accuracy:.3f}" in report or f"{accuracy:.3f}" in report
 
 
 def test_default_loggers_keep_csv_first_and_share_its_run_dir(tmp_path):

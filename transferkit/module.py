@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
@@ -216,6 +217,10 @@ class TransferClassifier(L.LightningModule):
         # confusion counts (bincount) read the device back on every step
         self.val_metrics = metrics().clone(prefix="val_")
         self.test_metrics = metrics().clone(prefix="test_")
+        # (true labels, predicted labels) of the last test loop on this process, so the run report's
+        # confusion matrix needs no second pass over the test split
+        self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
+        self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # --- model -------------------------------------------------------------------------------------
 
@@ -311,6 +316,8 @@ class TransferClassifier(L.LightningModule):
         else:
             metrics.update(logits, labels)
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
+        if stage == "test":
+            self._test_batches.append((labels.detach(), logits.detach().argmax(dim=-1)))
         if stage == "train" and (self.hparams.l1 or self.hparams.l2):
             penalty = self.penalty()
             self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(labels))
@@ -380,6 +387,15 @@ class TransferClassifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_batches = []
+
+    def on_test_epoch_end(self) -> None:
+        if self._test_batches:
+            truth, predicted = zip(*self._test_batches, strict=True)
+            self.test_predictions = (torch.cat(truth).cpu().numpy(), torch.cat(predicted).cpu().numpy())
+        self._test_batches = []
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation); with

@@ -117,11 +117,22 @@ def test_predictions(model: Any, datamodule: Any, device: Any = None) -> tuple[n
     return torch.cat(truth).numpy(), torch.cat(predicted).numpy()
 
 
+def _test_size(datamodule: Any) -> int | None:
+    try:
+        return len(datamodule.test_dataloader().dataset)
+    except (TypeError, AttributeError):
+        return None
+
+
 def _draw_confusion(trainer: Any, model: Any, datamodule: Any, path: Path, out: dict[str, Any]) -> Path:
     if datamodule is None or not hasattr(datamodule, "test_dataloader"):
         raise RuntimeError("no data module with a test split was given to finetune.")
-    device = getattr(getattr(trainer, "strategy", None), "root_device", None)
-    truth, predicted = test_predictions(model, datamodule, device)
+    recorded = getattr(model, "test_predictions", None)
+    if recorded is not None and len(recorded[0]) == _test_size(datamodule):
+        truth, predicted = recorded  # what the test loop just predicted, all of the split
+    else:  # e.g. each DDP process tested a share of the split: predict it here
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        truth, predicted = test_predictions(model, datamodule, device)
     names = list(getattr(model, "class_names", None) or range(int(max(truth.max(), predicted.max()) + 1)))
     out["accuracy"] = float((truth == predicted).mean()) if truth.size else math.nan
     out["samples"] = int(truth.size)
