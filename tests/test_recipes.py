@@ -21,6 +21,7 @@ from torch import nn
 
 from transferkit import FreezeSchedule
 from transferkit.cli import TransferKitCLI, cli_kwargs
+from transferkit.containers import plain
 from transferkit.plots import epoch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,15 +87,6 @@ def test_recipe_header_says_what_it_is_for_how_to_run_it_and_what_it_reaches(pat
 # --- a tiny run through the command line -----------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so a recipe's YAML and a model's hyperparameters compare equal."""
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def _epochs_to_run(recipe: dict[str, Any]) -> int:
     """Up to and including the first epoch that trains the backbone (1 if it trains from the start)."""
     max_epochs = recipe.get("trainer", {}).get("max_epochs") or 1
@@ -126,7 +118,7 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
         if key == "freeze_schedule":
             assert model.hparams.freeze_schedule == FreezeSchedule.coerce(value).to_dict()
         else:
-            assert _plain(model.hparams[key]) == _plain(value), f"model.{key}"
+            assert plain(model.hparams[key]) == plain(value), f"model.{key}"
     hp = model.hparams
     head_layers = [type(m) for m in model.head.hidden]
     if hp.hidden_dims:
@@ -134,7 +126,7 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     assert (nn.BatchNorm1d in head_layers) == bool(hp.batch_norm and hp.hidden_dims), head_layers
     for key, value in recipe.get("data", {}).items():
         if key not in OVERRIDDEN_DATA:
-            assert _plain(data.hparams[key]) == _plain(value), f"data.{key}"
+            assert plain(data.hparams[key]) == plain(value), f"data.{key}"
     assert hp.num_classes == data.num_classes == model.head.fc.out_features
     if data.hparams.source == "elpv":
         assert hp.num_classes == {"binary": 2, "4class": 4}[data.hparams.task]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -13,6 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transferkit.backbones import BackboneError, Pretrained, create_backbone
+from transferkit.containers import plain
 from transferkit.finetuning import (
     FreezeSchedule,
     apply_freeze,
@@ -535,7 +536,7 @@ class TransferClassifier(L.LightningModule):
             "backbone": self.backbone.name,
             "weights": self.backbone.weights,
             "class_names": list(self.class_names),
-            "data_config": _plain(self.data_config),
+            "data_config": plain(self.data_config),
             "preprocessing": checkpoint_preprocessing(self, datamodule),
             "freeze_schedule": self.freeze_schedule.to_dict(),
             "trainable_groups": self.trainable_groups,
@@ -568,11 +569,3 @@ class TransferClassifier(L.LightningModule):
         from transferkit.serving import load_checkpoint_model
 
         return load_checkpoint_model(path, **overrides)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value

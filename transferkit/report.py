@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from transferkit import plots
+from transferkit.containers import plain
 
 __all__ = ["augment_preview", "pipeline_text", "test_predictions", "write_run_report"]
 
@@ -298,17 +299,9 @@ def _non_default_params(transform: A.BasicTransform) -> dict[str, Any]:
     shown = {}
     for key, value in params.items():
         default = signature[key].default if key in signature else inspect.Parameter.empty
-        if key == "p" or default is inspect.Parameter.empty or _plain(default) != _plain(value):
+        if key == "p" or default is inspect.Parameter.empty or plain(default) != plain(value):
             shown[key] = value
     return shown
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def pipeline_text(pipeline: A.BaseCompose | A.BasicTransform, indent: int = 0) -> str:
