@@ -225,3 +225,37 @@ def test_optimizer_hyperparameters_reach_every_group(optimizer, settings, expect
         for key, value in expected.items():
             got = tuple(group[key]) if isinstance(group[key], tuple | list) else group[key]
             assert got == pytest.approx(value), (key, got)
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_the_step_loss_in_the_progress_bar_is_read_back_every_step_only_when_shown(
+    stripes_folder, tmp_path, monkeypatch, shown
+):
+    """Lightning turns progress-bar values into numbers after every batch (``Tensor.item``: a device
+    stall on a GPU); without the step loss in the bar, no logged value is read back per step."""
+    from lightning.pytorch.trainer.connectors.logger_connector import result
+
+    convert = result.convert_tensors_to_scalars
+    read_back = []
+
+    def counting_convert(value):
+        if isinstance(value, torch.Tensor):
+            read_back.append(1)
+        return convert(value)
+
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", counting_convert)
+
+    def reads(batches: int) -> int:
+        L.seed_everything(0)
+        dm = ImageDataModule(
+            source="folder", root=str(stripes_folder), num_workers=0, batch_size=4, augment="none", **NORM
+        )
+        trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=batches, limit_val_batches=0)
+        read_back.clear()
+        trainer.fit(_model(progress_bar_step_loss=shown), datamodule=dm)
+        return len(read_back)
+
+    per_step = (reads(12) - reads(4)) / 8
+    assert per_step == (1 if shown else 0), f"{per_step} logged values read back per training step"
+    assert _model().hparams.progress_bar_step_loss is None
+    assert _model()._step_loss_in_progress_bar()  # the default on a CPU, where a read-back costs nothing

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import WeightAveraging
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA(WeightAveraging):
@@ -47,10 +48,11 @@ class EMA(WeightAveraging):
             )
         if start_epoch < 0:
             raise ValueError(f"EMA start_epoch must be >= 0, got {start_epoch}")
-        super().__init__(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        super().__init__(use_buffers=True)
         self.decay = decay
         self.start_epoch = start_epoch
         self._epoch = 0
+        self._updates = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch = trainer.current_epoch
@@ -58,12 +60,34 @@ class EMA(WeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None
 
+    @torch.no_grad()
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._epoch < self.start_epoch and self._average_model is not None:
-            self._average_model.n_averaged.zero_()  # not averaging yet: this update copies the weights
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # AveragedModel.update_parameters asks `n_averaged == 0` of a device tensor, a read-back that
+        # stalls a GPU every step; the count of updates is kept here instead
+        if self._average_model is None or trainer.global_step <= self._latest_update_step:
+            return
+        self._latest_update_step = trainer.global_step
+        average = self._average_model.module
+        pairs = list(
+            zip(
+                itertools.chain(average.parameters(), average.buffers()),
+                itertools.chain(pl_module.parameters(), pl_module.buffers()),
+                strict=True,
+            )
+        )
+        if self._epoch < self.start_epoch or self._updates == 0:
+            for averaged, current in pairs:  # not averaging yet: the average is the weights
+                averaged.copy_(current)
+        else:
+            floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - self.decay)
+            for averaged, current in pairs:
+                if not averaged.is_floating_point():
+                    averaged.copy_(current)  # counters such as BatchNorm's num_batches_tracked
+        self._updates += 1
+        self._average_model.n_averaged.fill_(self._updates)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -72,3 +96,5 @@ class EMA(WeightAveraging):
             # the checkpoint's state_dict already holds the averaged weights, which is what is judged
             return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None:
+            self._updates = int(self._average_model.n_averaged)  # once, when resuming

@@ -99,6 +99,10 @@ class TransferClassifier(L.LightningModule):
             probabilities of the views are averaged.
         channels_last: run the backbone in channels-last memory layout (often faster with bf16 on GPUs).
         compile: compile the backbone with ``torch.compile`` when training starts.
+        progress_bar_step_loss: show each step's training loss in the progress bar. Lightning turns
+            progress-bar values into Python numbers after every batch, a read-back that stalls a GPU
+            every step; ``None`` (default) shows it on the CPU, where that costs nothing, and elsewhere
+            leaves it to the loggers (``train_loss_step``) and the epoch means.
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class TransferClassifier(L.LightningModule):
         tta: str = "none",
         channels_last: bool = False,
         compile: bool = False,
+        progress_bar_step_loss: bool | None = None,
     ) -> None:
         super().__init__()
         schedule = FreezeSchedule.coerce(freeze_schedule)
@@ -310,7 +315,14 @@ class TransferClassifier(L.LightningModule):
             logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(
+            f"{stage}_loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=not on_step or self._step_loss_in_progress_bar(),
+            batch_size=len(labels),
+        )
         if metrics is None:
             correct = (logits.detach().argmax(dim=-1) == labels).float().mean()
             self.log(f"{stage}_acc", correct, on_step=False, on_epoch=True, batch_size=len(labels))
@@ -327,6 +339,10 @@ class TransferClassifier(L.LightningModule):
                     w.square().sum() for w in self.penalised_weights if w.requires_grad
                 )
         return loss
+
+    def _step_loss_in_progress_bar(self) -> bool:
+        shown = self.hparams.progress_bar_step_loss
+        return self.device.type == "cpu" if shown is None else bool(shown)
 
     # --- regularisation ----------------------------------------------------------------------------
 
