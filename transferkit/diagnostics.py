@@ -815,9 +815,10 @@ class NonFiniteLossGuard(Callback):
     would stall the device, so the check of a step's loss happens when the next step starts, and
     before every checkpoint and validation: the run stops one step later, and no checkpoint holds the
     non-finite weights. On CUDA the finite flag is copied to pinned host memory behind a stream event,
-    so the check waits for that step's forward pass only, never for the step queued behind it. The :class:`NonFiniteLossError` names the
-    epoch and step, the loss, the learning rates, the likely cause (non-finite inputs, weights
-    already non-finite, or a learning rate too high / exploding gradients) and the fixes.
+    so the check waits for that step's forward pass only, never for the step queued behind it. The
+    :class:`NonFiniteLossError` names the epoch and step, the loss, the learning rates, the likely
+    cause (non-finite inputs, weights already non-finite, or a learning rate too high / exploding
+    gradients) and the fixes.
     :class:`transferkit.Trainer` adds one to every run.
 
     Example:
