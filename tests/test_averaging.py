@@ -107,7 +107,11 @@ def test_resuming_restores_both_the_average_and_the_raw_weights(stripes_folder, 
             seen["raw"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
             seen["average"] = {k: v.clone() for k, v in ema._average_model.module.state_dict().items()}
 
-    resumed = quiet_trainer(tmp_path / "resumed", max_epochs=3, callbacks=[ema, _Inspect()])
+    resumed = quiet_trainer(
+        tmp_path / "resumed",
+        max_epochs=3,
+        callbacks=[ema, _Inspect(), RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
     resumed.fit(_model(), datamodule=_data(stripes_folder), ckpt_path=str(last))
     differs = [
         k for k, v in stored["state_dict"].items() if not torch.equal(v, stored["current_model_state"][k])

@@ -250,7 +250,13 @@ def test_the_step_loss_in_the_progress_bar_is_read_back_every_step_only_when_sho
         dm = ImageDataModule(
             source="folder", root=str(stripes_folder), num_workers=0, batch_size=4, augment="none", **NORM
         )
-        trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=batches, limit_val_batches=0)
+        trainer = _trainer(
+            tmp_path,
+            max_epochs=1,
+            limit_train_batches=batches,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+        )
         read_back.clear()
         trainer.fit(_model(progress_bar_step_loss=shown), datamodule=dm)
         return len(read_back)
