@@ -164,17 +164,14 @@ class Trainer(L.Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         tune_allocator()
-        if kwargs.get("enable_progress_bar", True) is not False:
-            callbacks = kwargs.get("callbacks") or []
-            callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
-            if not any(isinstance(c, ProgressBar) for c in callbacks):
-                kwargs["callbacks"] = [*callbacks, RichProgressBar()]
         callbacks = kwargs.get("callbacks") or []
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
-        if not any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
-            callbacks = [*callbacks, NonFiniteLossGuard()]
-        if not any(isinstance(c, InterruptCheckpoint) for c in callbacks):
-            callbacks = [*callbacks, InterruptCheckpoint()]
+        defaults = [(NonFiniteLossGuard, NonFiniteLossGuard), (InterruptCheckpoint, InterruptCheckpoint)]
+        if kwargs.get("enable_progress_bar", True) is not False:
+            defaults.insert(0, (ProgressBar, RichProgressBar))
+        for kind, make in defaults:  # each one only where the caller gave none of its kind
+            if not any(isinstance(c, kind) for c in callbacks):
+                callbacks.append(make())
         kwargs["callbacks"] = callbacks
         plugins = kwargs.get("plugins")
         plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]

@@ -397,6 +397,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"feature map would be under one pixel. Use data.image_size >= {reduction} (its pretrained "
                 f"input size is {pretrained_size})."
             )
+        if size == pretrained_size:
+            return  # the size the backbone was built and trained for: no probe pass needed
         parameter = next(backbone.parameters(), None)
         probe = torch.zeros(1, 3, size, size, device=parameter.device if parameter is not None else "cpu")
         was_training = backbone.training
