@@ -55,6 +55,19 @@ def test_exponential_decay_per_optimizer_step_in_every_group(stripes_folder, tmp
             assert lr == pytest.approx(expected, rel=1e-6), (step, depth)
 
 
+def test_backbone_lr_sets_the_top_group_and_layer_decay_the_groups_below(stripes_folder, tmp_path):
+    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    model = _model(lr=1e-2, backbone_lr=1e-4, layer_decay=0.5, lr_schedule="none")
+    record = _RecordLR()
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[record], limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    head, *backbone = record.lrs[-1]  # head, then backbone top to bottom
+    assert head == pytest.approx(1e-2)
+    assert backbone == pytest.approx([1e-4 * 0.5**depth for depth in range(len(model.groups))])
+    with pytest.raises(ValueError, match="backbone_lr must be > 0"):
+        _model(backbone_lr=0.0)
+
+
 def test_a_frozen_epoch_leaves_the_backbone_and_its_batchnorm_untouched(stripes_folder, tmp_path):
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
     model = _model(freeze_schedule=FreezeSchedule(frozen_epochs=1))

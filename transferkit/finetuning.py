@@ -168,7 +168,10 @@ def set_batchnorm_modes(
                 module.train(backbone.training and not keep_eval)
 
 
-def group_learning_rates(head_lr: float, num_groups: int, layer_decay: float) -> list[float]:
-    """Backbone groups' learning rates, bottom to top: the top group gets ``head_lr * layer_decay``,
-    the one below it ``head_lr * layer_decay**2``, and so on (deeper = smaller)."""
-    return [head_lr * layer_decay ** (num_groups - index) for index in range(num_groups)]
+def group_learning_rates(
+    head_lr: float, num_groups: int, layer_decay: float, top_lr: float | None = None
+) -> list[float]:
+    """Backbone groups' learning rates, bottom to top: the top group gets ``top_lr`` (default
+    ``head_lr * layer_decay``), the one below it that times ``layer_decay``, and so on (deeper = smaller)."""
+    top = head_lr * layer_decay if top_lr is None else top_lr
+    return [top * layer_decay ** (num_groups - 1 - index) for index in range(num_groups)]

@@ -67,6 +67,10 @@ class TransferClassifier(L.LightningModule):
         max_norm: max-norm constraint on the head's incoming weight vectors, enforced after every step.
         optimizer: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``rmsprop``.
         lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth``.
+        backbone_lr: learning rate of the top backbone group, the groups below it ``layer_decay`` times
+            less each; ``None`` = ``lr * layer_decay``. Pretrained weights usually want a rate well
+            under a new head's (e.g. ``lr: 1e-3``, ``backbone_lr: 1e-4``): too large a step when a
+            group is unfrozen throws away what it learned before the head can use it.
         weight_decay: L2 weight decay in the optimizer, on every trained parameter (decoupled for ``adamw``).
         l1: L1 penalty ``l1 * sum |w|`` on the weights of ``penalty_groups``, applied as its proximal
             step after every optimizer step (soft-thresholding by ``lr * l1``), which sets weights
@@ -119,6 +123,7 @@ class TransferClassifier(L.LightningModule):
         max_norm: float | None = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
+        backbone_lr: float | None = None,
         weight_decay: float = 0.0,
         l1: float = 0.0,
         l2: float = 0.0,
@@ -149,6 +154,8 @@ class TransferClassifier(L.LightningModule):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}.")
+        if backbone_lr is not None and not backbone_lr > 0:
+            raise ValueError(f"backbone_lr must be > 0 (or null for lr * layer_decay), got {backbone_lr}.")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
         if any(not isinstance(d, int) or d < 1 for d in hidden_dims):
@@ -483,7 +490,7 @@ class TransferClassifier(L.LightningModule):
         """Optimizer parameter groups, all built up front: the head, then backbone groups top to bottom."""
         hp = self.hparams
         named = dict(self.backbone.model.named_parameters())
-        lrs = group_learning_rates(hp.lr, len(self.groups), hp.layer_decay)
+        lrs = group_learning_rates(hp.lr, len(self.groups), hp.layer_decay, hp.backbone_lr)
         groups = [{"name": "head", "params": list(self.head.parameters()), "lr": hp.lr}]
         for index in reversed(range(len(self.groups))):
             groups.append(

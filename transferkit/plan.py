@@ -32,7 +32,7 @@ def plan_phases(model: TransferClassifier, max_epochs: int, steps_per_epoch: int
     """Split ``max_epochs`` into phases of constant trainable groups, with their sizes and learning rates.
 
     The learning rates are the ones the optimizer holds at each phase's first step: each group's base LR
-    (head LR times ``layer_decay ** depth``) times the schedule's factor at that step.
+    (``backbone_lr``, or the head's LR times ``layer_decay``, for the top group, times ``layer_decay`` per group down) times the schedule's factor at that step.
     """
     schedule = model.freeze_schedule
     groups = model.groups
@@ -135,7 +135,8 @@ def main(argv: Sequence[str]) -> int:
     console.print(table)
     console.print(
         f"{steps_per_epoch} optimizer steps per epoch ({train_size} training images, batch {datamodule.batch_size}); "
-        f"schedule '{model.hparams.lr_schedule}', layer_decay {model.hparams.layer_decay}."
+        f"schedule '{model.hparams.lr_schedule}', layer_decay {model.hparams.layer_decay}"
+        + (f", backbone_lr {model.hparams.backbone_lr}." if model.hparams.backbone_lr is not None else ".")
     )
     groups = Table(title="backbone groups (bottom to top)")
     groups.add_column("group")
