@@ -8,8 +8,9 @@ side limits. With ``--ablate``, each round also times the transferkit step witho
 guard, without ``self.log``, and under a plain ``lightning.Trainer``, which says where a gap comes from.
 Every measurement is printed to stderr as it finishes; the result is one JSON object on stdout.
 
-    python benchmarks/throughput.py                                  # CPU, fp32
-    python benchmarks/throughput.py --channels-last --precision bf16-mixed
+    python benchmarks/throughput.py                                  # CPU, fp32, channels-last
+    python benchmarks/throughput.py --no-channels-last               # the NCHW layout
+    python benchmarks/throughput.py --precision bf16-mixed
     python benchmarks/throughput.py --device cuda --batch-size 128 --steps 30
     python benchmarks/throughput.py --device cuda --batch-size 128 --steps 60 --ablate --no-pipeline
 """
@@ -180,7 +181,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC layout (the default)",
+    )
     parser.add_argument("--compile", action="store_true")
     parser.add_argument(
         "--recipe", default="recipes/elpv.yaml", help="whose augmentation and workers the pipeline uses"
