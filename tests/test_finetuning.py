@@ -127,6 +127,53 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(stripes_folde
     assert worst <= 1e-6
 
 
+class _RecordBatches(Callback):
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        images, labels = batch
+        self.batches.append((trainer.current_epoch, images.clone(), labels.clone()))
+
+
+def test_a_run_resumed_in_the_same_process_with_loader_workers_sees_the_uninterrupted_batches(
+    stripes_folder, tmp_path
+):
+    # Lightning iterates the train loader once before set_epoch when it resumes; workers draw their
+    # first indices right then. The resumed epoch must still get its own order and augmentations.
+    def data() -> ImageDataModule:
+        return ImageDataModule(
+            source="folder",
+            root=str(stripes_folder),
+            num_workers=2,
+            batch_size=8,
+            augment="light",
+            seed=0,
+            **NORM,
+        )
+
+    L.seed_everything(0)
+    full = _RecordBatches()
+    _trainer(tmp_path / "full", max_epochs=2, callbacks=[full]).fit(_model(), datamodule=data())
+
+    L.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cut = _trainer(
+        tmp_path / "cut", max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint, _StopAfterEpoch(0)]
+    )
+    cut.fit(_model(), datamodule=data())
+    resumed = _RecordBatches()
+    _trainer(tmp_path / "resumed", max_epochs=2, callbacks=[resumed]).fit(
+        _model(), datamodule=data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+
+    expected = [b for b in full.batches if b[0] == 1]
+    assert [b[0] for b in resumed.batches] == [1] * len(expected)
+    for (_, images, labels), (_, want_images, want_labels) in zip(resumed.batches, expected, strict=True):
+        assert torch.equal(labels, want_labels)
+        assert torch.equal(images, want_images)
+
+
 def uninterrupted_groups(schedule: FreezeSchedule, model: TransferClassifier, epochs: int) -> int:
     return schedule.trainable_groups(epochs - 1, len(model.groups))
 

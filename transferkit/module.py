@@ -281,6 +281,11 @@ class TransferClassifier(L.LightningModule):
             # for unused parameters every step (it is set before the model is wrapped, which comes next)
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
+    def on_train_start(self) -> None:
+        from transferkit.data.datamodule import align_train_loader
+
+        align_train_loader(self.trainer)  # a resumed run's first epoch gets its own order, not epoch 0's
+
     def on_train_epoch_start(self) -> None:
         if self._pending_rng_state is not None:
             torch.set_rng_state(self._pending_rng_state)  # resume with the RNG where the run left it

@@ -113,6 +113,8 @@ class EpochShuffleSampler(Sampler[int]):
     same order as an uninterrupted one (a sampler driven by one long-lived generator would not).
     With ``tag_epoch=True`` it yields ``(epoch, index)`` pairs, which carry the epoch into DataLoader
     workers (persistent ones too) so that :class:`ImageDataset` draws that epoch's augmentations.
+    ``drawn_epoch`` is the epoch of the last order handed out (``None`` before the first); see
+    :func:`align_train_loader`.
     """
 
     def __init__(self, num_samples: int, seed: int, tag_epoch: bool = False) -> None:
@@ -120,6 +122,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.seed = seed
         self.tag_epoch = tag_epoch
         self.epoch = 0
+        self.drawn_epoch: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -128,6 +131,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self):
+        self.drawn_epoch = self.epoch
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         if self.tag_epoch:
@@ -156,6 +160,7 @@ class BalancedSampler(EpochShuffleSampler):
         self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
 
     def __iter__(self):
+        self.drawn_epoch = self.epoch
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.multinomial(
             self.weights, self.num_samples, replacement=True, generator=generator
@@ -163,6 +168,35 @@ class BalancedSampler(EpochShuffleSampler):
         if self.tag_epoch:
             return iter([(self.epoch, i) for i in order])
         return iter(order)
+
+
+def align_train_loader(trainer: L.Trainer) -> bool:
+    """Restart the training loader's iteration if it drew another epoch's order than the one the run
+    is at; returns whether it did.
+
+    Lightning iterates the train loader once when it first sets it up (``FitLoop.setup_data``, reached
+    from ``estimated_stepping_batches`` in ``configure_optimizers``), which is before a resumed run's
+    loop state is restored and before ``set_epoch``, and it does not iterate again for the first
+    resumed epoch. A loader with workers draws its first indices right at that iteration, so without
+    this the first epoch after a resume would replay epoch 0's order and augmentations.
+    :meth:`TransferClassifier.on_train_start` calls it, once per ``fit``, after the loop state is
+    restored.
+    """
+    loop = trainer.fit_loop
+    loader = getattr(loop, "_combined_loader", None)
+    fetcher = getattr(loop, "_data_fetcher", None)
+    if loader is None or fetcher is None:
+        return False
+    epoch = loop.epoch_progress.current.processed  # what Lightning's set_epoch is about to get
+    realign = False
+    for dataloader in loader.flattened:
+        sampler = getattr(dataloader, "sampler", None)
+        if isinstance(sampler, EpochShuffleSampler) and sampler.drawn_epoch not in (None, epoch):
+            sampler.set_epoch(epoch)
+            realign = True
+    if realign:
+        iter(fetcher)  # a new iteration of the loader (persistent workers are reused)
+    return realign
 
 
 class ImageDataModule(L.LightningDataModule):
