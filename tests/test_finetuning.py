@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -348,6 +349,69 @@ def test_ddp_two_processes_stay_identical_after_an_unfreeze(tmp_path):
     # the backbone was unfrozen in epoch 1 and really trained (on different shards, in sync)
     changed = [n for n in rank0 if n.startswith("backbone.") and not torch.equal(rank0[n], initial[n])]
     assert len(changed) > 0.9 * sum(n.startswith("backbone.") for n in rank0)
+
+
+DDP_RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+sys.path.insert(0, {tests!r})
+from conftest import NORM, TINY_BACKBONE
+
+import transferkit as tk
+
+OUT, MODE = Path({out!r}), sys.argv[1]
+
+
+class Record(Callback):  # what each rank trains on in epoch 1
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1:
+            with open(OUT / f"{{MODE}}-rank{{trainer.global_rank}}.txt", "a") as f:
+                f.write(f"{{batch_idx}} {{float(batch[0].double().sum()):.6f}} {{batch[1].tolist()}}\\n")
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = MODE == "cut"
+
+
+if __name__ == "__main__":
+    import lightning as L
+
+    L.seed_everything(0)
+    model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
+    data = tk.ImageDataModule(
+        source="folder", root={root!r}, num_workers=2, batch_size=8, augment="light", seed=0, **NORM
+    )
+    callbacks = [Record(), StopAfterFirstEpoch(), ModelCheckpoint(dirpath=OUT / "ckpt", save_last=True)]
+    trainer = tk.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=str(OUT / "ckpt" / "last.ckpt") if MODE == "resume" else None)
+"""
+
+
+def test_ddp_with_loader_workers_resumes_into_the_uninterrupted_batches(tmp_path):
+    root = make_stripes_folder(tmp_path / "data", per_class=16)
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(
+        textwrap.dedent(DDP_RESUME_SCRIPT.format(tests=str(TESTS), out=str(tmp_path), root=str(root)))
+    )
+    for mode in ("full", "cut", "resume"):
+        if mode == "cut":
+            shutil.rmtree(tmp_path / "ckpt")
+        result = subprocess.run(
+            [sys.executable, str(script), mode], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        full = (tmp_path / f"full-rank{rank}.txt").read_text().splitlines()
+        resumed = (tmp_path / f"resume-rank{rank}.txt").read_text().splitlines()
+        assert full, f"rank {rank} recorded no batch of epoch 1"
+        assert resumed == full, f"rank {rank}: the resumed epoch trained on other batches"
 
 
 # --- plan -------------------------------------------------------------------------------------------

@@ -190,9 +190,14 @@ def align_train_loader(trainer: L.Trainer) -> bool:
     epoch = loop.epoch_progress.current.processed  # what Lightning's set_epoch is about to get
     realign = False
     for dataloader in loader.flattened:
-        sampler = getattr(dataloader, "sampler", None)
-        if isinstance(sampler, EpochShuffleSampler) and sampler.drawn_epoch not in (None, epoch):
-            sampler.set_epoch(epoch)
+        outer = getattr(dataloader, "sampler", None)
+        # under DDP, Lightning's DistributedSamplerWrapper holds the sampler as ``dataset._sampler``
+        inner = getattr(getattr(outer, "dataset", None), "_sampler", None)
+        sampler = next((s for s in (outer, inner) if isinstance(s, EpochShuffleSampler)), None)
+        if sampler is not None and sampler.drawn_epoch not in (None, epoch):
+            for s in (outer, inner):
+                if hasattr(s, "set_epoch"):
+                    s.set_epoch(epoch)
             realign = True
     if realign:
         iter(fetcher)  # a new iteration of the loader (persistent workers are reused)
