@@ -66,11 +66,12 @@ class TransferClassifier(L.LightningModule):
         batch_norm: BatchNorm between each hidden Linear and its activation.
         max_norm: max-norm constraint on the head's incoming weight vectors, enforced after every step.
         optimizer: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``rmsprop``.
-        lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth``.
+        lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth`` unless
+            ``backbone_lr`` is set.
         backbone_lr: learning rate of the top backbone group, the groups below it ``layer_decay`` times
-            less each; ``None`` = ``lr * layer_decay``. Pretrained weights usually want a rate well
-            under a new head's (e.g. ``lr: 1e-3``, ``backbone_lr: 1e-4``): too large a step when a
-            group is unfrozen throws away what it learned before the head can use it.
+            less each; ``None`` = ``lr * layer_decay``. A rate well under the head's (e.g. ``1e-4``
+            with ``lr: 1e-3``) keeps more of the pretrained features, which suits images close to
+            ImageNet; on images far from it (ELPV) the larger default did better (README).
         weight_decay: L2 weight decay in the optimizer, on every trained parameter (decoupled for ``adamw``).
         l1: L1 penalty ``l1 * sum |w|`` on the weights of ``penalty_groups``, applied as its proximal
             step after every optimizer step (soft-thresholding by ``lr * l1``), which sets weights

@@ -32,7 +32,8 @@ def plan_phases(model: TransferClassifier, max_epochs: int, steps_per_epoch: int
     """Split ``max_epochs`` into phases of constant trainable groups, with their sizes and learning rates.
 
     The learning rates are the ones the optimizer holds at each phase's first step: each group's base LR
-    (``backbone_lr``, or the head's LR times ``layer_decay``, for the top group, times ``layer_decay`` per group down) times the schedule's factor at that step.
+    (the top group's ``backbone_lr``, default the head's LR times ``layer_decay``, times ``layer_decay``
+    per group down) times the schedule's factor at that step.
     """
     schedule = model.freeze_schedule
     groups = model.groups
