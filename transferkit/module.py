@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transferkit.backbones import BackboneError, Pretrained, create_backbone
 from transferkit.containers import plain
+from transferkit.data.datamodule import align_train_loader
 from transferkit.finetuning import (
     FreezeSchedule,
     apply_freeze,
@@ -283,8 +284,6 @@ class TransferClassifier(L.LightningModule):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_train_start(self) -> None:
-        from transferkit.data.datamodule import align_train_loader
-
         align_train_loader(self.trainer)  # a resumed run's first epoch gets its own order, not epoch 0's
 
     def on_train_epoch_start(self) -> None:
