@@ -427,6 +427,7 @@ def test_plan_prints_one_row_per_phase(tmp_path):
               backbone: {TINY_BACKBONE}
               pretrained: false
               freeze_schedule: {{frozen_epochs: 2, unfreeze_every: 1}}
+              progressive_resizing: {{1: 12, 4: 16}}
             data: {{source: digits, image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], num_workers: 0}}
             """
         )
@@ -441,10 +442,12 @@ def test_plan_prints_one_row_per_phase(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
     phase_rows = [r for r in rows if "/6" in r]
-    assert [r.split("│")[1].strip() for r in phase_rows] == ["0-1", "2", "3", "4"]
-    assert [r.split("│")[2].strip() for r in phase_rows] == ["0/6", "1/6", "2/6", "3/6"]
+    # a phase ends where the trainable groups or the training image size change
+    assert [r.split("│")[1].strip() for r in phase_rows] == ["0", "1", "2", "3", "4"]
+    assert [r.split("│")[2].strip() for r in phase_rows] == ["0/6", "0/6", "1/6", "2/6", "3/6"]
+    assert [r.split("│")[-2].strip() for r in phase_rows] == ["16 px", "12 px", "12 px", "12 px", "16 px"]
     assert "frozen groups: eval" in phase_rows[0] and "head=" in phase_rows[0] and "g5=" not in phase_rows[0]
-    assert "g5=" in phase_rows[1]
+    assert "g5=" in phase_rows[2]
 
 
 def test_probe_scores_every_depth_and_suggests_how_deep_to_unfreeze(tmp_path):

@@ -68,6 +68,30 @@ def test_backbone_lr_sets_the_top_group_and_layer_decay_the_groups_below(stripes
         _model(backbone_lr=0.0)
 
 
+def test_progressive_resizing_trains_small_then_full_and_always_validates_at_full_size(
+    stripes_folder, tmp_path
+):
+    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    model = _model(progressive_resizing={"0": 16, 2: 32})  # YAML/CLI keys may arrive as strings
+    seen: list[tuple[int, bool, tuple[int, int]]] = []  # (epoch, training step?, image size)
+    model.backbone.register_forward_pre_hook(
+        lambda _, args: seen.append((model.current_epoch, torch.is_grad_enabled(), tuple(args[0].shape[-2:])))
+    )
+    trainer = _trainer(tmp_path, max_epochs=3, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    train_sizes = {
+        epoch: {size for e, training, size in seen if training and e == epoch} for epoch in range(3)
+    }
+    assert train_sizes == {0: {(16, 16)}, 1: {(16, 16)}, 2: {(32, 32)}}
+    assert {size for _, training, size in seen if not training} == {(32, 32)}  # validation: the data's size
+    assert trainer.callback_metrics["train_image_side"] == 32
+    assert model.hparams.progressive_resizing == {0: 16, 2: 32}
+    with pytest.raises(ValueError, match="image side in pixels"):
+        _model(progressive_resizing={3: 0})
+    with pytest.raises(ValueError, match="maps epoch -> image side"):
+        _model(progressive_resizing=[176, 224])
+
+
 def test_a_frozen_epoch_leaves_the_backbone_and_its_batchnorm_untouched(stripes_folder, tmp_path):
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
     model = _model(freeze_schedule=FreezeSchedule(frozen_epochs=1))

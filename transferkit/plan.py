@@ -14,7 +14,7 @@ __all__ = ["Phase", "plan_phases", "main"]
 
 @dataclass
 class Phase:
-    """A run of epochs with the same trainable groups."""
+    """A run of epochs with the same trainable groups and training image size."""
 
     first_epoch: int
     last_epoch: int
@@ -26,10 +26,12 @@ class Phase:
         str, float
     ]  # optimizer group name -> LR at the phase's first step (trainable groups only)
     bn_mode: str
+    train_image_side: int | None = None  # progressive_resizing's side; None = the data's size
 
 
 def plan_phases(model: TransferClassifier, max_epochs: int, steps_per_epoch: int) -> list[Phase]:
-    """Split ``max_epochs`` into phases of constant trainable groups, with their sizes and learning rates.
+    """Split ``max_epochs`` into phases of constant trainable groups and training image size
+    (``progressive_resizing``), with their parameter counts and learning rates.
 
     The learning rates are the ones the optimizer holds at each phase's first step: each group's base LR
     (the top group's ``backbone_lr``, default the head's LR times ``layer_decay``, times ``layer_decay``
@@ -48,15 +50,16 @@ def plan_phases(model: TransferClassifier, max_epochs: int, steps_per_epoch: int
     base_lrs = [g["initial_lr"] if "initial_lr" in g else g["lr"] for g in optimizer.param_groups]
     names = [g["name"] for g in optimizer.param_groups]
 
-    def trainable_at(epoch: int) -> int:
-        return schedule.trainable_groups(epoch, len(groups)) if schedule.active else len(groups)
+    def trainable_at(epoch: int) -> tuple[int, int | None]:
+        trainable = schedule.trainable_groups(epoch, len(groups)) if schedule.active else len(groups)
+        return trainable, model.train_image_side(epoch)
 
     phases: list[Phase] = []
     epoch = 0
     while epoch < max_epochs:
-        trainable = trainable_at(epoch)
+        trainable, side = trainable_at(epoch)
         last = epoch
-        while last + 1 < max_epochs and trainable_at(last + 1) == trainable:
+        while last + 1 < max_epochs and trainable_at(last + 1) == (trainable, side):
             last += 1
         step = epoch * steps_per_epoch
         lrs = {}
@@ -73,7 +76,7 @@ def plan_phases(model: TransferClassifier, max_epochs: int, steps_per_epoch: int
             bn_mode = "all train"
         else:
             bn_mode = "frozen groups: eval"
-        phases.append(Phase(epoch, last, trainable, len(groups), trainable_params, total, lrs, bn_mode))
+        phases.append(Phase(epoch, last, trainable, len(groups), trainable_params, total, lrs, bn_mode, side))
         epoch = last + 1
     return phases
 
@@ -113,6 +116,7 @@ def main(argv: Sequence[str]) -> int:
     max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 10
 
     phases = plan_phases(model, max_epochs, steps_per_epoch)
+    data_side = datamodule.image_size  # filled from the backbone by use_data_config above
     table = Table(title=f"freeze plan: {model.backbone.name}, {len(model.groups)} backbone groups + head")
     for column in (
         "epochs",
@@ -120,6 +124,7 @@ def main(argv: Sequence[str]) -> int:
         "trainable params",
         "learning rates (head, then top group down)",
         "BatchNorm",
+        "train size",
     ):
         table.add_column(column)
     for phase in phases:
@@ -131,6 +136,7 @@ def main(argv: Sequence[str]) -> int:
             f"{phase.trainable_params:,} / {phase.total_params:,}",
             _format_lrs(phase.group_lrs),
             phase.bn_mode,
+            f"{phase.train_image_side or data_side} px",
         )
     console = Console(width=max(Console().width, 140))
     console.print(table)
