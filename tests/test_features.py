@@ -98,5 +98,68 @@ def test_the_cache_is_skipped_when_batchnorm_trains(stripes_folder, tmp_path):
         enable_progress_bar=False,
         default_root_dir=tmp_path,
     )
-    with pytest.warns(UserWarning, match="feature_cache is ignored with bn_policy='train'"):
+    with pytest.warns(UserWarning, match="feature_cache and trunk_cache are ignored with bn_policy=.train."):
         trainer.fit(model, datamodule=dm)
+
+
+# --- trunk cache: the frozen bottom of a partly frozen backbone ---------------------------------------
+
+
+def _fit_top(dm: ImageDataModule, tmp_path, **kwargs) -> TransferClassifier:
+    """Head only for an epoch, then the top 2 backbone groups with the bottom frozen (ImageNet-style BN)."""
+    L.seed_everything(0)
+    model = TransferClassifier(
+        num_classes=2,
+        backbone=TINY_BACKBONE,
+        pretrained=False,
+        freeze_schedule=FreezeSchedule(milestones={0: 0, 1: 2}, bn_policy="eval"),
+        **kwargs,
+    )
+    trainer = quiet_trainer(tmp_path, max_epochs=3, enable_checkpointing=False)
+    trainer.fit(model, datamodule=dm)
+    return model
+
+
+def test_trunk_cache_trains_the_top_exactly_as_without_it(stripes_folder, tmp_path, monkeypatch):
+    counter = _CountExtractions(monkeypatch)
+    plain = _fit_top(_dm(stripes_folder, tmp_path), tmp_path)
+    dm = _dm(stripes_folder, tmp_path, trunk_cache="clean")
+    cached = _fit_top(dm, tmp_path)
+    assert counter.calls == 2  # the trunk of train and val, once for both partly frozen epochs
+    (trunk_features,) = [v for (split, _), v in dm._features.items() if split == "train"]
+    trunk = cached.trunk(len(cached.groups) - 2)
+    assert trunk_features.dtype == torch.float16 and trunk_features.shape[2] != 3  # feature maps, not images
+    # the top groups and the head train to the same weights as from images (float16 storage aside)
+    for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values(), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=2e-3, msg=name)
+    changed = [n for n, p in cached.backbone.model.named_parameters() if p.requires_grad]
+    assert changed and all(not n.startswith(("conv_stem", "bn1")) for n in changed)
+    # the trunk's output really stands in for the images: the rest of the forward pass gives the same features
+    images = torch.randn(2, 3, 32, 32)
+    cached.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trunk.rest(trunk(images)), cached.backbone(images))
+    # a test after fit runs on images as usual
+    (result,) = quiet_trainer(tmp_path).test(cached, datamodule=dm, verbose=False)
+    assert 0.0 <= result["test_acc"] <= 1.0
+
+
+def test_augmented_trunk_cache_draws_one_view_per_image_each_epoch(stripes_folder, tmp_path):
+    dm = _dm(stripes_folder, tmp_path, trunk_cache="augmented", cache_views=3, augment="heavy")
+    _fit_top(dm, tmp_path)
+    (train_features,) = [v for (split, _), v in dm._features.items() if split == "train"]
+    assert train_features.shape[:2] == (3, len(dm.datasets["train"]))
+    assert not torch.equal(train_features[0], train_features[1])  # augmented views differ
+
+
+def test_trunk_cache_refuses_a_backbone_it_cannot_split(stripes_folder, tmp_path):
+    dm = _dm(stripes_folder, tmp_path, trunk_cache="clean")
+    L.seed_everything(0)
+    model = TransferClassifier(
+        num_classes=2,
+        backbone="resnet10t",
+        pretrained=False,
+        freeze_schedule=FreezeSchedule(milestones={0: 0, 1: 2}, bn_policy="eval"),
+    )
+    with pytest.raises(ValueError, match="splits timm EfficientNet-family backbones"):
+        quiet_trainer(tmp_path, max_epochs=2, enable_checkpointing=False).fit(model, datamodule=dm)

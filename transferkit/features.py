@@ -25,6 +25,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.backbones import Backbone
@@ -54,15 +55,20 @@ def items_fingerprint(items: Sequence[str | np.ndarray]) -> str:
 
 
 @torch.no_grad()
-def extract_features(backbone: Backbone, loader: DataLoader) -> torch.Tensor:
-    """Pooled features ``(N, num_features)`` of every image the loader yields, in order, in eval mode."""
-    was_training = backbone.training
+def extract_features(
+    backbone: Backbone | nn.Module, loader: DataLoader, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Outputs ``(N, ...)`` of every image the loader yields, in order, in eval mode, stored as ``dtype``
+    (pooled features of a backbone, feature maps of a trunk)."""
+    modes = {module: module.training for module in backbone.modules()}
     device = next(backbone.parameters()).device  # the trainer's device (a GPU when training on one)
-    backbone.eval()
+    for module in modes:
+        module.training = False
     try:
-        chunks = [backbone(images.to(device, non_blocking=True)).float().cpu() for images, _ in loader]
+        chunks = [backbone(images.to(device, non_blocking=True)).to("cpu", dtype) for images, _ in loader]
     finally:
-        backbone.train(was_training)
+        for module, training in modes.items():  # each module's own mode back (a trunk's are the model's)
+            module.training = training
     return torch.cat(chunks)
 
 
@@ -123,10 +129,11 @@ class FeatureCache:
 
 
 class CachedFeatures(Dataset):
-    """``(features (F,), label)`` pairs; with several views, each epoch draws one view per image."""
+    """``(features, label)`` pairs (``(F,)`` pooled features or a trunk's ``(C, H, W)`` maps); with several
+    views, each epoch draws one view per image."""
 
     def __init__(self, features: torch.Tensor, labels: np.ndarray, epoch: int, seed: int) -> None:
-        views, count, _ = features.shape
+        views, count = features.shape[:2]
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
         self.view = (
             torch.randint(views, (count,), generator=generator)

@@ -17,6 +17,7 @@ from transferkit.containers import plain
 from transferkit.data.datamodule import align_train_loader
 from transferkit.finetuning import (
     FreezeSchedule,
+    Trunk,
     apply_freeze,
     backbone_groups,
     group_learning_rates,
@@ -226,6 +227,7 @@ class TransferClassifier(L.LightningModule):
             list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         )
         self._groups: list[list[str]] | None = None
+        self._trunks: dict[int, Trunk] = {}
         self._penalised: list[torch.nn.Parameter] | None = None
         self._pending_rng_state: torch.Tensor | None = None
         self.trainable_groups: int | None = None  # None: nothing frozen yet (before training starts)
@@ -279,11 +281,31 @@ class TransferClassifier(L.LightningModule):
                 self._groups = [[name for name, _ in self.backbone.model.named_parameters()]]
         return self._groups
 
+    def trunk(self, frozen_groups: int) -> Trunk:
+        """The bottom ``frozen_groups`` backbone groups as a :class:`~transferkit.finetuning.Trunk`."""
+        if frozen_groups not in self._trunks:
+            self._trunks[frozen_groups] = Trunk(self.backbone, self.groups, frozen_groups)
+        return self._trunks[frozen_groups]
+
+    def _is_image(self, x: torch.Tensor) -> bool:
+        return x.ndim == 4 and x.shape[1] == self.data_config["input_size"][0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` -> logits; pooled backbone features ``(B, num_features)`` (from the
-        frozen-feature cache) go straight to the head."""
+        """Images ``(B, 3, H, W)`` -> logits. Cached inputs from the data module's feature caches, while
+        training: pooled backbone features ``(B, num_features)`` go straight to the head; feature maps
+        ``(B, C, H, W)`` of the frozen trunk go through the trainable top of the backbone."""
         if x.ndim == 2:
             return self.head(x)
+        if not self._is_image(x):
+            if self.trainable_groups is None or self.trainable_groups in (0, len(self.groups)):
+                raise ValueError(
+                    f"got a {tuple(x.shape)} batch, neither images with {self.data_config['input_size'][0]} "
+                    "channels nor trunk features of a partly frozen backbone."
+                )
+            x = x.to(self.dtype)
+            if self.hparams.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.head(self.trunk(len(self.groups) - self.trainable_groups).rest(x))
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))
@@ -442,7 +464,7 @@ class TransferClassifier(L.LightningModule):
     def resize_for_training(self, images: torch.Tensor) -> torch.Tensor:
         """Training images resized to this epoch's ``progressive_resizing`` side (unchanged without one)."""
         side = self.train_image_side(self.current_epoch)
-        if side is None or images.ndim != 4 or min(images.shape[-2:]) == side:
+        if side is None or not self._is_image(images) or min(images.shape[-2:]) == side:
             return images
         height, width = images.shape[-2:]
         scale = side / min(height, width)

@@ -17,6 +17,7 @@ from transferkit.data.augment import Augment, build_eval_transform, build_train_
 from transferkit.data.images import ImageReadError, find_unreadable, load_image
 from transferkit.data.sources import DatasetError, DataSource, SourceName, load_source, split_indices
 from transferkit.features import CachedFeatures, FeatureCache, extract_features
+from transferkit.finetuning import Trunk
 
 __all__ = ["BalancedSampler", "EpochShuffleSampler", "ImageDataModule", "ImageDataset"]
 
@@ -231,7 +232,12 @@ class ImageDataModule(L.LightningDataModule):
             stored backbone features instead of images: ``off``; ``clean`` (one vector per image, eval
             pipeline); ``augmented`` (``cache_views`` train-pipeline views per image, one drawn per epoch).
             Validation uses clean features in both cases. See :mod:`transferkit.features`.
-        cache_views: augmented views per training image for ``feature_cache: augmented``.
+        trunk_cache: while only the top backbone groups train (the bottom ones frozen, their BatchNorm
+            in eval mode), feed the model the stored output of the frozen bottom (the trunk) instead of
+            images, so each step runs only the trainable top: ``off``; ``clean``; ``augmented``
+            (``cache_views`` train-pipeline views per image, one drawn per epoch). Stored in float16.
+            Timm EfficientNet-family backbones; see :class:`transferkit.finetuning.Trunk`.
+        cache_views: augmented views per training image for ``feature_cache``/``trunk_cache: augmented``.
         cache_dir: where cached features are stored; ``None`` = ``<trainer.default_root_dir>/feature_cache``.
         sampler: order of the training samples: ``shuffle`` (each image once per epoch) or ``balanced``
             (classes drawn equally often, see :class:`BalancedSampler`; for severely imbalanced data, which
@@ -262,6 +268,7 @@ class ImageDataModule(L.LightningDataModule):
         skip_bad_images: bool = False,
         max_samples: int | None = None,
         feature_cache: Literal["off", "clean", "augmented"] = "off",
+        trunk_cache: Literal["off", "clean", "augmented"] = "off",
         cache_views: int = 4,
         cache_dir: str | None = None,
         sampler: Literal["shuffle", "balanced"] = "shuffle",
@@ -283,9 +290,12 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         if feature_cache not in ("off", "clean", "augmented"):
             raise ValueError(f"feature_cache must be 'off', 'clean' or 'augmented', got {feature_cache!r}.")
+        if trunk_cache not in ("off", "clean", "augmented"):
+            raise ValueError(f"trunk_cache must be 'off', 'clean' or 'augmented', got {trunk_cache!r}.")
         if cache_views < 1:
             raise ValueError(f"cache_views must be >= 1, got {cache_views}.")
         self.feature_cache = feature_cache
+        self.trunk_cache = trunk_cache
         self.cache_views = cache_views
         self.cache_dir = cache_dir
         if sampler not in ("shuffle", "balanced"):
@@ -338,7 +348,7 @@ class ImageDataModule(L.LightningDataModule):
             if self.data.items and isinstance(self.data.items[0], str) and self.data.name != "elpv":
                 self._warn_duplicates_across_splits()
         self._resolve_transforms()
-        if self.feature_cache != "off" and self.trainer is not None:
+        if (self.feature_cache != "off" or self.trunk_cache != "off") and self.trainer is not None:
             # the loaders change when the backbone unfreezes: ask for them again every epoch
             self.trainer.reload_dataloaders_every_n_epochs = 1
         for split, indices in self.split_indices.items():
@@ -502,27 +512,37 @@ class ImageDataModule(L.LightningDataModule):
     # --- frozen-feature cache ----------------------------------------------------------------------
 
     def _frozen_backbone(self) -> Any | None:
-        """The model's backbone if this epoch of a fit runs it fully frozen (so its features are fixed)."""
-        if self.feature_cache == "off" or self.trainer is None or self.trainer.state.fn != "fit":
+        """What this epoch of a fit can cache: the model's backbone if it runs fully frozen (its pooled
+        features are fixed), its :class:`~transferkit.finetuning.Trunk` if only its bottom is frozen and
+        ``trunk_cache`` is on, else ``None``."""
+        if self.trainer is None or self.trainer.state.fn != "fit":
+            return None
+        if self.feature_cache == "off" and self.trunk_cache == "off":
             return None
         model = self.trainer.lightning_module
         schedule = getattr(model, "freeze_schedule", None)
         if schedule is None or not schedule.active:
             return None
-        if schedule.trainable_groups(self.trainer.current_epoch, len(model.groups)) != 0:
+        trainable = schedule.trainable_groups(self.trainer.current_epoch, len(model.groups))
+        if trainable == len(model.groups):
+            return None
+        if trainable != 0 and self.trunk_cache == "off" or trainable == 0 and self.feature_cache == "off":
             return None
         if schedule.bn_policy == "train":
             warnings.warn(
-                "feature_cache is ignored with bn_policy='train': BatchNorm statistics keep changing, "
-                "so the frozen backbone's features are not fixed.",
+                "feature_cache and trunk_cache are ignored with bn_policy='train': BatchNorm statistics keep "
+                "changing, so the frozen backbone's features are not fixed.",
                 stacklevel=2,
             )
             return None
-        return model.backbone
+        return model.backbone if trainable == 0 else model.trunk(len(model.groups) - trainable)
 
     def features(self, split: str, backbone: Any) -> torch.Tensor:
-        """Backbone features ``(views, N, num_features)`` of ``split``, from the cache or computed once."""
-        augmented = split == "train" and self.feature_cache == "augmented"
+        """Features of ``split`` from the cache or computed once: the backbone's ``(views, N, F)``, or a
+        trunk's ``(views, N, C, H, W)`` (float16)."""
+        trunk = isinstance(backbone, Trunk)
+        mode = self.trunk_cache if trunk else self.feature_cache
+        augmented = split == "train" and mode == "augmented"
         views = self.cache_views if augmented else 1
         transform = self._train_transform if augmented else self._eval_transform
         dataset = self.datasets[split]
@@ -545,7 +565,8 @@ class ImageDataModule(L.LightningDataModule):
                     generator=torch.Generator().manual_seed(self.seed),
                 )
 
-            stored = torch.stack([extract_features(backbone, view_loader(v)) for v in range(views)])
+            dtype = torch.float16 if trunk else torch.float32
+            stored = torch.stack([extract_features(backbone, view_loader(v), dtype) for v in range(views)])
             cache.save(split, key, stored)
         self._features = {k: v for k, v in self._features.items() if k[0] != split}  # one key per split
         self._features[(split, key)] = stored
