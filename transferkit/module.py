@@ -112,7 +112,8 @@ class TransferClassifier(L.LightningModule):
             before the backbone sees them; epochs before the first key train at the data's size.
             Validation, test and predict always run at the data's size, so small early epochs buy
             time for more epochs at full size (``{3: 176, 13: 224}``: a 176 px training step costs
-            about half a 224 px one on a CPU). Cached-feature batches are not resized.
+            about half a 224 px one on a CPU). Batches from ``feature_cache``/``trunk_cache`` are not
+            resized.
         progress_bar_step_loss: show each step's training loss in the progress bar. Lightning turns
             progress-bar values into Python numbers after every batch, a read-back that stalls a GPU
             every step; ``None`` (default) shows it on the CPU, where that costs nothing, and elsewhere

@@ -566,7 +566,13 @@ class ImageDataModule(L.LightningDataModule):
                 )
 
             dtype = torch.float16 if trunk else torch.float32
-            stored = torch.stack([extract_features(backbone, view_loader(v), dtype) for v in range(views)])
+            stored = None
+            for view in range(views):  # filled in place: a trunk's views are GBs, never held twice
+                features = extract_features(backbone, view_loader(view), dtype)
+                if stored is None:
+                    stored = torch.empty((views, *features.shape), dtype=dtype)
+                stored[view] = features
+                del features
             cache.save(split, key, stored)
         self._features = {k: v for k, v in self._features.items() if k[0] != split}  # one key per split
         self._features[(split, key)] = stored
