@@ -28,6 +28,7 @@ from transferkit.backbones import Backbone
 
 __all__ = [
     "Trunk",
+    "value_at",
     "FreezeSchedule",
     "backbone_groups",
     "apply_freeze",
@@ -36,6 +37,13 @@ __all__ = [
 ]
 
 BNPolicy = Literal["frozen", "train", "eval"]
+
+
+def value_at(milestones: Mapping[int, Any], epoch: int, default: Any = None) -> Any:
+    """The value of the latest milestone at or before ``epoch`` in ``{epoch: value}`` (``default``
+    before the first one)."""
+    reached = [e for e in milestones if e <= epoch]
+    return milestones[max(reached)] if reached else default
 
 
 @dataclass
@@ -95,8 +103,7 @@ class FreezeSchedule:
     def trainable_groups(self, epoch: int, num_groups: int) -> int:
         """How many backbone groups, counted from the top, train during ``epoch`` (0-based)."""
         if self.milestones:
-            reached = [e for e in self.milestones if e <= epoch]
-            n = self.milestones[max(reached)] if reached else 0
+            n = value_at(self.milestones, epoch, 0)
         elif self.unfreeze_every is not None:
             n = 0 if epoch < self.frozen_epochs else 1 + (epoch - self.frozen_epochs) // self.unfreeze_every
         else:
@@ -224,16 +231,16 @@ class Trunk(nn.Module):
         self.model = nn.ModuleDict(
             {"conv_stem": model.conv_stem, "bn1": model.bn1, "blocks": model.blocks[: self.stages]}
         )
-        self._backbone = [backbone]  # not a submodule: its top is not part of the trunk
+        # not submodules: the top is not part of the trunk (built once, not per step)
+        self._top = [model, model.blocks[self.stages :]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model["blocks"](self.model["bn1"](self.model["conv_stem"](x)))
 
     def rest(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``(B, num_features)`` from the trunk's output."""
-        model = self._backbone[0].model
-        x = model.blocks[self.stages :](x)
-        return model.forward_head(model.bn2(model.conv_head(x)))
+        model, blocks = self._top
+        return model.forward_head(model.bn2(model.conv_head(blocks(x))))
 
     def train(self, mode: bool = True) -> Trunk:
         return self  # the modules' modes belong to the model they are part of

@@ -22,6 +22,7 @@ from transferkit.finetuning import (
     backbone_groups,
     group_learning_rates,
     set_batchnorm_modes,
+    value_at,
 )
 from transferkit.heads import ClassifierHead
 from transferkit.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler
@@ -458,9 +459,7 @@ class TransferClassifier(L.LightningModule):
 
     def train_image_side(self, epoch: int) -> int | None:
         """The shorter image side ``progressive_resizing`` asks for at ``epoch`` (``None``: the data's)."""
-        sizes = self.hparams.get("progressive_resizing") or {}
-        reached = [e for e in sizes if e <= epoch]
-        return sizes[max(reached)] if reached else None
+        return value_at(self.hparams.get("progressive_resizing") or {}, epoch)
 
     def resize_for_training(self, images: torch.Tensor) -> torch.Tensor:
         """Training images resized to this epoch's ``progressive_resizing`` side (unchanged without one)."""
