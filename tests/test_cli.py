@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import TINY_BACKBONE
 
@@ -95,3 +97,55 @@ def test_bad_recipe_values_fail_before_training(tmp_path):
     )
     assert result.returncode != 0
     assert "unknown activation 'gelu'" in result.stderr
+
+
+def test_finetune_without_validation_trains_on_every_non_test_image_and_tests_the_last_epoch(
+    stripes_folder, tmp_path
+):
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 4, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run")},
+        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "lr": 0.003, "lr_schedule": "cosine"},
+        "data": {
+            "source": "folder",
+            "root": str(stripes_folder),
+            "image_size": 32,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "num_workers": 0,
+            "batch_size": 16,
+            "val_fraction": 0,
+        },
+        # would stop the run after one epoch if it watched a validation loss
+        "early_stopping": {"patience": 0, "min_delta": 100.0},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = _run("finetune", "--config", str(tmp_path / "recipe.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no validation split (data.val_fraction=0)" in result.stderr
+    (metrics_file,) = (tmp_path / "run").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["split_sizes"] == {"train": 64, "val": 0, "test": 16}
+    assert metrics["epochs"] == 4 and metrics["monitor"] is None
+    assert Path(metrics["best_checkpoint"]).name == "epoch=03.ckpt"
+    (curves,) = (tmp_path / "run").rglob("metrics.csv")
+    rows = list(csv.DictReader(curves.read_text().splitlines()))
+    assert not [column for column in rows[0] if column.startswith("val_")]
+    losses = [float(r["train_loss_epoch"]) for r in rows if r.get("train_loss_epoch")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_a_plateau_schedule_without_validation_is_refused_before_training(stripes_folder, tmp_path):
+    from conftest import NORM, quiet_trainer
+
+    import transferkit as tk
+
+    data = tk.ImageDataModule(
+        source="folder", root=str(stripes_folder), val_fraction=0, num_workers=0, **NORM
+    )
+    model = tk.TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr_schedule="performance"
+    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    with pytest.raises(ValueError, match="lr_schedule 'performance'.*val_fraction=0"):
+        trainer.fit(model, datamodule=data)

@@ -15,7 +15,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -192,7 +198,18 @@ class Trainer(L.Trainer):
     ) -> None:
         """Lightning's ``fit``; a checkpoint to resume from is read with ``weights_only=True`` (never
         running code from the file) unless ``weights_only=False`` is passed, and one holding pickled
-        code is refused with a :class:`~transferkit.serving.CheckpointError`."""
+        code is refused with a :class:`~transferkit.serving.CheckpointError`.
+
+        A datamodule without a validation split (``val_fraction=0``) trains on every non-test image:
+        validation and early stopping are off, and the checkpoint callbacks keep the latest epoch's
+        checkpoint as their best, so :meth:`finetune` tests the model the last epoch ends with.
+        """
+        if (
+            datamodule is not None
+            and val_dataloaders is None
+            and not getattr(datamodule, "has_validation", True)
+        ):
+            self._train_without_validation(model)
         named = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
         if (
             ckpt_path is not None
@@ -220,6 +237,26 @@ class Trainer(L.Trainer):
         except SIGTERMException as err:
             # Lightning stops with exit status 0; a scheduler should see the run was terminated
             raise SystemExit(128 + signal.SIGTERM) from err
+
+    def _train_without_validation(self, model: L.LightningModule) -> None:
+        hparams = getattr(model, "hparams", {})
+        if hparams.get("lr_schedule") == "performance":
+            raise ValueError(
+                "lr_schedule 'performance' lowers the LR when val_loss stops improving, but data.val_fraction=0 "
+                "holds out no validation split. Use a schedule that needs no validation (cosine, exponential, "
+                "piecewise, onecycle), or keep a validation split."
+            )
+        self.limit_val_batches = 0
+        self.callbacks = [c for c in self.callbacks if not isinstance(c, EarlyStopping)]
+        for callback in self.checkpoint_callbacks:
+            if callback.monitor is not None:
+                callback.monitor = None
+                callback.filename = "{epoch:02d}"
+        print(
+            "no validation split (data.val_fraction=0): every non-test image trains; validation and early "
+            "stopping are off, and the last epoch's checkpoint is the one tested.",
+            file=sys.stderr,
+        )
 
     def finetune(
         self,

@@ -216,6 +216,9 @@ class ImageDataModule(L.LightningDataModule):
         csv_path: the CSV file (``csv``).
         task: ELPV only: ``binary`` (defective = defect probability >= 0.5) or ``4class``.
         val_fraction: share of the non-test images held out for validation (early stopping, best checkpoint).
+            ``0``: no validation split; every non-test image trains, for a final fit whose epoch count
+            was chosen on a validated run. :meth:`Trainer.fit <transferkit.Trainer.fit>` then skips
+            validation and early stopping, and the checkpoint of the last epoch is the one tested.
         test_fraction: share of all images held out for the test; ``None`` = 0.25 for ELPV (its protocol),
             0.2 otherwise.
         seed: seed of the stratified splits.
@@ -322,6 +325,11 @@ class ImageDataModule(L.LightningDataModule):
         return list(self.data.class_names)
 
     @property
+    def has_validation(self) -> bool:
+        """Whether the data holds out a validation split: ``val_fraction > 0`` or one the source defines."""
+        return self.val_fraction > 0 or (self.data.splits is not None and "val" in self.data.splits)
+
+    @property
     def train_transform(self) -> A.Compose:
         self._resolve_transforms()
         return self._train_transform
@@ -338,7 +346,7 @@ class ImageDataModule(L.LightningDataModule):
             if self.data.items and isinstance(self.data.items[0], str) and self.data.name != "elpv":
                 self._drop_unreadable()
             self.split_indices = split_indices(self.data, self.val_fraction, self.test_fraction, self.seed)
-            for split in ("train", "val"):
+            for split in ("train", "val") if self.has_validation else ("train",):
                 if len(self.split_indices.get(split, [])) == 0:
                     raise DatasetError(
                         f"the {split} split is empty ({len(self.data)} images, val_fraction={self.val_fraction}, "
