@@ -29,11 +29,13 @@ def _china_batch(size: int = 224) -> torch.Tensor:
     return ((x - 0.5) / 0.5)[None]  # the bundled weights expect mean = std = 0.5
 
 
-def test_bundled_weights_are_real_imagenet_weights():
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    model.load_state_dict(bundled_state_dict("tf_efficientnet_lite0"))
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_bundled_weights_are_real_imagenet_weights(name):
+    model = timm.create_model(name, pretrained=False).eval()
+    model.load_state_dict(bundled_state_dict(name))
+    side = model.pretrained_cfg["input_size"][-1]
     with torch.no_grad():
-        top5 = model(_china_batch()).softmax(-1)[0].topk(5).indices.tolist()
+        top5 = model(_china_batch(side)).softmax(-1)[0].topk(5).indices.tolist()
     info = ImageNetInfo()
     names = [info.index_to_description(i).split(",")[0].lower() for i in top5]
     assert BUILDINGS & set(names), f"top-5 for a photo of a Chinese palace were {names}"

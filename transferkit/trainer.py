@@ -349,7 +349,8 @@ def _print_results(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="transferkit finetune: test results (best checkpoint)")
+    chosen = "best" if results.get("monitor") is not None else "last epoch's"
+    table = Table(title=f"transferkit finetune: test results ({chosen} checkpoint)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(results["test"].items()):
@@ -362,7 +363,7 @@ def _print_results(results: dict[str, Any]) -> None:
     console.print(table)
     if results.get("skipped_images"):
         console.print(f"skipped {len(results['skipped_images'])} unreadable images (listed in metrics.json)")
-    console.print(f"best checkpoint: {results['best_checkpoint']}")
+    console.print(f"{chosen} checkpoint: {results['best_checkpoint']}")
     console.print(f"metrics written to {Path(results['run_dir']) / 'metrics.json'}")
     if results.get("report"):
         console.print(f"report: {results['report']}")
