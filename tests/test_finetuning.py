@@ -483,3 +483,41 @@ def test_bn_policy_eval_keeps_imagenet_statistics_while_the_backbone_trains(stri
     assert all(torch.equal(before[k], v) for k, v in _bn_stats(model).items())
     changed = [k for k, v in model.backbone.named_parameters() if not torch.equal(weights[k], v)]
     assert len(changed) == len(weights)  # BatchNorm scale and shift train too
+
+
+def test_probe_suggestion_names_the_peak_and_prefers_a_deeper_group_within_a_point():
+    from transferkit.probe import ProbeResult, suggest
+
+    def results(*accs):
+        return [ProbeResult(i, f"blocks.{i}", 8, 0.9, acc) for i, acc in enumerate(accs)]
+
+    # the ELPV shape on EfficientNet-Lite0: a clear peak below the top, so retrain the groups above it
+    groups, why = suggest(results(0.70, 0.80, 0.86, 0.83))
+    assert groups == 2 and "peak after group g2" in why and "fall to 0.830" in why
+    # the top is within a point of a lower peak: build on the top, and say it is not the peak itself
+    groups, why = suggest(results(0.70, 0.80, 0.855, 0.848))
+    assert groups == 2 and "within a point of the best (g2, blocks.2: 0.855)" in why
+    groups, why = suggest(results(0.70, 0.80, 0.84, 0.86))
+    assert groups == 2 and "features probe best (val acc 0.860)" in why
+
+
+def test_early_stopping_gives_each_freeze_phase_its_own_patience(stripes_folder, tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from transferkit.trainer import PhaseEarlyStopping
+
+    epochs, saved = {}, {}
+    for kind in (EarlyStopping, PhaseEarlyStopping):
+        # a min_delta no epoch can beat: only the first check after a (re)start sets a best score
+        stop = kind(monitor="val_loss", patience=2, min_delta=100.0)
+        trainer = _trainer(tmp_path / kind.__name__, max_epochs=8, callbacks=[stop])
+        trainer.fit(_model(FreezeSchedule(milestones={0: 0, 2: -1})), datamodule=_dm(stripes_folder))
+        epochs[kind.__name__], saved[kind.__name__] = trainer.current_epoch, stop.state_dict()
+    # counted across phases: epoch 0 sets the best, 1 and 2 miss it: the run stops after 3 epochs;
+    # per phase: the unfreeze at epoch 2 starts a new count (2 sets it, 3 and 4 miss): 5 epochs
+    assert epochs == {"EarlyStopping": 3, "PhaseEarlyStopping": 5}
+    # the phase travels with the callback's state, so a resumed run keeps counting in the same phase
+    assert saved["PhaseEarlyStopping"]["phase"] == 6  # every group of the tiny backbone trains
+    restored = PhaseEarlyStopping(monitor="val_loss")
+    restored.load_state_dict(saved["PhaseEarlyStopping"])
+    assert restored.phase == 6 and restored.wait_count == 2

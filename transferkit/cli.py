@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from transferkit.data import ImageDataModule
 from transferkit.module import TransferClassifier
-from transferkit.trainer import RunCheckpoint, Trainer, pickled_code_error
+from transferkit.trainer import PhaseEarlyStopping, RunCheckpoint, Trainer, pickled_code_error
 
 __all__ = ["TransferKitCLI", "main", "run_loggers"]
 
@@ -91,7 +91,7 @@ class TransferKitCLI(LightningCLI):
                 "checkpoint.filename": "best-{epoch:02d}-{val_loss:.4f}",
             }
         )
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(PhaseEarlyStopping, "early_stopping")
         parser.set_defaults(
             {"early_stopping.monitor": "val_loss", "early_stopping.mode": "min", "early_stopping.patience": 5}
         )

@@ -137,8 +137,14 @@ def suggest(results: Sequence[ProbeResult]) -> tuple[int, str]:
     # the deepest group within a point of the best: deeper features are cheaper to build on
     best = max(r.group for r in results if r.val_acc >= best_acc - 0.01)
     if best == top:
+        peak = max(results, key=lambda r: r.val_acc)
+        how = (
+            "best"
+            if peak.group == top
+            else f"within a point of the best (g{peak.group}, {peak.module}: {peak.val_acc:.3f})"
+        )
         return 2, (
-            f"the top group's features probe best (val acc {results[top].val_acc:.3f}): the pretrained "
+            f"the top group's features probe {how} (val acc {results[top].val_acc:.3f}): the pretrained "
             "features fit this data. Train the head first (frozen_epochs), then unfreeze the top 2 groups."
         )
     trainable = top - best + 1

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transferkit.diagnostics import NonFiniteLossGuard
 from transferkit.runtime import tune_allocator
 
-__all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "RunCheckpoint", "Trainer"]
+__all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "PhaseEarlyStopping", "RunCheckpoint", "Trainer"]
 
 _CHUNK = 1 << 20
 
@@ -109,6 +109,41 @@ class RunCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_step_of_last = trainer.global_step
+
+
+class PhaseEarlyStopping(EarlyStopping):
+    """:class:`~lightning.pytorch.callbacks.EarlyStopping` that judges each phase of a freeze schedule on
+    its own: when more backbone groups start training, the patience count and the best score start
+    afresh.
+
+    Right after an unfreeze the validation loss usually jumps (the newly trained groups leave the
+    ImageNet optimum) and takes several epochs to come back under the head-only phase's best, so a
+    patience counted across phases can stop a run before the unfrozen model had a chance (on ELPV it
+    stopped one at epoch 10 of 16 and tested a head-only checkpoint). The best checkpoint is still
+    chosen over the whole run by the checkpoint callback. The current phase is saved with the
+    callback's state, so a resumed run stops where an uninterrupted one would.
+
+    Args: those of ``EarlyStopping``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.phase: int | None = None  # the trainable groups of the epoch last checked
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        phase = getattr(trainer.lightning_module, "trainable_groups", None)
+        if self.phase is not None and phase != self.phase:
+            self.wait_count = 0
+            self.best_score = torch.tensor(torch.inf if self.monitor_op == torch.lt else -torch.inf)
+        self.phase = phase
+        super()._run_early_stopping_check(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "phase": self.phase}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.phase = state_dict.get("phase")
 
 
 class InterruptCheckpoint(Callback):
