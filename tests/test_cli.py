@@ -53,16 +53,12 @@ def test_print_config_resolves_the_quickstart_recipe_with_overrides():
     assert {int(k): v for k, v in milestones.items()} == {0: 0, 3: 3}
 
 
-def test_finetune_end_to_end_writes_metrics(stripes_folder, tmp_path):
+def _stripes_recipe(stripes_folder: Path, tmp_path: Path, model: dict, data: dict, **more) -> str:
+    """A recipe for the tiny backbone on the stripes folder, 4 epochs into ``tmp_path/run``; its path."""
     recipe = {
         "seed_everything": 0,
         "trainer": {"max_epochs": 4, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run")},
-        "model": {
-            "backbone": TINY_BACKBONE,
-            "pretrained": False,
-            "lr": 0.003,
-            "freeze_schedule": {"frozen_epochs": 1},
-        },
+        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "lr": 0.003, **model},
         "data": {
             "source": "folder",
             "root": str(stripes_folder),
@@ -71,11 +67,19 @@ def test_finetune_end_to_end_writes_metrics(stripes_folder, tmp_path):
             "std": [0.5, 0.5, 0.5],
             "num_workers": 0,
             "batch_size": 16,
-            "augment": "light",
+            **data,
         },
+        **more,
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = _run("finetune", "--config", str(tmp_path / "recipe.yaml"), "--trainer.max_epochs", "5")
+    return str(tmp_path / "recipe.yaml")
+
+
+def test_finetune_end_to_end_writes_metrics(stripes_folder, tmp_path):
+    recipe = _stripes_recipe(
+        stripes_folder, tmp_path, model={"freeze_schedule": {"frozen_epochs": 1}}, data={"augment": "light"}
+    )
+    result = _run("finetune", "--config", recipe, "--trainer.max_epochs", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics_file,) = (tmp_path / "run").rglob("metrics.json")
     metrics = json.loads(metrics_file.read_text())
@@ -102,25 +106,15 @@ def test_bad_recipe_values_fail_before_training(tmp_path):
 def test_finetune_without_validation_trains_on_every_non_test_image_and_tests_the_last_epoch(
     stripes_folder, tmp_path
 ):
-    recipe = {
-        "seed_everything": 0,
-        "trainer": {"max_epochs": 4, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run")},
-        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "lr": 0.003, "lr_schedule": "cosine"},
-        "data": {
-            "source": "folder",
-            "root": str(stripes_folder),
-            "image_size": 32,
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "num_workers": 0,
-            "batch_size": 16,
-            "val_fraction": 0,
-        },
+    recipe = _stripes_recipe(
+        stripes_folder,
+        tmp_path,
+        model={"lr_schedule": "cosine"},
+        data={"val_fraction": 0},
         # would stop the run after one epoch if it watched a validation loss
-        "early_stopping": {"patience": 0, "min_delta": 100.0},
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = _run("finetune", "--config", str(tmp_path / "recipe.yaml"))
+        early_stopping={"patience": 0, "min_delta": 100.0},
+    )
+    result = _run("finetune", "--config", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no validation split (data.val_fraction=0)" in result.stderr
     (metrics_file,) = (tmp_path / "run").rglob("metrics.json")
