@@ -129,6 +129,7 @@ def test_finetune_without_validation_trains_on_every_non_test_image_and_tests_th
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert "last epoch's checkpoint: " in " ".join(result.stdout.split())  # Rich wraps narrow consoles
     report = metrics_file.with_name("report.md").read_text()
+    assert "## Confusion matrix (test split, tested checkpoint)" in report
     assert (
         "| tested epoch (0-based) | 3, the last |" in report
         and "| images (train/val/test) | 64 / 0 / 16 |" in report

@@ -68,7 +68,8 @@ def write_run_report(trainer: Any, model: Any, datamodule: Any, results: dict[st
 
     metrics_csv = _metrics_csv(trainer)
     attempt("learning_curves.png", lambda path: _draw_learning_curves(metrics_csv, path, model))
-    confusion: dict[str, Any] = {}
+    # the checkpoint callback's best; without a monitored metric (no validation split), the last epoch's
+    confusion: dict[str, Any] = {"checkpoint": "best" if results.get("monitor") is not None else "tested"}
     attempt("confusion_matrix.png", lambda path: _draw_confusion(trainer, model, datamodule, path, confusion))
     attempt("augmentation_preview.png", lambda path: _draw_augmentation(datamodule, path))
 
@@ -142,7 +143,7 @@ def _draw_confusion(trainer: Any, model: Any, datamodule: Any, path: Path, out: 
         predicted,
         names,
         path,
-        title=f"test split, best checkpoint\naccuracy {out['accuracy']:.3f} ({truth.size} images)",
+        title=f"test split, {out['checkpoint']} checkpoint\naccuracy {out['accuracy']:.3f} ({truth.size} images)",
     )
 
 
@@ -265,7 +266,7 @@ def _markdown(
         ("learning_curves.png", "Learning curves", "Dashed lines: more backbone groups unfrozen."),
         (
             "confusion_matrix.png",
-            "Confusion matrix (test split, best checkpoint)",
+            f"Confusion matrix (test split, {confusion['checkpoint']} checkpoint)",
             "Rows: true class; columns: predicted.",
         ),
         ("augmentation_preview.png", "Augmentation preview", "Training images through the train pipeline."),
