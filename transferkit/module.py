@@ -298,19 +298,17 @@ class TransferClassifier(L.LightningModule):
         ``(B, C, H, W)`` of the frozen trunk go through the trainable top of the backbone."""
         if x.ndim == 2:
             return self.head(x)
-        if not self._is_image(x):
-            if self.trainable_groups is None or self.trainable_groups in (0, len(self.groups)):
-                raise ValueError(
-                    f"got a {tuple(x.shape)} batch, neither images with {self.data_config['input_size'][0]} "
-                    "channels nor trunk features of a partly frozen backbone."
-                )
-            x = x.to(self.dtype)
-            if self.hparams.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self.head(self.trunk(len(self.groups) - self.trainable_groups).rest(x))
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(x))
+        if self._is_image(x):
+            return self.head(self.backbone(x))
+        if self.trainable_groups is None or self.trainable_groups in (0, len(self.groups)):
+            raise ValueError(
+                f"got a {tuple(x.shape)} batch, neither images with {self.data_config['input_size'][0]} "
+                "channels nor trunk features of a partly frozen backbone."
+            )
+        # float16 trunk features; .to keeps the channels-last layout
+        return self.head(self.trunk(len(self.groups) - self.trainable_groups).rest(x.to(self.dtype)))
 
     # --- freezing ----------------------------------------------------------------------------------
 

@@ -534,7 +534,7 @@ class ImageDataModule(L.LightningDataModule):
         trainable = schedule.trainable_groups(self.trainer.current_epoch, len(model.groups))
         if trainable == len(model.groups):
             return None
-        if trainable != 0 and self.trunk_cache == "off" or trainable == 0 and self.feature_cache == "off":
+        if (self.feature_cache if trainable == 0 else self.trunk_cache) == "off":
             return None
         if schedule.bn_policy == "train":
             warnings.warn(
