@@ -4,8 +4,10 @@ Protocol (shared/DESIGN.md): ``train_test_split(indices, test_size=0.25, stratif
 random_state=seed)`` gives 1,968 training and 656 test cells; validation (early stopping, best
 checkpoint) comes out of the 1,968 only. Reported per seed and as mean +- std: binary accuracy
 (defective = defect probability >= 0.5), 4-class accuracy where the recipe's task is 4class, macro-F1,
-accuracy on mono- and on polycrystalline cells, with and without test-time augmentation; training wall
-seconds and peak memory. Each seed runs in its own process, so its peak memory is its own.
+accuracy on mono- and on polycrystalline cells and on the cells of each annotated defect probability
+(``acc_binary_p0``, ``_p1_3``, ``_p2_3``, ``_p1``), with and without test-time augmentation; training wall
+seconds and peak memory. Each seed runs in its own process, so its peak memory is its own, and writes its
+test cells' probabilities to ``test_probabilities.npz`` in its run dir (``probabilities_file``).
 
     python benchmarks/elpv.py --seeds 0 1 2 --config recipes/elpv.yaml --tta d4
     python benchmarks/elpv.py --seeds 0 --config recipes/elpv-4class.yaml -- --trainer.max_epochs 2
@@ -26,7 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _scores(probs, labels, task: str, cell_type) -> dict[str, float]:
+# The four annotated defect probabilities, as the suffixes of the per-level binary accuracies.
+_LEVELS = {0.0: "p0", 1 / 3: "p1_3", 2 / 3: "p2_3", 1.0: "p1"}
+
+
+def _scores(probs, labels, task: str, cell_type, defect_probability) -> dict[str, float]:
     import numpy as np
     from sklearn.metrics import f1_score
 
@@ -45,10 +51,16 @@ def _scores(probs, labels, task: str, cell_type) -> dict[str, float]:
     for kind in ("mono", "poly"):
         mask = np.asarray(cell_type) == kind
         out[f"acc_binary_{kind}"] = float((binary_pred[mask] == binary_true[mask]).mean())
+    # Where the binary errors are: the share of each annotated level's cells called right. The 1/3 and 2/3
+    # cells are the annotators' uncertain ones, on either side of the 0.5 boundary.
+    for level, suffix in _LEVELS.items():
+        mask = np.isclose(np.asarray(defect_probability), level)
+        out[f"acc_binary_{suffix}"] = float((binary_pred[mask] == binary_true[mask]).mean())
     return out
 
 
 def run_seed(seed: int, config: str, tta: str, extra: list[str]) -> dict:
+    import numpy as np
     import torch
 
     from transferkit.cli import TransferKitCLI, cli_kwargs
@@ -88,8 +100,19 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str]) -> dict:
             for name in probs:
                 probs[name].append(best.predict_proba(images.to(device), tta=name).cpu())
     labels = test.labels
-    cell_type = data.data.meta["cell_type"][data.split_indices["test"]]
+    meta = {
+        key: data.data.meta[key][data.split_indices["test"]] for key in ("cell_type", "defect_probability")
+    }
     task = "4class" if data.num_classes == 4 else "binary"
+    scores = {name: _scores(torch.cat(p).numpy(), labels, task, **meta) for name, p in probs.items()}
+    # every test cell's probabilities, so other decision rules can be scored without training again
+    saved = Path(results["run_dir"]) / "test_probabilities.npz"
+    np.savez_compressed(
+        saved,
+        labels=np.asarray(labels),
+        **meta,
+        **{f"probs_{name}": torch.cat(p).numpy() for name, p in probs.items()},
+    )
     out = {
         "seed": seed,
         "task": task,
@@ -104,10 +127,11 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str]) -> dict:
             / 1024,
             1,
         ),
-        "test": _scores(torch.cat(probs["none"]).numpy(), labels, task, cell_type),
+        "test": scores["none"],
+        "probabilities_file": str(saved),
     }
     if tta != "none":
-        out[f"test_tta_{tta}"] = _scores(torch.cat(probs[tta]).numpy(), labels, task, cell_type)
+        out[f"test_tta_{tta}"] = scores[tta]
     return out
 
 
