@@ -125,7 +125,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_one_intact(
 # --- interruptions ----------------------------------------------------------------------------------
 
 FIT_SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 import lightning as L, torch
 from lightning.pytorch.callbacks import Callback
@@ -139,10 +139,18 @@ class SlowEpochs(Callback):  # time for the test to interrupt between two epochs
     def on_train_epoch_end(self, trainer, pl_module):
         time.sleep(float(os.environ.get("EPOCH_PAUSE", "0")))
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # a scheduler's SIGTERM after this many optimizer steps (a spot instance ending mid-epoch)
+        if trainer.global_step == int(os.environ.get("SIGTERM_AT_STEP", "-1")):
+            os.kill(os.getpid(), signal.SIGTERM)
+
 
 L.seed_everything(0)
 torch.set_num_threads(1)
-model = TransferClassifier(num_classes=2, backbone="{backbone}", pretrained=False, hidden_dims=[], lr=1e-2)
+# FREEZE=1: the head alone for epoch 0, then the top group, then the top two
+freeze = {{"milestones": {{0: 0, 1: 1, 2: 2}}}} if os.environ.get("FREEZE") == "1" else None
+model = TransferClassifier(num_classes=2, backbone="{backbone}", pretrained=False, hidden_dims=[], lr=1e-2,
+                           freeze_schedule=freeze)
 dm = ImageDataModule(source="folder", root="{root}", num_workers=0, batch_size=16, augment="light",
                      image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 trainer = Trainer(
@@ -158,11 +166,23 @@ print("global_step", trainer.global_step)
 
 
 def _fit_process(
-    tmp_path: Path, root: Path, out: Path, mode: str = "fresh", pause: float = 0.0
+    tmp_path: Path,
+    root: Path,
+    out: Path,
+    mode: str = "fresh",
+    pause: float = 0.0,
+    sigterm_at_step: int = -1,
+    freeze: bool = False,
 ) -> subprocess.Popen:
     script = tmp_path / "fit_script.py"
     script.write_text(textwrap.dedent(FIT_SCRIPT.format(backbone=TINY_BACKBONE, root=root)))
-    env = {**os.environ, "EPOCH_PAUSE": str(pause), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "EPOCH_PAUSE": str(pause),
+        "SIGTERM_AT_STEP": str(sigterm_at_step),
+        "FREEZE": str(int(freeze)),
+        "OMP_NUM_THREADS": "1",
+    }
     return subprocess.Popen(
         [sys.executable, str(script), str(out), mode],
         stdout=subprocess.PIPE,
@@ -221,6 +241,33 @@ def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(fault_data, tmp_path,
     code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "run", mode=str(saved)))
     assert code == 0, stderr[-3000:]
     assert "global_step 8" in stdout  # 4 epochs of 2 batches: it finished the run
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["unfrozen", "freeze-schedule"])
+def test_a_run_stopped_mid_epoch_resumes_at_its_next_batch_and_ends_as_if_never_stopped(
+    fault_data, tmp_path, freeze
+):
+    full = _fit_process(tmp_path, fault_data, tmp_path / "full", freeze=freeze)
+    # 2 batches an epoch: after step 3 the run is halfway through its second epoch (with the freeze
+    # schedule, the first one with a backbone group training)
+    cut = _fit_process(tmp_path, fault_data, tmp_path / "cut", sigterm_at_step=3, freeze=freeze)
+    code, _, stderr = _finish(cut)
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    saved = tmp_path / "cut" / "ckpt" / "interrupted.ckpt"
+    state = read_checkpoint(saved)
+    assert (state["global_step"], state["epoch"]) == (3, 1)
+    code, stdout, stderr = _finish(
+        _fit_process(tmp_path, fault_data, tmp_path / "cut", mode=str(saved), freeze=freeze)
+    )
+    assert code == 0, stderr[-3000:]
+    assert "global_step 8" in stdout
+    assert "dataloader is not resumable" not in stderr  # Lightning's warning: the epoch would restart
+    assert _finish(full)[0] == 0
+    # the resumed epoch trained on its second batch, not its first again: the same weights to the bit
+    uninterrupted = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
+    for name, value in uninterrupted.items():
+        assert torch.equal(value, resumed[name]), name
 
 
 def test_resuming_from_a_checkpoint_with_pickled_code_is_refused(stripes_folder, tmp_path):

@@ -327,9 +327,16 @@ class TransferClassifier(L.LightningModule):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_train_start(self) -> None:
+        if self.trainer.fit_loop.restarted_mid_epoch:
+            # Lightning calls no on_train_epoch_start for an epoch it resumes in the middle of
+            self._start_epoch()
         align_train_loader(self.trainer)  # a resumed run's first epoch gets its own order, not epoch 0's
 
     def on_train_epoch_start(self) -> None:
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        """The epoch's RNG (on resuming), image side and trainable groups."""
         if self._pending_rng_state is not None:
             torch.set_rng_state(self._pending_rng_state)  # resume with the RNG where the run left it
             self._pending_rng_state = None

@@ -114,7 +114,8 @@ class EpochShuffleSampler(Sampler[int]):
     same order as an uninterrupted one (a sampler driven by one long-lived generator would not).
     With ``tag_epoch=True`` it yields ``(epoch, index)`` pairs, which carry the epoch into DataLoader
     workers (persistent ones too) so that :class:`ImageDataset` draws that epoch's augmentations.
-    ``drawn_epoch`` is the epoch of the last order handed out (``None`` before the first); see
+    ``drawn_epoch`` is the epoch of the last order handed out (``None`` before the first); ``skip``
+    leaves out the first indices of the next order only (a run resumed in the middle of an epoch); see
     :func:`align_train_loader`.
     """
 
@@ -124,6 +125,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.tag_epoch = tag_epoch
         self.epoch = 0
         self.drawn_epoch: int | None = None
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -131,10 +133,13 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
+    def _draw(self, generator: torch.Generator) -> list[int]:
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
     def __iter__(self):
         self.drawn_epoch = self.epoch
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        order = self._draw(torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order, self.skip = order[self.skip :], 0
         if self.tag_epoch:
             return iter([(self.epoch, i) for i in order])
         return iter(order)
@@ -160,15 +165,10 @@ class BalancedSampler(EpochShuffleSampler):
         counts = np.bincount(labels)
         self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
 
-    def __iter__(self):
-        self.drawn_epoch = self.epoch
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.multinomial(
+    def _draw(self, generator: torch.Generator) -> list[int]:
+        return torch.multinomial(
             self.weights, self.num_samples, replacement=True, generator=generator
         ).tolist()
-        if self.tag_epoch:
-            return iter([(self.epoch, i) for i in order])
-        return iter(order)
 
 
 def align_train_loader(trainer: L.Trainer) -> bool:
@@ -180,8 +180,13 @@ def align_train_loader(trainer: L.Trainer) -> bool:
     loop state is restored and before ``set_epoch``, and it does not iterate again for the first
     resumed epoch. A loader with workers draws its first indices right at that iteration, so without
     this the first epoch after a resume would replay epoch 0's order and augmentations.
-    :meth:`TransferClassifier.on_train_start` calls it, once per ``fit``, after the loop state is
-    restored.
+
+    A run resumed in the middle of an epoch (a checkpoint written on Ctrl+C or SIGTERM) goes on with
+    that epoch's next batch: the sampler leaves out the batches the loop counts as trained, so the run
+    sees what an uninterrupted one would have. Under DDP, where Lightning shares each order out across
+    the processes, the resumed epoch's remaining batches come from the start of its order instead (a
+    warning says so). :meth:`TransferClassifier.on_train_start` calls this, once per ``fit``, after the
+    loop state is restored.
     """
     loop = trainer.fit_loop
     loader = getattr(loop, "_combined_loader", None)
@@ -189,20 +194,54 @@ def align_train_loader(trainer: L.Trainer) -> bool:
     if loader is None or fetcher is None:
         return False
     epoch = loop.epoch_progress.current.processed  # what Lightning's set_epoch is about to get
+    done = 0  # batches of that epoch trained before the run stopped
+    if loop.restarted_mid_epoch:
+        batches = loop.epoch_loop.batch_progress.current.completed
+        # a checkpoint written in on_train_batch_end counts its batch as trained only on restart
+        done = batches + int(loop.epoch_loop.restarted_on_train_batch_end)
+        if done >= trainer.num_training_batches:
+            done = 0
     realign = False
     for dataloader in loader.flattened:
         outer = getattr(dataloader, "sampler", None)
         # under DDP, Lightning's DistributedSamplerWrapper holds the sampler as ``dataset._sampler``
         inner = getattr(getattr(outer, "dataset", None), "_sampler", None)
         sampler = next((s for s in (outer, inner) if isinstance(s, EpochShuffleSampler)), None)
-        if sampler is not None and sampler.drawn_epoch not in (None, epoch):
+        if sampler is None:
+            continue
+        skip = done * (dataloader.batch_size or 0) if sampler is outer else 0
+        if done and not skip:
+            warnings.warn(
+                f"resumed in the middle of epoch {epoch} ({done} batches trained): under DDP its remaining "
+                "batches are drawn from the start of its order, so some images of that epoch are seen twice "
+                "and others not at all. Resume from an end-of-epoch checkpoint (last.ckpt) to avoid this.",
+                stacklevel=2,
+            )
+        if skip or sampler.drawn_epoch not in (None, epoch):
             for s in (outer, inner):
                 if hasattr(s, "set_epoch"):
                     s.set_epoch(epoch)
+            sampler.skip = skip
             realign = True
     if realign:
         iter(fetcher)  # a new iteration of the loader (persistent workers are reused)
     return realign
+
+
+class TrainLoader(DataLoader):
+    """The training loader, which Lightning may resume in the middle of an epoch.
+
+    Lightning takes a loader with ``state_dict``/``load_state_dict`` as one that can go on from where a
+    checkpoint left it, and warns about any other. This one holds no state of its own: where an
+    interrupted epoch goes on is the loop's count of its trained batches, which
+    :func:`align_train_loader` hands to the sampler.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -495,7 +534,7 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         dataset = self.datasets[split]
-        return DataLoader(
+        return (TrainLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=self._train_sampler(dataset.labels, tag_epoch=True) if shuffle else None,
@@ -596,7 +635,7 @@ class ImageDataModule(L.LightningDataModule):
         dataset = CachedFeatures(
             self.features(split, backbone), self.datasets[split].labels, epoch, self.seed
         )
-        return DataLoader(
+        return (TrainLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=self._train_sampler(dataset.labels) if shuffle else None,
