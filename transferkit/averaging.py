@@ -51,11 +51,7 @@ class EMA(WeightAveraging):
         super().__init__(use_buffers=True)
         self.decay = decay
         self.start_epoch = start_epoch
-        self._epoch = 0
         self._updates = 0
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch = trainer.current_epoch
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None
@@ -77,7 +73,7 @@ class EMA(WeightAveraging):
                 strict=True,
             )
         )
-        if self._epoch < self.start_epoch or self._updates == 0:
+        if trainer.current_epoch < self.start_epoch or self._updates == 0:
             for averaged, current in pairs:  # not averaging yet: the average is the weights
                 averaged.copy_(current)
         else:
