@@ -55,7 +55,8 @@ def _scores(probs, labels, task: str, cell_type, defect_probability) -> dict[str
     # cells are the annotators' uncertain ones, on either side of the 0.5 boundary.
     for level, suffix in _LEVELS.items():
         mask = np.isclose(np.asarray(defect_probability), level)
-        out[f"acc_binary_{suffix}"] = float((binary_pred[mask] == binary_true[mask]).mean())
+        if mask.any():  # a subsample (data.max_samples) may hold no cell of a level
+            out[f"acc_binary_{suffix}"] = float((binary_pred[mask] == binary_true[mask]).mean())
     return out
 
 
@@ -139,7 +140,7 @@ def _summary(runs: list[dict]) -> dict:
     summary = {}
     for section in [k for k in runs[0] if k.startswith("test")]:
         for metric in runs[0][section]:
-            values = [r[section][metric] for r in runs]
+            values = [r[section][metric] for r in runs if metric in r[section]]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             summary[f"{section}.{metric}"] = {"mean": round(statistics.mean(values), 4), "std": round(std, 4)}
     for key in ("train_seconds", "peak_memory_mb"):

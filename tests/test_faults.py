@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,9 +151,11 @@ torch.set_num_threads(1)
 # FREEZE=1: the head alone for epoch 0, then the top group, then the top two
 freeze = {{"milestones": {{0: 0, 1: 1, 2: 2}}}} if os.environ.get("FREEZE") == "1" else None
 model = TransferClassifier(num_classes=2, backbone="{backbone}", pretrained=False, hidden_dims=[], lr=1e-2,
-                           freeze_schedule=freeze)
-dm = ImageDataModule(source="folder", root="{root}", num_workers=0, batch_size=16, augment="light",
-                     image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+                           freeze_schedule=freeze, lr_schedule=os.environ.get("SCHEDULE", "exponential"),
+                           plateau_patience=0)
+dm = ImageDataModule(source="folder", root="{root}", num_workers=int(os.environ.get("WORKERS", "0")),
+                     batch_size=16, augment="light", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                     feature_cache=os.environ.get("FEATURE_CACHE", "off"))
 trainer = Trainer(
     accelerator="cpu", max_epochs=4, deterministic=True, logger=False, enable_progress_bar=False,
     enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=out,
@@ -162,6 +165,8 @@ ckpt = None if mode == "fresh" else mode
 trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
 torch.save(model.state_dict(), os.path.join(out, "final.pt"))
 print("global_step", trainer.global_step)
+scheduler = trainer.lr_scheduler_configs[0].scheduler.state_dict()
+print("scheduler", {{k: scheduler.get(k) for k in ("last_epoch", "best", "num_bad_epochs", "_last_lr")}})
 """
 
 
@@ -172,7 +177,7 @@ def _fit_process(
     mode: str = "fresh",
     pause: float = 0.0,
     sigterm_at_step: int = -1,
-    freeze: bool = False,
+    settings: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     script = tmp_path / "fit_script.py"
     script.write_text(textwrap.dedent(FIT_SCRIPT.format(backbone=TINY_BACKBONE, root=root)))
@@ -180,7 +185,7 @@ def _fit_process(
         **os.environ,
         "EPOCH_PAUSE": str(pause),
         "SIGTERM_AT_STEP": str(sigterm_at_step),
-        "FREEZE": str(int(freeze)),
+        **(settings or {}),
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.Popen(
@@ -243,31 +248,52 @@ def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(fault_data, tmp_path,
     assert "global_step 8" in stdout  # 4 epochs of 2 batches: it finished the run
 
 
-@pytest.mark.parametrize("freeze", [False, True], ids=["unfrozen", "freeze-schedule"])
+MID_EPOCH_SETTINGS = {
+    "unfrozen": {},
+    # epoch 0 trains the head on cached features (its loaders are rebuilt every epoch), then the
+    # backbone's top groups unfreeze one by one; a loader worker draws each epoch's order ahead
+    "freeze-cache-worker": {"FREEZE": "1", "FEATURE_CACHE": "clean", "WORKERS": "1"},
+    # ReduceLROnPlateau, stepped on the validation loss at every epoch's end
+    "plateau": {"SCHEDULE": "performance"},
+}
+
+
+@pytest.mark.parametrize("settings", list(MID_EPOCH_SETTINGS.values()), ids=list(MID_EPOCH_SETTINGS))
 def test_a_run_stopped_mid_epoch_resumes_at_its_next_batch_and_ends_as_if_never_stopped(
-    fault_data, tmp_path, freeze
+    fault_data, tmp_path, settings
 ):
-    full = _fit_process(tmp_path, fault_data, tmp_path / "full", freeze=freeze)
-    # 2 batches an epoch: after step 3 the run is halfway through its second epoch (with the freeze
-    # schedule, the first one with a backbone group training)
-    cut = _fit_process(tmp_path, fault_data, tmp_path / "cut", sigterm_at_step=3, freeze=freeze)
-    code, _, stderr = _finish(cut)
+    def fit(out: str, **kwargs) -> subprocess.Popen:
+        return _fit_process(tmp_path, fault_data, tmp_path / out, settings=settings, **kwargs)
+
+    full = fit("full")
+    # 2 batches an epoch: after step 3 the run is halfway through its second epoch
+    code, _, stderr = _finish(fit("cut", sigterm_at_step=3))
     assert code == 128 + signal.SIGTERM, stderr[-3000:]
     saved = tmp_path / "cut" / "ckpt" / "interrupted.ckpt"
     state = read_checkpoint(saved)
     assert (state["global_step"], state["epoch"]) == (3, 1)
-    code, stdout, stderr = _finish(
-        _fit_process(tmp_path, fault_data, tmp_path / "cut", mode=str(saved), freeze=freeze)
-    )
-    assert code == 0, stderr[-3000:]
-    assert "global_step 8" in stdout
-    assert "dataloader is not resumable" not in stderr  # Lightning's warning: the epoch would restart
-    assert _finish(full)[0] == 0
-    # the resumed epoch trained on its second batch, not its first again: the same weights to the bit
+    # the end of epoch 0's checkpoint, before the resumed run rewrites it
+    shutil.copy(tmp_path / "cut" / "ckpt" / "last.ckpt", tmp_path / "epoch0.ckpt")
+    resumed = {
+        "mid": fit("cut", mode=str(saved)),
+        "epoch0": fit("cut-epoch0", mode=str(tmp_path / "epoch0.ckpt")),
+    }
+    outputs = {"full": _finish(full), **{name: _finish(process) for name, process in resumed.items()}}
+    for name, (code, stdout, stderr) in outputs.items():
+        assert code == 0, f"{name}: {stderr[-3000:]}"
+        assert "global_step 8" in stdout, name
+        assert "dataloader is not resumable" not in stderr  # Lightning's warning: the epoch would restart
+    # the resumed epoch trained on its second batch, not its first again: the same weights to the bit,
+    # and the LR schedule where the uninterrupted run left it
     uninterrupted = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
-    for name, value in uninterrupted.items():
-        assert torch.equal(value, resumed[name]), name
+    scheduler = [line for line in outputs["full"][1].splitlines() if line.startswith("scheduler")]
+    for name, out in (("mid", "cut"), ("epoch0", "cut-epoch0")):
+        weights = torch.load(tmp_path / out / "final.pt", weights_only=True)
+        for key, value in uninterrupted.items():
+            assert torch.equal(value, weights[key]), f"resumed from {name}: {key}"
+        assert [
+            line for line in outputs[name][1].splitlines() if line.startswith("scheduler")
+        ] == scheduler, name
 
 
 def test_resuming_from_a_checkpoint_with_pickled_code_is_refused(stripes_folder, tmp_path):

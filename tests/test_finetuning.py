@@ -377,6 +377,12 @@ class StopAfterFirstEpoch(Callback):
         trainer.should_stop = MODE == "cut"
 
 
+class SaveMidEpoch(Callback):  # a checkpoint after epoch 1's first batch, as a callback would write it
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if MODE == "full" and trainer.current_epoch == 1 and batch_idx == 0:
+            trainer.save_checkpoint(OUT / "mid.ckpt")
+
+
 if __name__ == "__main__":
     import lightning as L
 
@@ -385,22 +391,25 @@ if __name__ == "__main__":
     data = tk.ImageDataModule(
         source="folder", root={root!r}, num_workers=2, batch_size=8, augment="light", seed=0, **NORM
     )
-    callbacks = [Record(), StopAfterFirstEpoch(), ModelCheckpoint(dirpath=OUT / "ckpt", save_last=True)]
+    callbacks = [
+        Record(), StopAfterFirstEpoch(), SaveMidEpoch(), ModelCheckpoint(dirpath=OUT / "ckpt", save_last=True)
+    ]
     trainer = tk.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, logger=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
-    trainer.fit(model, datamodule=data, ckpt_path=str(OUT / "ckpt" / "last.ckpt") if MODE == "resume" else None)
+    resume_from = {{"resume": OUT / "ckpt" / "last.ckpt", "resume-mid": OUT / "mid.ckpt"}}.get(MODE)
+    trainer.fit(model, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
 """
 
 
-def test_ddp_with_loader_workers_resumes_into_the_uninterrupted_batches(tmp_path):
-    root = make_stripes_folder(tmp_path / "data", per_class=16)
+def test_ddp_with_loader_workers_resumes_into_the_uninterrupted_batches_at_and_within_an_epoch(tmp_path):
+    root = make_stripes_folder(tmp_path / "data", per_class=32)
     script = tmp_path / "ddp_resume.py"
     script.write_text(
         textwrap.dedent(DDP_RESUME_SCRIPT.format(tests=str(TESTS), out=str(tmp_path), root=str(root)))
     )
-    for mode in ("full", "cut", "resume"):
+    for mode in ("full", "cut", "resume", "resume-mid"):
         if mode == "cut":
             shutil.rmtree(tmp_path / "ckpt")
         result = subprocess.run(
@@ -410,8 +419,11 @@ def test_ddp_with_loader_workers_resumes_into_the_uninterrupted_batches(tmp_path
     for rank in (0, 1):
         full = (tmp_path / f"full-rank{rank}.txt").read_text().splitlines()
         resumed = (tmp_path / f"resume-rank{rank}.txt").read_text().splitlines()
-        assert full, f"rank {rank} recorded no batch of epoch 1"
+        assert len(full) > 1, f"rank {rank} recorded {len(full)} batches of epoch 1"
         assert resumed == full, f"rank {rank}: the resumed epoch trained on other batches"
+        # resumed after epoch 1's first batch: the epoch's other batches, in the same processes
+        resumed_mid = (tmp_path / f"resume-mid-rank{rank}.txt").read_text().splitlines()
+        assert resumed_mid == full[1:], f"rank {rank}: the epoch resumed mid-way trained on other batches"
 
 
 # --- plan -------------------------------------------------------------------------------------------

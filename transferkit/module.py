@@ -232,6 +232,7 @@ class TransferClassifier(L.LightningModule):
         self._trunks: dict[int, Trunk] = {}
         self._penalised: list[torch.nn.Parameter] | None = None
         self._pending_rng_state: torch.Tensor | None = None
+        self._saved_epoch_metrics: dict[str, float] = {}  # a resumed checkpoint's epoch-end metrics
         self.trainable_groups: int | None = None  # None: nothing frozen yet (before training starts)
         if schedule.active:
             _ = self.groups  # a backbone that cannot be split fails here, before any training
@@ -330,6 +331,7 @@ class TransferClassifier(L.LightningModule):
         if self.trainer.fit_loop.restarted_mid_epoch:
             # Lightning calls no on_train_epoch_start for an epoch it resumes in the middle of
             self._start_epoch()
+        self._catch_up_plateau_schedulers(self.current_epoch)
         align_train_loader(self.trainer)  # a resumed run's first epoch gets its own order, not epoch 0's
 
     def on_train_epoch_start(self) -> None:
@@ -461,6 +463,26 @@ class TransferClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.hparams.l1:
             self.log("l1_sparsity", self.sparsity(), on_step=False, on_epoch=True)
+        loop = self.trainer.fit_loop
+        if loop.restarting and loop.epoch_loop._num_ready_batches_reached():
+            # Lightning steps no plateau scheduler at the end of the epoch a run resumes in
+            self._catch_up_plateau_schedulers(self.current_epoch + 1)
+        self._saved_epoch_metrics = {}
+
+    def _catch_up_plateau_schedulers(self, epochs_ended: int) -> None:
+        """Step each plateau scheduler (``lr_schedule: performance``) that has seen fewer epoch ends than
+        ``epochs_ended``, as an uninterrupted run would have, on the metric it watches: this process's
+        validation, or the value the resumed checkpoint holds. Lightning leaves them a step behind after
+        resuming from a checkpoint written at an epoch's end (before its scheduler step), and skips the
+        step of an epoch resumed in the middle; both for want of that metric."""
+        metrics = {name: float(value) for name, value in self._saved_epoch_metrics.items()}
+        metrics.update({name: float(value) for name, value in self.trainer.callback_metrics.items()})
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not config.reduce_on_plateau or config.interval != "epoch" or config.frequency != 1:
+                continue
+            if scheduler.last_epoch < epochs_ended and config.monitor in metrics:
+                scheduler.step(metrics[config.monitor])
 
     def train_image_side(self, epoch: int) -> int | None:
         """The shorter image side ``progressive_resizing`` asks for at ``epoch`` (``None``: the data's)."""
@@ -642,6 +664,13 @@ class TransferClassifier(L.LightningModule):
             "num_groups": len(self.groups),
         }
         checkpoint["transferkit_rng_state"] = torch.get_rng_state()
+        # what a plateau scheduler reads at the epoch's end, for a run resumed there (on_train_epoch_end)
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        checkpoint["transferkit_epoch_metrics"] = {
+            name: float(value)
+            for name, value in metrics.items()
+            if torch.is_tensor(value) and value.numel() == 1
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head."""
@@ -650,6 +679,7 @@ class TransferClassifier(L.LightningModule):
 
             check_compatible(self, checkpoint)
         self._pending_rng_state = checkpoint.get("transferkit_rng_state")
+        self._saved_epoch_metrics = dict(checkpoint.get("transferkit_epoch_metrics") or {})
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides: Any) -> TransferClassifier:

@@ -11,7 +11,7 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from transferkit.data.augment import Augment, build_eval_transform, build_train_transform
 from transferkit.data.images import ImageReadError, find_unreadable, load_image
@@ -114,9 +114,9 @@ class EpochShuffleSampler(Sampler[int]):
     same order as an uninterrupted one (a sampler driven by one long-lived generator would not).
     With ``tag_epoch=True`` it yields ``(epoch, index)`` pairs, which carry the epoch into DataLoader
     workers (persistent ones too) so that :class:`ImageDataset` draws that epoch's augmentations.
-    ``drawn_epoch`` is the epoch of the last order handed out (``None`` before the first); ``skip``
-    leaves out the first indices of the next order only (a run resumed in the middle of an epoch); see
-    :func:`align_train_loader`.
+    ``drawn_epoch`` is the epoch of the last order handed out (``None`` before the first); ``start``
+    makes the next order only begin at that position and wrap around (a run resumed in the middle of an
+    epoch); see :func:`align_train_loader`.
     """
 
     def __init__(self, num_samples: int, seed: int, tag_epoch: bool = False) -> None:
@@ -125,7 +125,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.tag_epoch = tag_epoch
         self.epoch = 0
         self.drawn_epoch: int | None = None
-        self.skip = 0
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -139,7 +139,7 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self):
         self.drawn_epoch = self.epoch
         order = self._draw(torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        order, self.skip = order[self.skip :], 0
+        order, self.start = order[self.start :] + order[: self.start], 0
         if self.tag_epoch:
             return iter([(self.epoch, i) for i in order])
         return iter(order)
@@ -181,12 +181,15 @@ def align_train_loader(trainer: L.Trainer) -> bool:
     resumed epoch. A loader with workers draws its first indices right at that iteration, so without
     this the first epoch after a resume would replay epoch 0's order and augmentations.
 
-    A run resumed in the middle of an epoch (a checkpoint written on Ctrl+C or SIGTERM) goes on with
-    that epoch's next batch: the sampler leaves out the batches the loop counts as trained, so the run
-    sees what an uninterrupted one would have. Under DDP, where Lightning shares each order out across
-    the processes, the resumed epoch's remaining batches come from the start of its order instead (a
-    warning says so). :meth:`TransferClassifier.on_train_start` calls this, once per ``fit``, after the
-    loop state is restored.
+    A run resumed in the middle of an epoch (a checkpoint written on SIGTERM, or by a callback after a
+    batch) goes on with that epoch's next batch: the epoch's order starts after the images of the
+    batches the loop counts as trained (in every process, under DDP: :class:`TrainLoader` has DDP deal
+    the order out as it is), so the run sees what an uninterrupted one would have; Lightning ends the
+    epoch after its remaining batches. A Ctrl+C can land inside a training step, whose batch is then
+    trained again. Not covered: a SIGTERM inside a window of ``accumulate_grad_batches`` (the window's
+    gradients so far are not in the checkpoint).
+    :meth:`TransferClassifier.on_train_start` calls this, once per ``fit``, after the loop state is
+    restored.
     """
     loop = trainer.fit_loop
     loader = getattr(loop, "_combined_loader", None)
@@ -209,19 +212,14 @@ def align_train_loader(trainer: L.Trainer) -> bool:
         sampler = next((s for s in (outer, inner) if isinstance(s, EpochShuffleSampler)), None)
         if sampler is None:
             continue
-        skip = done * (dataloader.batch_size or 0) if sampler is outer else 0
-        if done and not skip:
-            warnings.warn(
-                f"resumed in the middle of epoch {epoch} ({done} batches trained): under DDP its remaining "
-                "batches are drawn from the start of its order, so some images of that epoch are seen twice "
-                "and others not at all. Resume from an end-of-epoch checkpoint (last.ckpt) to avoid this.",
-                stacklevel=2,
-            )
-        if skip or sampler.drawn_epoch not in (None, epoch):
+        # DDP's sampler deals the order out in turn (TrainLoader turns its shuffling off): each process's
+        # next batch starts num_replicas batches further on per batch trained
+        start = done * (dataloader.batch_size or 0) * getattr(outer, "num_replicas", 1)
+        if start or sampler.drawn_epoch not in (None, epoch):
             for s in (outer, inner):
                 if hasattr(s, "set_epoch"):
                     s.set_epoch(epoch)
-            sampler.skip = skip
+            sampler.start = start
             realign = True
     if realign:
         iter(fetcher)  # a new iteration of the loader (persistent workers are reused)
@@ -234,8 +232,21 @@ class TrainLoader(DataLoader):
     Lightning takes a loader with ``state_dict``/``load_state_dict`` as one that can go on from where a
     checkpoint left it, and warns about any other. This one holds no state of its own: where an
     interrupted epoch goes on is the loop's count of its trained batches, which
-    :func:`align_train_loader` hands to the sampler.
+    :func:`align_train_loader` hands to the sampler. Its checkpoints hold an empty loader state, so
+    Lightning refuses to resume one in the middle of an epoch with train loaders of another kind.
+
+    Under DDP, Lightning rebuilds the loader around a ``DistributedSamplerWrapper`` that would shuffle
+    the sampler's order once more before dealing it out to the processes; the order of an
+    :class:`EpochShuffleSampler` is already this epoch's random one, so the wrapper deals it out as it is
+    (which is what lets a mid-epoch resume find each process's next batch).
     """
+
+    def __init__(self, dataset: Dataset, **kwargs: Any) -> None:  # named, so Lightning can rebuild it
+        super().__init__(dataset, **kwargs)
+        if isinstance(self.sampler, DistributedSampler) and isinstance(
+            getattr(self.sampler.dataset, "_sampler", None), EpochShuffleSampler
+        ):
+            self.sampler.shuffle = False
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -547,8 +558,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def _train_sampler(self, labels: np.ndarray, tag_epoch: bool = False) -> EpochShuffleSampler:
         if self.sampler == "balanced":
-            return BalancedSampler(np.asarray(labels), self.seed, tag_epoch)
-        return EpochShuffleSampler(len(labels), self.seed, tag_epoch)
+            sampler = BalancedSampler(np.asarray(labels), self.seed, tag_epoch)
+        else:
+            sampler = EpochShuffleSampler(len(labels), self.seed, tag_epoch)
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            # a loader built mid-run (the caches reload loaders every epoch) is iterated before Lightning's
+            # set_epoch, by loader workers at once: it must start at the epoch about to run, not at 0
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
+        return sampler
 
     def train_dataloader(self) -> DataLoader:
         return self._cached_loader("train", shuffle=True) or self._loader("train", shuffle=True)
