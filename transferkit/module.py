@@ -475,8 +475,7 @@ class TransferClassifier(L.LightningModule):
         validation, or the value the resumed checkpoint holds. Lightning leaves them a step behind after
         resuming from a checkpoint written at an epoch's end (before its scheduler step), and skips the
         step of an epoch resumed in the middle; both for want of that metric."""
-        metrics = {name: float(value) for name, value in self._saved_epoch_metrics.items()}
-        metrics.update({name: float(value) for name, value in self.trainer.callback_metrics.items()})
+        metrics = {**self._saved_epoch_metrics, **_scalars(self.trainer.callback_metrics)}
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not config.reduce_on_plateau or config.interval != "epoch" or config.frequency != 1:
@@ -664,13 +663,9 @@ class TransferClassifier(L.LightningModule):
             "num_groups": len(self.groups),
         }
         checkpoint["transferkit_rng_state"] = torch.get_rng_state()
-        # what a plateau scheduler reads at the epoch's end, for a run resumed there (on_train_epoch_end)
+        # what a plateau scheduler reads at an epoch's end, for a run resumed there (_catch_up_plateau_schedulers)
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}
-        checkpoint["transferkit_epoch_metrics"] = {
-            name: float(value)
-            for name, value in metrics.items()
-            if torch.is_tensor(value) and value.numel() == 1
-        }
+        checkpoint["transferkit_epoch_metrics"] = _scalars(metrics)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head."""
@@ -698,3 +693,12 @@ class TransferClassifier(L.LightningModule):
         from transferkit.serving import load_checkpoint_model
 
         return load_checkpoint_model(path, **overrides)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The single-number entries of a metrics dict, as floats."""
+    return {
+        name: float(value)
+        for name, value in metrics.items()
+        if isinstance(value, int | float) or (torch.is_tensor(value) and value.numel() == 1)
+    }
