@@ -64,8 +64,8 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str]) -> dict:
     import numpy as np
     import torch
 
-    from transferkit.cli import TransferKitCLI, cli_kwargs
-    from transferkit.module import TransferClassifier
+    from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
+    from transferkit.models.classifier import TransferClassifier
 
     args = [
         "--config",

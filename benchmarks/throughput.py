@@ -31,8 +31,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit import ImageDataModule, Trainer, TransferClassifier
-from transferkit.diagnostics import NonFiniteLossGuard
 from transferkit.runtime import tune_allocator
+from transferkit.training.nonfinite import NonFiniteLossGuard
 
 
 class _Timer(Callback):

@@ -9,7 +9,7 @@ from conftest import NORM, TINY_BACKBONE, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
 from transferkit import EMA, ImageDataModule, TransferClassifier
-from transferkit.trainer import RunCheckpoint
+from transferkit.training.checkpointing import RunCheckpoint
 
 
 class _RecordWeights(Callback):

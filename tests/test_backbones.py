@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from timm.data import ImageNetInfo
 
-from transferkit.backbones import (
+from transferkit.models.backbones import (
     BackboneError,
     HubUnreachableError,
     bundled_state_dict,
@@ -132,7 +132,7 @@ def test_missing_weights_file_and_unknown_name_are_clear():
 
 
 def test_a_missing_weights_package_names_the_pip_command(monkeypatch):
-    from transferkit import backbones
+    from transferkit.models import backbones
 
     # as on a machine where the package that carries the weights was never installed
     monkeypatch.setitem(backbones._BUNDLED, "tf_efficientnet_lite1", ("not_installed_weights", "ModelFile"))

@@ -18,8 +18,9 @@ import torch
 from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer
 
 from transferkit import ImageDataModule, TransferClassifier
-from transferkit.serving import CheckpointError, read_checkpoint
-from transferkit.trainer import RunCheckpoint
+from transferkit.errors import CheckpointError
+from transferkit.models.checkpoint import read_checkpoint
+from transferkit.training.checkpointing import RunCheckpoint
 
 
 def _augmented_dm(root, seed: int, num_workers: int) -> ImageDataModule:
@@ -131,7 +132,7 @@ os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 import lightning as L, torch
 from lightning.pytorch.callbacks import Callback
 from transferkit import ImageDataModule, Trainer, TransferClassifier
-from transferkit.trainer import RunCheckpoint
+from transferkit.training.checkpointing import RunCheckpoint
 
 out, mode = sys.argv[1], sys.argv[2]
 

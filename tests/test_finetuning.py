@@ -17,8 +17,9 @@ from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
-from transferkit.backbones import BackboneError, create_backbone
+from transferkit.errors import BackboneError
 from transferkit.finetuning import backbone_groups
+from transferkit.models.backbones import create_backbone
 
 TESTS = Path(__file__).resolve().parent
 
@@ -498,7 +499,7 @@ def test_bn_policy_eval_keeps_imagenet_statistics_while_the_backbone_trains(stri
 
 
 def test_probe_suggestion_names_the_peak_and_prefers_a_deeper_group_within_a_point():
-    from transferkit.probe import ProbeResult, suggest
+    from transferkit.finetuning.probing import ProbeResult, suggest
 
     def results(*accs):
         return [ProbeResult(i, f"blocks.{i}", 8, 0.9, acc) for i, acc in enumerate(accs)]
@@ -516,7 +517,7 @@ def test_probe_suggestion_names_the_peak_and_prefers_a_deeper_group_within_a_poi
 def test_early_stopping_gives_each_freeze_phase_its_own_patience(stripes_folder, tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from transferkit.trainer import PhaseEarlyStopping
+    from transferkit.training.early_stopping import PhaseEarlyStopping
 
     epochs, saved = {}, {}
     for kind in (EarlyStopping, PhaseEarlyStopping):

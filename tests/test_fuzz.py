@@ -100,7 +100,7 @@ def fuzz_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.dictionaries(st.sampled_from(FIELDS), VALUES, min_size=1, max_size=2))
 def test_random_recipe_values_give_a_clear_error_or_a_working_setup(fuzz_folder, tmp_path, overrides):
-    from transferkit.cli import TransferKitCLI, cli_kwargs
+    from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
 
     args = [
         f"--model.backbone={TINY_BACKBONE}",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from transferkit.heads import ClassifierHead
+from transferkit.models.heads import ClassifierHead
 
 
 def test_he_init_gives_variance_two_over_fan_in():

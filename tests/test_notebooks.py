@@ -165,7 +165,7 @@ def check_05_elpv(nb, out: Path) -> None:
 
 
 def check_06_optimizers_and_schedules(nb, out: Path) -> None:
-    from transferkit.optim import OPTIMIZERS, SCHEDULES
+    from transferkit.finetuning.optim import OPTIMIZERS, SCHEDULES
 
     text = text_of(nb)
     for name in (*OPTIMIZERS, *SCHEDULES):

@@ -20,9 +20,9 @@ import yaml
 from torch import nn
 
 from transferkit import FreezeSchedule
-from transferkit.cli import TransferKitCLI, cli_kwargs
+from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
 from transferkit.containers import plain
-from transferkit.plots import epoch_metrics
+from transferkit.reporting.plots import epoch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

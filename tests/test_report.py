@@ -20,8 +20,9 @@ from PIL import Image
 
 import transferkit as tk
 from transferkit import plots
-from transferkit.cli import main, run_loggers
+from transferkit.cli import main
 from transferkit.data.images import load_image
+from transferkit.training.loggers import run_loggers
 
 
 def _recipe(root: Path, stripes: Path, **trainer: object) -> dict:
@@ -156,12 +157,12 @@ def test_report_with_logging_off_goes_to_the_root_dir_and_lists_failed_pictures(
 
 
 def test_a_failing_report_never_fails_the_training(tmp_path, stripes_folder, monkeypatch):
-    import transferkit.report
+    import transferkit.reporting.run_report
 
     def broken_report(*args, **kwargs):
         raise RuntimeError("matplotlib is gone")
 
-    monkeypatch.setattr(transferkit.report, "write_run_report", broken_report)
+    monkeypatch.setattr(transferkit.reporting.run_report, "write_run_report", broken_report)
     data = tk.ImageDataModule(
         source="folder", root=str(stripes_folder), num_workers=0, augment="none", **NORM
     )
@@ -238,7 +239,7 @@ def test_a_finetune_logs_its_curves_to_tensorboard_too(run):
 
 
 def test_augment_preview_draws_one_training_image_through_the_recipe_pipeline(run, tmp_path, capsys):
-    from transferkit.report import pipeline_text
+    from transferkit.reporting.previews import pipeline_text
 
     recipe = ["augment-preview", "--config", str(run.recipe_path), "--n", "5", "--index", "3"]
     light, heavy = tmp_path / "light.png", tmp_path / "heavy.png"
@@ -262,7 +263,7 @@ def test_augment_preview_draws_one_training_image_through_the_recipe_pipeline(ru
 
 
 def _no_weights_from_anywhere(monkeypatch):
-    import transferkit.backbones as backbones
+    import transferkit.models.backbones as backbones
 
     def refuse(*args, **kwargs):
         raise AssertionError("loading a checkpoint must not fetch backbone weights")

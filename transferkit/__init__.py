@@ -3,54 +3,81 @@
 >>> import transferkit as tk
 >>> backbone = tk.create_backbone("tf_efficientnet_lite0", pretrained="bundled")
 >>> model = tk.TransferClassifier(num_classes=2, freeze_schedule=tk.FreezeSchedule(frozen_epochs=2))
+
+The names below are imported when first used, so ``import transferkit`` itself loads neither torch,
+Lightning nor matplotlib, and ``python -m transferkit --help`` answers at once.
 """
 
 import os
+from typing import TYPE_CHECKING
+
+from transferkit._lazy import lazy_exports
 
 # Albumentations asks PyPI for its latest version at import; offline machines wait on that for nothing
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from transferkit.averaging import EMA  # noqa: E402
-from transferkit.backbones import Backbone, BackboneError, HubUnreachableError, create_backbone  # noqa: E402
-from transferkit.data import ImageDataModule  # noqa: E402
-from transferkit.diagnostics import (  # noqa: E402
-    GradientHealth,
-    GradientHealthReport,
-    LayerHealth,
-    NonFiniteLossError,
-    NonFiniteLossGuard,
-    diagnose,
-)
-from transferkit.export import export_checkpoint  # noqa: E402
-from transferkit.finetuning import FreezeSchedule  # noqa: E402
-from transferkit.heads import ClassifierHead  # noqa: E402
-from transferkit.module import TransferClassifier  # noqa: E402
-from transferkit.report import write_run_report  # noqa: E402
-from transferkit.serving import CheckpointError, CheckpointMismatchError, load_for_inference  # noqa: E402
-from transferkit.trainer import Trainer  # noqa: E402
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "EMA",
-    "Backbone",
-    "BackboneError",
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "ClassifierHead",
-    "FreezeSchedule",
-    "GradientHealth",
-    "GradientHealthReport",
-    "HubUnreachableError",
-    "ImageDataModule",
-    "LayerHealth",
-    "NonFiniteLossError",
-    "NonFiniteLossGuard",
-    "Trainer",
-    "TransferClassifier",
-    "create_backbone",
-    "diagnose",
-    "export_checkpoint",
-    "load_for_inference",
-    "write_run_report",
-]
+if TYPE_CHECKING:
+    from transferkit.data.datamodule import ImageDataModule
+    from transferkit.diagnostics.diagnosis import diagnose
+    from transferkit.diagnostics.health import GradientHealth
+    from transferkit.diagnostics.verdicts import GradientHealthReport, LayerHealth
+    from transferkit.errors import (
+        BackboneError,
+        CheckpointError,
+        CheckpointMismatchError,
+        ConfigError,
+        DatasetError,
+        HubUnreachableError,
+        ImageReadError,
+        NonFiniteLossError,
+        TransferKitError,
+    )
+    from transferkit.finetuning.planning import plan
+    from transferkit.finetuning.probing import probe
+    from transferkit.finetuning.schedule import FreezeSchedule
+    from transferkit.inference.export import export_checkpoint
+    from transferkit.inference.loading import load_for_inference
+    from transferkit.models.backbones import Backbone, create_backbone
+    from transferkit.models.classifier import TransferClassifier
+    from transferkit.models.heads import ClassifierHead
+    from transferkit.reporting import plots
+    from transferkit.reporting.run_report import write_run_report
+    from transferkit.training.averaging import EMA
+    from transferkit.training.nonfinite import NonFiniteLossGuard
+    from transferkit.training.trainer import Trainer
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "ImageDataModule": "transferkit.data.datamodule",
+        "diagnose": "transferkit.diagnostics.diagnosis",
+        "GradientHealth": "transferkit.diagnostics.health",
+        "GradientHealthReport": "transferkit.diagnostics.verdicts",
+        "LayerHealth": "transferkit.diagnostics.verdicts",
+        "BackboneError": "transferkit.errors",
+        "CheckpointError": "transferkit.errors",
+        "CheckpointMismatchError": "transferkit.errors",
+        "ConfigError": "transferkit.errors",
+        "DatasetError": "transferkit.errors",
+        "HubUnreachableError": "transferkit.errors",
+        "ImageReadError": "transferkit.errors",
+        "NonFiniteLossError": "transferkit.errors",
+        "TransferKitError": "transferkit.errors",
+        "plan": "transferkit.finetuning.planning",
+        "probe": "transferkit.finetuning.probing",
+        "FreezeSchedule": "transferkit.finetuning.schedule",
+        "export_checkpoint": "transferkit.inference.export",
+        "load_for_inference": "transferkit.inference.loading",
+        "Backbone": "transferkit.models.backbones",
+        "create_backbone": "transferkit.models.backbones",
+        "TransferClassifier": "transferkit.models.classifier",
+        "ClassifierHead": "transferkit.models.heads",
+        "plots": "transferkit.reporting.plots:",
+        "write_run_report": "transferkit.reporting.run_report",
+        "EMA": "transferkit.training.averaging",
+        "NonFiniteLossGuard": "transferkit.training.nonfinite",
+        "Trainer": "transferkit.training.trainer",
+    },
+)

@@ -18,9 +18,9 @@ def tune_allocator() -> bool:
     """Keep freed activation memory in the heap instead of returning it to the OS after every step.
 
     glibc serves each large tensor (a batch's activations are tens of MB) with a fresh ``mmap`` and
-    unmaps it on free, so every training step page-faults its whole working set back in; on a 2-core
-    CPU that more than doubles the step time. Serving everything from the heap and trimming it only
-    past 1 GiB removes that cost. Set ``TRANSFERKIT_TUNE_MALLOC=0`` to leave the allocator alone.
+    unmaps it on free, so every training step page-faults its whole working set back in, which on a
+    small CPU costs as much as the step's arithmetic (docs/benchmarks.md). Serving everything from the
+    heap and trimming it only past 1 GiB removes that cost. Set ``TRANSFERKIT_TUNE_MALLOC=0`` to leave the allocator alone.
 
     Returns:
         Whether the allocator was tuned (glibc on Linux only).

@@ -1,20 +1,20 @@
-"""Data: sources, Albumentations pipelines, the datamodule."""
+"""Data: sources, image reading, Albumentations pipelines, datasets, samplers, feature caches, the datamodule."""
 
-from transferkit.data.augment import PRESETS, build_eval_transform, build_train_transform
-from transferkit.data.datamodule import ImageDataModule, ImageDataset
-from transferkit.data.images import ImageReadError, load_image
-from transferkit.data.sources import DatasetError, DataSource, load_source, split_indices
+from transferkit._lazy import lazy_exports
 
-__all__ = [
-    "PRESETS",
-    "DataSource",
-    "DatasetError",
-    "ImageDataModule",
-    "ImageDataset",
-    "ImageReadError",
-    "build_eval_transform",
-    "build_train_transform",
-    "load_image",
-    "load_source",
-    "split_indices",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "PRESETS": "transferkit.data.augment",
+        "build_eval_transform": "transferkit.data.augment",
+        "build_train_transform": "transferkit.data.augment",
+        "ImageDataModule": "transferkit.data.datamodule",
+        "ImageDataset": "transferkit.data.datasets",
+        "load_image": "transferkit.data.images",
+        "DataSource": "transferkit.data.sources",
+        "load_source": "transferkit.data.sources",
+        "split_indices": "transferkit.data.sources",
+        "DatasetError": "transferkit.errors",
+        "ImageReadError": "transferkit.errors",
+    },
+)

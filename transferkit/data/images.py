@@ -15,40 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transferkit.errors import ImageReadError
+
 __all__ = ["IMAGE_SUFFIXES", "ImageReadError", "load_image", "to_rgb", "find_unreadable"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-class ImageReadError(OSError):
-    """An image file could not be read. ``path`` and ``reason`` say which and why.
-
-    Raised inside a DataLoader worker, it reaches the main process as an ``ImageReadError`` too, with
-    the same path and reason and the worker named instead of the worker's traceback.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str | None = None) -> None:
-        if reason is None:  # one argument: the text a DataLoader worker sends back
-            path, reason = _from_worker_text(str(path))
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot read image '{self.path}': {reason}")
-
-    def __reduce__(self):  # keeps path and reason when pickled
-        return (type(self), (self.path, self.reason))
-
-
-def _from_worker_text(text: str) -> tuple[str, str]:
-    """Path and reason out of ``Caught ImageReadError in DataLoader worker process N. Original Traceback
-    ... ImageReadError: cannot read image '<path>': <reason>``."""
-    import re
-
-    where = re.search(r"Caught ImageReadError (in [^.\n]*)", text)
-    found = re.findall(r"ImageReadError: cannot read image '(.*)': (.*)", text)
-    if not found:
-        return "<unknown>", text.strip().splitlines()[-1] if text.strip() else "unknown reason"
-    path, reason = found[-1]
-    return path, f"{reason} ({where.group(1)})" if where else reason
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -104,8 +75,18 @@ def _check_size(path: Path, image: Image.Image) -> None:
         )
 
 
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """Convert a PIL image of any mode to an ``(H, W, 3) uint8`` array."""
+def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A PIL image of any mode, or a ``(H, W)`` / ``(H, W, 1|3|4)`` array, as an ``(H, W, 3) uint8`` array.
+
+    Gray is repeated into three channels, an alpha channel of an array is dropped (a PIL image's is
+    composited onto white), 16-bit and float PIL images are scaled to 8 bits.
+
+    Example:
+        >>> to_rgb(np.zeros((2, 3), dtype=np.uint8)).shape
+        (2, 3, 3)
+    """
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         # 16-bit and 32-bit grayscale: scale to 8 bits instead of clipping
@@ -123,6 +104,18 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"an image array must be (H, W) or (H, W, 1|3|4), got shape {array.shape}.")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    elif array.shape[-1] == 4:
+        array = array[..., :3]
+    return np.ascontiguousarray(array.astype(np.uint8, copy=False))
 
 
 def find_unreadable(paths: Sequence[str | os.PathLike], workers: int | None = None) -> list[ImageReadError]:

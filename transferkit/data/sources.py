@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from transferkit.data.images import IMAGE_SUFFIXES
+from transferkit.errors import DatasetError
 
 __all__ = ["DataSource", "DatasetError", "SOURCES", "load_source", "split_indices"]
 
@@ -25,13 +26,22 @@ SOURCES = ("folder", "csv", "elpv", "digits")
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(ValueError):
-    """The dataset is not usable as given: a missing path, an empty class, too few images to split, ..."""
-
-
 @dataclass
 class DataSource:
-    """Samples of one dataset, before splitting and augmentation."""
+    """Samples of one dataset, before splitting and augmentation.
+
+    Attributes:
+        name: the source (``folder``, ``csv``, ``elpv``, ``digits``).
+        items: one per sample: a file path, or an in-memory ``(H, W[, C])`` uint8 array.
+        labels: ``(N,)`` int64 class indices into ``class_names``.
+        class_names: the classes, in label order.
+        stratify: ``(N,)`` the key splits are stratified on (the label, or finer strata such as ELPV's
+            defect probability x cell type).
+        meta: per-sample extras (``(N,)`` arrays), e.g. ELPV's defect probability.
+        splits: the source's own train/val/test indices, where it defines them.
+        verified: the files are known to read (a packaged dataset): set-up skips scanning them.
+        test_fraction: the share held out for the test when the user sets none (a benchmark's protocol).
+    """
 
     name: str
     items: list[str | np.ndarray]
@@ -39,10 +49,20 @@ class DataSource:
     class_names: list[str]
     stratify: np.ndarray
     meta: dict[str, np.ndarray] = field(default_factory=dict)
-    splits: dict[str, np.ndarray] | None = None  # predefined split indices, where the source has them
+    splits: dict[str, np.ndarray] | None = None
+    verified: bool = False
+    test_fraction: float = 0.2
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def stratum_name(self, key: str) -> str:
+        """A stratification key as a person knows it: the class name where strata are the labels."""
+        if key.lstrip("-").isdigit() and np.array_equal(self.stratify, self.labels.astype(str)):
+            index = int(key)
+            if 0 <= index < len(self.class_names):
+                return self.class_names[index]
+        return key
 
 
 def load_source(
@@ -198,7 +218,10 @@ def _elpv_source(task: str) -> DataSource:
         raise DatasetError(f"unknown ELPV task '{task}'; choose 'binary' or '4class'.")
     stratify = np.asarray([f"{p:.2f}_{t}" for p, t in zip(probs, types, strict=True)])
     meta = {"defect_probability": probs, "cell_type": types}
-    return DataSource("elpv", list(paths), labels, class_names, stratify, meta=meta)
+    # the files ship inside the package; its protocol holds a quarter of the cells out for the test
+    return DataSource(
+        "elpv", list(paths), labels, class_names, stratify, meta=meta, verified=True, test_fraction=0.25
+    )
 
 
 # --- digits ----------------------------------------------------------------------------------------
@@ -232,12 +255,12 @@ def split_indices(
     if data.splits is not None:
         splits = {k: np.asarray(v) for k, v in data.splits.items()}
         if "val" not in splits:
-            splits["train"], splits["val"] = _split(splits["train"], data.stratify, val_fraction, seed, "val")
+            splits["train"], splits["val"] = _split(splits["train"], data, val_fraction, seed, "val")
         splits.setdefault("test", np.asarray([], dtype=np.int64))
         _check_classes_are_trained(data, splits)
         return splits
-    train, test = _split(indices, data.stratify, test_fraction, seed, "test")
-    train, val = _split(train, data.stratify, val_fraction, seed, "val")
+    train, test = _split(indices, data, test_fraction, seed, "test")
+    train, val = _split(train, data, val_fraction, seed, "val")
     return {"train": train, "val": val, "test": test}
 
 
@@ -257,16 +280,16 @@ def _check_classes_are_trained(data: DataSource, splits: dict[str, np.ndarray]) 
 
 
 def _split(
-    indices: np.ndarray, stratify: np.ndarray, fraction: float, seed: int, what: str
+    indices: np.ndarray, data: DataSource, fraction: float, seed: int, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
     if fraction == 0:
         return indices, np.asarray([], dtype=np.int64)
-    keys = stratify[indices]
+    keys = data.stratify[indices]
     try:
         kept, held = train_test_split(indices, test_size=fraction, stratify=keys, random_state=seed)
     except ValueError as err:
         values, counts = np.unique(keys, return_counts=True)
-        rare = {str(v): int(c) for v, c in zip(values, counts, strict=True) if c < 2}
+        rare = {data.stratum_name(str(v)): int(c) for v, c in zip(values, counts, strict=True) if c < 2}
         raise DatasetError(
             f"cannot carve a stratified {what} split of {fraction:.0%} from {len(indices)} images: {err}. "
             f"Classes with fewer than 2 images: {rare or 'none'}. Add images, merge rare classes, "

@@ -1,0 +1,122 @@
+"""Checks a dataset gets before training: unreadable files, class imbalance, copies across splits."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from transferkit.data.images import find_unreadable
+from transferkit.data.sources import DataSource
+from transferkit.errors import DatasetError, ImageReadError
+
+__all__ = ["IMBALANCE_WARNING_RATIO", "drop_unreadable", "warn_duplicates_across_splits", "warn_imbalance"]
+
+# the largest / smallest class count in train above which setup warns and suggests sampler: balanced
+IMBALANCE_WARNING_RATIO = 10.0
+
+
+def drop_unreadable(data: DataSource, skip: bool) -> tuple[DataSource, list[ImageReadError]]:
+    """``data`` without the files that cannot be read, and the errors for them.
+
+    Raises :class:`~transferkit.errors.DatasetError` listing them unless ``skip`` (then they are left
+    out with a warning).
+    """
+    bad = find_unreadable([str(p) for p in data.items])
+    if not bad:
+        return data, []
+    if not skip:
+        listing = "\n".join(f"  {err.path}: {err.reason}" for err in bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DatasetError(
+            f"{len(bad)} of {len(data)} images cannot be read:\n{listing}{more}\n"
+            "Fix or remove them, or set data.skip_bad_images=true to leave them out."
+        )
+    bad_paths = {err.path for err in bad}
+    keep = np.asarray([str(p) not in bad_paths for p in data.items])
+    warnings.warn(
+        f"skipped {len(bad)} unreadable images (skip_bad_images=true), e.g. "
+        + "; ".join(f"{e.path}: {e.reason}" for e in bad[:3]),
+        stacklevel=3,
+    )
+    return select(data, np.flatnonzero(keep)), bad
+
+
+def warn_imbalance(labels: np.ndarray, class_names: Sequence[str], balanced: bool) -> None:
+    """Warn, with the counts per class, when the largest class of ``labels`` (the training split) has
+    more than :data:`IMBALANCE_WARNING_RATIO` times the images of the smallest."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    if balanced or counts.min() * IMBALANCE_WARNING_RATIO > counts.max():
+        return
+    listing = ", ".join(f"{name}: {int(c)}" for name, c in zip(class_names, counts, strict=True))
+    warnings.warn(
+        f"the training split is severely imbalanced ({listing}; largest/smallest = "
+        f"{counts.max() / max(counts.min(), 1):.0f}x). The loss will favour the large classes; "
+        "set data.sampler=balanced to draw every class equally often, and watch val_f1 (macro) "
+        "rather than accuracy.",
+        stacklevel=3,
+    )
+
+
+def warn_duplicates_across_splits(data: DataSource, splits: Mapping[str, np.ndarray]) -> None:
+    """Files with the same bytes in two splits make the test (or validation) score optimistic: warn."""
+    digests: dict[str, tuple[str, str]] = {}
+    found: list[str] = []
+    count = 0
+    for split in ("train", "val", "test"):
+        for i in splits.get(split, []):
+            path = str(data.items[i])
+            digest = _file_digest(path)
+            first = digests.setdefault(digest, (split, path))
+            if first[0] != split:
+                count += 1
+                if len(found) < 3:
+                    found.append(f"{first[1]} ({first[0]}) = {path} ({split})")
+    if count:
+        warnings.warn(
+            f"{count} images appear in more than one split with identical bytes, e.g. "
+            + "; ".join(found)
+            + ". Scores on val/test overstate accuracy on new images; remove the copies.",
+            stacklevel=3,
+        )
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "blake2b").hexdigest()
+
+
+def select(data: DataSource, keep: np.ndarray) -> DataSource:
+    """The samples of ``data`` at the indices ``keep``, its own splits renumbered."""
+    remap = None
+    if data.splits is not None:
+        position = {int(old): new for new, old in enumerate(keep)}
+        remap = {
+            s: np.asarray([position[i] for i in idx if int(i) in position]) for s, idx in data.splits.items()
+        }
+    return DataSource(
+        data.name,
+        [data.items[i] for i in keep],
+        data.labels[keep],
+        data.class_names,
+        data.stratify[keep],
+        {k: v[keep] for k, v in data.meta.items()},
+        remap,
+        data.verified,
+        data.test_fraction,
+    )
+
+
+def subset(data: DataSource, max_samples: int, seed: int) -> DataSource:
+    """A stratified subset of at most ``max_samples`` samples (random where strata are too small)."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        keep, _ = train_test_split(
+            np.arange(len(data)), train_size=max_samples, stratify=data.stratify, random_state=seed
+        )
+    except ValueError:  # strata too small for a stratified subset of this size
+        keep = np.random.default_rng(seed).choice(len(data), size=max_samples, replace=False)
+    return select(data, np.sort(keep))

@@ -1,0 +1,116 @@
+"""Datasets the loaders draw from: images through an Albumentations pipeline, or cached features."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from transferkit.data.images import load_image, to_rgb
+from transferkit.errors import ImageReadError
+
+__all__ = ["CachedFeatures", "ImageDataset", "sample_seed"]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one sample's augmentation, well mixed from ``(seed, epoch, index)``.
+
+    Example:
+        >>> sample_seed(0, 1, 2) == sample_seed(0, 1, 2) != sample_seed(0, 2, 2)
+        True
+    """
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
+
+
+class ImageDataset(Dataset):
+    """Items (file paths or ``(H, W)``/``(H, W, C)`` uint8 arrays) through an Albumentations pipeline.
+
+    ``dataset[i]`` is ``(image (3, S, S) float32, label int64)``. The pipeline's random draws for a
+    sample depend only on ``(seed, epoch, i)`` (Albumentations keeps its own RNG, which
+    ``seed_everything`` does not reach), so two runs with the same seed see the same augmented images
+    whatever the number of DataLoader workers, and a resumed run continues with the same draws.
+    ``dataset[(epoch, i)]`` (what :class:`~transferkit.data.samplers.EpochShuffleSampler` yields with
+    ``tag_epoch=True``) draws for that epoch; ``dataset[i]`` for :attr:`epoch`.
+
+    An image that cannot be read raises :class:`~transferkit.errors.ImageReadError` naming it (also from
+    a DataLoader worker); with ``skip_bad=True`` (a file that broke after the data module checked it)
+    the next readable sample stands in for it, with a warning.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[str | np.ndarray],
+        labels: np.ndarray,
+        transform: A.Compose,
+        seed: int = 0,
+        epoch: int = 0,
+        skip_bad: bool = False,
+    ) -> None:
+        self.items = items
+        self.labels = labels
+        self.transform = transform
+        self.seed = seed
+        self.epoch = epoch
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, index: int) -> np.ndarray:
+        """The raw image ``(H, W, 3) uint8`` of sample ``index``, before any transform."""
+        item = self.items[index]
+        if isinstance(item, np.ndarray):
+            return to_rgb(item)
+        return load_image(item)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        image, index = self._read_or_stand_in(index)
+        self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
+        image = self.transform(image=image)["image"]
+        return image, torch.as_tensor(self.labels[index], dtype=torch.long)
+
+    def _read_or_stand_in(self, index: int) -> tuple[np.ndarray, int]:
+        try:
+            return self.read(index), index
+        except ImageReadError as err:
+            if not self.skip_bad:
+                raise
+            for step in range(1, min(len(self), 16)):
+                stand_in = (index + step) % len(self)
+                try:
+                    image = self.read(stand_in)
+                except ImageReadError:
+                    continue
+                warnings.warn(
+                    f"{err}; skipped (skip_bad_images=true), sample {stand_in} used instead", stacklevel=3
+                )
+                return image, stand_in
+            raise
+
+
+class CachedFeatures(Dataset):
+    """``(features, label)`` pairs (``(F,)`` pooled features or a trunk's ``(C, H, W)`` maps) from a
+    ``(views, N, ...)`` tensor; with several views, each epoch draws one view per image, the same one
+    in every run with the same ``seed``."""
+
+    def __init__(self, features: torch.Tensor, labels: np.ndarray, epoch: int, seed: int) -> None:
+        views, count = features.shape[:2]
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
+        self.view = (
+            torch.randint(views, (count,), generator=generator)
+            if views > 1
+            else torch.zeros(count, dtype=torch.long)
+        )
+        self.features = features
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[self.view[index], index], self.labels[index]

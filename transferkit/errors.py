@@ -1,0 +1,120 @@
+"""Every exception transferkit raises for a person to read, in one place.
+
+Each one is a :class:`TransferKitError`, so a program (and the command line, which prints them as one
+``error: <message>`` block instead of a traceback) can catch them all, and each keeps the built-in type
+code written before it expected (a :class:`ConfigError` is a ``ValueError``, an :class:`ImageReadError`
+an ``OSError``). Messages say what was wrong, the value seen, and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+__all__ = [
+    "BackboneError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConfigError",
+    "DatasetError",
+    "FoldingError",
+    "HubUnreachableError",
+    "ImageReadError",
+    "MissingDependencyError",
+    "NonFiniteLossError",
+    "TransferKitError",
+]
+
+
+class TransferKitError(Exception):
+    """The base of every error transferkit raises for a person to read."""
+
+
+class ConfigError(TransferKitError, ValueError):
+    """A setting that cannot work: out of its range, unknown, or contradicting another one."""
+
+
+class BackboneError(ConfigError):
+    """A backbone could not be built as asked (unknown name, weights that do not fit, ...)."""
+
+
+class HubUnreachableError(BackboneError, ConnectionError):
+    """Weights were asked from the model hub, which cannot be reached from this machine."""
+
+
+class DatasetError(TransferKitError, ValueError):
+    """The dataset is not usable as given: a missing path, an empty class, too few images to split, ..."""
+
+
+class ImageReadError(TransferKitError, OSError):
+    """An image file could not be read. ``path`` and ``reason`` say which and why.
+
+    Raised inside a DataLoader worker, it reaches the main process as an ``ImageReadError`` too, with
+    the same path and reason and the worker named instead of the worker's traceback.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None) -> None:
+        if reason is None:  # one argument: the text a DataLoader worker sends back
+            path, reason = _from_worker_text(str(path))
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image '{self.path}': {reason}")
+
+    def __str__(self) -> str:
+        return f"cannot read image '{self.path}': {self.reason}"
+
+    def __reduce__(self):  # keeps path and reason when pickled
+        return (type(self), (self.path, self.reason))
+
+
+def _from_worker_text(text: str) -> tuple[str, str]:
+    """Path and reason out of ``Caught ImageReadError in DataLoader worker process N. Original Traceback
+    ... ImageReadError: cannot read image '<path>': <reason>``."""
+    where = re.search(r"Caught ImageReadError (in [^.\n]*)", text)
+    found = re.findall(r"ImageReadError: cannot read image '(.*)': (.*)", text)
+    if not found:
+        return "<unknown>", text.strip().splitlines()[-1] if text.strip() else "unknown reason"
+    path, reason = found[-1]
+    return path, f"{reason} ({where.group(1)})" if where else reason
+
+
+class CheckpointError(TransferKitError, ValueError):
+    """A checkpoint could not be read, or is not a transferkit checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's model does not fit the model it is being loaded into."""
+
+
+class NonFiniteLossError(TransferKitError, RuntimeError):
+    """The training loss became NaN or infinite; the message says where, why, and what to do.
+
+    Attributes:
+        epoch: the epoch of the bad batch.
+        step: optimizer steps done before it (``trainer.global_step``).
+        loss: the loss value (``nan``, ``inf`` or ``-inf``).
+        learning_rates: optimizer parameter-group name -> learning rate at that step.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        epoch: int = 0,
+        step: int = 0,
+        loss: float = math.nan,
+        learning_rates: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+        self.loss = loss
+        self.learning_rates = dict(learning_rates or {})
+
+
+class FoldingError(TransferKitError, RuntimeError):
+    """Folding BatchNorm into the layer before it would change what the model computes."""
+
+
+class MissingDependencyError(TransferKitError, ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message names the ``pip install``."""

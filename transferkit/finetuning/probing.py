@@ -1,0 +1,202 @@
+"""How good is each depth of the pretrained backbone for this data? ``tk.probe`` and ``python -m transferkit probe``.
+
+For every backbone group (stem, each stage, the final layers) the images' activations after that
+group are average-pooled into a vector, a logistic-regression probe is fitted on the training split and
+scored on the validation split. Where the accuracy peaks says how far down the pretrained features stay
+useful, and so how many groups from the top are worth unfreezing. Given a cache folder, features are
+stored like the frozen-feature cache, so a second probe of the same data and weights costs seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transferkit.data.datasets import ImageDataset
+from transferkit.data.features import FeatureCache
+from transferkit.finetuning.groups import backbone_groups
+from transferkit.models.backbones import Backbone
+
+__all__ = ["ProbeReport", "ProbeResult", "group_outputs", "probe", "probe_depths", "suggest"]
+
+
+@dataclass
+class ProbeResult:
+    group: int
+    module: str
+    width: int
+    train_acc: float
+    val_acc: float
+
+
+def _output_module(model: nn.Module, names: Sequence[str]) -> str:
+    """The module whose output is the group's output: the group's common parent, else its last layer."""
+    owners = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names if "." in n))
+    parts = [o.split(".") for o in owners]
+    common: list[str] = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    prefix = ".".join(common)
+    modules = dict(model.named_modules())
+    if prefix and prefix in modules and all(o == prefix or o.startswith(prefix + ".") for o in owners):
+        return prefix
+    return owners[-1]
+
+
+def _pool(output: torch.Tensor) -> torch.Tensor:
+    if output.ndim == 4:  # (B, C, H, W)
+        return output.mean(dim=(2, 3))
+    if output.ndim == 3:  # (B, tokens, C)
+        return output.mean(dim=1)
+    return output.flatten(1)
+
+
+@torch.no_grad()
+def group_outputs(backbone: Backbone, loader: DataLoader) -> tuple[list[str], list[torch.Tensor]]:
+    """Average-pooled activations after every backbone group: names, and ``(N, C_g)`` per group."""
+    groups = backbone_groups(backbone)
+    names = [_output_module(backbone.model, g) for g in groups]
+    modules = dict(backbone.model.named_modules())
+    collected: list[list[torch.Tensor]] = [[] for _ in names]
+    handles = [
+        modules[name].register_forward_hook(lambda _m, _i, out, i=i: collected[i].append(_pool(out).float()))
+        for i, name in enumerate(names)
+    ]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for images, _ in loader:
+            backbone(images)
+    finally:
+        backbone.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return names, [torch.cat(chunks) for chunks in collected]
+
+
+def _split_features(
+    dm: Any, backbone: Backbone, split: str, cache: FeatureCache | None
+) -> tuple[list[str], list[torch.Tensor]]:
+    dataset = dm.datasets[split]
+    key = FeatureCache.key(backbone, dm.eval_transform, dataset.items, f"probe-{split}", 1, dm.seed)
+    groups = backbone_groups(backbone)
+    names = [_output_module(backbone.model, g) for g in groups]
+    if cache is not None:
+        stored = [cache.load(f"probe-{split}-g{i}", key) for i in range(len(groups))]
+        if all(s is not None for s in stored):
+            return names, stored
+    loader = DataLoader(
+        ImageDataset(dataset.items, dataset.labels, dm.eval_transform),
+        batch_size=64,
+        num_workers=dm.num_workers,
+    )
+    names, features = group_outputs(backbone, loader)
+    if cache is not None:
+        for i, f in enumerate(features):
+            cache.save(f"probe-{split}-g{i}", key, f)
+    return names, features
+
+
+def probe_depths(
+    dm: Any, backbone: Backbone, cache_dir: str | os.PathLike | None = None
+) -> list[ProbeResult]:
+    """Fit a logistic-regression probe on each group's features (train split) and score it (val split).
+
+    ``dm`` is a set-up :class:`~transferkit.ImageDataModule`; the features of each split are stored in
+    ``cache_dir`` when one is given (and read from it on the next call), else kept in memory only.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    cache = FeatureCache(cache_dir) if cache_dir is not None else None
+    names, train = _split_features(dm, backbone, "train", cache)
+    _, val = _split_features(dm, backbone, "val", cache)
+    y_train, y_val = dm.datasets["train"].labels, dm.datasets["val"].labels
+    results = []
+    for index, (name, x_train, x_val) in enumerate(zip(names, train, val, strict=True)):
+        scaler = StandardScaler().fit(x_train.numpy())
+        probe = LogisticRegression(max_iter=3000, C=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence chatter on tiny feature sets
+            probe.fit(scaler.transform(x_train.numpy()), y_train)
+        results.append(
+            ProbeResult(
+                group=index,
+                module=name,
+                width=x_train.shape[1],
+                train_acc=float(probe.score(scaler.transform(x_train.numpy()), y_train)),
+                val_acc=float(probe.score(scaler.transform(x_val.numpy()), y_val)),
+            )
+        )
+    return results
+
+
+def suggest(results: Sequence[ProbeResult]) -> tuple[int, str]:
+    """How many groups from the top to unfreeze, and why, from where the probe accuracy peaks."""
+    top = len(results) - 1
+    best_acc = max(r.val_acc for r in results)
+    # the deepest group within a point of the best: deeper features are cheaper to build on
+    best = max(r.group for r in results if r.val_acc >= best_acc - 0.01)
+    if best == top:
+        peak = max(results, key=lambda r: r.val_acc)
+        how = (
+            "best"
+            if peak.group == top
+            else f"within a point of the best (g{peak.group}, {peak.module}: {peak.val_acc:.3f})"
+        )
+        return 2, (
+            f"the top group's features probe {how} (val acc {results[top].val_acc:.3f}): the pretrained "
+            "features fit this data. Train the head first (frozen_epochs), then unfreeze the top 2 groups."
+        )
+    trainable = top - best + 1
+    return trainable, (
+        f"features peak after group g{best} ({results[best].module}, val acc {results[best].val_acc:.3f}) and "
+        f"fall to {results[top].val_acc:.3f} at the top: the layers above g{best} are specific to ImageNet. "
+        f"Unfreeze the top {trainable} groups (freeze_schedule: {{milestones: {{0: 0, 2: {trainable}}}}})."
+    )
+
+
+@dataclass
+class ProbeReport:
+    """What :func:`probe` returns: one result per backbone group, and the suggestion drawn from them."""
+
+    backbone: str
+    results: list[ProbeResult]
+    trainable_groups: int  # how many groups from the top the suggestion unfreezes
+    suggestion: str
+    train_images: int
+    val_images: int
+
+
+def probe(model: Any, datamodule: Any, cache_dir: str | os.PathLike | None = None) -> ProbeReport:
+    """Probe every depth of ``model``'s pretrained backbone on ``datamodule`` (train/val splits) and
+    suggest how many groups from the top to unfreeze.
+
+    Args:
+        model: a :class:`~transferkit.TransferClassifier` (or anything with a ``backbone`` and ``data_config``).
+        datamodule: an :class:`~transferkit.ImageDataModule` with a validation split; it is set up here.
+        cache_dir: a folder to keep the features of each group in (keyed, so a second probe of the same
+            data and weights reads them); ``None`` keeps them in memory only.
+    """
+    if hasattr(datamodule, "use_data_config"):
+        datamodule.use_data_config(model.data_config)
+    datamodule.setup("fit")
+    results = probe_depths(datamodule, model.backbone, cache_dir)
+    trainable, text = suggest(results)
+    return ProbeReport(
+        backbone=model.backbone.name,
+        results=results,
+        trainable_groups=trainable,
+        suggestion=text,
+        train_images=len(datamodule.datasets["train"]),
+        val_images=len(datamodule.datasets["val"]),
+    )

@@ -1,0 +1,45 @@
+"""A trained model and its eval pipeline from a checkpoint alone: no recipe, no network.
+
+>>> model, eval_transform = load_for_inference("runs/x/checkpoints/best.ckpt")  # doctest: +SKIP
+>>> batch = torch.stack([eval_transform(image=load_image(p))["image"] for p in paths])  # doctest: +SKIP
+>>> model.predict_proba(batch)  # (B, num_classes)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import albumentations as A
+
+from transferkit.models.checkpoint import build_model, eval_transform_of, read_checkpoint
+from transferkit.models.classifier import TransferClassifier
+
+__all__ = ["load_checkpoint_model", "load_for_inference"]
+
+
+def load_checkpoint_model(path: str | os.PathLike, **overrides: Any) -> TransferClassifier:
+    """The :class:`~transferkit.TransferClassifier` saved in ``path``, in eval mode on the CPU.
+
+    The model is rebuilt from the checkpoint's own hyperparameters with ``pretrained=False`` (every
+    weight comes from the checkpoint: no bundle, file or network is touched). ``overrides`` change
+    arguments that do not alter the weights' shapes (``tta``, ``mc_dropout``, ``dropout``); changing
+    ``backbone``, ``num_classes`` or ``hidden_dims`` raises :class:`~transferkit.errors.CheckpointMismatchError`.
+    """
+    return build_model(TransferClassifier, read_checkpoint(path), path, **overrides)
+
+
+def load_for_inference(path: str | os.PathLike, **overrides: Any) -> tuple[TransferClassifier, A.Compose]:
+    """The model in ``path`` and its eval pipeline: ``(TransferClassifier in eval mode, A.Compose)``.
+
+    Needs no recipe and no network; the checkpoint is read once, with ``weights_only=True``. The
+    pipeline maps an ``(H, W, 3) uint8`` RGB image (:func:`transferkit.data.images.load_image`) to the
+    ``(3, S, S)`` float tensor the model expects. ``overrides`` as in :func:`load_checkpoint_model`.
+
+    Example:
+        >>> model, transform = load_for_inference("best.ckpt")  # doctest: +SKIP
+        >>> x = transform(image=load_image("cell.png"))["image"][None]  # (1, 3, S, S)  # doctest: +SKIP
+        >>> model.class_names[int(model.predict_proba(x).argmax())]  # doctest: +SKIP
+    """
+    checkpoint = read_checkpoint(path)
+    return build_model(TransferClassifier, checkpoint, path, **overrides), eval_transform_of(checkpoint)

@@ -1,0 +1,280 @@
+"""The checkpoint format, in one place: what a transferkit checkpoint holds, how it is read and checked,
+and how the model in it is rebuilt.
+
+A checkpoint written while training carries, besides Lightning's ``state_dict`` and
+``hyper_parameters``, a ``transferkit`` section (:func:`checkpoint_section`): the backbone's name and
+where its weights first came from, the class names, the eval Albumentations pipeline (``A.to_dict``),
+mean, std and input size, and the freeze schedule with its state. That is everything needed to use the
+model on new images without the recipe.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import torch
+
+from transferkit.containers import plain
+from transferkit.data.augment import build_eval_transform
+from transferkit.errors import CheckpointError, CheckpointMismatchError
+
+__all__ = [
+    "SECTION",
+    "SECTION_FORMAT",
+    "build_model",
+    "check_compatible",
+    "checkpoint_preprocessing",
+    "checkpoint_section",
+    "eval_transform_of",
+    "preprocessing_of",
+    "read_checkpoint",
+    "refused_pickle",
+]
+
+SECTION = "transferkit"
+# the section's format; 1 = before it held the eval pipeline
+SECTION_FORMAT = 2
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def checkpoint_section(model: Any, datamodule: Any | None = None) -> dict[str, Any]:
+    """The ``transferkit`` section of a checkpoint of ``model`` (a :class:`~transferkit.TransferClassifier`)
+    trained on ``datamodule``. Plain types only, so the checkpoint loads with ``weights_only=True``."""
+    return {
+        "format": SECTION_FORMAT,
+        "backbone": model.backbone.name,
+        "weights": model.backbone.weights,
+        "class_names": list(model.class_names),
+        "data_config": plain(model.data_config),
+        "preprocessing": checkpoint_preprocessing(model, datamodule),
+        "freeze_schedule": model.freeze_schedule.to_dict(),
+        "trainable_groups": model.trainable_groups,
+        "num_groups": len(model.groups),
+    }
+
+
+def checkpoint_preprocessing(model: Any, datamodule: Any | None = None) -> dict[str, Any]:
+    """How images must be prepared for ``model``: the eval pipeline (``A.to_dict``), input size, mean, std.
+
+    Taken from ``datamodule`` (its ``eval_transform``, ``image_size``, ``mean``, ``std``) when it has
+    them, which is what the model was trained and tested with; otherwise from the backbone's own
+    data config.
+    """
+    transform = None
+    if datamodule is not None:
+        try:
+            transform = datamodule.eval_transform
+        except Exception:  # a data module that cannot resolve its pipeline: fall back to the backbone's
+            transform = None
+    if transform is not None and getattr(datamodule, "image_size", None) is not None:
+        size = int(datamodule.image_size)
+        mean, std = list(datamodule.mean), list(datamodule.std)
+        source = "datamodule"
+    else:
+        config = model.data_config
+        size = int(config["input_size"][-1])
+        mean, std = list(config["mean"]), list(config["std"])
+        transform = build_eval_transform(size, mean, std)
+        source = "backbone"
+    return {
+        "eval_transform": A.to_dict(transform),
+        "input_size": [3, size, size],
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "source": source,
+    }
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def refused_pickle(path: Any, err: Exception, action: str = "load") -> CheckpointError:
+    """The :class:`~transferkit.errors.CheckpointError` for a checkpoint that holds pickled code or
+    objects (``torch.load(weights_only=True)`` refused it); ``action`` is ``load`` or ``resume from``."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    advice = (
+        "If you trust its origin, load it yourself and save its state_dict as tensors, or re-create it "
+        "with a transferkit training run."
+        if action == "load"
+        else "Resume from a checkpoint a transferkit run wrote."
+    )
+    return CheckpointError(
+        f"refused to {action} '{path}': it holds pickled code or objects, not only tensors and plain "
+        f"containers ({first_line}). transferkit loads checkpoints with weights_only=True and never "
+        f"runs code from a file. {advice}"
+    )
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A transferkit checkpoint as a dict, read with ``torch.load(weights_only=True)`` on the CPU.
+
+    Raises :class:`CheckpointError` if the file is missing, is not a PyTorch checkpoint, holds pickled
+    code or objects (which are never executed), or has no ``transferkit`` section.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at '{path}'; pass the .ckpt file a training run wrote.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise refused_pickle(path, err) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(
+            f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: {err})."
+        ) from err
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"'{path}' holds no model state_dict; pass a checkpoint written by a transferkit training run "
+            "(runs/<name>/lightning_logs/version_N/checkpoints/*.ckpt)."
+        )
+    if SECTION not in checkpoint:
+        raise CheckpointError(
+            f"'{path}' is a Lightning checkpoint without a 'transferkit' section, so it does not say which "
+            "backbone, classes and preprocessing it was trained with; pass a checkpoint written by a "
+            "transferkit training run."
+        )
+    return dict(checkpoint)
+
+
+def _describe(backbone: str, num_classes: int, hidden_dims: Any) -> str:
+    head = f", head {list(hidden_dims)}" if hidden_dims is not None else ""
+    return f"{backbone} with {num_classes} classes{head}"
+
+
+def check_compatible(model: Any, checkpoint: Mapping[str, Any], source: str = "the checkpoint") -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` holds weights for ``model``'s shape:
+    the same backbone architecture, number of classes and head widths."""
+    section = checkpoint.get(SECTION) or {}
+    hparams = checkpoint.get("hyper_parameters") or {}
+    saved_backbone = section.get("backbone", hparams.get("backbone"))
+    saved_classes = len(section["class_names"]) if "class_names" in section else hparams.get("num_classes")
+    saved_hidden = hparams.get("hidden_dims")
+    own_backbone = model.backbone.name
+    own_classes = int(model.hparams.num_classes)
+    own_hidden = list(model.hparams.hidden_dims)
+    differences = []
+    if saved_backbone is not None and saved_backbone != own_backbone:
+        differences.append(f"backbone: checkpoint '{saved_backbone}', model '{own_backbone}'")
+    if saved_classes is not None and int(saved_classes) != own_classes:
+        names = section.get("class_names")
+        listed = f" ({', '.join(map(str, names))})" if names else ""
+        differences.append(f"num_classes: checkpoint {saved_classes}{listed}, model {own_classes}")
+    if saved_hidden is not None and list(saved_hidden) != own_hidden:
+        differences.append(f"hidden_dims: checkpoint {list(saved_hidden)}, model {own_hidden}")
+    if differences:
+        raise CheckpointMismatchError(
+            f"{source} does not fit this model: "
+            + "; ".join(differences)
+            + f". It holds a {_describe(saved_backbone, saved_classes, saved_hidden)}: build the model "
+            f"with backbone={saved_backbone!r}, num_classes={saved_classes}"
+            + (f", hidden_dims={list(saved_hidden)}" if saved_hidden is not None else "")
+            + " (in a recipe: the model section), or load it with TransferClassifier.from_checkpoint(path), "
+            "which rebuilds it as it was saved."
+        )
+
+
+def _model_kwargs(
+    model_class: type, checkpoint: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    accepted = inspect.signature(model_class.__init__).parameters
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    section = checkpoint[SECTION]
+    kwargs = {k: v for k, v in hparams.items() if k in accepted and k != "self"}
+    kwargs.setdefault("backbone", section["backbone"])
+    kwargs.setdefault("class_names", list(section["class_names"]))
+    kwargs.setdefault("num_classes", len(section["class_names"]))
+    if section.get("freeze_schedule") is not None:
+        kwargs.setdefault("freeze_schedule", section["freeze_schedule"])
+    # the checkpoint holds every weight: nothing to fetch from a bundle, a file or the hub
+    kwargs["pretrained"] = False
+    unknown = set(overrides) - set(accepted)
+    if unknown:
+        raise TypeError(
+            f"unknown {model_class.__name__} arguments {sorted(unknown)}; choose from {sorted(set(accepted) - {'self'})}."
+        )
+    if "num_classes" in overrides and "class_names" not in overrides:
+        kwargs.pop("class_names", None)  # the saved names would contradict the new count
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _stored_preprocessing(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    section = checkpoint[SECTION]
+    if section.get("preprocessing") is not None:
+        return dict(section["preprocessing"])
+    # an older checkpoint: the data module's settings if it saved them, else the backbone's
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    config = section["data_config"]
+    size = int(data.get("image_size") or config["input_size"][-1])
+    mean = list(data.get("mean") or config["mean"])
+    std = list(data.get("std") or config["std"])
+    if not all(data.get(k) for k in ("image_size", "mean", "std")):
+        warnings.warn(
+            "this checkpoint does not store its preprocessing; using the backbone's own input size, mean "
+            f"and std where the data module's are unknown ({size} px, mean {mean}, std {std}).",
+            stacklevel=3,
+        )
+    return {
+        "eval_transform": A.to_dict(build_eval_transform(size, mean, std)),
+        "input_size": [3, size, size],
+        "mean": mean,
+        "std": std,
+        "source": "datamodule" if data.get("image_size") else "backbone",
+    }
+
+
+def eval_transform_of(checkpoint: Mapping[str, Any]) -> A.Compose:
+    """The eval pipeline a checkpoint was tested with, rebuilt with ``A.from_dict``."""
+    return A.from_dict(_stored_preprocessing(checkpoint)["eval_transform"])
+
+
+def preprocessing_of(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """What a deployed model needs besides its weights: class names, eval pipeline, input size, mean, std."""
+    section = checkpoint[SECTION]
+    preprocessing = _stored_preprocessing(checkpoint)
+    return {
+        "class_names": list(section["class_names"]),
+        "input_size": list(preprocessing["input_size"]),
+        "mean": list(preprocessing["mean"]),
+        "std": list(preprocessing["std"]),
+        "eval_transform": preprocessing["eval_transform"],
+        "backbone": section["backbone"],
+        "input": "RGB uint8 (H, W, 3) through eval_transform -> float32 (3, H, W); a batch is (B, 3, H, W)",
+    }
+
+
+def build_model(
+    model_class: type, checkpoint: Mapping[str, Any], path: str | os.PathLike, **overrides: Any
+) -> Any:
+    """The model in an already read checkpoint (:func:`read_checkpoint`), in eval mode on the CPU.
+
+    Rebuilt as ``model_class(**the checkpoint's hyperparameters)`` with ``pretrained=False`` (every weight
+    comes from the checkpoint: no bundle, file or network is touched). ``overrides`` change arguments
+    that do not alter the weights' shapes (``tta``, ``mc_dropout``, ``dropout``); changing ``backbone``,
+    ``num_classes`` or ``hidden_dims`` raises :class:`~transferkit.errors.CheckpointMismatchError`.
+    ``path`` names the checkpoint in messages and in ``backbone.weights``.
+    """
+    model = model_class(**_model_kwargs(model_class, checkpoint, overrides))
+    check_compatible(model, checkpoint, source=f"checkpoint '{path}'")
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointMismatchError(
+            f"the weights in '{path}' do not fit the model rebuilt from its own settings: {err}"
+        ) from err
+    section = checkpoint[SECTION]
+    model.backbone.weights = f"checkpoint:{Path(path).name} (fine-tuned from {section.get('weights')})"
+    model.trainable_groups = section.get("trainable_groups")
+    return model.eval()

@@ -1,0 +1,469 @@
+"""The LightningModule: a pretrained backbone, a new head, and the optimisation recipe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+import transferkit.models.checkpoint as checkpoint_format
+import transferkit.models.prediction as prediction
+from transferkit.errors import ConfigError
+from transferkit.finetuning.freezing import FreezeController, StageKind
+from transferkit.finetuning.groups import group_learning_rates
+from transferkit.finetuning.optim import check_optimization, create_optimization
+from transferkit.finetuning.resizing import image_side_at, parse_progressive_resizing, resize_shorter_side
+from transferkit.finetuning.schedule import FreezeSchedule
+from transferkit.finetuning.trunk import Trunk
+from transferkit.lightning_internals import (
+    attached_trainer,
+    restarted_mid_epoch,
+    set_ddp_find_unused_parameters,
+)
+from transferkit.models.backbones import Pretrained, create_backbone
+from transferkit.models.heads import ClassifierHead
+from transferkit.models.regularisers import Regularisers
+
+__all__ = ["TransferClassifier"]
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    # validate_args=False: the argument checks read values back from the device (a sync on every
+    # step); labels are already checked by the data module and the loss.
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+            "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
+        },
+        prefix=prefix,
+    )
+
+
+class TransferClassifier(L.LightningModule):
+    """A pretrained timm backbone with a new classifier head, fine-tuned with Adam and exponential LR decay.
+
+    ``forward(x)`` maps images ``(B, 3, H, W)`` to logits ``(B, num_classes)``. The module holds the
+    network and its optimisation recipe; each concern around it is a unit of its own, usable alone:
+    freezing (:class:`~transferkit.finetuning.freezing.FreezeController`), penalties
+    (:class:`~transferkit.models.regularisers.Regularisers`), test-time augmentation and MC dropout
+    (:mod:`transferkit.models.prediction`), the checkpoint format (:mod:`transferkit.models.checkpoint`).
+    What makes a resumed run exact is the Trainer's :class:`~transferkit.training.resume.ExactResume`.
+
+    Args:
+        num_classes: number of classes (the CLI fills it in from the data).
+        backbone: timm architecture name.
+        pretrained: where the backbone's weights come from: ``bundled``, ``hub``, a file path, or ``False``.
+        class_names: names of the classes, in label order (the CLI fills them in from the data).
+        hidden_dims: widths of the head's hidden layers (``[]`` for a linear head).
+        activation: the head's activation (``elu``, ``leaky_relu``, ``relu``, ``selu``, ``tanh``, ``sigmoid``).
+        init: the head's weight init (``he``, ``xavier``, ``lecun``; ``None`` = the one that suits the activation).
+        dropout: dropout rate in the head.
+        batch_norm: BatchNorm between each hidden Linear and its activation.
+        max_norm: max-norm constraint on the head's incoming weight vectors, enforced after every step.
+        optimizer: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``rmsprop``.
+        lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth`` unless
+            ``backbone_lr`` is set.
+        backbone_lr: learning rate of the top backbone group, the groups below it ``layer_decay`` times
+            less each; ``None`` = ``lr * layer_decay``. A rate well under the head's (e.g. ``1e-4``
+            with ``lr: 1e-3``) keeps more of the pretrained features, which suits images close to
+            ImageNet.
+        weight_decay: L2 weight decay in the optimizer, on every trained parameter (decoupled for ``adamw``).
+        l1: L1 penalty ``l1 * sum |w|`` on the weights of ``penalty_groups``, applied as its proximal
+            step after every optimizer step (soft-thresholding by ``lr * l1``), which sets weights
+            exactly to zero; the fraction under ``sparsity_threshold`` is logged as ``l1_sparsity``.
+        l2: L2 penalty ``l2 * sum w^2`` added to the loss, on the weights of ``penalty_groups``.
+        penalty_groups: which weights ``l1``/``l2`` apply to: ``head``, ``backbone``, ``all``, or a list of
+            optimizer group names (``head``, ``backbone.0`` ... ``backbone.N``, top = N). Biases and
+            normalisation parameters are never penalised.
+        sparsity_threshold: ``|w|`` below which a penalised weight counts as zero in ``l1_sparsity``.
+        momentum: momentum of ``momentum``/``nesterov``.
+        betas: Adam/AdamW/NAdam's decay rates of the gradient's mean and of its square (beta1, beta2).
+        eps: the term added to the denominator of the adaptive optimizers (AdaGrad, RMSProp, Adam...).
+        rho: RMSProp's decay rate of the squared-gradient average.
+        layer_decay: factor between the learning rates of two neighbouring backbone groups (deeper = smaller).
+        lr_schedule: ``exponential`` (default), ``piecewise``, ``performance`` (reduce on plateau of
+            ``val_loss``), ``onecycle``, ``cosine`` or ``none``.
+        decay_rate: exponential decay: ``lr(t) = lr0 * decay_rate ** (t / decay_steps)``; also the factor
+            of each ``piecewise`` milestone and of each ``performance`` reduction.
+        decay_steps: optimizer steps per ``decay_rate`` factor; ``None`` = the whole run.
+        lr_milestones: ``piecewise``: epochs at which the LR is multiplied by ``decay_rate``.
+        plateau_patience: ``performance``: epochs without improvement before the LR drops.
+        label_smoothing: cross-entropy label smoothing.
+        freeze_schedule: which backbone groups train when (default: all of them from the start).
+        drop_path_rate: stochastic depth in the backbone, where the architecture supports it.
+        mc_dropout: Monte Carlo dropout at predict time: this many stochastic forward passes with the
+            head's dropout on (BatchNorm stays in eval mode); ``predict`` then returns the mean
+            probabilities and their uncertainty. ``0`` = off.
+        tta: test-time augmentation for ``test`` and ``predict``: ``none``, ``hflip`` (image + mirror),
+            ``flips`` (+ vertical flips), ``d4`` (all 8 flips and 90-degree rotations); the
+            probabilities of the views are averaged.
+        channels_last: run the backbone in channels-last (NHWC) memory layout, which oneDNN and cuDNN
+            convolutions run faster; ``False`` keeps NCHW.
+        compile: compile the backbone with ``torch.compile`` when training starts.
+        progressive_resizing: training image size by epoch, ``{epoch: side}``: from each listed epoch
+            on, training batches are resized (bilinear, antialiased) so their shorter side is ``side``
+            before the backbone sees them; epochs before the first key train at the data's size.
+            Validation, test and predict always run at the data's size, so small early epochs buy
+            time for more epochs at full size (e.g. ``{3: 176, 13: 224}``). Batches from
+            ``feature_cache``/``trunk_cache`` are not resized.
+        progress_bar_step_loss: show each step's training loss in the progress bar. Lightning turns
+            progress-bar values into Python numbers after every batch, a read-back that stalls a GPU
+            every step; ``None`` (default) shows it on the CPU, where that costs nothing, and elsewhere
+            leaves it to the loggers (``train_loss_step``) and the epoch means.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: Pretrained = "bundled",
+        class_names: list[str] | None = None,
+        hidden_dims: tuple[int, ...] = (256,),
+        activation: str = "elu",
+        init: str | None = None,
+        dropout: float = 0.2,
+        batch_norm: bool = True,
+        max_norm: float | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        backbone_lr: float | None = None,
+        weight_decay: float = 0.0,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        penalty_groups: str | list[str] = "head",
+        sparsity_threshold: float = 1e-3,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        rho: float = 0.9,
+        layer_decay: float = 0.8,
+        lr_schedule: str = "exponential",
+        decay_rate: float = 0.1,
+        decay_steps: int | None = None,
+        lr_milestones: list[int] | None = None,
+        plateau_patience: int = 2,
+        label_smoothing: float = 0.0,
+        freeze_schedule: FreezeSchedule | None = None,
+        drop_path_rate: float | None = None,
+        mc_dropout: int = 0,
+        tta: str = "none",
+        channels_last: bool = True,
+        compile: bool = False,
+        progressive_resizing: dict[int, int] | None = None,
+        progress_bar_step_loss: bool | None = None,
+    ) -> None:
+        super().__init__()
+        schedule = FreezeSchedule.coerce(freeze_schedule)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ConfigError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
+        check_optimization(optimizer, lr, lr_schedule, backbone_lr, weight_decay, layer_decay, decay_rate)
+        prediction.check_prediction_settings(tta, mc_dropout, dropout)
+        progressive_resizing = parse_progressive_resizing(progressive_resizing)
+        self.save_hyperparameters(ignore=["freeze_schedule"])
+        # plain types only, so checkpoints load with weights_only=True
+        self.hparams["freeze_schedule"] = schedule.to_dict()
+        self.hparams["hidden_dims"] = list(hidden_dims)
+        self.hparams["betas"] = [float(b) for b in betas]
+        if progressive_resizing is not None:
+            self.hparams["progressive_resizing"] = progressive_resizing  # int keys, also from YAML
+
+        self.regularisers = Regularisers(l1, l2, penalty_groups, sparsity_threshold)
+        self.backbone = create_backbone(backbone, pretrained=pretrained, drop_path_rate=drop_path_rate)
+        self.head = ClassifierHead(
+            self.backbone.num_features,
+            num_classes,
+            hidden_dims=tuple(hidden_dims),
+            activation=activation,
+            init=init,
+            dropout=dropout,
+            batch_norm=batch_norm,
+            max_norm=max_norm,
+        )
+        self.freezing = FreezeController(self.backbone, schedule)
+        self.class_names = (
+            list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        )
+        # training accuracy is a batch-weighted mean kept on the device by self.log: torchmetrics'
+        # confusion counts (bincount) read the device back on every step
+        self.val_metrics = _metrics(num_classes, "val_")
+        self.test_metrics = _metrics(num_classes, "test_")
+        # (true labels, predicted labels) of the last test loop on this process, so the run report's
+        # confusion matrix needs no second pass over the test split
+        self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
+        self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # --- what the model is -------------------------------------------------------------------------
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """Input size, mean and std the backbone's weights expect."""
+        return self.backbone.data_config
+
+    def check_input_size(self, side: int) -> None:
+        """Refuse, before training, square inputs of ``side`` pixels the backbone cannot take."""
+        self.backbone.check_input_size(side)
+
+    @property
+    def freeze_schedule(self) -> FreezeSchedule:
+        return self.freezing.schedule
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """Backbone parameter names in ordered groups, bottom (stem) to top."""
+        return self.freezing.groups
+
+    @property
+    def trainable_groups(self) -> int | None:
+        """Backbone groups (from the top) that train in the current epoch; ``None`` before training."""
+        return self.freezing.trainable_groups
+
+    @trainable_groups.setter
+    def trainable_groups(self, value: int | None) -> None:
+        self.freezing.trainable_groups = value
+
+    def trunk(self, frozen_groups: int) -> Trunk:
+        """The bottom ``frozen_groups`` backbone groups as a :class:`~transferkit.finetuning.trunk.Trunk`."""
+        return self.freezing.trunk(frozen_groups)
+
+    def frozen_stage(
+        self, epoch: int, features: bool = True, trunk: bool = True
+    ) -> tuple[StageKind, Any] | None:
+        """What the data module's caches may store for ``epoch``: ``("features", backbone)`` while the whole
+        backbone is frozen, ``("trunk", trunk)`` while only its top trains (see
+        :meth:`FreezeController.frozen_stage <transferkit.finetuning.freezing.FreezeController.frozen_stage>`);
+        :meth:`forward` takes what either produces."""
+        return self.freezing.frozen_stage(epoch, features=features, trunk=trunk)
+
+    def _is_image(self, x: torch.Tensor) -> bool:
+        return x.ndim == 4 and x.shape[1] == self.data_config["input_size"][0]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(B, num_features)`` of images ``(B, 3, H, W)``. While training on the
+        data module's caches: pooled features pass through, and feature maps ``(B, C, H, W)`` of the frozen
+        trunk go through the trainable top of the backbone."""
+        if x.ndim == 2:
+            return x
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self._is_image(x):
+            return self.backbone(x)
+        trunk = self.freezing.current_trunk()
+        if trunk is None:
+            raise ValueError(
+                f"got a {tuple(x.shape)} batch, neither images with {self.data_config['input_size'][0]} "
+                "channels nor trunk features of a partly frozen backbone."
+            )
+        return trunk.rest(x.to(self.dtype))  # float16 trunk features; .to keeps the channels-last layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of images ``(B, 3, H, W)`` (or of cached features, see :meth:`features`)."""
+        return self.head(self.features(x))
+
+    # --- freezing ----------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if self.hparams.compile and stage == "fit":
+            self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
+        if stage == "fit" and self.freeze_schedule.active and isinstance(strategy, DDPStrategy):
+            # frozen groups get no gradients, and unfrozen ones start getting them mid-run: DDP must look
+            # for unused parameters every step (set before the model is wrapped, which comes next)
+            set_ddp_find_unused_parameters(strategy)
+
+    def on_train_start(self) -> None:
+        if restarted_mid_epoch(self.trainer):
+            self._start_epoch()  # Lightning calls no on_train_epoch_start for an epoch resumed mid-way
+
+    def on_train_epoch_start(self) -> None:
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        side = self.train_image_side(self.current_epoch)
+        if side is not None:
+            self.log("train_image_side", float(side), on_step=False, on_epoch=True)
+        trainable = self.freezing.start_epoch(self.current_epoch)
+        if trainable is not None:
+            self.log("trainable_groups", float(trainable), on_step=False, on_epoch=True)
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        super().train(mode)
+        if mode and hasattr(self, "freezing"):
+            self.freezing.keep_batchnorm_modes()  # BatchNorm of frozen groups stays in eval mode
+        return self
+
+    def train_image_side(self, epoch: int) -> int | None:
+        """The shorter image side ``progressive_resizing`` asks for at ``epoch`` (``None``: the data's)."""
+        return image_side_at(self.hparams.get("progressive_resizing"), epoch)
+
+    # --- steps -------------------------------------------------------------------------------------
+
+    def predict_proba(self, images: torch.Tensor, tta: str | None = None) -> torch.Tensor:
+        """Class probabilities ``(B, num_classes)`` for images ``(B, 3, H, W)``, averaged over the
+        test-time augmentation views (``tta``: ``none``, ``hflip``, ``flips``, ``d4``; default: the
+        module's own ``tta``)."""
+        return prediction.predict_proba(self, images, tta or self.hparams.tta)
+
+    def predict_mc_dropout(
+        self, images: torch.Tensor, samples: int = 20, tta: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Monte Carlo dropout over ``samples`` passes (see :func:`transferkit.models.prediction.predict_mc_dropout`):
+        mean ``probs`` ``(B, C)``, their ``std`` ``(B, C)`` and the predictive ``entropy`` ``(B,)``."""
+        return prediction.predict_mc_dropout(self, images, samples, tta or self.hparams.tta)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        side = self.train_image_side(self.current_epoch)
+        if side is not None and self._is_image(images):
+            images = resize_shorter_side(images, side)
+        return self._shared_step(images, labels, None, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(*batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(*batch, self.test_metrics, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_batches = []
+
+    def on_test_epoch_end(self) -> None:
+        if self._test_batches:
+            truth, predicted = zip(*self._test_batches, strict=True)
+            self.test_predictions = (torch.cat(truth).cpu().numpy(), torch.cat(predicted).cpu().numpy())
+        self._test_batches = []
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation); with
+        ``mc_dropout`` a dict of the mean ``probs``, their ``std`` and the predictive ``entropy``."""
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        if self.hparams.mc_dropout:
+            return self.predict_mc_dropout(images, self.hparams.mc_dropout)
+        return self.predict_proba(images)
+
+    def _shared_step(
+        self, images: torch.Tensor, labels: torch.Tensor, metrics: MetricCollection | None, stage: str
+    ) -> torch.Tensor:
+        if stage == "test" and self.hparams.tta != "none" and images.ndim == 4:
+            logits = self.predict_proba(images).clamp_min(1e-12).log()  # the loss is the NLL of the average
+        else:
+            logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        on_step = stage == "train"
+        shown = not on_step or self._step_loss_in_progress_bar()
+        self.log(
+            f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=shown, batch_size=len(labels)
+        )
+        if metrics is None:
+            correct = (logits.detach().argmax(dim=-1) == labels).float().mean()
+            self.log(f"{stage}_acc", correct, on_step=False, on_epoch=True, batch_size=len(labels))
+        else:
+            metrics.update(logits, labels)
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
+        if stage == "test":
+            self._test_batches.append((labels.detach(), logits.detach().argmax(dim=-1)))
+        if stage == "train" and self.regularisers.active:
+            _ = self.penalised_weights
+            self.log("train_penalty", self.penalty(), on_step=False, on_epoch=True, batch_size=len(labels))
+            if self.regularisers.l2:
+                loss = loss + self.regularisers.l2_term()
+        return loss
+
+    def _step_loss_in_progress_bar(self) -> bool:
+        # Lightning reads progress-bar values back after every batch: a stall per step on a GPU
+        shown = self.hparams.progress_bar_step_loss
+        return self.device.type == "cpu" if shown is None else bool(shown)
+
+    # --- regularisation ----------------------------------------------------------------------------
+
+    @property
+    def penalised_weights(self) -> list[torch.nn.Parameter]:
+        """The weights ``l1``/``l2`` apply to (weight matrices and conv kernels of ``penalty_groups``)."""
+        return self.regularisers.select(self.parameter_groups())
+
+    def penalty(self) -> torch.Tensor:
+        """``l1 * sum |w| + l2 * sum w^2`` over the penalised weights that train now (``train_penalty``)."""
+        _ = self.penalised_weights
+        return self.regularisers.penalty()
+
+    def sparsity(self) -> float:
+        """Fraction of the penalised weights with ``|w| < sparsity_threshold``."""
+        _ = self.penalised_weights
+        return self.regularisers.sparsity()
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.l1:
+            self.log("l1_sparsity", self.sparsity(), on_step=False, on_epoch=True)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, *args, **kwargs)
+        if self.regularisers.l1:
+            _ = self.penalised_weights
+            self.regularisers.proximal_step(optimizer)
+        self.head.apply_max_norm()  # the constraint holds after every update
+
+    # --- optimisation ------------------------------------------------------------------------------
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, all built up front: the head, then backbone groups top to bottom."""
+        hp = self.hparams
+        named = dict(self.backbone.model.named_parameters())
+        lrs = group_learning_rates(hp.lr, len(self.groups), hp.layer_decay, hp.backbone_lr)
+        groups = [{"name": "head", "params": list(self.head.parameters()), "lr": hp.lr}]
+        for index in reversed(range(len(self.groups))):
+            params = [named[n] for n in self.groups[index]]
+            groups.append({"name": f"backbone.{index}", "params": params, "lr": lrs[index]})
+        return groups
+
+    def optimization(self, total_steps: int, steps_per_epoch: int, max_epochs: int) -> dict[str, Any]:
+        """The optimizer and LR scheduler config for a run of ``max_epochs`` epochs of ``steps_per_epoch``
+        optimizer steps (``total_steps`` in all), as :meth:`configure_optimizers` returns them."""
+        return create_optimization(
+            self.hparams,
+            self.parameter_groups(),
+            total_steps,
+            steps_per_epoch,
+            unfreeze_steps=self.freezing.unfreeze_steps(steps_per_epoch, max_epochs),
+            warmup_steps=self.freeze_schedule.warmup_steps,
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total_steps, steps_per_epoch, max_epochs = 1, 1, 1
+        trainer = attached_trainer(self)
+        if trainer is not None:
+            total_steps = int(trainer.estimated_stepping_batches)
+            max_epochs = trainer.max_epochs or 0
+            steps_per_epoch = max(total_steps // max_epochs, 1) if max_epochs > 0 else total_steps
+            max_epochs = max_epochs if max_epochs > 0 else 10_000
+        return self.optimization(total_steps, steps_per_epoch, max_epochs)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint self-describing (:func:`transferkit.models.checkpoint.checkpoint_section`)."""
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        checkpoint[checkpoint_format.SECTION] = checkpoint_format.checkpoint_section(self, datamodule)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head."""
+        if checkpoint_format.SECTION in checkpoint:
+            checkpoint_format.check_compatible(self, checkpoint)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides: Any) -> TransferClassifier:
+        """The model saved in the checkpoint ``path``, in eval mode on the CPU, without its recipe: every
+        weight comes from the checkpoint (read with ``weights_only=True``), none from a bundle, a file or
+        the hub. ``overrides`` change what does not alter the weights' shapes (e.g. ``tta="hflip"``).
+        :func:`transferkit.load_for_inference` also returns the eval pipeline it was tested with."""
+        return checkpoint_format.build_model(cls, checkpoint_format.read_checkpoint(path), path, **overrides)

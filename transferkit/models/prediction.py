@@ -1,0 +1,90 @@
+"""Predicting with a trained classifier: test-time augmentation and Monte Carlo dropout.
+
+Both work on any model with ``features(images)`` (images ``(B, 3, H, W)`` to pooled features, or
+features passed through) and ``head(features)`` (to logits), as :class:`~transferkit.TransferClassifier` has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from transferkit.errors import ConfigError
+
+__all__ = ["TTA_VIEWS", "check_prediction_settings", "predict_mc_dropout", "predict_proba"]
+
+
+def _hflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
+def _vflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-2)
+
+
+def _rot90(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+# test-time augmentation: views of a batch (B, 3, H, W) whose probabilities are averaged
+TTA_VIEWS: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
+    "none": [lambda x: x],
+    "hflip": [lambda x: x, _hflip],
+    "flips": [lambda x: x, _hflip, _vflip, lambda x: _vflip(_hflip(x))],
+    "d4": [lambda x, k=k: _rot90(x, k) for k in range(4)]
+    + [lambda x, k=k: _rot90(_hflip(x), k) for k in range(4)],
+}
+
+
+def check_prediction_settings(tta: str, mc_dropout: int, dropout: float) -> None:
+    """Refuse an unknown ``tta``, a number of MC-dropout passes that measures no spread, or MC dropout
+    on a head without dropout."""
+    if tta not in TTA_VIEWS:
+        raise ConfigError(f"unknown tta '{tta}'; choose one of {', '.join(TTA_VIEWS)}.")
+    if mc_dropout < 0 or mc_dropout == 1:
+        raise ConfigError(
+            f"mc_dropout is the number of stochastic passes (0 = off, >= 2 to measure a spread), got {mc_dropout}."
+        )
+    if mc_dropout and dropout == 0:
+        raise ConfigError("mc_dropout needs dropout in the head; set model.dropout > 0 (e.g. 0.2).")
+
+
+def predict_proba(model: Any, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Class probabilities ``(B, num_classes)`` of ``model(view)`` averaged over the ``tta`` views."""
+    check_prediction_settings(tta, 0, 0.0)
+    return torch.stack([model(view(images)).softmax(dim=-1) for view in TTA_VIEWS[tta]]).mean(dim=0)
+
+
+@torch.no_grad()
+def predict_mc_dropout(
+    model: Any, images: torch.Tensor, samples: int = 20, tta: str = "none"
+) -> dict[str, torch.Tensor]:
+    """Monte Carlo dropout (Gal & Ghahramani, 2016): ``samples`` forward passes of the head with dropout
+    active, the backbone and every BatchNorm in eval mode, for each ``tta`` view.
+
+    Returns ``probs`` (mean, ``(B, C)``), ``std`` (spread of each class probability, ``(B, C)``) and
+    ``entropy`` (of the mean, ``(B,)``; high = uncertain). The backbone runs once per view.
+    """
+    if samples < 2:
+        raise ConfigError(f"MC dropout needs at least 2 samples, got {samples}.")
+    check_prediction_settings(tta, 0, 0.0)
+    dropouts = [m for m in model.head.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if not dropouts:
+        raise ConfigError("MC dropout needs dropout in the head; this model was built with dropout=0.")
+    was_training = model.training
+    model.eval()
+    try:
+        for m in dropouts:
+            m.train()
+        draws = []
+        for view in TTA_VIEWS[tta]:
+            features = model.features(view(images))
+            draws += [model.head(features).softmax(dim=-1) for _ in range(samples)]
+    finally:
+        model.train(was_training)
+    stacked = torch.stack(draws)
+    probs = stacked.mean(dim=0)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+    return {"probs": probs, "std": stacked.std(dim=0), "entropy": entropy}

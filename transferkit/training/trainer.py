@@ -1,0 +1,286 @@
+"""Lightning's Trainer with transferkit's defaults, plus ``finetune``: fit, test the best checkpoint, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from transferkit.errors import CheckpointError, ConfigError
+from transferkit.lightning_internals import strategy_checkpoint_io
+from transferkit.models.checkpoint import refused_pickle
+from transferkit.runtime import tune_allocator
+from transferkit.training.checkpointing import DEFAULT_CHECKPOINT, AtomicCheckpointIO, RunCheckpoint
+from transferkit.training.early_stopping import DEFAULT_EARLY_STOPPING, PhaseEarlyStopping
+from transferkit.training.interrupts import InterruptCheckpoint
+from transferkit.training.loggers import run_loggers
+from transferkit.training.nonfinite import NonFiniteLossGuard
+from transferkit.training.resume import ExactResume
+
+__all__ = ["Trainer"]
+
+
+class Trainer(L.Trainer):
+    """Lightning's :class:`~lightning.pytorch.Trainer` with the defaults a fine-tuning run needs, and one
+    more entry point, :meth:`finetune`. Each default is added only where the caller gave nothing of its
+    kind, so anything passed in is used as it is:
+
+    - a :class:`~transferkit.training.checkpointing.RunCheckpoint` keeping the best epoch by ``val_loss``
+      and rewriting ``last.ckpt`` every epoch (unless ``enable_checkpointing=False``);
+    - a :class:`~transferkit.training.early_stopping.PhaseEarlyStopping` on ``val_loss`` with patience 5
+      (``enable_early_stopping=False`` turns early stopping off, also one given in ``callbacks`` or by a
+      recipe's ``early_stopping`` section);
+    - loggers: CSV, plus TensorBoard when installed (:func:`~transferkit.training.loggers.run_loggers`;
+      ``logger=False`` turns logging off), and a learning-rate monitor when there is a logger;
+    - a :class:`~transferkit.training.nonfinite.NonFiniteLossGuard`, an
+      :class:`~transferkit.training.interrupts.InterruptCheckpoint` and an
+      :class:`~transferkit.training.resume.ExactResume`; a Rich progress bar unless
+      ``enable_progress_bar=False``; checkpoints written atomically.
+
+    A fit without validation (no validation loader, ``limit_val_batches=0``, or a data module with
+    ``val_fraction=0``) keeps the latest epoch's checkpoint as its best and stops no run early. These are
+    the defaults of ``python -m transferkit`` recipes too, so a run from Python and the same run from a
+    recipe train alike. Creating a Trainer also tunes the memory allocator for CPU training
+    (:func:`transferkit.runtime.tune_allocator`).
+
+    Example:
+        >>> trainer = Trainer(max_epochs=1, logger=False)
+        >>> trainer.checkpoint_callback.monitor, [c.patience for c in trainer.early_stopping_callbacks]
+        ('val_loss', [5])
+    """
+
+    def __init__(self, *args: Any, enable_early_stopping: bool = True, **kwargs: Any) -> None:
+        tune_allocator()
+        callbacks = kwargs.get("callbacks") or []
+        callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
+        if not enable_early_stopping:
+            callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)]
+        logger = kwargs.get("logger", True)
+        if logger is None or logger is True:
+            kwargs["logger"] = logger = run_loggers(kwargs.get("default_root_dir") or os.getcwd())
+        defaults: list[tuple[type, Any]] = [
+            (NonFiniteLossGuard, NonFiniteLossGuard),
+            (InterruptCheckpoint, InterruptCheckpoint),
+            (ExactResume, ExactResume),
+        ]
+        if enable_early_stopping:
+            # strict=False: a model that logs no val_loss is not stopped early, rather than failed
+            defaults.append((EarlyStopping, lambda: PhaseEarlyStopping(**DEFAULT_EARLY_STOPPING, strict=False)))
+        if kwargs.get("enable_checkpointing", True) is not False:
+            defaults.append((ModelCheckpoint, lambda: RunCheckpoint(**DEFAULT_CHECKPOINT)))
+        if kwargs.get("enable_progress_bar", True) is not False:
+            defaults.insert(0, (ProgressBar, RichProgressBar))
+        if logger:
+            defaults.append((LearningRateMonitor, lambda: LearningRateMonitor(logging_interval="epoch")))
+        self._added_defaults: list[Callback] = []
+        for kind, make in defaults:
+            if not any(isinstance(c, kind) for c in callbacks):
+                callbacks.append(make())
+                self._added_defaults.append(callbacks[-1])
+        kwargs["callbacks"] = callbacks
+        plugins = kwargs.get("plugins")
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        no_io = not any(isinstance(p, CheckpointIO) for p in plugins)
+        if no_io and strategy_checkpoint_io(kwargs.get("strategy")) is None:
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        super().__init__(*args, **kwargs)
+
+    def fit(
+        self,
+        model: L.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+    ) -> None:
+        """Lightning's ``fit``; a checkpoint to resume from is read with ``weights_only=True`` (never
+        running code from the file) unless ``weights_only=False`` is passed, and one holding pickled
+        code is refused with a :class:`~transferkit.errors.CheckpointError`.
+
+        A datamodule without a validation split (``val_fraction=0``) trains on every non-test image:
+        validation and early stopping are off, and the checkpoint callbacks keep the latest epoch's
+        checkpoint as their best, so :meth:`finetune` tests the model the last epoch ends with.
+        """
+        no_split = (
+            datamodule is not None
+            and val_dataloaders is None
+            and not getattr(datamodule, "has_validation", True)
+        )
+        if no_split:
+            self._train_without_validation(model, self.callbacks, announce=True)
+        elif not self._validates(model, val_dataloaders, datamodule):
+            self._train_without_validation(model, self._added_defaults, announce=False)
+        named = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+        if (
+            ckpt_path is not None
+            and not named
+            and "://" not in str(ckpt_path)
+            and not Path(ckpt_path).is_file()
+        ):
+            raise CheckpointError(
+                f"no checkpoint to resume from at '{ckpt_path}'; pass the .ckpt file a run wrote "
+                "(its checkpoints/ folder), or ckpt_path=last for the latest one of this run."
+            )
+        try:
+            super().fit(
+                model,
+                train_dataloaders,
+                val_dataloaders,
+                datamodule,
+                ckpt_path,
+                weights_only=True if weights_only is None else weights_only,
+            )
+        except pickle.UnpicklingError as err:
+            raise refused_pickle(ckpt_path, err, action="resume from") from err
+        except SIGTERMException as err:
+            # Lightning stops with exit status 0; a scheduler should see the run was terminated
+            raise SystemExit(128 + signal.SIGTERM) from err
+
+    def _validates(self, model: L.LightningModule, val_dataloaders: Any, datamodule: Any) -> bool:
+        """Whether this fit runs a validation loop (so that ``val_loss`` will exist to be watched)."""
+        if self.limit_val_batches == 0 or not is_overridden("validation_step", model):
+            return False
+        if val_dataloaders is not None:
+            return True
+        source = datamodule if datamodule is not None else model
+        return is_overridden("val_dataloader", source)
+
+    def _train_without_validation(
+        self, model: L.LightningModule, callbacks: list[Callback], announce: bool
+    ) -> None:
+        """Turn off what watches a validation metric among ``callbacks``: early stopping is removed, and
+        checkpoint callbacks keep the latest epoch as their best."""
+        hparams = getattr(model, "hparams", {})
+        if announce and hparams.get("lr_schedule") == "performance":
+            raise ConfigError(
+                "lr_schedule 'performance' lowers the LR when val_loss stops improving, but data.val_fraction=0 "
+                "holds out no validation split. Use a schedule that needs no validation (cosine, exponential, "
+                "piecewise, onecycle), or keep a validation split."
+            )
+        if announce:
+            self.limit_val_batches = 0
+        chosen = {id(c) for c in callbacks}
+        self.callbacks = [c for c in self.callbacks if not (id(c) in chosen and isinstance(c, EarlyStopping))]
+        for callback in self.checkpoint_callbacks:
+            if id(callback) in chosen and callback.monitor is not None:
+                callback.monitor = None
+                callback.filename = "{epoch:02d}"
+        if announce:
+            print(
+                "no validation split (data.val_fraction=0): every non-test image trains; validation and early "
+                "stopping are off, and the last epoch's checkpoint is the one tested.",
+                file=sys.stderr,
+            )
+
+    def finetune(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+    ) -> dict[str, Any]:
+        """Fit, then test the best checkpoint, then print the results and write ``metrics.json`` and the run
+        report (``report.md`` with learning curves, test confusion matrix and augmentation preview, see
+        :func:`transferkit.reporting.run_report.write_run_report`) in the run dir.
+
+        Args:
+            model: the module to train.
+            datamodule: the data; it must provide a test split.
+            ckpt_path: resume the fit from this checkpoint.
+
+        Returns:
+            The figures written to ``metrics.json``.
+        """
+        start = time.perf_counter()
+        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - start
+        if self.interrupted:
+            raise KeyboardInterrupt("training was interrupted; the last checkpoint is kept for resuming.")
+
+        callback = self.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") or None
+        start = time.perf_counter()
+        tested = self.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        test_seconds = time.perf_counter() - start
+
+        best_score = getattr(callback, "best_model_score", None)
+        results: dict[str, Any] = {
+            "test": {k: float(v) for k, v in (tested[0] if tested else {}).items()},
+            "best_checkpoint": best,
+            "monitor": getattr(callback, "monitor", None),
+            "best_score": float(best_score) if best_score is not None else None,
+            "epochs": int(self.current_epoch),
+            "global_steps": int(self.global_step),
+            "fit_seconds": round(fit_seconds, 2),
+            "test_seconds": round(test_seconds, 2),
+        }
+        skipped = getattr(datamodule, "skipped_images", None)
+        if skipped is not None:
+            results["skipped_images"] = [f"{e.path}: {e.reason}" for e in skipped]
+        if datamodule is not None and hasattr(datamodule, "summary"):
+            results["class_names"] = list(getattr(datamodule, "class_names", []))
+            results["split_sizes"] = {s: sum(c.values()) for s, c in datamodule.summary().items()}
+        if self.is_global_zero:
+            run_dir = Path(self.log_dir or self.default_root_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+            results["run_dir"] = str(run_dir)
+            results["report"] = _write_report(self, model, datamodule, results)
+            _print_results(results)
+        return results
+
+
+def _write_report(
+    trainer: Trainer, model: L.LightningModule, datamodule: Any, results: dict[str, Any]
+) -> str | None:
+    """report.md and its pictures; a failure is a warning, never a failed run (the model is trained)."""
+    from transferkit.reporting.run_report import write_run_report
+
+    try:
+        return str(write_run_report(trainer, model, datamodule, results))
+    except Exception as err:
+        warnings.warn(f"the run report could not be written: {type(err).__name__}: {err}", stacklevel=3)
+        return None
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    chosen = "best" if results.get("monitor") is not None else "last epoch's"
+    table = Table(title=f"transferkit finetune: test results ({chosen} checkpoint)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(results["test"].items()):
+        table.add_row(key, f"{value:.4f}")
+    if results.get("best_score") is not None:
+        table.add_row(f"best {results['monitor']}", f"{results['best_score']:.4f}")
+    table.add_row("epochs", str(results["epochs"]))
+    table.add_row("fit time", f"{results['fit_seconds']:.0f} s")
+    console = Console()
+    console.print(table)
+    if results.get("skipped_images"):
+        console.print(f"skipped {len(results['skipped_images'])} unreadable images (listed in metrics.json)")
+    console.print(f"{chosen} checkpoint: {results['best_checkpoint']}")
+    console.print(f"metrics written to {Path(results['run_dir']) / 'metrics.json'}")
+    if results.get("report"):
+        console.print(f"report: {results['report']}")
