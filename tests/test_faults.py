@@ -135,11 +135,18 @@ from transferkit import ImageDataModule, Trainer, TransferClassifier
 from transferkit.training.checkpointing import RunCheckpoint
 
 out, mode = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
 
 
-class SlowEpochs(Callback):  # time for the test to interrupt between two epochs
-    def on_train_epoch_end(self, trainer, pl_module):
-        time.sleep(float(os.environ.get("EPOCH_PAUSE", "0")))
+class HoldAfterEpoch(Callback):  # the test interrupts the run while it waits here, whatever the load
+    def on_train_epoch_end(self, trainer, pl_module):  # before this epoch's last.ckpt, after the previous one's
+        if trainer.current_epoch != int(os.environ.get("HOLD_AFTER_EPOCH", "-1")):
+            return
+        open(os.path.join(out, "held"), "w").close()
+        deadline = time.monotonic() + 600
+        while not os.path.exists(os.path.join(out, "release")):  # until the test has sent its signal
+            assert time.monotonic() < deadline, "the test never released the run"
+            time.sleep(0.02)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # a scheduler's SIGTERM after this many optimizer steps (a spot instance ending mid-epoch)
@@ -160,7 +167,7 @@ dm = ImageDataModule(source="folder", root="{root}", num_workers=int(os.environ.
 trainer = Trainer(
     accelerator="cpu", max_epochs=4, deterministic=True, logger=False, enable_progress_bar=False,
     enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=out,
-    callbacks=[RunCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_last=True), SlowEpochs()],
+    callbacks=[RunCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_last=True), HoldAfterEpoch()],
 )
 ckpt = None if mode == "fresh" else mode
 trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
@@ -176,7 +183,7 @@ def _fit_process(
     root: Path,
     out: Path,
     mode: str = "fresh",
-    pause: float = 0.0,
+    hold_after_epoch: int = -1,
     sigterm_at_step: int = -1,
     settings: dict[str, str] | None = None,
 ) -> subprocess.Popen:
@@ -184,7 +191,7 @@ def _fit_process(
     script.write_text(textwrap.dedent(FIT_SCRIPT.format(backbone=TINY_BACKBONE, root=root)))
     env = {
         **os.environ,
-        "EPOCH_PAUSE": str(pause),
+        "HOLD_AFTER_EPOCH": str(hold_after_epoch),
         "SIGTERM_AT_STEP": str(sigterm_at_step),
         **(settings or {}),
         "OMP_NUM_THREADS": "1",
@@ -219,11 +226,11 @@ def fault_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(fault_data, tmp_path):
     full = _fit_process(tmp_path, fault_data, tmp_path / "full")
-    killed = _fit_process(tmp_path, fault_data, tmp_path / "cut", pause=1.0)
-    _wait_for(tmp_path / "cut" / "ckpt" / "last.ckpt", killed)
+    killed = _fit_process(tmp_path, fault_data, tmp_path / "cut", hold_after_epoch=1)
+    _wait_for(tmp_path / "cut" / "held", killed)  # held as epoch 1 ends, never released
     killed.send_signal(signal.SIGKILL)  # no handler, no cleanup: only what is on disk survives
     assert _finish(killed)[0] == -signal.SIGKILL
-    assert torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=True)["epoch"] < 3
+    assert torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 0
     code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "cut", mode="last"))
     assert code == 0, stderr[-3000:]
     assert _finish(full)[0] == 0
@@ -235,15 +242,16 @@ def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(fault_data, tmp_path, signum):
-    process = _fit_process(tmp_path, fault_data, tmp_path / "run", pause=1.0)
-    _wait_for(tmp_path / "run" / "ckpt" / "last.ckpt", process)
+    process = _fit_process(tmp_path, fault_data, tmp_path / "run", hold_after_epoch=0)
+    _wait_for(tmp_path / "run" / "held", process)  # the run waits as epoch 0 ends ...
     process.send_signal(signum)
+    (tmp_path / "run" / "release").touch()  # ... until the signal is on its way: no race with the run
     code, _, stderr = _finish(process)
     assert code == (1 if signum == signal.SIGINT else 128 + signal.SIGTERM)  # the run did not finish
     saved = tmp_path / "run" / "ckpt" / "interrupted.ckpt"
     assert f"saved '{saved}'" in stderr and f"--ckpt_path {saved}" in stderr, stderr[-3000:]
     interrupted_at = read_checkpoint(saved)["global_step"]
-    assert 0 < interrupted_at < 8
+    assert interrupted_at == 2  # stopped where the run was held, after epoch 0's 2 batches
     code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "run", mode=str(saved)))
     assert code == 0, stderr[-3000:]
     assert "global_step 8" in stdout  # 4 epochs of 2 batches: it finished the run

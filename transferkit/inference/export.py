@@ -7,8 +7,16 @@ with ``A.from_dict``), input size, mean, std and class names. ONNX files also ca
 ``metadata_props`` (key ``transferkit.preprocessing``), TorchScript files as the extra file
 ``preprocessing.json``.
 
->>> export_checkpoint("best.ckpt", "onnx")  # doctest: +SKIP
-ExportResult(path=PosixPath('best.onnx'), ...)
+>>> import os, tempfile, torch
+>>> from transferkit import TransferClassifier
+>>> from transferkit.models.checkpoint import checkpoint_section
+>>> model = TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False)
+>>> path = os.path.join(tempfile.mkdtemp(), "best.ckpt")
+>>> torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+...             "transferkit": checkpoint_section(model)}, path)
+>>> result = export_checkpoint(path, "torchscript")
+>>> result.path.name, result.preprocessing.name, result.max_abs_diff < 1e-4
+('best.torchscript.pt', 'best.preprocessing.json', True)
 """
 
 from __future__ import annotations

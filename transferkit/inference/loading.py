@@ -1,9 +1,4 @@
-"""A trained model and its eval pipeline from a checkpoint alone: no recipe, no network.
-
->>> model, eval_transform = load_for_inference("runs/x/checkpoints/best.ckpt")  # doctest: +SKIP
->>> batch = torch.stack([eval_transform(image=load_image(p))["image"] for p in paths])  # doctest: +SKIP
->>> model.predict_proba(batch)  # (B, num_classes)  # doctest: +SKIP
-"""
+"""A trained model and its eval pipeline from a checkpoint alone: no recipe, no network."""
 
 from __future__ import annotations
 
@@ -36,10 +31,18 @@ def load_for_inference(path: str | os.PathLike, **overrides: Any) -> tuple[Trans
     pipeline maps an ``(H, W, 3) uint8`` RGB image (:func:`transferkit.data.images.load_image`) to the
     ``(3, S, S)`` float tensor the model expects. ``overrides`` as in :func:`load_checkpoint_model`.
 
-    Example:
-        >>> model, transform = load_for_inference("best.ckpt")  # doctest: +SKIP
-        >>> x = transform(image=load_image("cell.png"))["image"][None]  # (1, 3, S, S)  # doctest: +SKIP
-        >>> model.class_names[int(model.predict_proba(x).argmax())]  # doctest: +SKIP
+    Example (a checkpoint written by hand here; a training run writes them in its ``checkpoints/``):
+        >>> import os, tempfile, numpy as np, torch
+        >>> from transferkit.models.checkpoint import checkpoint_section
+        >>> trained = TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False,
+        ...                              class_names=["ok", "defect"])
+        >>> path = os.path.join(tempfile.mkdtemp(), "best.ckpt")
+        >>> torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams),
+        ...             "transferkit": checkpoint_section(trained)}, path)
+        >>> model, transform = load_for_inference(path)
+        >>> x = transform(image=np.zeros((300, 200, 3), np.uint8))["image"][None]  # (1, 3, S, S)
+        >>> model.class_names[int(model.predict_proba(x).argmax())] in ("ok", "defect")
+        True
     """
     checkpoint = read_checkpoint(path)
     return build_model(TransferClassifier, checkpoint, path, **overrides), eval_transform_of(checkpoint)
