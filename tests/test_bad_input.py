@@ -174,6 +174,43 @@ def test_a_class_found_only_in_val_or_test_is_refused(tmp_path):
         _dm(tmp_path).setup("fit")
 
 
+def _with_a_one_image_class(stripes_folder: Path) -> Path:
+    (stripes_folder / "rare").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(stripes_folder / "rare" / "only.png")
+    return stripes_folder
+
+
+def test_a_class_too_small_to_split_is_named_by_its_name(stripes_folder):
+    with pytest.raises(DatasetError) as info:
+        _dm(_with_a_one_image_class(stripes_folder)).setup("fit")
+    assert info.match(
+        r"cannot carve a stratified test split .* Classes with fewer than 2 images: \{'rare': 1\}"
+    )
+    assert info.match(r"Add images, merge rare classes, or lower data.test_fraction")
+
+
+def test_a_data_error_ends_a_command_with_one_error_block_and_no_traceback(
+    stripes_folder, tmp_path, capsys, monkeypatch
+):
+    from transferkit.cli import main
+
+    args = _fit_args(_with_a_one_image_class(stripes_folder), tmp_path / "run")
+    monkeypatch.delenv("TRANSFERKIT_TRACEBACK", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot carve a stratified test split"), err
+    assert "'rare': 1" in err and "Traceback" not in err
+    assert err.rstrip().endswith("(TRANSFERKIT_TRACEBACK=1 shows where it was raised)")
+    # for debugging, the traceback on request
+    monkeypatch.setenv("TRANSFERKIT_TRACEBACK", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        "Traceback (most recent call last)" in err and "DatasetError" in err and "error: cannot carve" in err
+    )
+
+
 def _imbalanced(root: Path, large: int = 60, small: int = 5) -> Path:
     rng = np.random.default_rng(0)
     for name, count in (("common", large), ("rare", small)):

@@ -61,3 +61,24 @@ def test_a_fold_that_would_change_the_output_is_refused():
     model.bn.running_mean.fill_(0.5), model.bn.running_var.fill_(4.0)
     with pytest.raises(FoldingError, match="changed the output"):
         fold_batchnorm(model, torch.randn(1, 3, 8, 8))
+
+
+def test_test_time_augmentation_averages_its_views_and_leaves_the_model_as_it_was(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from transferkit.data.augment import build_eval_transform
+    from transferkit.inference import predict_images
+
+    torch.manual_seed(0)
+    model = TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, dropout=0.3).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        mirrored = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+        torch.testing.assert_close(model.predict_proba(x, tta="hflip"), mirrored)
+    path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+    transform = build_eval_transform(32, (0.5,) * 3, (0.5,) * 3)
+    (row,) = predict_images(model, transform, [path], tta="d4", mc_dropout=4)
+    assert row["error"] == "" and len(row["probs"]) == 2 and row["uncertainty"] >= 0
+    assert model.hparams.tta == "none" and not model.training  # another TTA for one call changed nothing

@@ -21,6 +21,7 @@ __all__ = [
     "FoldingError",
     "HubUnreachableError",
     "ImageReadError",
+    "LightningInternalsError",
     "MissingDependencyError",
     "NonFiniteLossError",
     "TransferKitError",
@@ -118,3 +119,8 @@ class FoldingError(TransferKitError, RuntimeError):
 
 class MissingDependencyError(TransferKitError, ModuleNotFoundError):
     """An optional package a feature needs is not installed; the message names the ``pip install``."""
+
+
+class LightningInternalsError(TransferKitError, RuntimeError):
+    """The installed Lightning lacks a private attribute transferkit relies on (see
+    :mod:`transferkit.lightning_internals`); the message names it and the supported versions."""

@@ -18,12 +18,11 @@ from typing import Any
 import lightning
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 
-from transferkit.errors import TransferKitError
+from transferkit.errors import LightningInternalsError
 
 __all__ = [
     "SUPPORTED",
     "USED",
-    "LightningInternalsError",
     "attached_trainer",
     "averaged_model",
     "batches_done_in_epoch",
@@ -63,10 +62,6 @@ USED = {
     "_DatasetSamplerWrapper": ["_sampler"],
     "Callback": ["_generate_state_key"],
 }
-
-
-class LightningInternalsError(TransferKitError, RuntimeError):
-    """The installed Lightning lacks a private attribute transferkit relies on."""
 
 
 def _private(owner: Any, name: str) -> Any:

@@ -84,7 +84,9 @@ class Trainer(L.Trainer):
         ]
         if enable_early_stopping:
             # strict=False: a model that logs no val_loss is not stopped early, rather than failed
-            defaults.append((EarlyStopping, lambda: PhaseEarlyStopping(**DEFAULT_EARLY_STOPPING, strict=False)))
+            defaults.append(
+                (EarlyStopping, lambda: PhaseEarlyStopping(**DEFAULT_EARLY_STOPPING, strict=False))
+            )
         if kwargs.get("enable_checkpointing", True) is not False:
             defaults.append((ModelCheckpoint, lambda: RunCheckpoint(**DEFAULT_CHECKPOINT)))
         if kwargs.get("enable_progress_bar", True) is not False:

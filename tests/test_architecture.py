@@ -1,0 +1,136 @@
+"""The package's structure: layers in one direction, one home per concept, a light ``import transferkit``."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "transferkit"
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules ``module`` imports anywhere (also inside functions), by their full names."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+            names = [target] + [f"{target}.{alias.name}" for alias in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module and name != "transferkit":  # the root only re-exports, lazily
+                found.add(name)
+    return found
+
+
+def test_imports_go_one_way_no_cycles_and_nothing_imports_the_cli():
+    modules = _modules()
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    cli = {m for m in modules if m.startswith("transferkit.cli") or m == "transferkit.__main__"}
+    upward = sorted(
+        f"{m} imports {sorted(graph[m] & cli)}" for m in modules if m not in cli and graph[m] & cli
+    )
+    assert not upward, upward
+    # a cycle exists iff a depth-first search meets a module that is still on its path
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycle = path[path.index(target) :] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module, [module])
+    assert len(modules) > 40  # the scan saw the package
+
+
+def test_import_transferkit_loads_neither_torch_lightning_matplotlib_nor_the_cli():
+    code = (
+        "import sys, transferkit as tk\n"
+        "heavy = [m for m in ('torch', 'lightning', 'matplotlib', 'transferkit.cli') if m in sys.modules]\n"
+        "print(heavy, tk.__version__, len(tk.__all__))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    heavy, version, names = result.stdout.rsplit(maxsplit=2)
+    assert heavy == "[]", heavy  # nothing heavy is loaded until a name is used
+    assert version == "0.1.0" and int(names) > 20
+
+
+def test_every_public_name_of_the_root_resolves():
+    import transferkit as tk
+
+    for name in tk.__all__:
+        assert getattr(tk, name) is not None, name
+    assert tk.TransferClassifier.__module__ == "transferkit.models.classifier"
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
+        _ = tk.NoSuchThing
+
+
+def test_matplotlib_is_imported_by_the_reporting_layer_only():
+    outside = []
+    for module, path in _modules().items():
+        if module.startswith("transferkit.reporting"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            outside += [f"{module}: {n}" for n in names if n.split(".")[0] == "matplotlib"]
+    assert not outside, outside
+
+
+def test_every_exception_class_lives_in_the_errors_module():
+    import transferkit.errors as errors
+
+    defined_elsewhere = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef) or module == "transferkit.errors":
+                continue
+            bases = {ast.unparse(b).rsplit(".", 1)[-1] for b in node.bases}
+            if node.name.endswith("Error") or bases & {"Exception", "ValueError", "RuntimeError", "OSError"}:
+                defined_elsewhere.append(f"{module}.{node.name}")
+    assert not defined_elsewhere, defined_elsewhere
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.TransferKitError), name
+
+
+def test_lightning_private_attributes_are_read_in_one_module_only():
+    from transferkit.lightning_internals import USED
+
+    private = {name for names in USED.values() for name in names}
+    found = []
+    for module, path in _modules().items():
+        if module == "transferkit.lightning_internals":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                found.append(f"{module}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.Constant) and node.value in private:
+                found.append(f"{module}:{node.lineno} '{node.value}'")
+    assert not found, found
