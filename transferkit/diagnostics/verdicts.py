@@ -216,8 +216,8 @@ class GradientHealthReport:
         return text
 
     def plot(self, path: str | Path) -> Path:
-        """Write a PNG of the report (:func:`transferkit.reporting.plots.gradient_health_plot`)."""
-        from transferkit.reporting.plots import gradient_health_plot  # matplotlib only when drawing
+        """Write a PNG of the report (:func:`transferkit.reporting.gradient_health.gradient_health_plot`)."""
+        from transferkit.reporting.gradient_health import gradient_health_plot  # matplotlib only to draw
 
         return gradient_health_plot(self, path, VANISHING_FACTOR, EXPLODING_FACTOR)
 

@@ -10,12 +10,17 @@ saved in checkpoints beyond what the epoch already says.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
 from transferkit.errors import BackboneError, ConfigError
-from transferkit.finetuning.groups import apply_freeze, backbone_groups, set_batchnorm_modes
+from transferkit.finetuning.groups import (
+    apply_freeze,
+    backbone_groups,
+    group_learning_rates,
+    set_batchnorm_modes,
+)
 from transferkit.finetuning.schedule import FreezeSchedule
 from transferkit.finetuning.trunk import Trunk
 from transferkit.models.backbones import Backbone
@@ -132,6 +137,20 @@ class FreezeController:
         if trainable == 0:
             return "features", self.backbone
         return "trunk", self.trunk(len(self.groups) - trainable)
+
+    def parameter_groups(
+        self, head: list[nn.Parameter], lr: float, layer_decay: float, backbone_lr: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, all built up front so that no scheduler sees one appear mid-run: the
+        head's parameters at ``lr``, then each backbone group from the top down, the top one at
+        ``backbone_lr`` (default ``lr * layer_decay``) and each one below ``layer_decay`` times less."""
+        named = dict(self.backbone.model.named_parameters())
+        lrs = group_learning_rates(lr, len(self.groups), layer_decay, backbone_lr)
+        groups = [{"name": "head", "params": head, "lr": lr}]
+        for index in reversed(range(len(self.groups))):
+            params = [named[n] for n in self.groups[index]]
+            groups.append({"name": f"backbone.{index}", "params": params, "lr": lrs[index]})
+        return groups
 
     def unfreeze_steps(self, steps_per_epoch: int, max_epochs: int) -> list[int]:
         """Per optimizer group (head, then backbone top to bottom): the step at which it starts training."""

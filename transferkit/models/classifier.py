@@ -16,7 +16,6 @@ import transferkit.models.checkpoint as checkpoint_format
 import transferkit.models.prediction as prediction
 from transferkit.errors import ConfigError
 from transferkit.finetuning.freezing import FreezeController, StageKind
-from transferkit.finetuning.groups import group_learning_rates
 from transferkit.finetuning.optim import check_optimization, create_optimization
 from transferkit.finetuning.resizing import image_side_at, parse_progressive_resizing, resize_shorter_side
 from transferkit.finetuning.schedule import FreezeSchedule
@@ -49,11 +48,10 @@ class TransferClassifier(L.LightningModule):
     """A pretrained timm backbone with a new classifier head, fine-tuned with Adam and exponential LR decay.
 
     ``forward(x)`` maps images ``(B, 3, H, W)`` to logits ``(B, num_classes)``. The module holds the
-    network and its optimisation recipe; each concern around it is a unit of its own, usable alone:
-    freezing (:class:`~transferkit.finetuning.freezing.FreezeController`), penalties
-    (:class:`~transferkit.models.regularisers.Regularisers`), test-time augmentation and MC dropout
-    (:mod:`transferkit.models.prediction`), the checkpoint format (:mod:`transferkit.models.checkpoint`).
-    What makes a resumed run exact is the Trainer's :class:`~transferkit.training.resume.ExactResume`.
+    network and its optimisation recipe; freezing (:class:`~transferkit.finetuning.freezing.FreezeController`),
+    penalties (:class:`~transferkit.models.regularisers.Regularisers`), TTA and MC dropout
+    (:mod:`~transferkit.models.prediction`) and the checkpoint format (:mod:`~transferkit.models.checkpoint`)
+    are units of their own; exact resumption is the Trainer's :class:`~transferkit.training.resume.ExactResume`.
 
     Args:
         num_classes: number of classes (the CLI fills it in from the data).
@@ -70,17 +68,13 @@ class TransferClassifier(L.LightningModule):
         lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth`` unless
             ``backbone_lr`` is set.
         backbone_lr: learning rate of the top backbone group, the groups below it ``layer_decay`` times
-            less each; ``None`` = ``lr * layer_decay``. A rate well under the head's (e.g. ``1e-4``
-            with ``lr: 1e-3``) keeps more of the pretrained features, which suits images close to
-            ImageNet.
+            less each; ``None`` = ``lr * layer_decay``. Well under ``lr``, it keeps more pretrained features.
         weight_decay: L2 weight decay in the optimizer, on every trained parameter (decoupled for ``adamw``).
-        l1: L1 penalty ``l1 * sum |w|`` on the weights of ``penalty_groups``, applied as its proximal
-            step after every optimizer step (soft-thresholding by ``lr * l1``), which sets weights
-            exactly to zero; the fraction under ``sparsity_threshold`` is logged as ``l1_sparsity``.
+        l1: L1 penalty ``l1 * sum |w|`` on the weights of ``penalty_groups``, applied as its proximal step
+            after every optimizer step, which sets weights exactly to zero (logged: ``l1_sparsity``).
         l2: L2 penalty ``l2 * sum w^2`` added to the loss, on the weights of ``penalty_groups``.
         penalty_groups: which weights ``l1``/``l2`` apply to: ``head``, ``backbone``, ``all``, or a list of
-            optimizer group names (``head``, ``backbone.0`` ... ``backbone.N``, top = N). Biases and
-            normalisation parameters are never penalised.
+            optimizer group names (``head``, ``backbone.0`` ... ``backbone.N``, top = N); never biases.
         sparsity_threshold: ``|w|`` below which a penalised weight counts as zero in ``l1_sparsity``.
         momentum: momentum of ``momentum``/``nesterov``.
         betas: Adam/AdamW/NAdam's decay rates of the gradient's mean and of its square (beta1, beta2).
@@ -97,25 +91,18 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         freeze_schedule: which backbone groups train when (default: all of them from the start).
         drop_path_rate: stochastic depth in the backbone, where the architecture supports it.
-        mc_dropout: Monte Carlo dropout at predict time: this many stochastic forward passes with the
-            head's dropout on (BatchNorm stays in eval mode); ``predict`` then returns the mean
-            probabilities and their uncertainty. ``0`` = off.
-        tta: test-time augmentation for ``test`` and ``predict``: ``none``, ``hflip`` (image + mirror),
-            ``flips`` (+ vertical flips), ``d4`` (all 8 flips and 90-degree rotations); the
-            probabilities of the views are averaged.
+        mc_dropout: Monte Carlo dropout at predict time: this many passes with the head's dropout on;
+            ``predict`` then returns the mean probabilities and their uncertainty. ``0`` = off.
+        tta: test-time augmentation for ``test`` and ``predict``, the views' probabilities averaged:
+            ``none``, ``hflip`` (image + mirror), ``flips`` (+ vertical), ``d4`` (8 flips and rotations).
         channels_last: run the backbone in channels-last (NHWC) memory layout, which oneDNN and cuDNN
             convolutions run faster; ``False`` keeps NCHW.
         compile: compile the backbone with ``torch.compile`` when training starts.
-        progressive_resizing: training image size by epoch, ``{epoch: side}``: from each listed epoch
-            on, training batches are resized (bilinear, antialiased) so their shorter side is ``side``
-            before the backbone sees them; epochs before the first key train at the data's size.
-            Validation, test and predict always run at the data's size, so small early epochs buy
-            time for more epochs at full size (e.g. ``{3: 176, 13: 224}``). Batches from
-            ``feature_cache``/``trunk_cache`` are not resized.
-        progress_bar_step_loss: show each step's training loss in the progress bar. Lightning turns
-            progress-bar values into Python numbers after every batch, a read-back that stalls a GPU
-            every step; ``None`` (default) shows it on the CPU, where that costs nothing, and elsewhere
-            leaves it to the loggers (``train_loss_step``) and the epoch means.
+        progressive_resizing: training image side by epoch, ``{epoch: side}`` (e.g. ``{3: 176, 13: 224}``):
+            training batches are resized to it from each listed epoch on; validation, test and predict
+            always run at the data's size, and cached features are not resized.
+        progress_bar_step_loss: show each step's training loss in the progress bar, which reads it back
+            from the device every step; ``None`` (default): on the CPU only, where that costs nothing.
     """
 
     def __init__(
@@ -175,7 +162,9 @@ class TransferClassifier(L.LightningModule):
         if progressive_resizing is not None:
             self.hparams["progressive_resizing"] = progressive_resizing  # int keys, also from YAML
 
-        self.regularisers = Regularisers(l1, l2, penalty_groups, sparsity_threshold)
+        self.regularisers = Regularisers(
+            l1, l2, penalty_groups, sparsity_threshold, groups=self.parameter_groups
+        )
         self.backbone = create_backbone(backbone, pretrained=pretrained, drop_path_rate=drop_path_rate)
         self.head = ClassifierHead(
             self.backbone.num_features,
@@ -373,8 +362,8 @@ class TransferClassifier(L.LightningModule):
         if stage == "test":
             self._test_batches.append((labels.detach(), logits.detach().argmax(dim=-1)))
         if stage == "train" and self.regularisers.active:
-            _ = self.penalised_weights
-            self.log("train_penalty", self.penalty(), on_step=False, on_epoch=True, batch_size=len(labels))
+            penalty = self.regularisers.penalty()  # logged; its L2 part is in the loss, L1 is a proximal step
+            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(labels))
             if self.regularisers.l2:
                 loss = loss + self.regularisers.l2_term()
         return loss
@@ -389,16 +378,10 @@ class TransferClassifier(L.LightningModule):
     @property
     def penalised_weights(self) -> list[torch.nn.Parameter]:
         """The weights ``l1``/``l2`` apply to (weight matrices and conv kernels of ``penalty_groups``)."""
-        return self.regularisers.select(self.parameter_groups())
-
-    def penalty(self) -> torch.Tensor:
-        """``l1 * sum |w| + l2 * sum w^2`` over the penalised weights that train now (``train_penalty``)."""
-        _ = self.penalised_weights
-        return self.regularisers.penalty()
+        return self.regularisers.weights
 
     def sparsity(self) -> float:
-        """Fraction of the penalised weights with ``|w| < sparsity_threshold``."""
-        _ = self.penalised_weights
+        """Fraction of the penalised weights with ``|w| < sparsity_threshold`` (logged as ``l1_sparsity``)."""
         return self.regularisers.sparsity()
 
     def on_train_epoch_end(self) -> None:
@@ -407,9 +390,7 @@ class TransferClassifier(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, *args, **kwargs)
-        if self.regularisers.l1:
-            _ = self.penalised_weights
-            self.regularisers.proximal_step(optimizer)
+        self.regularisers.proximal_step(optimizer)
         self.head.apply_max_norm()  # the constraint holds after every update
 
     # --- optimisation ------------------------------------------------------------------------------
@@ -417,13 +398,9 @@ class TransferClassifier(L.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups, all built up front: the head, then backbone groups top to bottom."""
         hp = self.hparams
-        named = dict(self.backbone.model.named_parameters())
-        lrs = group_learning_rates(hp.lr, len(self.groups), hp.layer_decay, hp.backbone_lr)
-        groups = [{"name": "head", "params": list(self.head.parameters()), "lr": hp.lr}]
-        for index in reversed(range(len(self.groups))):
-            params = [named[n] for n in self.groups[index]]
-            groups.append({"name": f"backbone.{index}", "params": params, "lr": lrs[index]})
-        return groups
+        return self.freezing.parameter_groups(
+            list(self.head.parameters()), hp.lr, hp.layer_decay, hp.backbone_lr
+        )
 
     def optimization(self, total_steps: int, steps_per_epoch: int, max_epochs: int) -> dict[str, Any]:
         """The optimizer and LR scheduler config for a run of ``max_epochs`` epochs of ``steps_per_epoch``

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,12 +27,13 @@ class Regularisers:
         penalty_groups: ``head``, ``backbone``, ``all``, or a list of optimizer group names (``head``,
             ``backbone.0`` ... ``backbone.N``, top = N).
         sparsity_threshold: ``|w|`` below which a penalised weight counts as zero in :meth:`sparsity`.
+        groups: the optimizer parameter groups (dicts with ``name`` and ``params``) to choose from, or a
+            function that returns them; read once, when the weights are first needed.
 
     Example:
         >>> layer = torch.nn.Linear(4, 2)
-        >>> reg = Regularisers(l1=0.0, l2=0.5)
-        >>> weights = reg.select([{"name": "head", "params": list(layer.parameters())}])
-        >>> [tuple(w.shape) for w in weights]  # the weight matrix, not the bias
+        >>> reg = Regularisers(l1=0.0, l2=0.5, groups=[{"name": "head", "params": list(layer.parameters())}])
+        >>> [tuple(w.shape) for w in reg.weights]  # the weight matrix, not the bias
         [(2, 4)]
         >>> bool(reg.penalty() == 0.5 * layer.weight.square().sum())
         True
@@ -44,6 +45,7 @@ class Regularisers:
         l2: float = 0.0,
         penalty_groups: str | Sequence[str] = "head",
         sparsity_threshold: float = 1e-3,
+        groups: Sequence[dict[str, Any]] | Callable[[], Sequence[dict[str, Any]]] = (),
     ) -> None:
         if l1 < 0 or l2 < 0:
             raise ConfigError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}.")
@@ -51,16 +53,19 @@ class Regularisers:
         self.l2 = l2
         self.penalty_groups = penalty_groups
         self.sparsity_threshold = sparsity_threshold
-        self.weights: list[torch.nn.Parameter] | None = None
+        self._groups = groups
+        self._weights: list[torch.nn.Parameter] | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.l1 or self.l2)
 
-    def select(self, groups: Sequence[dict[str, Any]]) -> list[torch.nn.Parameter]:
-        """Choose (once) the weights to penalise from optimizer parameter groups (dicts with ``name`` and
-        ``params``); raises :class:`~transferkit.errors.ConfigError` for a group name that does not exist."""
-        if self.weights is None:
+    @property
+    def weights(self) -> list[torch.nn.Parameter]:
+        """The weights to penalise, chosen once from the groups; raises
+        :class:`~transferkit.errors.ConfigError` for a group name that does not exist."""
+        if self._weights is None:
+            groups = self._groups() if callable(self._groups) else self._groups
             names = [g["name"] for g in groups]
             chosen = self.penalty_groups
             if chosen == "all":
@@ -77,12 +82,10 @@ class Regularisers:
                         f"penalty_groups names unknown groups {sorted(unknown)}; choose 'head', 'backbone', "
                         f"'all' or a list of {names}."
                     )
-            self.weights = [p for g in groups if g["name"] in wanted for p in g["params"] if p.ndim >= 2]
-        return self.weights
+            self._weights = [p for g in groups if g["name"] in wanted for p in g["params"] if p.ndim >= 2]
+        return self._weights
 
     def _trained(self) -> list[torch.nn.Parameter]:
-        if self.weights is None:
-            raise RuntimeError("select() the penalised weights first.")
         return [w for w in self.weights if w.requires_grad]
 
     def penalty(self) -> torch.Tensor:
@@ -101,7 +104,7 @@ class Regularisers:
 
     def sparsity(self) -> float:
         """Fraction of the penalised weights with ``|w| < sparsity_threshold``."""
-        weights = self.weights or []
+        weights = self.weights
         if not weights:
             return 0.0
         small = sum(int((w.detach().abs() < self.sparsity_threshold).sum()) for w in weights)
