@@ -138,15 +138,21 @@ out, mode = sys.argv[1], sys.argv[2]
 os.makedirs(out, exist_ok=True)
 
 
-class HoldAfterEpoch(Callback):  # the test interrupts the run while it waits here, whatever the load
-    def on_train_epoch_end(self, trainer, pl_module):  # before this epoch's last.ckpt, after the previous one's
-        if trainer.current_epoch != int(os.environ.get("HOLD_AFTER_EPOCH", "-1")):
+class Hold(Callback):  # the test interrupts the run while it waits here, whatever the load
+    def _hold(self, trainer, where):
+        if os.environ.get("HOLD_AT", "") != where + ":" + str(trainer.current_epoch):
             return
         open(os.path.join(out, "held"), "w").close()
         deadline = time.monotonic() + 600
         while not os.path.exists(os.path.join(out, "release")):  # until the test has sent its signal
             assert time.monotonic() < deadline, "the test never released the run"
             time.sleep(0.02)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._hold(trainer, "start")
+
+    def on_train_epoch_end(self, trainer, pl_module):  # before this epoch's last.ckpt, after the previous one's
+        self._hold(trainer, "end")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # a scheduler's SIGTERM after this many optimizer steps (a spot instance ending mid-epoch)
@@ -167,7 +173,7 @@ dm = ImageDataModule(source="folder", root="{root}", num_workers=int(os.environ.
 trainer = Trainer(
     accelerator="cpu", max_epochs=4, deterministic=True, logger=False, enable_progress_bar=False,
     enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=out,
-    callbacks=[RunCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_last=True), HoldAfterEpoch()],
+    callbacks=[RunCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_last=True), Hold()],
 )
 ckpt = None if mode == "fresh" else mode
 trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
@@ -183,7 +189,7 @@ def _fit_process(
     root: Path,
     out: Path,
     mode: str = "fresh",
-    hold_after_epoch: int = -1,
+    hold_at: str = "",
     sigterm_at_step: int = -1,
     settings: dict[str, str] | None = None,
 ) -> subprocess.Popen:
@@ -191,7 +197,7 @@ def _fit_process(
     script.write_text(textwrap.dedent(FIT_SCRIPT.format(backbone=TINY_BACKBONE, root=root)))
     env = {
         **os.environ,
-        "HOLD_AFTER_EPOCH": str(hold_after_epoch),
+        "HOLD_AT": hold_at,
         "SIGTERM_AT_STEP": str(sigterm_at_step),
         **(settings or {}),
         "OMP_NUM_THREADS": "1",
@@ -226,7 +232,7 @@ def fault_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(fault_data, tmp_path):
     full = _fit_process(tmp_path, fault_data, tmp_path / "full")
-    killed = _fit_process(tmp_path, fault_data, tmp_path / "cut", hold_after_epoch=1)
+    killed = _fit_process(tmp_path, fault_data, tmp_path / "cut", hold_at="end:1")
     _wait_for(tmp_path / "cut" / "held", killed)  # held as epoch 1 ends, never released
     killed.send_signal(signal.SIGKILL)  # no handler, no cleanup: only what is on disk survives
     assert _finish(killed)[0] == -signal.SIGKILL
@@ -242,7 +248,7 @@ def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(fault_data, tmp_path, signum):
-    process = _fit_process(tmp_path, fault_data, tmp_path / "run", hold_after_epoch=0)
+    process = _fit_process(tmp_path, fault_data, tmp_path / "run", hold_at="end:0")
     _wait_for(tmp_path / "run" / "held", process)  # the run waits as epoch 0 ends ...
     process.send_signal(signum)
     (tmp_path / "run" / "release").touch()  # ... until the signal is on its way: no race with the run
@@ -255,6 +261,25 @@ def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(fault_data, tmp_path,
     code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "run", mode=str(saved)))
     assert code == 0, stderr[-3000:]
     assert "global_step 8" in stdout  # 4 epochs of 2 batches: it finished the run
+
+
+def test_a_ctrl_c_as_an_epoch_starts_resumes_that_epoch_and_ends_as_if_never_stopped(fault_data, tmp_path):
+    full = _fit_process(tmp_path, fault_data, tmp_path / "full")
+    process = _fit_process(tmp_path, fault_data, tmp_path / "run", hold_at="start:1")
+    _wait_for(tmp_path / "run" / "held", process)  # inside epoch 1's on_train_epoch_start hooks
+    process.send_signal(signal.SIGINT)
+    (tmp_path / "run" / "release").touch()
+    assert _finish(process)[0] == 1
+    saved = tmp_path / "run" / "ckpt" / "interrupted.ckpt"
+    assert read_checkpoint(saved)["global_step"] == 2
+    code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "run", mode=str(saved)))
+    assert code == 0, stderr[-3000:]
+    assert "global_step 8" in stdout  # epoch 1 was trained after the resume, not skipped
+    assert _finish(full)[0] == 0
+    uninterrupted = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    for name, value in uninterrupted.items():
+        assert torch.equal(value, resumed[name]), name
 
 
 MID_EPOCH_SETTINGS = {

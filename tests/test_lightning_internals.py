@@ -48,9 +48,11 @@ class _ReadEverything(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._keep("epoch_about_to_run", (internals.epoch_about_to_run(trainer), trainer.current_epoch))
+        self._keep("epoch_not_started", internals.epoch_not_started(trainer))  # inside the start hooks
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._keep("batches_done_in_epoch", internals.batches_done_in_epoch(trainer))
+        self._keep("epoch_not_started", internals.epoch_not_started(trainer))
         self._keep("latest_update_step", (internals.latest_update_step(self.ema), trainer.global_step))
         self._keep("averaged_model", internals.averaged_model(self.ema) is not None)
 
@@ -82,6 +84,7 @@ def test_every_accessor_reads_what_transferkit_expects_on_a_real_run(stripes_fol
     assert read["restart_train_iteration"] == [True]
     assert read["strategy_checkpoint_io"] == ["AtomicCheckpointIO"]
     assert read["epoch_about_to_run"] == [(0, 0), (1, 1)]
+    assert read["epoch_not_started"] == ([True] + [False] * 3) * 2  # True in the start hooks only
     # 3 batches an epoch (54 images by 16, the last dropped); a batch counts as done after on_train_batch_end
     assert read["batches_done_in_epoch"] == [0, 1, 2] * 2
     assert [step for step, now in read["latest_update_step"]] == [
@@ -93,9 +96,10 @@ def test_every_accessor_reads_what_transferkit_expects_on_a_real_run(stripes_fol
     assert "answer" in read["callback_state_key"][0]
     readers = {name for name in internals.__all__ if name not in ("SUPPORTED", "USED")} | {"epoch_sampler"}
     writers = {"save_last_checkpoint", "set_ddp_find_unused_parameters", "set_latest_update_step"}
+    writers |= {"rewind_epoch_not_started"}  # run by tests/test_faults.py's Ctrl+C as an epoch starts
     assert set(read) == readers - writers
     # the writers ran too: last.ckpt rewritten after the epoch that was no new best, the average updated
-    # every step (DDP's is run by tests/test_finetuning.py's DDP tests)
+    # every step (DDP's runs in tests/test_finetuning.py's DDP tests)
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 1
     assert ema._updates == trainer.global_step
 

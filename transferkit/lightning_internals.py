@@ -29,11 +29,13 @@ __all__ = [
     "callback_state_key",
     "epoch_about_to_run",
     "epoch_batches_all_ran",
+    "epoch_not_started",
     "last_saved_step",
     "latest_update_step",
     "restart_train_iteration",
     "restarted_mid_epoch",
     "restarting",
+    "rewind_epoch_not_started",
     "save_last_checkpoint",
     "saves_on_train_epoch_end",
     "set_ddp_find_unused_parameters",
@@ -116,6 +118,22 @@ def epoch_about_to_run(trainer: lightning.Trainer) -> int:
     """The epoch number Lightning is about to hand to ``set_epoch`` (also before a resumed run's loop
     state reaches ``trainer.current_epoch``)."""
     return int(_private(trainer.fit_loop, "epoch_progress").current.processed)
+
+
+def epoch_not_started(trainer: lightning.Trainer) -> bool:
+    """Whether the fit loop counted an epoch as ready but not as started: it is inside the epoch's
+    ``on_train_epoch_start`` hooks."""
+    current = _private(_private(trainer.fit_loop, "epoch_progress"), "current")
+    return current.ready > current.started
+
+
+def rewind_epoch_not_started(trainer: lightning.Trainer) -> None:
+    """Count an epoch that was stopped inside its start hooks as not begun. A checkpoint written in that
+    window otherwise holds the previous epoch's batch counts under the new epoch, and Lightning resumes
+    past the whole epoch without training it."""
+    progress = _private(trainer.fit_loop, "epoch_progress")
+    for counts in (_private(progress, "current"), _private(progress, "total")):
+        counts.ready = counts.started
 
 
 def batches_done_in_epoch(trainer: lightning.Trainer) -> int:

@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from transferkit.lightning_internals import epoch_not_started, rewind_epoch_not_started
+
 __all__ = ["InterruptCheckpoint"]
 
 
@@ -18,7 +20,8 @@ class InterruptCheckpoint(Callback):
 
     Lightning stops at the next batch boundary after a SIGTERM and at once after a Ctrl+C; both reach
     this callback's ``on_exception``. The checkpoint holds the loop's progress, so ``fit(...,
-    ckpt_path=<it>)`` continues from that step.
+    ckpt_path=<it>)`` continues from that step (a Ctrl+C while an epoch's start hooks run resumes at
+    that epoch's first batch).
 
     Args:
         filename: the file name, in the checkpoint callback's ``dirpath`` (or
@@ -46,6 +49,8 @@ class InterruptCheckpoint(Callback):
         folder = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
         path = os.path.join(folder, self.filename)
         signal_name = "Ctrl+C (SIGINT)" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        if epoch_not_started(trainer):
+            rewind_epoch_not_started(trainer)  # the run is over: its loop counts may be set back
         try:
             trainer.save_checkpoint(path)
         except Exception as err:  # the interruption is the news; a failed save must not hide it
