@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer
+from lightning.pytorch.callbacks import Callback
 
 from transferkit import ImageDataModule, TransferClassifier
 from transferkit.errors import CheckpointError
@@ -209,7 +210,14 @@ def _fit_process(
         text=True,
         env=env,
         cwd=tmp_path,
+        # a shell's background job ignores SIGINT, and a child inherits that: Python then never raises
+        # KeyboardInterrupt, and the run finishes as if no Ctrl+C came. The run gets the default back.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -328,6 +336,19 @@ def test_a_run_stopped_mid_epoch_resumes_at_its_next_batch_and_ends_as_if_never_
         assert [
             line for line in outputs[name][1].splitlines() if line.startswith("scheduler")
         ] == scheduler, name
+
+
+def test_after_a_ctrl_c_in_process_the_next_ctrl_c_still_interrupts(stripes_folder, tmp_path):
+    class CtrlC(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            raise KeyboardInterrupt  # as a Ctrl+C in a notebook's kernel would, mid-epoch
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[CtrlC()], num_sanity_val_steps=0)
+    with pytest.raises(SystemExit) as info:
+        trainer.fit(_tiny_model(), datamodule=_tiny_dm(stripes_folder))
+    assert info.value.code == 1 and (tmp_path / "checkpoints" / "interrupted.ckpt").is_file()
+    assert signal.getsignal(signal.SIGINT) is before  # Lightning had set it to "ignore"
 
 
 def test_resuming_from_a_checkpoint_with_pickled_code_is_refused(stripes_folder, tmp_path):

@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -143,6 +144,8 @@ class Trainer(L.Trainer):
                 f"no checkpoint to resume from at '{ckpt_path}'; pass the .ckpt file a run wrote "
                 "(its checkpoints/ folder), or ckpt_path=last for the latest one of this run."
             )
+        main_thread = threading.current_thread() is threading.main_thread()
+        sigint = signal.getsignal(signal.SIGINT) if main_thread else None
         try:
             super().fit(
                 model,
@@ -157,6 +160,10 @@ class Trainer(L.Trainer):
         except SIGTERMException as err:
             # Lightning stops with exit status 0; a scheduler should see the run was terminated
             raise SystemExit(128 + signal.SIGTERM) from err
+        finally:
+            # after a Ctrl+C Lightning ignores SIGINT for good; a notebook's next interrupt must still work
+            if sigint is not None and signal.getsignal(signal.SIGINT) is not sigint:
+                signal.signal(signal.SIGINT, sigint)
 
     def _validates(self, model: L.LightningModule, val_dataloaders: Any, datamodule: Any) -> bool:
         """Whether this fit runs a validation loop (so that ``val_loss`` will exist to be watched)."""
