@@ -63,3 +63,31 @@ def quiet_trainer(root: Path, **kwargs):
         deterministic=True,
     )
     return Trainer(**{**defaults, **kwargs})
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None):
+    """``python -m transferkit ARGS`` run in this process, as a ``CompletedProcess`` (exit status, stdout,
+    stderr). The same code path as a new process, without importing torch and Lightning once more; tests
+    of what only a new process shows (the entry point, import side effects) use ``subprocess``."""
+    import contextlib
+    import io
+    import subprocess
+
+    from transferkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as stop:  # argparse and LightningCLI end --help and their errors so
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

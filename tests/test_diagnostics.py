@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import TINY_BACKBONE, quiet_trainer
+from conftest import TINY_BACKBONE, quiet_trainer, run_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -295,22 +292,8 @@ def test_diagnose_command_prints_the_table_and_writes_png_and_json(stripes_folde
         },
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "transferkit",
-            "diagnose",
-            "--config",
-            str(tmp_path / "recipe.yaml"),
-            "--batches",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
+    result = run_cli(
+        "diagnose", "--config", str(tmp_path / "recipe.yaml"), "--batches", "3", env={"COLUMNS": "200"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -238,8 +239,32 @@ def fault_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stripes_folder(tmp_path_factory.mktemp("faults") / "stripes", per_class=24)
 
 
-def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(fault_data, tmp_path):
-    full = _fit_process(tmp_path, fault_data, tmp_path / "full")
+class _Uninterrupted:
+    """The uninterrupted run of each setting, trained once for all the tests that compare with it."""
+
+    def __init__(self, folder: Path, data: Path) -> None:
+        self.folder, self.data = folder, data
+        self.runs: dict[str, tuple[dict[str, torch.Tensor], str]] = {}
+
+    def __call__(self, settings: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+        """The final weights and the printed output of the run with ``settings``."""
+        key = json.dumps(settings or {}, sort_keys=True)
+        if key not in self.runs:
+            out = self.folder / f"full-{len(self.runs)}"
+            code, stdout, stderr = _finish(_fit_process(self.folder, self.data, out, settings=settings))
+            assert code == 0 and "global_step 8" in stdout, stderr[-3000:]
+            self.runs[key] = (torch.load(out / "final.pt", weights_only=True), stdout)
+        return self.runs[key]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fault_data: Path, tmp_path_factory: pytest.TempPathFactory) -> _Uninterrupted:
+    return _Uninterrupted(tmp_path_factory.mktemp("uninterrupted"), fault_data)
+
+
+def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(
+    fault_data, tmp_path, uninterrupted
+):
     killed = _fit_process(tmp_path, fault_data, tmp_path / "cut", hold_at="end:1")
     _wait_for(tmp_path / "cut" / "held", killed)  # held as epoch 1 ends, never released
     killed.send_signal(signal.SIGKILL)  # no handler, no cleanup: only what is on disk survives
@@ -247,10 +272,8 @@ def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(
     assert torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 0
     code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "cut", mode="last"))
     assert code == 0, stderr[-3000:]
-    assert _finish(full)[0] == 0
-    uninterrupted = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
     resumed = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
-    for name, value in uninterrupted.items():
+    for name, value in uninterrupted()[0].items():
         assert torch.equal(value, resumed[name]), name
 
 
@@ -271,8 +294,9 @@ def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(fault_data, tmp_path,
     assert "global_step 8" in stdout  # 4 epochs of 2 batches: it finished the run
 
 
-def test_a_ctrl_c_as_an_epoch_starts_resumes_that_epoch_and_ends_as_if_never_stopped(fault_data, tmp_path):
-    full = _fit_process(tmp_path, fault_data, tmp_path / "full")
+def test_a_ctrl_c_as_an_epoch_starts_resumes_that_epoch_and_ends_as_if_never_stopped(
+    fault_data, tmp_path, uninterrupted
+):
     process = _fit_process(tmp_path, fault_data, tmp_path / "run", hold_at="start:1")
     _wait_for(tmp_path / "run" / "held", process)  # inside epoch 1's on_train_epoch_start hooks
     process.send_signal(signal.SIGINT)
@@ -283,10 +307,8 @@ def test_a_ctrl_c_as_an_epoch_starts_resumes_that_epoch_and_ends_as_if_never_sto
     code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "run", mode=str(saved)))
     assert code == 0, stderr[-3000:]
     assert "global_step 8" in stdout  # epoch 1 was trained after the resume, not skipped
-    assert _finish(full)[0] == 0
-    uninterrupted = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
     resumed = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
-    for name, value in uninterrupted.items():
+    for name, value in uninterrupted()[0].items():
         assert torch.equal(value, resumed[name]), name
 
 
@@ -302,12 +324,11 @@ MID_EPOCH_SETTINGS = {
 
 @pytest.mark.parametrize("settings", list(MID_EPOCH_SETTINGS.values()), ids=list(MID_EPOCH_SETTINGS))
 def test_a_run_stopped_mid_epoch_resumes_at_its_next_batch_and_ends_as_if_never_stopped(
-    fault_data, tmp_path, settings
+    fault_data, tmp_path, settings, uninterrupted
 ):
     def fit(out: str, **kwargs) -> subprocess.Popen:
         return _fit_process(tmp_path, fault_data, tmp_path / out, settings=settings, **kwargs)
 
-    full = fit("full")
     # 2 batches an epoch: after step 3 the run is halfway through its second epoch
     code, _, stderr = _finish(fit("cut", sigterm_at_step=3))
     assert code == 128 + signal.SIGTERM, stderr[-3000:]
@@ -320,18 +341,18 @@ def test_a_run_stopped_mid_epoch_resumes_at_its_next_batch_and_ends_as_if_never_
         "mid": fit("cut", mode=str(saved)),
         "epoch0": fit("cut-epoch0", mode=str(tmp_path / "epoch0.ckpt")),
     }
-    outputs = {"full": _finish(full), **{name: _finish(process) for name, process in resumed.items()}}
+    full_weights, full_stdout = uninterrupted(settings)  # while the resumed runs train
+    outputs = {name: _finish(process) for name, process in resumed.items()}
     for name, (code, stdout, stderr) in outputs.items():
         assert code == 0, f"{name}: {stderr[-3000:]}"
         assert "global_step 8" in stdout, name
         assert "dataloader is not resumable" not in stderr  # Lightning's warning: the epoch would restart
     # the resumed epoch trained on its second batch, not its first again: the same weights to the bit,
     # and the LR schedule where the uninterrupted run left it
-    uninterrupted = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
-    scheduler = [line for line in outputs["full"][1].splitlines() if line.startswith("scheduler")]
+    scheduler = [line for line in full_stdout.splitlines() if line.startswith("scheduler")]
     for name, out in (("mid", "cut"), ("epoch0", "cut-epoch0")):
         weights = torch.load(tmp_path / out / "final.pt", weights_only=True)
-        for key, value in uninterrupted.items():
+        for key, value in full_weights.items():
             assert torch.equal(value, weights[key]), f"resumed from {name}: {key}"
         assert [
             line for line in outputs[name][1].splitlines() if line.startswith("scheduler")

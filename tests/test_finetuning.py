@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer
+from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer, run_cli
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
@@ -445,13 +444,7 @@ def test_plan_prints_one_row_per_phase(tmp_path):
             """
         )
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "transferkit", "plan", "--config", str(recipe)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    result = run_cli("plan", "--config", str(recipe), env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
     phase_rows = [r for r in rows if "/6" in r]
@@ -474,9 +467,7 @@ def test_probe_scores_every_depth_and_suggests_how_deep_to_unfreeze(tmp_path):
             """
         )
     )
-    command = [sys.executable, "-m", "transferkit", "probe", "--config", str(recipe)]
-    env = {**os.environ, "COLUMNS": "200"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = run_cli("probe", "--config", str(recipe), env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("│ g")]
     assert [r.split("│")[1].strip() for r in rows] == [f"g{i}" for i in range(6)]
@@ -484,6 +475,24 @@ def test_probe_scores_every_depth_and_suggests_how_deep_to_unfreeze(tmp_path):
     assert max(val_accs) > 0.5  # ten digit classes: chance is 0.1, even random conv features do far better
     assert "suggestion: " in result.stdout and "unfreeze the top" in result.stdout.lower()
     assert list(tmp_path.glob("feature_cache/probe-train-g*.pt"))  # cached for the next probe
+
+
+def test_probe_and_plan_are_functions_that_write_nothing_to_the_current_folder(tmp_path, monkeypatch):
+    import transferkit as tk
+
+    monkeypatch.chdir(tmp_path)  # where a surprise file would land
+    norm = {"image_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    data = tk.ImageDataModule(source="digits", num_workers=0, max_samples=400, **norm)
+    model = tk.TransferClassifier(num_classes=10, backbone=TINY_BACKBONE, pretrained=False)
+    report = tk.probe(model, data)
+    assert [r.group for r in report.results] == list(range(6)) and report.suggestion
+    assert max(r.val_acc for r in report.results) > 0.3  # ten classes: chance is 0.1
+    assert list(tmp_path.iterdir()) == []  # no cache folder unless one is asked for
+    cached = tk.probe(model, data, cache_dir=tmp_path / "cache")
+    assert [r.val_acc for r in cached.results] == [r.val_acc for r in report.results]
+    assert len(list((tmp_path / "cache").glob("probe-*.pt"))) == 12  # 6 groups x train/val
+    phases = tk.plan(model, data, max_epochs=3).phases
+    assert [(p.first_epoch, p.last_epoch, p.trainable_groups) for p in phases] == [(0, 2, 6)]
 
 
 def test_bn_policy_eval_keeps_imagenet_statistics_while_the_backbone_trains(stripes_folder, tmp_path):

@@ -62,7 +62,8 @@ class ImageDataModule(L.LightningDataModule):
             Timm EfficientNet-family backbones; see :class:`transferkit.finetuning.trunk.Trunk`.
         cache_views: augmented views per training image for ``feature_cache``/``trunk_cache: augmented``.
         cache_dir: where cached features are stored; ``None`` = ``<trainer.default_root_dir>/feature_cache``
-            (the caches are keyed by weights, pipeline and images, so runs of one recipe share them).
+            (the caches are keyed by weights, pipeline and images, so runs of one recipe share them), or
+            memory only when the data module is used outside a Trainer.
         sampler: order of the training samples: ``shuffle`` (each image once per epoch) or ``balanced``
             (classes drawn equally often, see :class:`~transferkit.data.samplers.BalancedSampler`; for
             severely imbalanced data, which
@@ -299,11 +300,10 @@ class ImageDataModule(L.LightningDataModule):
         key = FeatureCache.key(extractor, transform, dataset.items, split, views, self.seed)
         if (split, key) in self._features:
             return self._features[(split, key)]
-        root = self.cache_dir or os.path.join(
-            self.trainer.default_root_dir if self.trainer else ".", "feature_cache"
-        )
-        cache = FeatureCache(root)
-        stored = cache.load(split, key)
+        # the run's folder (or data.cache_dir); used outside a Trainer without one, the cache stays in memory
+        root = self.cache_dir or (os.path.join(self.trainer.default_root_dir, "feature_cache") if self.trainer else None)
+        cache = FeatureCache(root) if root is not None else None
+        stored = cache.load(split, key) if cache is not None else None
         if stored is None:
             dtype = torch.float16 if kind == "trunk" else torch.float32
             for view in range(views):  # filled in place: a trunk's views are GBs, never held twice
@@ -319,7 +319,8 @@ class ImageDataModule(L.LightningDataModule):
                     stored = torch.empty((views, *features.shape), dtype=dtype)
                 stored[view] = features
                 del features
-            cache.save(split, key, stored)
+            if cache is not None:
+                cache.save(split, key, stored)
         self._features = {k: v for k, v in self._features.items() if k[0] != split}  # one key per split
         self._features[(split, key)] = stored
         return stored
