@@ -301,7 +301,9 @@ class ImageDataModule(L.LightningDataModule):
         if (split, key) in self._features:
             return self._features[(split, key)]
         # the run's folder (or data.cache_dir); used outside a Trainer without one, the cache stays in memory
-        root = self.cache_dir or (os.path.join(self.trainer.default_root_dir, "feature_cache") if self.trainer else None)
+        root = self.cache_dir or (
+            os.path.join(self.trainer.default_root_dir, "feature_cache") if self.trainer else None
+        )
         cache = FeatureCache(root) if root is not None else None
         stored = cache.load(split, key) if cache is not None else None
         if stored is None:
