@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_BACKBONE, run_cli
+from conftest import TINY_BACKBONE, quiet_trainer, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,8 +85,17 @@ def test_finetune_end_to_end_writes_metrics(stripes_folder, tmp_path):
     metrics = json.loads(metrics_file.read_text())
     assert metrics["epochs"] == 5
     assert metrics["split_sizes"] == {"train": 54, "val": 10, "test": 16}
-    assert 0.0 <= metrics["test"]["test_acc"] <= 1.0 and Path(metrics["best_checkpoint"]).is_file()
     assert "test_acc" in result.stdout
+    # the reported test accuracy is the best checkpoint's own score on the recipe's test split
+    from transferkit.cli.recipes import load_recipe
+
+    best = Path(metrics["best_checkpoint"])
+    assert best.is_file() and best.parent.parent == metrics_file.parent
+    recipe_objects = load_recipe(["--config", recipe], logger=False)
+    (rescored,) = quiet_trainer(tmp_path / "rescore").test(
+        recipe_objects.model, datamodule=recipe_objects.datamodule, ckpt_path=str(best), verbose=False, weights_only=True
+    )
+    assert metrics["test"]["test_acc"] == pytest.approx(rescored["test_acc"])
 
 
 def test_bad_recipe_values_fail_before_training(tmp_path):

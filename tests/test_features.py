@@ -139,9 +139,11 @@ def test_trunk_cache_trains_the_top_exactly_as_without_it(stripes_folder, tmp_pa
     cached.eval()
     with torch.no_grad():
         torch.testing.assert_close(trunk.rest(trunk(images)), cached.backbone(images))
-    # a test after fit runs on images as usual
+    # a test after fit runs on images as usual, and scores as the model trained from images
     (result,) = quiet_trainer(tmp_path).test(cached, datamodule=dm, verbose=False)
-    assert 0.0 <= result["test_acc"] <= 1.0
+    (plain_result,) = quiet_trainer(tmp_path).test(plain, datamodule=_dm(stripes_folder, tmp_path), verbose=False)
+    assert result["test_acc"] == plain_result["test_acc"]
+    assert result["test_loss"] == pytest.approx(plain_result["test_loss"], abs=1e-3)
 
 
 def test_augmented_trunk_cache_draws_one_view_per_image_each_epoch(stripes_folder, tmp_path):
