@@ -1,21 +1,32 @@
-"""The ELPV benchmark: fine-tune and test one model per seed on the protocol's split, print one JSON object.
+"""The ELPV benchmark: fine-tune one model per seed on the protocol's split, print one JSON object.
 
-Protocol (shared/DESIGN.md): ``train_test_split(indices, test_size=0.25, stratify=f"{p:.2f}_{type}",
-random_state=seed)`` gives 1,968 training and 656 test cells; validation (early stopping, best
-checkpoint) comes out of the 1,968 only. Reported per seed and as mean +- std: binary accuracy
-(defective = defect probability >= 0.5), 4-class accuracy where the recipe's task is 4class, macro-F1,
-accuracy on mono- and on polycrystalline cells and on the cells of each annotated defect probability
-(``acc_binary_p0``, ``_p1_3``, ``_p2_3``, ``_p1``), with and without test-time augmentation; training wall
-seconds and peak memory. Each seed runs in its own process, so its peak memory is its own, and writes its
-test cells' probabilities to ``test_probabilities.npz`` in its run dir (``probabilities_file``).
+Protocol (docs/elpv.md): ``train_test_split(indices, test_size=0.25, stratify=f"{p:.2f}_{type}",
+random_state=seed)`` gives 1,968 training and 656 test cells; validation (early stopping, the best
+checkpoint, and every choice between recipes) comes out of the 1,968 only. Choices are made on the
+validation split, and a seed's test split is scored once per adopted recipe:
 
-    python benchmarks/elpv.py --seeds 0 1 2 --config recipes/elpv.yaml --tta d4
+- by default a run scores the **validation** split only (the best checkpoint's ``val`` metrics): what
+  variants are compared on (:func:`select_on_validation` reads nothing else);
+- ``--test`` also scores the **test** split, for a recipe that was adopted on validation, and appends
+  one line per seed to ``benchmarks/results/elpv-test-ledger.jsonl``; scoring the same recipe's test
+  split again (a fresh-clone re-run) needs ``--rerun``, so every look at a test split is on record.
+
+Reported per seed and as mean +- std: binary accuracy (defective = defect probability >= 0.5), 4-class
+accuracy where the recipe's task is 4class, macro-F1, accuracy on mono- and on polycrystalline cells and
+on the cells of each annotated defect probability (``acc_binary_p0``, ``_p1_3``, ``_p2_3``, ``_p1``), with
+and without test-time augmentation; training wall seconds; the peak memory of the seed's own process and
+of its largest loader worker. Each seed runs in its own process and writes the probabilities it scored
+to ``probabilities.npz`` in its run dir. The JSON carries the commit, command, machine and versions.
+
+    python benchmarks/elpv.py --seeds 0 1 2 3 4 --config recipes/elpv.yaml --tta d4          # validation
+    python benchmarks/elpv.py --seeds 0 1 2 3 4 --config recipes/elpv.yaml --test --out r.json
     python benchmarks/elpv.py --seeds 0 --config recipes/elpv-4class.yaml -- --trainer.max_epochs 2
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import statistics
@@ -25,7 +36,11 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, save  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+LEDGER = ROOT / "benchmarks" / "results" / "elpv-test-ledger.jsonl"
 
 
 # The four annotated defect probabilities, as the suffixes of the per-level binary accuracies.
@@ -60,7 +75,7 @@ def _scores(probs, labels, task: str, cell_type, defect_probability) -> dict[str
     return out
 
 
-def run_seed(seed: int, config: str, tta: str, extra: list[str]) -> dict:
+def run_seed(seed: int, config: str, tta: str, extra: list[str], score_test: bool) -> dict:
     import numpy as np
     import torch
 
@@ -85,113 +100,178 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str]) -> dict:
         cli = TransferKitCLI(**cli_kwargs(args), run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     start = time.perf_counter()
-    results = trainer.finetune(model, datamodule=data)
-    train_seconds = time.perf_counter() - start - results["test_seconds"]
+    if score_test:
+        results = trainer.finetune(model, datamodule=data)  # fit, then the test split, once
+        train_seconds = time.perf_counter() - start - results["test_seconds"]
+        best_path, run_dir, epochs = results["best_checkpoint"], results["run_dir"], results["epochs"]
+    else:
+        trainer.fit(model, datamodule=data)  # the test split is not touched
+        train_seconds = time.perf_counter() - start
+        best_path = trainer.checkpoint_callback.best_model_path
+        run_dir, epochs = trainer.log_dir or trainer.default_root_dir, int(trainer.current_epoch)
 
     device = trainer.strategy.root_device  # the device it trained on
-    best = TransferClassifier.load_from_checkpoint(
-        results["best_checkpoint"], map_location="cpu", weights_only=True
-    )
+    best = TransferClassifier.load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
     best = best.to(device).eval()
-    test = data.datasets["test"]
-    loader = torch.utils.data.DataLoader(test, batch_size=64, num_workers=data.num_workers)
-    probs = {name: [] for name in ("none", tta)}
-    with torch.no_grad():
-        for images, _ in loader:
-            for name in probs:
-                probs[name].append(best.predict_proba(images.to(device), tta=name).cpu())
-    labels = test.labels
-    meta = {
-        key: data.data.meta[key][data.split_indices["test"]] for key in ("cell_type", "defect_probability")
-    }
     task = "4class" if data.num_classes == 4 else "binary"
-    scores = {name: _scores(torch.cat(p).numpy(), labels, task, **meta) for name, p in probs.items()}
-    # every test cell's probabilities, so other decision rules can be scored without training again
-    saved = Path(results["run_dir"]) / "test_probabilities.npz"
-    np.savez_compressed(
-        saved,
-        labels=np.asarray(labels),
-        **meta,
-        **{f"probs_{name}": torch.cat(p).numpy() for name, p in probs.items()},
-    )
-    out = {
+    out: dict = {
         "seed": seed,
         "task": task,
-        "split_sizes": results["split_sizes"],
-        "epochs": results["epochs"],
+        "split_sizes": {s: int(len(i)) for s, i in data.split_indices.items()},
+        "epochs": epochs,
+        "best_epoch": int(torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]),
         "train_seconds": round(train_seconds, 1),
-        "peak_memory_mb": round(
-            (
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            )
-            / 1024,
-            1,
-        ),
-        "test": scores["none"],
-        "probabilities_file": str(saved),
     }
-    if tta != "none":
-        out[f"test_tta_{tta}"] = scores[tta]
+    saved: dict = {}
+    for split in ("val", "test") if score_test else ("val",):
+        dataset = data.datasets[split]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=data.num_workers)
+        probs = {name: [] for name in ("none", tta)}
+        with torch.no_grad():
+            for images, _ in loader:
+                for name in probs:
+                    probs[name].append(best.predict_proba(images.to(device), tta=name).cpu())
+        indices = data.split_indices[split]
+        meta = {key: data.data.meta[key][indices] for key in ("cell_type", "defect_probability")}
+        scores = {
+            name: _scores(torch.cat(p).numpy(), dataset.labels, task, **meta) for name, p in probs.items()
+        }
+        out[split] = scores["none"]
+        if tta != "none":
+            out[f"{split}_tta_{tta}"] = scores[tta]
+        saved[f"{split}_labels"] = np.asarray(dataset.labels)
+        saved.update({f"{split}_{key}": value for key, value in meta.items()})
+        saved.update({f"{split}_probs_{name}": torch.cat(p).numpy() for name, p in probs.items()})
+    probabilities = Path(run_dir) / "probabilities.npz"
+    np.savez_compressed(probabilities, **saved)
+    out["probabilities_file"] = str(probabilities)
+    # this process (the seed's model, data and trainer) and its largest child (a loader worker), apart
+    out["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_memory_mb_largest_child"] = round(
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
+    )
     return out
 
 
 def _summary(runs: list[dict]) -> dict:
     summary = {}
-    for section in [k for k in runs[0] if k.startswith("test")]:
+    for section in [k for k in runs[0] if k.startswith(("val", "test"))]:
         for metric in runs[0][section]:
             values = [r[section][metric] for r in runs if metric in r[section]]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             summary[f"{section}.{metric}"] = {"mean": round(statistics.mean(values), 4), "std": round(std, 4)}
-    for key in ("train_seconds", "peak_memory_mb"):
+    for key in ("train_seconds", "peak_memory_mb", "peak_memory_mb_largest_child"):
         values = [r[key] for r in runs]
         summary[key] = {"mean": round(statistics.mean(values), 1), "max": max(values)}
     return summary
 
 
+def select_on_validation(
+    reports: dict[str, dict], metric: str = "acc_binary"
+) -> tuple[str, dict[str, float]]:
+    """The variant to adopt among ``reports`` (name -> this script's JSON), chosen on validation alone.
+
+    Returns the name with the highest mean ``val.<metric>`` over its seeds and the mean of each. Only the
+    ``val`` sections of the runs are read; a report's test figures never enter the choice.
+    """
+    means = {}
+    for name, report in reports.items():
+        values = [run["val"][metric] for run in report["seeds"]]
+        means[name] = statistics.mean(values)
+    return max(means, key=means.get), means
+
+
+def recipe_fingerprint(config: str, overrides: list[str]) -> str:
+    """What identifies a recipe in the ledger: its settings (comments aside) and the overrides given with it."""
+    import yaml
+
+    settings = json.dumps(yaml.safe_load(Path(config).read_text()), sort_keys=True, default=str)
+    return hashlib.sha256("\0".join([settings, *overrides]).encode()).hexdigest()[:16]
+
+
+def already_tested(fingerprint: str, seeds: list[int], ledger: Path = LEDGER) -> list[int]:
+    """The seeds among ``seeds`` whose test split the ledger says was scored for this recipe."""
+    if not ledger.is_file():
+        return []
+    seen = {
+        entry["seed"]
+        for entry in map(json.loads, ledger.read_text().splitlines())
+        if entry.get("recipe") == fingerprint
+    }
+    return sorted(seen & set(seeds))
+
+
+def check_test_allowed(fingerprint: str, seeds: list[int], rerun: bool, ledger: Path = LEDGER) -> None:
+    """Refuse (``SystemExit`` with what to do) to score a test split the ledger holds, unless ``rerun``."""
+    tested = already_tested(fingerprint, seeds, ledger)
+    if tested and not rerun:
+        raise SystemExit(
+            f"the test split of seeds {tested} was already scored for this recipe ({ledger.name}); "
+            "a recipe's test split is scored once. Compare variants on validation (run without --test), "
+            "or pass --rerun to re-run this same recipe (a fresh-clone check), which is recorded too."
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--config", default=str(ROOT / "recipes" / "elpv.yaml"))
     parser.add_argument("--tta", default="d4", choices=["none", "hflip", "flips", "d4"])
+    parser.add_argument("--test", action="store_true", help="also score the test split (an adopted recipe)")
+    parser.add_argument(
+        "--rerun", action="store_true", help="with --test: a re-run of a recipe already tested"
+    )
+    parser.add_argument("--out", default=None, help="also write the JSON to this results file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
 
     if args.worker:
-        print("ELPV-RESULT " + json.dumps(run_seed(args.seeds[0], args.config, args.tta, extra)), flush=True)
+        result = run_seed(args.seeds[0], args.config, args.tta, extra, args.test)
+        print("ELPV-RESULT " + json.dumps(result), flush=True)
         return
 
+    fingerprint = recipe_fingerprint(args.config, extra)
+    if args.test:
+        check_test_allowed(fingerprint, args.seeds, args.rerun)
+    record = provenance()
     runs = []
     for seed in args.seeds:
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "--seeds",
-            str(seed),
-            "--config",
-            args.config,
-            "--tta",
-            args.tta,
-            *extra,
-        ]
+        command = [sys.executable, __file__, "--worker", "--seeds", str(seed), "--config", args.config]
+        command += ["--tta", args.tta, *(["--test"] if args.test else []), *extra]
         completed = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("ELPV-RESULT ")]
         if completed.returncode != 0 or not lines:
             sys.stderr.write(completed.stderr[-5000:])
             raise SystemExit(f"seed {seed} failed (exit {completed.returncode})")
         runs.append(json.loads(lines[-1][len("ELPV-RESULT ") :]))
-        print(f"seed {seed}: {json.dumps(runs[-1]['test'])}", file=sys.stderr, flush=True)
+        shown = {k: runs[-1][k] for k in ("val", "test") if k in runs[-1]}
+        print(f"seed {seed}: {json.dumps(shown)}", file=sys.stderr, flush=True)
+        if args.test:
+            entry = {
+                "date_utc": record["date_utc"],
+                "commit": record["commit"],
+                "config": str(Path(args.config)),
+                "overrides": extra,
+                "recipe": fingerprint,
+                "seed": seed,
+                "rerun": args.rerun,
+                "test_acc_binary": runs[-1]["test"]["acc_binary"],
+            }
+            with LEDGER.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
     report = {
         "benchmark": "elpv",
         "config": args.config,
         "overrides": extra,
+        "recipe": fingerprint,
+        "splits_scored": ["val", "test"] if args.test else ["val"],
         "published_anchor": {"vgg19_finetuned_gpu": 0.8842, "svm": 0.8244},
         "seeds": runs,
         "summary": _summary(runs),
+        "provenance": record,
     }
-    print(json.dumps(report, indent=2))
+    save(report, args.out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,43 @@ def test_elpv_scores_split_binary_errors_by_annotated_defect_level():
     scores = elpv._scores(binary, (level >= 0.5).astype(int), "binary", cell_type, level)
     assert scores["acc_binary"] == pytest.approx(6 / 8)
     assert scores["acc_binary_p2_3"] == pytest.approx(0.5)
+
+
+def _report(val: list[float], test: list[float]) -> dict:
+    return {
+        "seeds": [
+            {"val": {"acc_binary": v}, "test": {"acc_binary": t}} for v, t in zip(val, test, strict=True)
+        ]
+    }
+
+
+def test_the_variant_is_chosen_on_validation_even_when_test_says_otherwise():
+    reports = {
+        "baseline": _report(val=[0.86, 0.88], test=[0.90, 0.91]),  # better on test
+        "variant": _report(val=[0.89, 0.90], test=[0.85, 0.86]),  # better on validation
+    }
+    chosen, means = elpv.select_on_validation(reports)
+    assert chosen == "variant"
+    assert means == pytest.approx({"baseline": 0.87, "variant": 0.895})
+    # it reads nothing but validation: reports without test figures choose the same
+    val_only = {name: {"seeds": [{"val": s["val"]} for s in r["seeds"]]} for name, r in reports.items()}
+    assert elpv.select_on_validation(val_only)[0] == "variant"
+
+
+def test_a_recipes_test_split_is_scored_once_unless_rerun_is_asked(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# a comment\nmodel:\n  lr: 0.001\n")
+    fingerprint = elpv.recipe_fingerprint(str(recipe), [])
+    ledger = tmp_path / "ledger.jsonl"
+    elpv.check_test_allowed(fingerprint, [0, 1], rerun=False, ledger=ledger)  # nothing scored yet
+    ledger.write_text(json.dumps({"recipe": fingerprint, "seed": 1}) + "\n")
+    with pytest.raises(SystemExit, match=r"seeds \[1\] was already scored.*--rerun"):
+        elpv.check_test_allowed(fingerprint, [0, 1, 2], rerun=False, ledger=ledger)
+    elpv.check_test_allowed(fingerprint, [0, 2], rerun=False, ledger=ledger)  # other seeds: fine
+    elpv.check_test_allowed(fingerprint, [1], rerun=True, ledger=ledger)  # a declared re-run
+    # comments do not change the recipe; a setting or an override does
+    recipe.write_text("# another comment\nmodel:\n  lr: 0.001\n")
+    assert elpv.recipe_fingerprint(str(recipe), []) == fingerprint
+    assert elpv.recipe_fingerprint(str(recipe), ["--trainer.max_epochs", "2"]) != fingerprint
+    recipe.write_text("model:\n  lr: 0.002\n")
+    assert elpv.recipe_fingerprint(str(recipe), []) != fingerprint
