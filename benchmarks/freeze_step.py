@@ -1,23 +1,30 @@
 """Training-step time with the backbone frozen vs unfrozen, on tf_efficientnet_lite0 (bundled weights).
 
-Frozen groups run without autograd, so a head-only step is a forward pass plus a tiny backward. Prints
-one JSON object: seconds per step for each setting and their ratios to the fully unfrozen step.
+Frozen groups run without autograd, so a head-only step is a forward pass plus a tiny backward. Each of
+``--rounds`` rounds times ``--steps`` steps of every setting in turn (one process, the same batch, the
+allocator as the transferkit Trainer sets it). Prints one JSON object: the median seconds per step of
+each setting, and its speed-up over the fully unfrozen step as the median of the per-round ratios with
+their range.
 
-    python benchmarks/freeze_step.py --batch-size 32 --image-size 224 --steps 5
+    python benchmarks/freeze_step.py --batch-size 32 --image-size 224 --steps 5 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from transferkit import FreezeSchedule, TransferClassifier
-from transferkit.finetuning import apply_freeze
-from transferkit.runtime import tune_allocator
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, save  # noqa: E402
+
+from transferkit import FreezeSchedule, TransferClassifier  # noqa: E402
+from transferkit.finetuning import apply_freeze  # noqa: E402
+from transferkit.runtime import tune_allocator  # noqa: E402
 
 
 def step_seconds(
@@ -47,7 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per setting and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=None, help="also write the JSON to this results file")
     args = parser.parse_args()
 
     tune_allocator()
@@ -59,22 +68,31 @@ def main() -> None:
     labels = torch.randint(0, 2, (args.batch_size,))
     num_groups = len(model.groups)
     settings = {"head_only": 0, "top_3_groups": 3, "fully_unfrozen": num_groups}
-    seconds = {
-        name: step_seconds(model, trainable, batch, labels, args.steps)
-        for name, trainable in settings.items()
+    rounds: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(args.rounds):
+        for name, trainable in settings.items():
+            rounds[name].append(step_seconds(model, trainable, batch, labels, args.steps))
+    ratios = {
+        name: [u / s for u, s in zip(rounds["fully_unfrozen"], values, strict=True)]
+        for name, values in rounds.items()
     }
+    seconds = {name: statistics.median(values) for name, values in rounds.items()}
     result = {
         "benchmark": "freeze_step",
         "backbone": "tf_efficientnet_lite0",
         "batch_size": args.batch_size,
         "image_size": args.image_size,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
         "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "seconds_per_step": {k: round(v, 4) for k, v in seconds.items()},
-        "images_per_second": {k: round(args.batch_size / v, 1) for k, v in seconds.items()},
-        "speedup_vs_fully_unfrozen": {k: round(seconds["fully_unfrozen"] / v, 2) for k, v in seconds.items()},
+        "seconds_per_step_median": {k: round(v, 4) for k, v in seconds.items()},
+        "images_per_second_median": {k: round(args.batch_size / v, 1) for k, v in seconds.items()},
+        "speedup_vs_fully_unfrozen": {k: round(statistics.median(r), 2) for k, r in ratios.items()},
+        "speedup_range": {k: [round(min(r), 2), round(max(r), 2)] for k, r in ratios.items()},
+        "all_rounds_seconds": {k: [round(v, 4) for v in values] for k, values in rounds.items()},
+        "provenance": provenance(),
     }
-    print(json.dumps(result, indent=2))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

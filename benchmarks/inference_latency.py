@@ -1,11 +1,12 @@
 """Inference latency: the default head vs the "lightning-fast" head, each with and without BatchNorm folded.
 
-Four models, timed side by side in one process (round-robin, best of ``--repeats``), in eval mode on
+Four models, timed side by side in one process (round-robin over ``--repeats`` rounds), in eval mode on
 the same inputs: the default head (Linear -> BatchNorm -> ELU -> dropout), the fast head (Linear ->
 leaky ReLU -> dropout, no BatchNorm), and each of them with every BatchNorm folded into the layer
-before it (backbone included). Reported: milliseconds per batch for batch 1 and a larger batch, the speed-up
-over the default unfolded model, and the largest output difference folding introduced.
-Prints one JSON object.
+before it (backbone included). Reported: the median milliseconds per batch for batch 1 and a larger
+batch, the speed-up over the default unfolded model as the median of the per-round ratios with their
+range (best-over-best beside it), and the largest output difference folding introduced. Prints one JSON
+object.
 
     python benchmarks/inference_latency.py
     python benchmarks/inference_latency.py --batch-sizes 1 64 --repeats 20
@@ -14,14 +15,19 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from transferkit import TransferClassifier
-from transferkit.inference import count_batchnorm, fold_batchnorm
-from transferkit.runtime import tune_allocator
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, save  # noqa: E402
+
+from transferkit import TransferClassifier  # noqa: E402
+from transferkit.inference import count_batchnorm, fold_batchnorm  # noqa: E402
+from transferkit.runtime import tune_allocator  # noqa: E402
 
 
 def _seconds(model: torch.nn.Module, x: torch.Tensor, iterations: int) -> float:
@@ -38,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=5, help="forward passes per timing")
+    parser.add_argument("--out", default=None, help="also write the JSON to this results file")
     args = parser.parse_args()
 
     tune_allocator()
@@ -63,6 +70,8 @@ def main() -> None:
         "batchnorm_layers": {name: count_batchnorm(m) for name, m in models.items()},
         "ms_per_batch": {},
         "speedup_vs_default_head": {},
+        "speedup_range": {},
+        "speedup_of_best_times": {},
     }
     with torch.inference_mode():
         x = torch.randn(4, 3, args.image_size, args.image_size)
@@ -74,15 +83,26 @@ def main() -> None:
             x = torch.randn(batch, 3, args.image_size, args.image_size)
             for model in models.values():
                 model(x)  # warm-up
-            best = dict.fromkeys(models, float("inf"))
+            times: dict[str, list[float]] = {name: [] for name in models}
             for _ in range(args.repeats):
                 for name, model in models.items():
-                    best[name] = min(best[name], _seconds(model, x, args.iterations))
-            result["ms_per_batch"][f"batch_{batch}"] = {k: round(v * 1e3, 2) for k, v in best.items()}
-            result["speedup_vs_default_head"][f"batch_{batch}"] = {
-                k: round(best["default_head"] / v, 3) for k, v in best.items()
+                    times[name].append(_seconds(model, x, args.iterations))
+            key = f"batch_{batch}"
+            result["ms_per_batch"][key] = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()}
+            ratios = {
+                k: [d / t for d, t in zip(times["default_head"], v, strict=True)] for k, v in times.items()
             }
-    print(json.dumps(result, indent=2))
+            result["speedup_vs_default_head"][key] = {
+                k: round(statistics.median(r), 3) for k, r in ratios.items()
+            }
+            result["speedup_range"][key] = {
+                k: [round(min(r), 3), round(max(r), 3)] for k, r in ratios.items()
+            }
+            result["speedup_of_best_times"][key] = {
+                k: round(min(times["default_head"]) / min(v), 3) for k, v in times.items()
+            }
+    result["provenance"] = provenance()
+    save(result, args.out)
 
 
 if __name__ == "__main__":

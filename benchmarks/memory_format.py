@@ -2,8 +2,9 @@
 side by side in one process.
 
 Each round times a few full training steps (forward, cross-entropy, backward, Adam step) of every
-backbone in both layouts, alternating, on the same random batch; the best rate per layout is kept
-(background load only ever slows a run down). Weights are random: speed does not depend on them.
+backbone in both layouts, alternating, on the same random batch. The ratio reported is the median of the
+per-round ratios, with their range; the best rate per layout is shown beside it. The allocator is set as
+the transferkit Trainer sets it (``tune_allocator``). Weights are random: speed does not depend on them.
 
     python benchmarks/memory_format.py                       # CPU, the default backbones
     python benchmarks/memory_format.py --device cuda --batch-size 64
@@ -16,8 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, save  # noqa: E402
 
 DEFAULT_BACKBONES = [
     "tf_efficientnet_lite0",
@@ -69,11 +75,14 @@ def measure(
             rates[layout].append(
                 round(_rate(model, images, labels, optimizer, steps, layout == "channels_last", sync), 2)
             )
+    ratios = [c / n for c, n in zip(rates["channels_last"], rates["nchw"], strict=True)]
     best = {layout: max(values) for layout, values in rates.items()}
     return {
-        "nchw_images_per_second": best["nchw"],
-        "channels_last_images_per_second": best["channels_last"],
-        "ratio_channels_last_to_nchw": round(best["channels_last"] / best["nchw"], 3),
+        "nchw_images_per_second_median": round(statistics.median(rates["nchw"]), 2),
+        "channels_last_images_per_second_median": round(statistics.median(rates["channels_last"]), 2),
+        "ratio_channels_last_to_nchw": round(statistics.median(ratios), 3),  # median of per-round ratios
+        "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "ratio_of_best_rates": round(best["channels_last"] / best["nchw"], 3),
         "all_rounds": rates,
     }
 
@@ -84,13 +93,17 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round and layout")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round and layout")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=None, help="also write the JSON to this results file")
     args = parser.parse_args()
 
     import torch
 
+    from transferkit.runtime import tune_allocator
+
+    tune_allocator()  # as the transferkit Trainer does
     report = {
         "benchmark": "memory_format",
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
@@ -110,7 +123,8 @@ def main() -> None:
         print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
     ratios = [r["ratio_channels_last_to_nchw"] for r in report["backbones"].values()]
     report["slowest_ratio"] = min(ratios)
-    print(json.dumps(report, indent=2))
+    report["provenance"] = provenance()
+    save(report, args.out)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,11 @@ def test_finetune_end_to_end_writes_metrics(stripes_folder_large, tmp_path):
     assert best.is_file() and best.parent.parent == metrics_file.parent
     recipe_objects = load_recipe(["--config", recipe], logger=False)
     (rescored,) = quiet_trainer(tmp_path / "rescore").test(
-        recipe_objects.model, datamodule=recipe_objects.datamodule, ckpt_path=str(best), verbose=False, weights_only=True
+        recipe_objects.model,
+        datamodule=recipe_objects.datamodule,
+        ckpt_path=str(best),
+        verbose=False,
+        weights_only=True,
     )
     assert metrics["test"]["test_acc"] == pytest.approx(rescored["test_acc"])
 

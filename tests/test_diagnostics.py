@@ -302,7 +302,9 @@ def test_diagnose_command_prints_the_table_and_writes_png_and_json(stripes_folde
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     data = json.loads((run_dir / "gradient_health.json").read_text())
     assert [row["name"] for row in data["layers"]] == layers  # one row per layer, input to output
-    assert data["batches"] == 3 and data["verdict"] == "healthy"  # a small He-initialised net with BN trains well
+    assert (
+        data["batches"] == 3 and data["verdict"] == "healthy"
+    )  # a small He-initialised net with BN trains well
     assert all(row["grad_norm"] > 0 and row["act_std"] > 0 for row in data["layers"])
 
     lines = result.stdout.splitlines()

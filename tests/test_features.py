@@ -141,7 +141,9 @@ def test_trunk_cache_trains_the_top_exactly_as_without_it(stripes_folder, tmp_pa
         torch.testing.assert_close(trunk.rest(trunk(images)), cached.backbone(images))
     # a test after fit runs on images as usual, and scores as the model trained from images
     (result,) = quiet_trainer(tmp_path).test(cached, datamodule=dm, verbose=False)
-    (plain_result,) = quiet_trainer(tmp_path).test(plain, datamodule=_dm(stripes_folder, tmp_path), verbose=False)
+    (plain_result,) = quiet_trainer(tmp_path).test(
+        plain, datamodule=_dm(stripes_folder, tmp_path), verbose=False
+    )
     assert result["test_acc"] == plain_result["test_acc"]
     assert result["test_loss"] == pytest.approx(plain_result["test_loss"], abs=1e-3)
 
