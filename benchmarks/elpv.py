@@ -232,6 +232,7 @@ def main() -> None:
         return
 
     fingerprint = recipe_fingerprint(args.config, extra)
+    seen_before = already_tested(fingerprint, args.seeds) if args.test else []
     if args.test:
         check_test_allowed(fingerprint, args.seeds, args.rerun)
     record = provenance()
@@ -255,7 +256,7 @@ def main() -> None:
                 "overrides": extra,
                 "recipe": fingerprint,
                 "seed": seed,
-                "rerun": args.rerun,
+                "rerun": seed in seen_before,  # this seed's test split had been scored before
                 "test_acc_binary": runs[-1]["test"]["acc_binary"],
             }
             with LEDGER.open("a") as handle:
