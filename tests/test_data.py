@@ -188,3 +188,12 @@ def test_eval_pipeline_normalises_with_the_given_mean_and_std(stripes_folder):
     image, _ = dm.datasets["val"][0]
     expected = (raw.astype(np.float32) / 255.0 - 0.5) / 0.5
     torch.testing.assert_close(image, torch.from_numpy(expected).permute(2, 0, 1), atol=1e-5, rtol=0)
+
+
+def test_a_bad_augmentation_fails_when_the_data_module_is_built_not_at_fit(stripes_folder):
+    from transferkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown augmentation preset 'extreme'; choose one of none, light"):
+        _datamodule(source="folder", root=str(stripes_folder), augment="extreme")
+    with pytest.raises(ConfigError, match="'Flipp' is not an Albumentations transform"):
+        _datamodule(source="folder", root=str(stripes_folder), augment=[{"Flipp": {}}])

@@ -20,6 +20,8 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
+from transferkit.errors import ConfigError  # noqa: E402
+
 __all__ = ["PRESETS", "Augment", "augmentations", "build_train_transform", "build_eval_transform"]
 
 PRESETS = ("none", "light", "medium", "heavy")
@@ -55,7 +57,7 @@ def _preset(name: str) -> list[A.BasicTransform]:
                 num_holes_range=(1, 6), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15), p=0.4
             ),
         ]
-    raise ValueError(
+    raise ConfigError(
         f"unknown augmentation preset '{name}'; choose one of {', '.join(PRESETS)} or give transforms inline."
     )
 
@@ -66,7 +68,7 @@ def augmentations(augment: Augment) -> list[A.BasicTransform]:
         return _preset(augment)
     if isinstance(augment, Mapping):
         if "transform" not in augment:
-            raise ValueError(
+            raise ConfigError(
                 "an inline augmentation dict must be what A.to_dict writes (with a 'transform' key); "
                 f"got keys {sorted(augment)}. Or give a list of transforms, e.g. [{{HorizontalFlip: {{p: 0.5}}}}]."
             )
@@ -74,33 +76,33 @@ def augmentations(augment: Augment) -> list[A.BasicTransform]:
         return list(composed.transforms)
     if isinstance(augment, Sequence):
         return [_transform_from_item(item) for item in augment]
-    raise TypeError(
+    raise ConfigError(
         f"augment must be a preset name, a list of transforms or an A.to_dict dict, got {augment!r}."
     )
 
 
 def _transform_from_item(item: Mapping[str, Any]) -> A.BasicTransform:
     if not isinstance(item, Mapping):
-        raise TypeError(f"each inline transform must be a mapping, got {item!r}.")
+        raise ConfigError(f"each inline transform must be a mapping, got {item!r}.")
     if "__class_fullname__" in item:
         spec = dict(item)
     elif len(item) == 1:
         ((name, params),) = item.items()
         spec = {"__class_fullname__": name, **(params or {})}
     else:
-        raise ValueError(
+        raise ConfigError(
             f"cannot read transform {dict(item)}: write it as {{Name: {{param: value}}}}, "
             "e.g. {HorizontalFlip: {p: 0.5}}."
         )
     name = spec["__class_fullname__"]
     if not hasattr(A, name):
-        raise ValueError(
+        raise ConfigError(
             f"'{name}' is not an Albumentations transform (see albumentations' list of transforms)."
         )
     try:
         return A.from_dict({"transform": spec})
     except Exception as err:
-        raise ValueError(f"invalid parameters for {name}: {err}") from err
+        raise ConfigError(f"invalid parameters for {name}: {err}") from err
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from transferkit.data.augment import Augment, build_eval_transform, build_train_transform
+from transferkit.data.augment import Augment, augmentations, build_eval_transform, build_train_transform
 from transferkit.data.checks import drop_unreadable, subset, warn_duplicates_across_splits, warn_imbalance
 from transferkit.data.datasets import CachedFeatures, ImageDataset
 from transferkit.data.features import FeatureCache, extract_features
@@ -115,6 +115,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"cache_views must be >= 1, got {cache_views}.")
         if sampler not in ("shuffle", "balanced"):
             raise ConfigError(f"sampler must be 'shuffle' or 'balanced', got {sampler!r}.")
+        augmentations(augment)  # a bad preset name or transform fails here, before any data is read
         self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
