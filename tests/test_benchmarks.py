@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 _spec = importlib.util.spec_from_file_location(
     "elpv_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "elpv.py"
@@ -88,3 +91,34 @@ def test_a_recipes_test_split_is_scored_once_unless_rerun_is_asked(tmp_path):
     assert elpv.recipe_fingerprint(str(recipe), ["--trainer.max_epochs", "2"]) != fingerprint
     recipe.write_text("model:\n  lr: 0.002\n")
     assert elpv.recipe_fingerprint(str(recipe), []) != fingerprint
+
+
+RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json"))
+PROVENANCE = ("commit", "command", "date_utc", "machine", "versions")
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.stem)
+def test_every_results_file_says_where_it_comes_from(path):
+    record = json.loads(path.read_text())["provenance"]
+    assert all(key in record for key in PROVENANCE), sorted(record)
+    assert len(record["commit"]) == 40 and record["date_utc"].startswith("20")
+    if record.get("recorded", True):  # written by benchmarks/provenance.py when the figures were measured
+        assert record["command"].startswith("python benchmarks/")
+        assert record["machine"]["cpu"] and record["machine"]["cores"] >= 1
+        assert record["versions"]["torch"] and record["versions"]["lightning"]
+    else:  # an older file, its provenance reconstructed from git history and marked so
+        assert "reconstructed" in record["how"] and record["machine"]["description"]
+
+
+def test_provenance_records_this_checkout_and_the_command():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "elpv.py"
+    record = elpv.provenance([str(script), "--seeds", "0", "--tta", "d 4"])
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
+    assert record["commit"] == head.stdout.strip()
+    assert (
+        record["command"] == "python benchmarks/elpv.py --seeds 0 --tta 'd 4'"
+    )  # from the root, shell-quoted
+    assert record["machine"]["cores"] == os.cpu_count()
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0]
