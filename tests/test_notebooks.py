@@ -160,8 +160,11 @@ def check_05_elpv(nb, out: Path) -> None:
     report = json.loads((out / "05_elpv" / "elpv-benchmark.json").read_text())
     (seed,) = report["seeds"]
     assert seed["split_sizes"]["test"] == 40  # 25 % of 160 cells, the protocol's test share
-    assert 0.0 <= seed["test"]["acc_binary"] <= 1.0
-    assert "this run" in text
+    # a comparison run: validation scored and shown, the test split left alone (and no ledger line)
+    assert report["splits_scored"] == ["val"] and "test" not in seed
+    assert f"{'val, s0':<14}{seed['val']['acc_binary']:>17.3f}" in text  # the row shows this run's score
+    ledger = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "elpv-test-ledger.jsonl"
+    assert str(out) not in ledger.read_text()
 
 
 def check_06_optimizers_and_schedules(nb, out: Path) -> None:
