@@ -9,6 +9,7 @@ fine-tuning phase run.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -82,6 +83,75 @@ def test_recipe_header_says_what_it_is_for_how_to_run_it_and_what_it_reaches(pat
         f"{path.name}'s header should say what the recipe reaches here, measured (e.g. '# Reaches: 0.88 "
         f"binary test accuracy, mean of 3 seeds')"
     )
+
+
+# a figure: an accuracy or spread (three or more decimals), a time in seconds, a speed ratio
+FIGURE = re.compile(r"(?<![\w.])(\d+\.\d{3,}|\d{1,3}(?:,\d{3})*(?:\.\d+)?(?= s\b)|\d+(?:\.\d+)?(?=x\b))")
+RESULTS_FILE = re.compile(r"(?:benchmarks/results/)?([\w.+-]+\.jsonl?)\b")
+
+
+def _numbers(value: Any) -> list[float]:
+    """Every number in a results file's JSON, however deeply nested."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+def _results(name: str) -> list[float]:
+    path = ROOT / "benchmarks" / "results" / name
+    assert path.is_file(), (
+        f"the results file {name} is named in a recipe header but is not in benchmarks/results"
+    )
+    text = path.read_text()
+    if name.endswith(".jsonl"):
+        return [n for line in text.splitlines() if line.strip() for n in _numbers(json.loads(line))]
+    return _numbers(json.loads(text))
+
+
+def _appears(figure: str, numbers: list[float]) -> bool:
+    """``figure`` is one of ``numbers`` as quoted: rounded to the figure's own decimals."""
+    value = float(figure.replace(",", ""))
+    decimals = len(figure.split(".")[1]) if "." in figure else 0
+    return any(round(n, decimals) == round(value, decimals) for n in numbers)
+
+
+def quoted_figures(lines: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(line, figure, results files) for each figure in a header: the files named on its line, or, for a
+    sentence wrapped over lines, on the next line."""
+    found = []
+    for i, line in enumerate(lines):
+        if line.startswith("python "):
+            continue  # a command, not a figure
+        files = RESULTS_FILE.findall(line) or (
+            RESULTS_FILE.findall(lines[i + 1]) if i + 1 < len(lines) else []
+        )
+        found += [(line, figure, files) for figure in FIGURE.findall(line)]
+    return found
+
+
+def test_the_figure_check_reads_figures_and_their_files():
+    lines = [
+        "Reaches: 0.814 +- 0.012 in 1,059 s, 1.4x faster (a.json)",
+        "python x.py --lr 0.0003",
+        "0.5 rule",
+    ]
+    assert quoted_figures(lines) == [(lines[0], f, ["a.json"]) for f in ("0.814", "0.012", "1,059", "1.4")]
+    assert _appears("0.814", [0.81396]) and _appears("1,059", [1058.8]) and not _appears("0.814", [0.8146])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=recipe_ids)
+def test_every_figure_in_a_recipe_header_is_in_the_results_file_it_names(path: Path):
+    for line, figure, files in quoted_figures(header(path)):
+        assert files, f"{path.name}: '{figure}' in '{line}' names no results file (benchmarks/results/...)"
+        assert any(_appears(figure, _results(name)) for name in files), (
+            f"{path.name}: '{figure}' in '{line}' is not in {', '.join(files)}"
+        )
 
 
 # --- a tiny run through the command line -----------------------------------------------------------
