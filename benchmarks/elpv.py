@@ -261,18 +261,33 @@ def main() -> None:
             }
             with LEDGER.open("a") as handle:
                 handle.write(json.dumps(entry) + "\n")
-    report = {
+        if args.out is not None and len(runs) < len(args.seeds):
+            # the seeds done so far, marked incomplete: a run stopped part-way keeps what it measured
+            _write(_report(args, extra, fingerprint, runs, record), args.out)
+    save(_report(args, extra, fingerprint, runs, record), args.out)
+
+
+def _report(
+    args: argparse.Namespace, extra: list[str], fingerprint: str, runs: list[dict], record: dict
+) -> dict:
+    return {
         "benchmark": "elpv",
         "config": args.config,
         "overrides": extra,
         "recipe": fingerprint,
         "splits_scored": ["val", "test"] if args.test else ["val"],
+        "complete": len(runs) == len(args.seeds),  # False in a file written after each seed of a longer run
+        "seeds_requested": args.seeds,
         "published_anchor": {"vgg19_finetuned_gpu": 0.8842, "svm": 0.8244},
         "seeds": runs,
         "summary": _summary(runs),
         "provenance": record,
     }
-    save(report, args.out)
+
+
+def _write(report: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
