@@ -201,8 +201,10 @@ def already_tested(fingerprint: str, seeds: list[int], ledger: Path = LEDGER) ->
     return sorted(seen & set(seeds))
 
 
-def check_test_allowed(fingerprint: str, seeds: list[int], rerun: bool, ledger: Path = LEDGER) -> None:
-    """Refuse (``SystemExit`` with what to do) to score a test split the ledger holds, unless ``rerun``."""
+def check_test_allowed(fingerprint: str, seeds: list[int], rerun: bool, ledger: Path = LEDGER) -> list[int]:
+    """Refuse (``SystemExit`` with what to do) to score a test split the ledger holds, unless ``rerun``.
+
+    Returns the seeds among ``seeds`` whose test split was scored before (those a re-run scores again)."""
     tested = already_tested(fingerprint, seeds, ledger)
     if tested and not rerun:
         raise SystemExit(
@@ -210,6 +212,7 @@ def check_test_allowed(fingerprint: str, seeds: list[int], rerun: bool, ledger: 
             "a recipe's test split is scored once. Compare variants on validation (run without --test), "
             "or pass --rerun to re-run this same recipe (a fresh-clone check), which is recorded too."
         )
+    return tested
 
 
 def main() -> None:
@@ -232,9 +235,7 @@ def main() -> None:
         return
 
     fingerprint = recipe_fingerprint(args.config, extra)
-    seen_before = already_tested(fingerprint, args.seeds) if args.test else []
-    if args.test:
-        check_test_allowed(fingerprint, args.seeds, args.rerun)
+    seen_before = check_test_allowed(fingerprint, args.seeds, args.rerun) if args.test else []
     record = provenance()
     runs = []
     for seed in args.seeds:

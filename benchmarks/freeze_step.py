@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, save  # noqa: E402
+from rounds import per_round_ratio  # noqa: E402
 
 from transferkit import FreezeSchedule, TransferClassifier  # noqa: E402
 from transferkit.finetuning import apply_freeze  # noqa: E402
@@ -72,10 +73,6 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, trainable in settings.items():
             rounds[name].append(step_seconds(model, trainable, batch, labels, args.steps))
-    ratios = {
-        name: [u / s for u, s in zip(rounds["fully_unfrozen"], values, strict=True)]
-        for name, values in rounds.items()
-    }
     seconds = {name: statistics.median(values) for name, values in rounds.items()}
     result = {
         "benchmark": "freeze_step",
@@ -87,8 +84,11 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "seconds_per_step_median": {k: round(v, 4) for k, v in seconds.items()},
         "images_per_second_median": {k: round(args.batch_size / v, 1) for k, v in seconds.items()},
-        "speedup_vs_fully_unfrozen": {k: round(statistics.median(r), 2) for k, r in ratios.items()},
-        "speedup_range": {k: [round(min(r), 2), round(max(r), 2)] for k, r in ratios.items()},
+        # the fully unfrozen step's time over this setting's, per round: median, range, each round
+        "speedup_vs_fully_unfrozen": {
+            name: per_round_ratio(rounds["fully_unfrozen"], values, digits=2)
+            for name, values in rounds.items()
+        },
         "all_rounds_seconds": {k: [round(v, 4) for v in values] for k, values in rounds.items()},
         "provenance": provenance(),
     }

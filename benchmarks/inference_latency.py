@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, save  # noqa: E402
+from rounds import per_round_ratio  # noqa: E402
 
 from transferkit import TransferClassifier  # noqa: E402
 from transferkit.inference import count_batchnorm, fold_batchnorm  # noqa: E402
@@ -70,7 +71,6 @@ def main() -> None:
         "batchnorm_layers": {name: count_batchnorm(m) for name, m in models.items()},
         "ms_per_batch": {},
         "speedup_vs_default_head": {},
-        "speedup_range": {},
         "speedup_of_best_times": {},
     }
     with torch.inference_mode():
@@ -89,14 +89,9 @@ def main() -> None:
                     times[name].append(_seconds(model, x, args.iterations))
             key = f"batch_{batch}"
             result["ms_per_batch"][key] = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()}
-            ratios = {
-                k: [d / t for d, t in zip(times["default_head"], v, strict=True)] for k, v in times.items()
-            }
+            # the default unfolded model's time over each one's, per round: median, range, each round
             result["speedup_vs_default_head"][key] = {
-                k: round(statistics.median(r), 3) for k, r in ratios.items()
-            }
-            result["speedup_range"][key] = {
-                k: [round(min(r), 3), round(max(r), 3)] for k, r in ratios.items()
+                k: per_round_ratio(times["default_head"], v) for k, v in times.items()
             }
             result["speedup_of_best_times"][key] = {
                 k: round(min(times["default_head"]) / min(v), 3) for k, v in times.items()

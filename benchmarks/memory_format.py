@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, save  # noqa: E402
+from rounds import per_round_ratio  # noqa: E402
 
 DEFAULT_BACKBONES = [
     "tf_efficientnet_lite0",
@@ -75,13 +76,11 @@ def measure(
             rates[layout].append(
                 round(_rate(model, images, labels, optimizer, steps, layout == "channels_last", sync), 2)
             )
-    ratios = [c / n for c, n in zip(rates["channels_last"], rates["nchw"], strict=True)]
     best = {layout: max(values) for layout, values in rates.items()}
     return {
         "nchw_images_per_second_median": round(statistics.median(rates["nchw"]), 2),
         "channels_last_images_per_second_median": round(statistics.median(rates["channels_last"]), 2),
-        "ratio_channels_last_to_nchw": round(statistics.median(ratios), 3),  # median of per-round ratios
-        "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "ratio_channels_last_to_nchw": per_round_ratio(rates["channels_last"], rates["nchw"]),
         "ratio_of_best_rates": round(best["channels_last"] / best["nchw"], 3),
         "all_rounds": rates,
     }
@@ -121,7 +120,7 @@ def main() -> None:
         )
         report["backbones"][name] = result
         print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    ratios = [r["ratio_channels_last_to_nchw"] for r in report["backbones"].values()]
+    ratios = [r["ratio_channels_last_to_nchw"]["median"] for r in report["backbones"].values()]
     report["slowest_ratio"] = min(ratios)
     report["provenance"] = provenance()
     save(report, args.out)

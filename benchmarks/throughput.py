@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, save  # noqa: E402
+from rounds import per_round_ratio  # noqa: E402
 
 from transferkit import ImageDataModule, Trainer, TransferClassifier  # noqa: E402
 from transferkit.runtime import tune_allocator  # noqa: E402
@@ -221,13 +222,6 @@ def main() -> None:
             print(f"{name}: {rate:.1f} img/s", file=sys.stderr, flush=True)
     loop, lightning = runs["raw_loop"], runs["transferkit"]
 
-    def per_round(rates: list[float]) -> dict:
-        ratios = [r / base for r, base in zip(rates, loop, strict=True)]
-        return {
-            "median": round(statistics.median(ratios), 3),
-            "range": [round(min(ratios), 3), round(max(ratios), 3)],
-        }
-
     result = {
         "benchmark": "throughput",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -242,12 +236,14 @@ def main() -> None:
         "raw_loop_images_per_second_median": round(statistics.median(loop), 2),
         "transferkit_images_per_second_median": round(statistics.median(lightning), 2),
         # the median of the per-round ratios (each round's trainer over the same round's loop)
-        "ratio_transferkit_to_raw": per_round(lightning),
+        "ratio_transferkit_to_raw": per_round_ratio(lightning, loop),
         "ratio_of_best_rates": round(max(lightning) / max(loop), 3),
         "all_runs": {name: [round(v, 2) for v in rates] for name, rates in runs.items()},
     }
     if args.ablate:
-        result["ratio_to_raw_per_round"] = {name: per_round(rates) for name, rates in runs.items()}
+        result["ratio_to_raw_per_round"] = {
+            name: per_round_ratio(rates, loop) for name, rates in runs.items()
+        }
     if not args.no_pipeline:
         rate, settings = pipeline_images_per_second(args)
         result["data_pipeline_images_per_second"] = round(rate, 1)

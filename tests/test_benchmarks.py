@@ -84,7 +84,8 @@ def test_a_recipes_test_split_is_scored_once_unless_rerun_is_asked(tmp_path):
     with pytest.raises(SystemExit, match=r"seeds \[1\] was already scored.*--rerun"):
         elpv.check_test_allowed(fingerprint, [0, 1, 2], rerun=False, ledger=ledger)
     elpv.check_test_allowed(fingerprint, [0, 2], rerun=False, ledger=ledger)  # other seeds: fine
-    elpv.check_test_allowed(fingerprint, [1], rerun=True, ledger=ledger)  # a declared re-run
+    # a declared re-run, which says which seeds it scores again (their ledger lines say rerun: true)
+    assert elpv.check_test_allowed(fingerprint, [0, 1], rerun=True, ledger=ledger) == [1]
     # comments do not change the recipe; a setting or an override does
     recipe.write_text("# another comment\nmodel:\n  lr: 0.001\n")
     assert elpv.recipe_fingerprint(str(recipe), []) == fingerprint
@@ -122,3 +123,18 @@ def test_provenance_records_this_checkout_and_the_command():
     )  # from the root, shell-quoted
     assert record["machine"]["cores"] == os.cpu_count()
     assert record["versions"]["torch"] == torch.__version__.split("+")[0]
+
+
+def test_a_speed_up_is_the_median_of_per_round_ratios_not_best_over_best():
+    spec = importlib.util.spec_from_file_location(
+        "rounds", Path(__file__).resolve().parents[1] / "benchmarks" / "rounds.py"
+    )
+    rounds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rounds)
+    # round 2 of the new side ran in a quiet spell: best-over-best says 1.2x, the rounds say no change
+    new_rates, old_rates = [10.0, 12.0, 9.0], [10.0, 10.0, 9.0]
+    summary = rounds.per_round_ratio(new_rates, old_rates)
+    assert max(new_rates) / max(old_rates) == pytest.approx(1.2)
+    assert summary == {"median": 1.0, "range": [1.0, 1.2], "per_round": [1.0, 1.2, 1.0]}
+    with pytest.raises(ValueError, match="one numerator and one denominator per round"):
+        rounds.per_round_ratio([1.0, 2.0], [1.0])
