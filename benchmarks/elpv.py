@@ -154,15 +154,24 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str], score_test: boo
 
 
 def _summary(runs: list[dict]) -> dict:
+    """Mean and std over seeds of every metric; ``n`` is the number of seeds a metric was measured on
+    (fewer than the run's seeds where some seed's record lacks it, e.g. in a combined file)."""
     summary = {}
-    for section in [k for k in runs[0] if k.startswith(("val", "test"))]:
-        for metric in runs[0][section]:
-            values = [r[section][metric] for r in runs if metric in r[section]]
+    sections = dict.fromkeys(k for r in runs for k in r if k.startswith(("val", "test")))
+    for section in sections:
+        metrics = dict.fromkeys(m for r in runs if section in r for m in r[section])
+        for metric in metrics:
+            values = [r[section][metric] for r in runs if metric in r.get(section, {})]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            summary[f"{section}.{metric}"] = {"mean": round(statistics.mean(values), 4), "std": round(std, 4)}
+            summary[f"{section}.{metric}"] = {
+                "mean": round(statistics.mean(values), 4),
+                "std": round(std, 4),
+                "n": len(values),
+            }
     for key in ("train_seconds", "peak_memory_mb", "peak_memory_mb_largest_child"):
-        values = [r[key] for r in runs]
-        summary[key] = {"mean": round(statistics.mean(values), 1), "max": max(values)}
+        values = [r[key] for r in runs if key in r]
+        if values:
+            summary[key] = {"mean": round(statistics.mean(values), 1), "max": max(values), "n": len(values)}
     return summary
 
 

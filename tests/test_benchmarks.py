@@ -138,3 +138,31 @@ def test_a_speed_up_is_the_median_of_per_round_ratios_not_best_over_best():
     assert summary == {"median": 1.0, "range": [1.0, 1.2], "per_round": [1.0, 1.2, 1.0]}
     with pytest.raises(ValueError, match="one numerator and one denominator per round"):
         rounds.per_round_ratio([1.0, 2.0], [1.0])
+
+
+def test_combined_seeds_must_each_be_on_the_test_ledger_and_of_one_recipe(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "combine_elpv", Path(__file__).resolve().parents[1] / "benchmarks" / "combine_elpv.py"
+    )
+    combine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(combine)
+
+    def results(name, commit, scores):
+        runs = [{"seed": s, "val": {"acc_binary": 0.8}, "test": {"acc_binary": a}} for s, a in scores.items()]
+        report = {"config": "r.yaml", "overrides": [], "seeds": runs, "provenance": {"commit": commit}}
+        (tmp_path / name).write_text(json.dumps(report))
+        return str(tmp_path / name)
+
+    ledger = tmp_path / "ledger.jsonl"
+    lines = [{"commit": "c1", "seed": 0, "recipe": "r", "test_acc_binary": 0.9}]
+    lines += [{"commit": "c1", "seed": 1, "recipe": "r", "test_acc_binary": 0.8}]
+    ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    first, second = results("a.json", "c1", {0: 0.9}), results("b.json", "c1", {1: 0.8})
+    report = combine.combine([first, second], ledger=ledger)
+    assert [run["seed"] for run in report["seeds"]] == [0, 1] and report["recipe"] == "r"
+    assert report["summary"]["test.acc_binary"] == {"mean": 0.85, "std": 0.0707, "n": 2}
+    with pytest.raises(SystemExit, match="seed 0 is in more than one file"):
+        combine.combine([first, first], ledger=ledger)
+    made_up = results("c.json", "c1", {2: 0.99})  # a score no --test run recorded
+    with pytest.raises(SystemExit, match="seed 2's test accuracy 0.99 is not in the test ledger"):
+        combine.combine([first, made_up], ledger=ledger)
