@@ -77,6 +77,65 @@ def test_hub_offline_flag_is_respected(monkeypatch):
         create_backbone("resnet18", pretrained="hub")  # offline: must raise the unreachable-hub error
 
 
+def _hub_cache(root, repo_id: str, model, safe: bool = True):
+    """A Hugging Face cache holding ``model`` as ``repo_id``, laid out as huggingface_hub writes it."""
+    from timm.models._hub import save_for_hf
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    save_for_hf(model, str(repo / "snapshots" / revision), safe_serialization=safe)  # config.json + weights
+    return root
+
+
+def _same_weights(backbone, source) -> bool:
+    reference = source.state_dict()
+    return all(torch.equal(value, reference[key]) for key, value in backbone.model.state_dict().items())
+
+
+def test_hub_weights_come_from_the_local_cache_on_an_offline_node(tmp_path, monkeypatch):
+    # a login node downloaded the weights into the cache; the compute node has no network
+    torch.manual_seed(3)
+    source = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=1000)
+    cache = _hub_cache(tmp_path / "hub", timm.models.get_pretrained_cfg(TINY_BACKBONE).hf_hub_id, source)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = create_backbone(TINY_BACKBONE, pretrained="hub")
+    assert backbone.weights == "hub:timm/test_efficientnet.r160_in1k"
+    assert _same_weights(backbone, source)
+    # without the offline flag and with the hub unreachable, the cache is used before any network call
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFERKIT_HUB_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert _same_weights(create_backbone(TINY_BACKBONE, pretrained="hub"), source)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
+def test_an_hf_hub_id_loads_its_architecture_and_weights_from_the_cache(tmp_path, monkeypatch, safe):
+    torch.manual_seed(4)
+    source = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=1000)
+    monkeypatch.setenv("HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", "acme/solar-cells", source, safe)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = create_backbone("hf-hub:acme/solar-cells", pretrained="hub")
+    assert backbone.weights == "hub:acme/solar-cells" and backbone.name == "hf-hub:acme/solar-cells"
+    assert _same_weights(backbone, source)
+    # rebuilding it without weights (as a checkpoint does) needs no network either
+    rebuilt = create_backbone("hf-hub:acme/solar-cells", pretrained=False)
+    assert {k: v.shape for k, v in rebuilt.model.state_dict().items()} == {
+        k: v.shape for k, v in backbone.model.state_dict().items()
+    }
+
+
+def test_hub_weights_neither_cached_nor_reachable_say_where_they_were_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnreachableError) as info:
+        create_backbone(TINY_BACKBONE, pretrained="hub")
+    message = str(info.value)
+    assert str(tmp_path / "empty-cache") in message and "timm/test_efficientnet.r160_in1k" in message
+    assert "HF_HUB_OFFLINE is set" in message and "'bundled'" in message and "HF_HUB_CACHE" in message
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_weights_from_a_local_file(tmp_path, suffix):
     source = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=5)

