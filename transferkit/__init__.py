@@ -19,6 +19,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from transferkit.data.checks import check_images
     from transferkit.data.datamodule import ImageDataModule
     from transferkit.diagnostics.diagnosis import diagnose
     from transferkit.diagnostics.health import GradientHealth
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
+        "check_images": "transferkit.data.checks",
         "ImageDataModule": "transferkit.data.datamodule",
         "diagnose": "transferkit.diagnostics.diagnosis",
         "GradientHealth": "transferkit.diagnostics.health",

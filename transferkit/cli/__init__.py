@@ -37,6 +37,7 @@ TOOL_COMMANDS = {
     "augment-preview": "augment_preview",
     "predict-images": "predict_images",
     "export": "export",
+    "check-data": "check_data",
 }
 
 # the one-line help of each tool, here so that --help imports no tool (and so neither torch nor Lightning)
@@ -47,6 +48,7 @@ _TOOL_HELP = {
     "augment-preview": "one training image through the recipe's train pipeline N times, in a grid with the pipeline's text",
     "predict-images": "class probabilities of image files/folders from a checkpoint alone, to CSV (unreadable ones listed)",
     "export": "a checkpoint to ONNX or TorchScript, BatchNorm folded, with <name>.preprocessing.json beside it",
+    "check-data": "decode every image of the recipe's data (threads, progress bar) and list each bad file with its reason",
 }
 
 

@@ -9,6 +9,7 @@ eval pipeline is ``resize -> normalize -> tensor``, with the backbone's own mean
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
@@ -22,7 +23,14 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 from transferkit.errors import ConfigError  # noqa: E402
 
-__all__ = ["PRESETS", "Augment", "augmentations", "build_train_transform", "build_eval_transform"]
+__all__ = [
+    "PRESETS",
+    "Augment",
+    "augmentations",
+    "build_train_transform",
+    "build_eval_transform",
+    "decode_side",
+]
 
 PRESETS = ("none", "light", "medium", "heavy")
 
@@ -112,6 +120,30 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTrans
 def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
     """``Resize(image_size) -> Normalize(mean, std) -> tensor``: ``(H, W, 3) uint8`` to ``(3, S, S)`` float."""
     return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA), *_normalize(mean, std)])
+
+
+def decode_side(transform: A.Compose) -> int | None:
+    """The smallest side, in pixels, the pipeline needs of a decoded image without losing detail.
+
+    The pipeline's first step sets it: ``Resize(S)`` needs ``S`` on both sides; ``RandomResizedCrop``
+    to ``S`` needs ``S / sqrt(min scale x min aspect)`` so its smallest crop still holds ``S`` pixels
+    each way (1.49 S for the ``heavy`` preset). A JPEG can then be decoded at a reduced scale
+    (:func:`transferkit.data.images.load_image`). ``None`` where the first step is anything else
+    (decode in full).
+
+    Example:
+        >>> decode_side(build_eval_transform(224, (0.5,) * 3, (0.5,) * 3))
+        224
+        >>> decode_side(build_train_transform("heavy", 224, (0.5,) * 3, (0.5,) * 3))
+        334
+    """
+    first = transform.transforms[0] if len(transform.transforms) else None
+    if isinstance(first, A.Resize):
+        return int(max(first.height, first.width))
+    if isinstance(first, A.RandomResizedCrop):
+        smallest = math.sqrt(first.scale[0] * min(first.ratio[0], 1.0 / first.ratio[1]))
+        return math.ceil(max(first.size) / min(smallest, 1.0))
+    return None
 
 
 def build_train_transform(

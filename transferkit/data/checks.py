@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -12,19 +13,30 @@ from transferkit.data.images import find_unreadable
 from transferkit.data.sources import DataSource
 from transferkit.errors import DatasetError, ImageReadError
 
-__all__ = ["IMBALANCE_WARNING_RATIO", "drop_unreadable", "warn_duplicates_across_splits", "warn_imbalance"]
+__all__ = [
+    "IMBALANCE_WARNING_RATIO",
+    "check_images",
+    "drop_unreadable",
+    "warn_duplicates_across_splits",
+    "warn_imbalance",
+]
 
 # the largest / smallest class count in train above which setup warns and suggests sampler: balanced
 IMBALANCE_WARNING_RATIO = 10.0
 
 
-def drop_unreadable(data: DataSource, skip: bool) -> tuple[DataSource, list[ImageReadError]]:
+def drop_unreadable(
+    data: DataSource, skip: bool, decode: bool = False
+) -> tuple[DataSource, list[ImageReadError]]:
     """``data`` without the files that cannot be read, and the errors for them.
 
+    ``decode=False`` (set-up's check) reads each file's header only, so it costs a file open per image,
+    not a decode; a file whose pixel data is broken is found when a loader decodes it (and handled as
+    ``skip_bad_images`` says), or up front by ``python -m transferkit check-data``, which decodes all.
     Raises :class:`~transferkit.errors.DatasetError` listing them unless ``skip`` (then they are left
     out with a warning).
     """
-    bad = find_unreadable([str(p) for p in data.items])
+    bad = find_unreadable([str(p) for p in data.items], decode=decode)
     if not bad:
         return data, []
     if not skip:
@@ -32,7 +44,8 @@ def drop_unreadable(data: DataSource, skip: bool) -> tuple[DataSource, list[Imag
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise DatasetError(
             f"{len(bad)} of {len(data)} images cannot be read:\n{listing}{more}\n"
-            "Fix or remove them, or set data.skip_bad_images=true to leave them out."
+            "Fix or remove them, or set data.skip_bad_images=true to leave them out "
+            "(python -m transferkit check-data --config X lists every bad file)."
         )
     bad_paths = {err.path for err in bad}
     keep = np.asarray([str(p) not in bad_paths for p in data.items])
@@ -42,6 +55,25 @@ def drop_unreadable(data: DataSource, skip: bool) -> tuple[DataSource, list[Imag
         stacklevel=3,
     )
     return select(data, np.flatnonzero(keep)), bad
+
+
+def check_images(
+    data: DataSource, workers: int | None = None, progress: Callable[[int], None] | None = None
+) -> list[ImageReadError]:
+    """Decode every image file of ``data`` in full, in threads, and return every failure in listing order,
+    each naming the file and why (in-memory arrays are skipped: there is nothing to decode).
+
+    Set-up reads headers only; this finds what only decoding finds (truncated or corrupt pixel data)
+    before a long run meets it. ``progress(n)`` is called as files are done (e.g. a progress bar).
+    ``python -m transferkit check-data --config X`` runs it on a recipe's data.
+
+    Example:
+        >>> import transferkit as tk
+        >>> check_images(tk.ImageDataModule(source="digits").data)  # arrays only: nothing to decode
+        []
+    """
+    files = [str(item) for item in data.items if isinstance(item, str | os.PathLike)]
+    return find_unreadable(files, workers=workers, decode=True, progress=progress)
 
 
 def warn_imbalance(labels: np.ndarray, class_names: Sequence[str], balanced: bool) -> None:
@@ -61,19 +93,30 @@ def warn_imbalance(labels: np.ndarray, class_names: Sequence[str], balanced: boo
 
 
 def warn_duplicates_across_splits(data: DataSource, splits: Mapping[str, np.ndarray]) -> None:
-    """Files with the same bytes in two splits make the test (or validation) score optimistic: warn."""
-    digests: dict[str, tuple[str, str]] = {}
-    found: list[str] = []
-    count = 0
+    """Files with the same bytes in two splits make the test (or validation) score optimistic: warn.
+
+    Identical files have identical sizes, so only files whose size also occurs in another split are
+    hashed: a folder of camera photos (sizes all different) costs one ``stat`` per file, not a read.
+    """
+    where: list[tuple[str, str, int]] = []  # (split, path, size)
     for split in ("train", "val", "test"):
         for i in splits.get(split, []):
             path = str(data.items[i])
-            digest = _file_digest(path)
-            first = digests.setdefault(digest, (split, path))
-            if first[0] != split:
-                count += 1
-                if len(found) < 3:
-                    found.append(f"{first[1]} ({first[0]}) = {path} ({split})")
+            where.append((split, path, os.stat(path).st_size))
+    splits_of_size: dict[int, set[str]] = {}
+    for split, _, size in where:
+        splits_of_size.setdefault(size, set()).add(split)
+    digests: dict[tuple[int, str], tuple[str, str]] = {}
+    found: list[str] = []
+    count = 0
+    for split, path, size in where:
+        if len(splits_of_size[size]) < 2:
+            continue  # no file of this size elsewhere: no copy across splits
+        first = digests.setdefault((size, _file_digest(path)), (split, path))
+        if first[0] != split:
+            count += 1
+            if len(found) < 3:
+                found.append(f"{first[1]} ({first[0]}) = {path} ({split})")
     if count:
         warnings.warn(
             f"{count} images appear in more than one split with identical bytes, e.g. "

@@ -39,6 +39,9 @@ class ImageDataset(Dataset):
     An image that cannot be read raises :class:`~transferkit.errors.ImageReadError` naming it (also from
     a DataLoader worker); with ``skip_bad=True`` (a file that broke after the data module checked it)
     the next readable sample stands in for it, with a warning.
+
+    ``decode_side`` (see :func:`transferkit.data.augment.decode_side`): JPEGs are decoded at the
+    smallest DCT scale that keeps both sides at least this many pixels; ``None`` decodes in full.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class ImageDataset(Dataset):
         seed: int = 0,
         epoch: int = 0,
         skip_bad: bool = False,
+        decode_side: int | None = None,
     ) -> None:
         self.items = items
         self.labels = labels
@@ -56,6 +60,7 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.epoch = epoch
         self.skip_bad = skip_bad
+        self.decode_side = decode_side
 
     def __len__(self) -> int:
         return len(self.items)
@@ -65,7 +70,7 @@ class ImageDataset(Dataset):
         item = self.items[index]
         if isinstance(item, np.ndarray):
             return to_rgb(item)
-        return load_image(item)
+        return load_image(item, min_side=self.decode_side)
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)

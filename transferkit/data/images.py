@@ -8,7 +8,7 @@ naming the file and the reason.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,13 +17,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.errors import ImageReadError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "load_image", "to_rgb", "find_unreadable"]
+__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "load_image", "read_header", "to_rgb", "find_unreadable"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
+def load_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
     """Read an image file as an ``(H, W, 3) uint8`` RGB array.
+
+    With ``min_side``, a JPEG is decoded at a reduced scale where that loses nothing the caller needs:
+    libjpeg's DCT scaling (Pillow's ``draft``) picks the smallest of 1/8, 1/4, 1/2 or full scale at which
+    both sides are still at least ``min_side`` pixels, several times faster than a full decode of a
+    camera photo. Other formats, and JPEGs too small to scale down, are decoded in full. EXIF
+    orientation is applied after decoding either way.
 
     Raises :class:`ImageReadError` (never another exception) for a missing, empty, truncated or
     corrupt file, a file that is not an image, and an image over Pillow's decompression-bomb limit
@@ -31,34 +37,65 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageReadError(path, "the file is empty (0 bytes)")
+        _check_not_empty(path)
         with Image.open(path) as image:
             _check_size(path, image)
+            if min_side is not None and image.format == "JPEG":
+                image.draft(None, (min_side, min_side))  # both sides stay >= min_side
             image = ImageOps.exif_transpose(image) or image
             image.load()
             return to_rgb(image)
     except ImageReadError:
         raise
-    except FileNotFoundError as err:
-        raise ImageReadError(path, "the file does not exist") from err
-    except UnidentifiedImageError as err:
-        raise ImageReadError(path, "not an image in a format Pillow can decode") from err
-    except Image.DecompressionBombError as err:
-        raise ImageReadError(
+    except Exception as err:
+        raise _read_error(path, err) from err
+
+
+def read_header(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` from the file's header, without decoding a pixel (EXIF orientation not applied).
+
+    What set-up checks of every file: it exists, is not empty, is an image Pillow knows, and is under the
+    decompression-bomb limit. A file whose pixel data is truncated or corrupt passes; decoding finds it
+    (a loader worker, or :func:`find_unreadable`). Raises :class:`ImageReadError` as :func:`load_image`.
+    """
+    path = Path(path)
+    try:
+        _check_not_empty(path)
+        with Image.open(path) as image:
+            _check_size(path, image)
+            return image.size
+    except ImageReadError:
+        raise
+    except Exception as err:
+        raise _read_error(path, err) from err
+
+
+def _check_not_empty(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "the file is empty (0 bytes)")
+
+
+def _read_error(path: Path, err: Exception) -> ImageReadError:
+    """The :class:`ImageReadError` for what reading ``path`` raised, with the reason a person can act on."""
+    if isinstance(err, FileNotFoundError):
+        return ImageReadError(path, "the file does not exist")
+    if isinstance(err, UnidentifiedImageError):
+        return ImageReadError(path, "not an image in a format Pillow can decode")
+    if isinstance(err, Image.DecompressionBombError):
+        return ImageReadError(
             path,
             f"over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS; "
             f"Pillow: {err}); downscale the file, or raise the limit if you trust it",
-        ) from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        )
+    if isinstance(err, OSError | SyntaxError | ValueError | EOFError):
         reason = str(err) or type(err).__name__
         if "truncated" in reason.lower():
             reason = f"the file is truncated or corrupt ({reason})"
-        raise ImageReadError(path, reason) from err
-    except MemoryError as err:
-        raise ImageReadError(path, "not enough memory to decode it") from err
-    except Exception as err:  # a corrupt file can trip any decoder (struct.error, IndexError, ...)
-        raise ImageReadError(path, f"the file is corrupt ({type(err).__name__}: {err})") from err
+        return ImageReadError(path, reason)
+    if isinstance(err, MemoryError):
+        return ImageReadError(path, "not enough memory to decode it")
+    # a corrupt file can trip any decoder (struct.error, IndexError, ...)
+    return ImageReadError(path, f"the file is corrupt ({type(err).__name__}: {err})")
 
 
 def _check_size(path: Path, image: Image.Image) -> None:
@@ -118,16 +155,30 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.astype(np.uint8, copy=False))
 
 
-def find_unreadable(paths: Sequence[str | os.PathLike], workers: int | None = None) -> list[ImageReadError]:
-    """Decode every image once (in threads: decoding releases the GIL) and return the failures."""
+def find_unreadable(
+    paths: Sequence[str | os.PathLike],
+    workers: int | None = None,
+    decode: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[ImageReadError]:
+    """The files among ``paths`` that cannot be read, as errors naming each file and why, in ``paths`` order.
+
+    ``decode=True`` decodes every image in full (in threads: decoding releases the GIL); ``False`` reads
+    only the headers (:func:`read_header`), which costs a file open, not a decode, per image.
+    ``progress(n)`` is called as each file is done (n = 1), e.g. a progress bar's ``update``.
+    """
+    check_one = load_image if decode else read_header
 
     def check(path: str | os.PathLike) -> ImageReadError | None:
         try:
-            load_image(path)
+            check_one(path)
         except ImageReadError as err:
             return err
+        finally:
+            if progress is not None:
+                progress(1)
         return None
 
-    workers = workers or min(8, 2 * (os.cpu_count() or 1))
+    workers = workers or min(8, 2 * (os.cpu_count() or 1)) * (1 if decode else 4)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return [err for err in pool.map(check, paths) if err is not None]

@@ -11,6 +11,7 @@ from typing import Any
 import albumentations as A
 import torch
 
+from transferkit.data.augment import decode_side
 from transferkit.data.images import IMAGE_SUFFIXES, load_image
 from transferkit.errors import ConfigError, ImageReadError
 
@@ -37,6 +38,7 @@ def predict_images(
     tta: str | None = None,
     mc_dropout: int = 0,
     batch_size: int = 32,
+    jpeg_draft: bool = True,
 ) -> list[dict[str, Any]]:
     """Predict each image file; one row per file, in order.
 
@@ -51,16 +53,20 @@ def predict_images(
         tta: test-time augmentation (``none``, ``hflip``, ``flips``, ``d4``; ``None`` = the model's own).
         mc_dropout: ``0``, or the number of Monte Carlo dropout passes (>= 2).
         batch_size: images per forward pass.
+        jpeg_draft: decode JPEGs at the smallest DCT scale that still gives the pipeline every pixel it
+            uses (see :func:`transferkit.data.augment.decode_side`), as the data module does in training;
+            ``False`` decodes in full.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     rows: list[dict[str, Any]] = [{"file": str(f), "error": ""} for f in files]
     readable: list[tuple[int, torch.Tensor]] = []
+    side = decode_side(eval_transform) if jpeg_draft else None
     for index, file in enumerate(files):
         try:
             if not Path(file).is_file():
                 raise ImageReadError(file, "no such file")
-            readable.append((index, eval_transform(image=load_image(file))["image"].float()))
+            readable.append((index, eval_transform(image=load_image(file, min_side=side))["image"].float()))
         except ImageReadError as err:
             rows[index]["error"] = err.reason
         except Exception as err:  # the pipeline rejected a readable image
