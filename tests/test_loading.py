@@ -12,7 +12,7 @@ from conftest import NORM
 from PIL import Image
 
 import transferkit as tk
-from transferkit.data import checks, images
+from transferkit.data import checks, datasets, decoded, images
 from transferkit.data.augment import build_eval_transform, build_train_transform, decode_side
 from transferkit.data.images import load_image
 
@@ -134,3 +134,52 @@ def test_check_data_decodes_every_file_and_lists_each_bad_one(tmp_path, photos):
     cut.unlink()
     result = run_cli("check-data", "--config", str(recipe))
     assert result.returncode == 0 and "all 8 image files of 'folder' decode" in result.stdout
+
+
+def _reading_forbidden(monkeypatch) -> None:
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(images, "load_image", no_decoding)
+    monkeypatch.setattr(datasets, "load_image", no_decoding)
+    monkeypatch.setattr(decoded, "load_image", no_decoding)
+
+
+def test_the_decoded_cache_decodes_each_photo_once_and_every_later_run_maps_it(tmp_path, photos, monkeypatch):
+    root = _photo_folder(tmp_path / "photos", photos[:3])
+    settings = {"source": "folder", "root": str(root), "cache_dir": str(tmp_path / "cache"), **NORM}
+    settings.update(image_size=224, batch_size=4)
+    plain = tk.ImageDataModule(**settings, num_workers=0)
+    plain.setup("fit")
+    cached = tk.ImageDataModule(**settings, num_workers=2, decoded_cache=True)
+    cached.setup("fit")
+    assert len(cached.decoded) == 12 and cached.decoded.side == 258  # 1.15 x 224
+    first = cached.datasets["val"].items[0]
+    assert cached.decoded[first].shape == (258, 344, 3)  # shorter side 258, aspect kept
+    # what the model sees from the cache is what it sees from the files, within the decoding tolerance
+    from_files = torch.stack([plain.datasets["val"][i][0] for i in range(len(plain.datasets["val"]))])
+    from_cache = torch.stack([cached.datasets["val"][i][0] for i in range(len(cached.datasets["val"]))])
+    assert (from_files - from_cache).abs().mean() < 0.01
+
+    # a later run (its loader workers too) reads the cache and decodes nothing
+    with monkeypatch.context() as patch:
+        _reading_forbidden(patch)
+        later = tk.ImageDataModule(**settings, num_workers=2, decoded_cache=True)
+        later.setup("fit")
+        images_seen = sum(len(labels) for _, labels in later.train_dataloader())
+    assert images_seen == 4 and len(later.datasets["train"]) == 7  # one full batch (the last dropped)
+
+    # a photo edited since is decoded again; a truncated one is not cached and is named by the loader
+    edited = Path(first)
+    make_photo(np.random.default_rng(7), 1600, 1200).save(edited, quality=85)
+    cut = Path(cached.datasets["val"].items[1])
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    again = tk.ImageDataModule(**settings, num_workers=0, decoded_cache=True)
+    again.setup("fit")
+    assert again.decoded[str(edited)].shape == (258, 344, 3) and str(cut) not in again.decoded
+    expected = cv2.resize(load_image(edited, min_side=258), (344, 258), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(again.decoded[str(edited)], expected)
+    index = again.datasets["val"].items.index(str(cut))
+    with pytest.raises(tk.ImageReadError, match="truncated") as info:
+        again.datasets["val"][index]
+    assert info.value.path == str(cut)

@@ -20,6 +20,7 @@ from transferkit.data.augment import (
 )
 from transferkit.data.checks import drop_unreadable, subset, warn_duplicates_across_splits, warn_imbalance
 from transferkit.data.datasets import CachedFeatures, ImageDataset
+from transferkit.data.decoded import DecodedImages, working_side
 from transferkit.data.features import FeatureCache, extract_features
 from transferkit.data.samplers import BalancedSampler, EpochShuffleSampler, TrainLoader
 from transferkit.data.sources import DataSource, SourceName, load_source, split_indices
@@ -77,6 +78,10 @@ class ImageDataModule(L.LightningDataModule):
         jpeg_draft: decode JPEGs at the smallest DCT scale (1/8, 1/4, 1/2) that still gives the pipeline
             the pixels it uses (:func:`~transferkit.data.augment.decode_side`): a camera photo decodes
             several times faster for a 224 px model. ``False`` decodes every file in full.
+        decoded_cache: decode each image file once, at the pipeline's working resolution, into files every
+            loader worker maps into memory, reused by later epochs and runs (see
+            :mod:`transferkit.data.decoded`); under ``cache_dir`` (or the run's folder). For folders of
+            camera photos, where decoding otherwise limits training.
 
     The model it trains with describes itself to it: ``model.data_config`` (input size, mean, std) fills
     what is left ``None``, ``model.check_input_size(side)`` refuses a size the backbone cannot take, and
@@ -113,6 +118,7 @@ class ImageDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         sampler: Literal["shuffle", "balanced"] = "shuffle",
         jpeg_draft: bool = True,
+        decoded_cache: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -142,6 +148,8 @@ class ImageDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.sampler = sampler
         self.jpeg_draft = jpeg_draft
+        self.decoded_cache = decoded_cache
+        self.decoded: DecodedImages | None = None
         self._features: dict[tuple[str, str], torch.Tensor] = {}
         # listing is cheap and finds missing paths and empty classes before any training starts
         self.data: DataSource = load_source(source, root=root, csv_path=csv_path, task=task)
@@ -203,18 +211,60 @@ class ImageDataModule(L.LightningDataModule):
         for split, indices in self.split_indices.items():
             transform = self._train_transform if split == "train" else self._eval_transform
             items = [self.data.items[i] for i in indices]
-            self.datasets[split] = ImageDataset(
-                items,
-                self.data.labels[indices],
-                transform,
-                seed=self.seed,
-                skip_bad=self.skip_bad_images,
-                decode_side=self.decode_side_for(transform),
-            )
+            self.datasets[split] = self.image_dataset(items, self.data.labels[indices], transform)
+        if self.decoded_cache and self.decoded is None:
+            self.decoded = self._build_decoded_cache()
+            for dataset in self.datasets.values():
+                dataset.decoded = self.decoded
 
-    def decode_side_for(self, transform: A.Compose) -> int | None:
-        """The side JPEGs are decoded at for ``transform`` (``None``: in full, as with ``jpeg_draft=False``)."""
-        return decode_side(transform) if self.jpeg_draft else None
+    def image_dataset(
+        self, items: list, labels: np.ndarray, transform: A.Compose, epoch: int = 0
+    ) -> ImageDataset:
+        """``items`` through ``transform``, read as this data module reads images (reduced-scale JPEG
+        decoding, the decoded-image cache, ``skip_bad_images``)."""
+        side = decode_side(transform) if self.jpeg_draft else None
+        return ImageDataset(
+            items,
+            labels,
+            transform,
+            seed=self.seed,
+            epoch=epoch,
+            skip_bad=self.skip_bad_images,
+            decode_side=side,
+            decoded=self.decoded,
+        )
+
+    def decoding_for(self, transform: A.Compose) -> str | None:
+        """How images reach ``transform``, for cache keys: ``None`` (decoded in full, no cache),
+        ``"draft-<side>"`` and/or ``"decoded-<side>"``."""
+        parts = []
+        if self.jpeg_draft and (side := decode_side(transform)) is not None:
+            parts.append(f"draft-{side}")
+        if self.decoded is not None:
+            parts.append(f"decoded-{self.decoded.side}")
+        return "+".join(parts) or None
+
+    def _build_decoded_cache(self) -> DecodedImages | None:
+        files = [item for item in self.data.items if isinstance(item, str)]
+        root = self._cache_root()
+        if not files or root is None:
+            return None  # arrays need no decoding; outside a Trainer without cache_dir there is no folder
+        needed = [decode_side(t) for t in (self._train_transform, self._eval_transform)]
+        side = working_side(max([n for n in needed if n is not None] or [self.image_size]))
+        cache = DecodedImages(root, side)
+        stale = cache.stale(files)
+        if stale:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(stale), desc=f"decoding images (shorter side {side} px)", unit="img") as bar:
+                cache.build(stale, progress=bar.update)
+        return cache
+
+    def _cache_root(self) -> str | None:
+        """The run's cache folder (or data.cache_dir); ``None`` outside a Trainer without one."""
+        if self.cache_dir:
+            return self.cache_dir
+        return os.path.join(self.trainer.default_root_dir, "feature_cache") if self.trainer else None
 
     def _resolve_transforms(self) -> None:
         if self._train_transform is not None:
@@ -318,14 +368,12 @@ class ImageDataModule(L.LightningDataModule):
         views = self.cache_views if augmented else 1
         transform = self._train_transform if augmented else self._eval_transform
         dataset = self.datasets[split]
-        side = self.decode_side_for(transform)
-        key = FeatureCache.key(extractor, transform, dataset.items, split, views, self.seed, side)
+        decoding = self.decoding_for(transform)
+        key = FeatureCache.key(extractor, transform, dataset.items, split, views, self.seed, decoding)
         if (split, key) in self._features:
             return self._features[(split, key)]
         # the run's folder (or data.cache_dir); used outside a Trainer without one, the cache stays in memory
-        root = self.cache_dir or (
-            os.path.join(self.trainer.default_root_dir, "feature_cache") if self.trainer else None
-        )
+        root = self._cache_root()
         cache = FeatureCache(root) if root is not None else None
         stored = cache.load(split, key) if cache is not None else None
         if stored is None:
@@ -333,15 +381,7 @@ class ImageDataModule(L.LightningDataModule):
             for view in range(views):  # filled in place: a trunk's views are GBs, never held twice
                 # each view its own augmentation draws (epoch = view number), the same in every run
                 loader = DataLoader(
-                    ImageDataset(
-                        dataset.items,
-                        dataset.labels,
-                        transform,
-                        seed=self.seed,
-                        epoch=view,
-                        skip_bad=self.skip_bad_images,
-                        decode_side=side,
-                    ),
+                    self.image_dataset(dataset.items, dataset.labels, transform, epoch=view),
                     batch_size=max(self.batch_size, 64),
                     num_workers=self.num_workers,
                     generator=torch.Generator().manual_seed(self.seed),

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from transferkit.data.decoded import DecodedImages
 from transferkit.data.images import load_image, to_rgb
 from transferkit.errors import ImageReadError
 
@@ -42,6 +43,8 @@ class ImageDataset(Dataset):
 
     ``decode_side`` (see :func:`transferkit.data.augment.decode_side`): JPEGs are decoded at the
     smallest DCT scale that keeps both sides at least this many pixels; ``None`` decodes in full.
+    ``decoded``: a :class:`~transferkit.data.decoded.DecodedImages` cache to read files from where it
+    holds them (others are decoded as without it).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class ImageDataset(Dataset):
         epoch: int = 0,
         skip_bad: bool = False,
         decode_side: int | None = None,
+        decoded: DecodedImages | None = None,
     ) -> None:
         self.items = items
         self.labels = labels
@@ -61,6 +65,7 @@ class ImageDataset(Dataset):
         self.epoch = epoch
         self.skip_bad = skip_bad
         self.decode_side = decode_side
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.items)
@@ -70,6 +75,8 @@ class ImageDataset(Dataset):
         item = self.items[index]
         if isinstance(item, np.ndarray):
             return to_rgb(item)
+        if self.decoded is not None and item in self.decoded:
+            return self.decoded[item]
         return load_image(item, min_side=self.decode_side)
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

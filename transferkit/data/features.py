@@ -92,7 +92,7 @@ class FeatureCache:
         split: str,
         views: int,
         seed: int,
-        decode_side: int | None = None,
+        decoding: str | None = None,
     ) -> str:
         parts: dict[str, Any] = {
             "backbone": backbone.name,
@@ -103,8 +103,8 @@ class FeatureCache:
             "views": views,
             "seed": seed,
         }
-        if decode_side is not None:  # JPEGs decoded at a reduced scale give (slightly) other pixels
-            parts["decode_side"] = decode_side
+        if decoding is not None:  # reduced-scale JPEGs, or the decoded-image cache: (slightly) other pixels
+            parts["decoding"] = decoding
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def path(self, split: str, key: str) -> Path:

@@ -87,8 +87,8 @@ def _split_features(
     dm: Any, backbone: Backbone, split: str, cache: FeatureCache | None
 ) -> tuple[list[str], list[torch.Tensor]]:
     dataset = dm.datasets[split]
-    side = dm.decode_side_for(dm.eval_transform) if hasattr(dm, "decode_side_for") else None
-    key = FeatureCache.key(backbone, dm.eval_transform, dataset.items, f"probe-{split}", 1, dm.seed, side)
+    decoding = dm.decoding_for(dm.eval_transform) if hasattr(dm, "decoding_for") else None
+    key = FeatureCache.key(backbone, dm.eval_transform, dataset.items, f"probe-{split}", 1, dm.seed, decoding)
     groups = backbone_groups(backbone)
     names = [_output_module(backbone.model, g) for g in groups]
     if cache is not None:
@@ -96,7 +96,9 @@ def _split_features(
         if all(s is not None for s in stored):
             return names, stored
     loader = DataLoader(
-        ImageDataset(dataset.items, dataset.labels, dm.eval_transform, decode_side=side),
+        dm.image_dataset(dataset.items, dataset.labels, dm.eval_transform)
+        if hasattr(dm, "image_dataset")
+        else ImageDataset(dataset.items, dataset.labels, dm.eval_transform),
         batch_size=64,
         num_workers=dm.num_workers,
     )
