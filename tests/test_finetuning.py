@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -542,3 +543,86 @@ def test_early_stopping_gives_each_freeze_phase_its_own_patience(stripes_folder,
     restored = PhaseEarlyStopping(monitor="val_loss")
     restored.load_state_dict(saved["PhaseEarlyStopping"])
     assert restored.phase == 6 and restored.wait_count == 2
+
+
+RANK_CALLBACK = """
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SaveRank(Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.seen = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        # the indices this rank's loader draws this epoch (Lightning's distributed sampler wraps ours)
+        drawn = list(trainer.train_dataloader.sampler)
+        self.seen.append([int(i[-1]) if isinstance(i, (tuple, list)) else int(i) for i in drawn])
+
+    def on_train_end(self, trainer, pl_module):
+        params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        info = {"params": params, "seen": self.seen, "world_size": trainer.world_size,
+                "num_nodes": trainer.num_nodes, "node_rank": trainer.node_rank,
+                "trainable_groups": pl_module.trainable_groups}
+        torch.save(info, f"{self.out}/rank{trainer.global_rank}.pt")
+"""
+
+
+def test_two_nodes_launched_with_torchrun_train_one_model_on_split_data(tmp_path):
+    """The README's multi-node launch, on one machine: two torchrun node ranks over gloo, one process each."""
+    import socket
+
+    root = make_stripes_folder(tmp_path / "data", per_class=24)
+    (tmp_path / "ranksave.py").write_text(RANK_CALLBACK)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        textwrap.dedent(f"""
+        seed_everything: 0
+        trainer:
+          accelerator: cpu
+          max_epochs: 2
+          logger: false
+          enable_progress_bar: false
+          default_root_dir: {tmp_path / "run"}
+          callbacks: [{{class_path: ranksave.SaveRank, init_args: {{out: {tmp_path}}}}}]
+        model:
+          backbone: {TINY_BACKBONE}
+          pretrained: false
+          lr: 0.01
+          freeze_schedule: {{frozen_epochs: 1}}
+        data:
+          source: folder
+          root: {root}
+          num_workers: 0
+          batch_size: 8
+          image_size: 32
+          mean: [0.5, 0.5, 0.5]
+          std: [0.5, 0.5, 0.5]
+        """)
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "-m", "transferkit", "fit", "--config", str(recipe),
+             "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["node_rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert all(r["num_nodes"] == 2 and r["trainable_groups"] > 0 for r in ranks)  # unfrozen in epoch 1
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name  # one model, kept in sync
+    for epoch in range(2):  # each rank drew its own half of the training split
+        first, second = (set(r["seen"][epoch]) for r in ranks)
+        assert first and second and not first & second
