@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Literal
 
 import albumentations as A
@@ -247,8 +248,16 @@ class ImageDataModule(L.LightningDataModule):
     def _build_decoded_cache(self) -> DecodedImages | None:
         files = [item for item in self.data.items if isinstance(item, str)]
         root = self._cache_root()
-        if not files or root is None:
-            return None  # arrays need no decoding; outside a Trainer without cache_dir there is no folder
+        if not files:
+            return None  # in-memory arrays: nothing to decode
+        if root is None:
+            warnings.warn(
+                "data.decoded_cache is on but there is no folder for it: the data module runs outside a "
+                "Trainer and data.cache_dir is not set. Images are decoded as they are read; set "
+                "data.cache_dir to keep them decoded.",
+                stacklevel=3,
+            )
+            return None
         needed = [decode_side(t) for t in (self._train_transform, self._eval_transform)]
         side = working_side(max([n for n in needed if n is not None] or [self.image_size]))
         cache = DecodedImages(root, side)
