@@ -10,7 +10,8 @@ this process:
 - **loader** images/s over one epoch at 224 px (``augment: light``, batch 32) with 1 and 2 workers: every
   JPEG decoded in full (``jpeg_draft: false``, what the loader did before), decoded at reduced scale
   (``jpeg_draft``, the first epoch now), and read from the decoded-image cache (``decoded_cache``,
-  every later epoch and run), with the cache's build time and size;
+  every later epoch and run), with the cache's build time and size, and streamed from a LitData pack
+  of the same files (``source: stream``, read from local disk here), with the time to pack them;
 - plain Pillow on the same files, one core: full decode + resize, and ``draft`` decode + resize;
 - an unfrozen tf_efficientnet_lite0 training step (batch 32, channels-last, as the Trainer runs it), in
   images/s: the rate the loader has to keep up with on this machine.
@@ -46,6 +47,7 @@ from rounds import per_round_ratio  # noqa: E402
 from transferkit import ImageDataModule, TransferClassifier  # noqa: E402
 from transferkit.data import datamodule  # noqa: E402
 from transferkit.data.checks import _file_digest, drop_unreadable  # noqa: E402
+from transferkit.data.stream import pack_stream  # noqa: E402
 from transferkit.runtime import tune_allocator  # noqa: E402
 
 SIDE = 224
@@ -192,6 +194,12 @@ def main() -> None:
         common = {"source": "folder", "root": str(photos), "image_size": SIDE, "batch_size": 32}
         common.update(mean=(0.5,) * 3, std=(0.5,) * 3, augment="light", cache_dir=str(work / "cache"))
         loader: dict = {}
+        source = ImageDataModule(**common, num_workers=1)
+        start = time.perf_counter()
+        packed = pack_stream(source, work / "pack")  # decodes every file once on the way
+        loader["pack_seconds"] = round(time.perf_counter() - start, 1)
+        loader["pack_megabytes"] = round(packed["bytes"] / 2**20, 1)
+        stream = {**common, "source": "stream", "root": str(work / "pack")}
         for workers in (1, 2):
             variants = {
                 "full_decode": ImageDataModule(**common, num_workers=workers, jpeg_draft=False),
@@ -206,6 +214,8 @@ def main() -> None:
                 loader["decoded_cache_build_seconds"] = round(time.perf_counter() - start, 1)
                 loader["decoded_cache_megabytes"] = round(cached.decoded.nbytes / 2**20, 1)
             variants["decoded_cache"] = cached
+            variants["stream"] = ImageDataModule(**stream, num_workers=workers)
+            variants["stream"].setup("fit")
             rates: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(args.rounds):
                 for name, dm in variants.items():

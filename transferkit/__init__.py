@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from transferkit.data.checks import check_images
     from transferkit.data.datamodule import ImageDataModule
+    from transferkit.data.stream import pack_stream
     from transferkit.diagnostics.diagnosis import diagnose
     from transferkit.diagnostics.health import GradientHealth
     from transferkit.diagnostics.verdicts import GradientHealthReport, LayerHealth
@@ -54,6 +55,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "check_images": "transferkit.data.checks",
         "ImageDataModule": "transferkit.data.datamodule",
+        "pack_stream": "transferkit.data.stream",
         "diagnose": "transferkit.diagnostics.diagnosis",
         "GradientHealth": "transferkit.diagnostics.health",
         "GradientHealthReport": "transferkit.diagnostics.verdicts",

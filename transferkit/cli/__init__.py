@@ -38,6 +38,7 @@ TOOL_COMMANDS = {
     "predict-images": "predict_images",
     "export": "export",
     "check-data": "check_data",
+    "pack-data": "pack_data",
 }
 
 # the one-line help of each tool, here so that --help imports no tool (and so neither torch nor Lightning)
@@ -49,6 +50,7 @@ _TOOL_HELP = {
     "predict-images": "class probabilities of image files/folders from a checkpoint alone, to CSV (unreadable ones listed)",
     "export": "a checkpoint to ONNX or TorchScript, BatchNorm folded, with <name>.preprocessing.json beside it",
     "check-data": "decode every image of the recipe's data (threads, progress bar) and list each bad file with its reason",
+    "pack-data": "the recipe's data, split, as a LitData streaming pack (a folder to train from, or to upload to S3/GCS)",
 }
 
 

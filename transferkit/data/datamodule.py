@@ -38,9 +38,12 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         source: ``folder`` (``root/<class>/<images>``, or ``root/{train,val,test}/<class>/...``),
-            ``csv`` (``path,label[,split]`` columns), ``elpv`` (the ELPV solar-cell benchmark) or
+            ``csv`` (``path,label[,split]`` columns), ``stream`` (a pack written by
+            :func:`~transferkit.data.stream.pack_stream`, read by LitData from a folder or an object-store
+            URL; its splits are the ones it was packed with), ``elpv`` (the ELPV solar-cell benchmark) or
             ``digits`` (scikit-learn's 8x8 digits).
-        root: the image folder (``folder``), or the folder CSV paths are relative to (``csv``).
+        root: the image folder (``folder``), the folder CSV paths are relative to (``csv``), or the pack's
+            folder or URL (``stream``, e.g. ``s3://bucket/packed``).
         csv_path: the CSV file (``csv``).
         task: ELPV only: ``binary`` (defective = defect probability >= 0.5) or ``4class``.
         val_fraction: share of the non-test images held out for validation (early stopping, best checkpoint).
@@ -133,6 +136,8 @@ class ImageDataModule(L.LightningDataModule):
         if sampler not in ("shuffle", "balanced"):
             raise ConfigError(f"sampler must be 'shuffle' or 'balanced', got {sampler!r}.")
         augmentations(augment)  # a bad preset name or transform fails here, before any data is read
+        if source == "stream":
+            _check_stream_settings(feature_cache, trunk_cache, decoded_cache, sampler, max_samples)
         self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -211,6 +216,9 @@ class ImageDataModule(L.LightningDataModule):
             self.trainer.reload_dataloaders_every_n_epochs = 1
         for split, indices in self.split_indices.items():
             transform = self._train_transform if split == "train" else self._eval_transform
+            if self.data.name == "stream":
+                self.datasets[split] = self._stream_dataset(split, transform, self.data.labels[indices])
+                continue
             items = [self.data.items[i] for i in indices]
             self.datasets[split] = self.image_dataset(items, self.data.labels[indices], transform)
         if self.decoded_cache and self.decoded is None:
@@ -233,6 +241,24 @@ class ImageDataModule(L.LightningDataModule):
             skip_bad=self.skip_bad_images,
             decode_side=side,
             decoded=self.decoded,
+        )
+
+    def _stream_dataset(self, split: str, transform: A.Compose, labels: np.ndarray) -> Any:
+        from transferkit.data.stream import StreamingImages
+
+        if len(labels) == 0:
+            return ImageDataset([], labels, transform)  # a split the pack does not hold
+        return StreamingImages(
+            str(self.hparams.root),
+            split,
+            transform,
+            labels,
+            seed=self.seed,
+            shuffle=split == "train",
+            decode_side=decode_side(transform) if self.jpeg_draft else None,
+            cache_dir=os.path.join(self.cache_dir, "stream") if self.cache_dir else None,
+            # training: LitData evens out the ranks' shares under DDP; evaluation: every sample, once
+            drop_last=None if split == "train" else False,
         )
 
     def decoding_for(self, transform: A.Compose) -> str | None:
@@ -315,6 +341,8 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         dataset = self.datasets[split]
+        if self.data.name == "stream" and len(dataset.labels):
+            return self._stream_loader(dataset, shuffle)
         return (TrainLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
@@ -324,6 +352,19 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=shuffle and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
             # an own generator: loaders never draw from the global RNG that dropout uses
             generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def _stream_loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+        from transferkit.data.stream import StreamLoader
+
+        trainer = self.trainer
+        in_fit = shuffle and trainer is not None and trainer.state.fn == "fit"
+        return StreamLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=shuffle and len(dataset.labels) > self.batch_size,  # a batch of 1 breaks BatchNorm
+            epoch_of_run=(lambda: epoch_about_to_run(trainer)) if in_fit else None,
         )
 
     def _train_sampler(self, labels: np.ndarray, tag_epoch: bool = False) -> EpochShuffleSampler:
@@ -432,3 +473,23 @@ class ImageDataModule(L.LightningDataModule):
             counts = np.bincount(self.data.labels[indices], minlength=self.num_classes)
             out[split] = {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
         return out
+
+
+def _check_stream_settings(
+    feature_cache: str, trunk_cache: str, decoded_cache: bool, sampler: str, max_samples: int | None
+) -> None:
+    """Settings that need every file at hand, refused for a pack (read chunk by chunk, in LitData's order)."""
+    refused = {
+        "feature_cache": feature_cache != "off",
+        "trunk_cache": trunk_cache != "off",
+        "decoded_cache": decoded_cache,
+        "sampler: balanced": sampler == "balanced",
+        "max_samples": max_samples is not None,
+    }
+    named = [name for name, on in refused.items() if on]
+    if named:
+        raise ConfigError(
+            f"source 'stream' cannot be used with {', '.join(named)}: a pack is read chunk by chunk in "
+            "LitData's shuffled order, not by file. Turn them off, or train from the folder or CSV it was "
+            "packed from."
+        )

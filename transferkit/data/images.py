@@ -7,6 +7,7 @@ naming the file and the reason.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.errors import ImageReadError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "load_image", "read_header", "to_rgb", "find_unreadable"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "decode_image",
+    "load_image",
+    "read_header",
+    "to_rgb",
+    "find_unreadable",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -39,16 +48,42 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarr
     try:
         _check_not_empty(path)
         with Image.open(path) as image:
-            _check_size(path, image)
-            if min_side is not None and image.format == "JPEG":
-                image.draft(None, (min_side, min_side))  # both sides stay >= min_side
-            image = ImageOps.exif_transpose(image) or image
-            image.load()
-            return to_rgb(image)
+            return _decode(path, image, min_side)
     except ImageReadError:
         raise
     except Exception as err:
         raise _read_error(path, err) from err
+
+
+def decode_image(data: bytes | memoryview, name: str, min_side: int | None = None) -> np.ndarray:
+    """:func:`load_image` for a file's bytes already in memory (a sample of a packed dataset);
+    ``name`` is the file's name, for errors.
+
+    Example:
+        >>> import io
+        >>> buffer = io.BytesIO(); Image.new("L", (4, 3)).save(buffer, format="PNG")
+        >>> decode_image(buffer.getvalue(), "gray.png").shape
+        (3, 4, 3)
+    """
+    path = Path(name)
+    try:
+        if not data:
+            raise ImageReadError(path, "the file is empty (0 bytes)")
+        with Image.open(io.BytesIO(data)) as image:
+            return _decode(path, image, min_side)
+    except ImageReadError:
+        raise
+    except Exception as err:
+        raise _read_error(path, err) from err
+
+
+def _decode(path: Path, image: Image.Image, min_side: int | None) -> np.ndarray:
+    _check_size(path, image)
+    if min_side is not None and image.format == "JPEG":
+        image.draft(None, (min_side, min_side))  # both sides stay >= min_side
+    image = ImageOps.exif_transpose(image) or image
+    image.load()
+    return to_rgb(image)
 
 
 def read_header(path: str | os.PathLike) -> tuple[int, int]:

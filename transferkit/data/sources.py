@@ -1,4 +1,5 @@
-"""Where labelled images come from: a class-per-folder tree, a CSV, ELPV, or scikit-learn's digits.
+"""Where labelled images come from: a class-per-folder tree, a CSV, a packed (streaming) dataset, ELPV,
+or scikit-learn's digits.
 
 Each source gives a :class:`DataSource`: one item per sample (a file path, or an in-memory array),
 integer labels, class names, a stratification key, per-sample metadata and, where the source defines
@@ -21,8 +22,8 @@ from transferkit.errors import DatasetError
 
 __all__ = ["DataSource", "DatasetError", "SOURCES", "load_source", "split_indices"]
 
-SourceName = Literal["folder", "csv", "elpv", "digits"]
-SOURCES = ("folder", "csv", "elpv", "digits")
+SourceName = Literal["folder", "csv", "stream", "elpv", "digits"]
+SOURCES = ("folder", "csv", "stream", "elpv", "digits")
 SPLITS = ("train", "val", "test")
 
 
@@ -31,8 +32,9 @@ class DataSource:
     """Samples of one dataset, before splitting and augmentation.
 
     Attributes:
-        name: the source (``folder``, ``csv``, ``elpv``, ``digits``).
-        items: one per sample: a file path, or an in-memory ``(H, W[, C])`` uint8 array.
+        name: the source (``folder``, ``csv``, ``stream``, ``elpv``, ``digits``).
+        items: one per sample: a file path, an in-memory ``(H, W[, C])`` uint8 array, or (``stream``) the
+            sample's position in its split of the pack.
         labels: ``(N,)`` int64 class indices into ``class_names``.
         class_names: the classes, in label order.
         stratify: ``(N,)`` the key splits are stratified on (the label, or finer strata such as ELPV's
@@ -80,6 +82,12 @@ def load_source(
         if csv_path is None:
             raise DatasetError("source 'csv' needs csv_path=<file with 'path' and 'label' columns>.")
         return _csv_source(Path(csv_path).expanduser(), Path(root).expanduser() if root else None)
+    if source == "stream":
+        if root is None:
+            raise DatasetError(
+                "source 'stream' needs root=<folder or URL of a pack written by python -m transferkit pack-data>."
+            )
+        return _stream_source(str(root))
     if source == "elpv":
         return _elpv_source(task)
     if source == "digits":
@@ -193,6 +201,30 @@ def _csv_source(csv_path: Path, root: Path | None) -> DataSource:
     return DataSource("csv", list(paths), labels, class_names, labels.astype(str), splits=splits)
 
 
+# --- stream ----------------------------------------------------------------------------------------
+
+
+def _stream_source(root: str) -> DataSource:
+    from transferkit.data.stream import read_meta
+
+    meta = read_meta(root if "://" in root else os.path.expanduser(root))
+    labels_of = {s: np.asarray(v, dtype=np.int64) for s, v in meta["splits"].items() if len(v)}
+    if "train" not in labels_of:
+        raise DatasetError(
+            f"the pack at '{root}' has no training samples; pack a dataset with a train split."
+        )
+    items: list = []
+    splits = {}
+    for split, labels in labels_of.items():
+        splits[split] = np.arange(len(items), len(items) + len(labels))
+        items += range(len(labels))  # the position in the split: what the pack is read by
+    labels = np.concatenate(list(labels_of.values()))
+    # the pack's own splits are kept (those of the data it was written from, with its seed and fractions)
+    return DataSource(
+        "stream", items, labels, list(meta["class_names"]), labels.astype(str), splits=splits, verified=True
+    )
+
+
 # --- ELPV ------------------------------------------------------------------------------------------
 
 
@@ -254,6 +286,11 @@ def split_indices(
     indices = np.arange(len(data))
     if data.splits is not None:
         splits = {k: np.asarray(v) for k, v in data.splits.items()}
+        if "val" not in splits and data.name == "stream" and val_fraction > 0:
+            raise DatasetError(
+                "the pack has no validation split (it was packed with val_fraction 0), and a pack's splits "
+                "are fixed: set data.val_fraction: 0, or pack the data again with a validation split."
+            )
         if "val" not in splits:
             splits["train"], splits["val"] = _split(splits["train"], data, val_fraction, seed, "val")
         splits.setdefault("test", np.asarray([], dtype=np.int64))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.features import FeatureCache
+from transferkit.errors import ConfigError
 from transferkit.finetuning.groups import backbone_groups
 from transferkit.models.backbones import Backbone
 
@@ -190,6 +191,11 @@ def probe(model: Any, datamodule: Any, cache_dir: str | os.PathLike | None = Non
         cache_dir: a folder to keep the features of each group in (keyed, so a second probe of the same
             data and weights reads them); ``None`` keeps them in memory only.
     """
+    if getattr(getattr(datamodule, "data", None), "name", None) == "stream":
+        raise ConfigError(
+            "probe reads the images of the train and val splits by index, which a pack (source: stream) "
+            "does not offer; probe on the folder or CSV it was packed from (the splits are the same)."
+        )
     if hasattr(datamodule, "use_data_config"):
         datamodule.use_data_config(model.data_config)
     datamodule.setup("fit")
