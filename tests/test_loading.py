@@ -63,7 +63,20 @@ def test_a_jpeg_decodes_at_the_smallest_scale_that_keeps_what_the_pipeline_uses(
     # other formats decode in full
     png = photos[1].with_suffix(".png")
     Image.open(photos[1]).save(png)
-    assert load_image(png, min_side=224).shape == (1512, 2016, 3)
+    assert np.array_equal(load_image(png, min_side=224), load_image(png))
+
+
+def test_elpv_reads_exactly_as_with_full_decoding():
+    # ELPV is PNG: reduced-scale decoding leaves its images, and so its results, unchanged
+    common = dict(
+        source="elpv", num_workers=0, augment="none", image_size=96, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    now, full = tk.ImageDataModule(**common), tk.ImageDataModule(**common, jpeg_draft=False)
+    now.setup("fit")
+    full.setup("fit")
+    for split in ("train", "test"):
+        for i in range(4):
+            assert torch.equal(now.datasets[split][i][0], full.datasets[split][i][0])
 
 
 def test_reduced_decoding_predicts_as_full_decoding_within_the_stated_tolerance(photos):
