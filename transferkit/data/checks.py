@@ -149,6 +149,7 @@ def select(data: DataSource, keep: np.ndarray) -> DataSource:
         remap,
         data.verified,
         data.test_fraction,
+        data.soft[keep] if data.soft is not None else None,
     )
 
 

@@ -86,6 +86,10 @@ class ImageDataModule(L.LightningDataModule):
             loader worker maps into memory, reused by later epochs and runs (see
             :mod:`transferkit.data.decoded`); under ``cache_dir`` (or the run's folder). For folders of
             camera photos, where decoding otherwise limits training.
+        soft_labels: train on class distributions instead of hard labels, where the source gives them:
+            a CSV's ``p_<class>`` columns, or ELPV's annotated defect probability (``task: binary``: a cell
+            rated 1/3 defective trains as (2/3, 1/3)). Validation and test are scored on the hard labels
+            (the most probable class; ELPV's ``>= 0.5`` rule), so scores compare with hard-label runs.
 
     The model it trains with describes itself to it: ``model.data_config`` (input size, mean, std) fills
     what is left ``None``, ``model.check_input_size(side)`` refuses a size the backbone cannot take, and
@@ -123,6 +127,7 @@ class ImageDataModule(L.LightningDataModule):
         sampler: Literal["shuffle", "balanced"] = "shuffle",
         jpeg_draft: bool = True,
         decoded_cache: bool = False,
+        soft_labels: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -137,7 +142,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"sampler must be 'shuffle' or 'balanced', got {sampler!r}.")
         augmentations(augment)  # a bad preset name or transform fails here, before any data is read
         if source == "stream":
-            _check_stream_settings(feature_cache, trunk_cache, decoded_cache, sampler, max_samples)
+            _check_stream_settings(
+                feature_cache, trunk_cache, decoded_cache, sampler, max_samples, soft_labels
+            )
         self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -155,11 +162,17 @@ class ImageDataModule(L.LightningDataModule):
         self.sampler = sampler
         self.jpeg_draft = jpeg_draft
         self.decoded_cache = decoded_cache
+        self.soft_labels = soft_labels
         self.decoded: DecodedImages | None = None
         self._features: dict[tuple[str, str], torch.Tensor] = {}
         # listing is cheap and finds missing paths and empty classes before any training starts
         self.data: DataSource = load_source(source, root=root, csv_path=csv_path, task=task)
         self.test_fraction = self.data.test_fraction if test_fraction is None else test_fraction
+        if soft_labels and self.data.soft is None:
+            raise DatasetError(
+                f"soft_labels is on, but the '{source}' data gives no class probabilities: a CSV needs "
+                "'p_<class>' columns, ELPV needs task: binary. Turn soft_labels off to train on the labels."
+            )
         if max_samples is not None and max_samples < len(self.data):
             self.data = subset(self.data, max_samples, seed)
         self.skipped_images: list[ImageReadError] = []
@@ -221,6 +234,8 @@ class ImageDataModule(L.LightningDataModule):
                 continue
             items = [self.data.items[i] for i in indices]
             self.datasets[split] = self.image_dataset(items, self.data.labels[indices], transform)
+            if split == "train" and self.soft_labels:
+                self.datasets[split].targets = self.data.soft[indices]  # validation and test: hard labels
         if self.decoded_cache and self.decoded is None:
             self.decoded = self._build_decoded_cache()
             for dataset in self.datasets.values():
@@ -455,7 +470,9 @@ class ImageDataModule(L.LightningDataModule):
             self.setup()
         kind, extractor = stage
         features = self.features(split, extractor, kind)
-        dataset = CachedFeatures(features, self.datasets[split].labels, self.trainer.current_epoch, self.seed)
+        source = self.datasets[split]
+        targets = getattr(source, "targets", None)
+        dataset = CachedFeatures(features, source.labels, self.trainer.current_epoch, self.seed, targets)
         return (TrainLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
@@ -476,7 +493,11 @@ class ImageDataModule(L.LightningDataModule):
 
 
 def _check_stream_settings(
-    feature_cache: str, trunk_cache: str, decoded_cache: bool, sampler: str, max_samples: int | None
+    feature_cache: str,
+    trunk_cache: str,
+    decoded_cache: bool,
+    sampler: str,
+    max_samples: int | None,
 ) -> None:
     """Settings that need every file at hand, refused for a pack (read chunk by chunk, in LitData's order)."""
     refused = {

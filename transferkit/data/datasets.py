@@ -45,6 +45,8 @@ class ImageDataset(Dataset):
     smallest DCT scale that keeps both sides at least this many pixels; ``None`` decodes in full.
     ``decoded``: a :class:`~transferkit.data.decoded.DecodedImages` cache to read files from where it
     holds them (others are decoded as without it).
+    ``targets``: ``(N, C)`` class distributions (soft labels) to return instead of the labels, as float32
+    ``(C,)`` per sample; ``labels`` stay the classes samplers and metrics use.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ImageDataset(Dataset):
         skip_bad: bool = False,
         decode_side: int | None = None,
         decoded: DecodedImages | None = None,
+        targets: np.ndarray | None = None,
     ) -> None:
         self.items = items
         self.labels = labels
@@ -66,6 +69,7 @@ class ImageDataset(Dataset):
         self.skip_bad = skip_bad
         self.decode_side = decode_side
         self.decoded = decoded
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,6 +88,8 @@ class ImageDataset(Dataset):
         image, index = self._read_or_stand_in(index)
         self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         image = self.transform(image=image)["image"]
+        if self.targets is not None:
+            return image, torch.as_tensor(self.targets[index], dtype=torch.float32)
         return image, torch.as_tensor(self.labels[index], dtype=torch.long)
 
     def _read_or_stand_in(self, index: int) -> tuple[np.ndarray, int]:
@@ -110,7 +116,14 @@ class CachedFeatures(Dataset):
     ``(views, N, ...)`` tensor; with several views, each epoch draws one view per image, the same one
     in every run with the same ``seed``."""
 
-    def __init__(self, features: torch.Tensor, labels: np.ndarray, epoch: int, seed: int) -> None:
+    def __init__(
+        self,
+        features: torch.Tensor,
+        labels: np.ndarray,
+        epoch: int,
+        seed: int,
+        targets: np.ndarray | None = None,
+    ) -> None:
         views, count = features.shape[:2]
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
         self.view = (
@@ -120,9 +133,11 @@ class CachedFeatures(Dataset):
         )
         self.features = features
         self.labels = torch.as_tensor(labels, dtype=torch.long)
+        # soft labels: the class distributions are what training sees (``labels`` stay the classes)
+        self.targets = torch.as_tensor(targets, dtype=torch.float32) if targets is not None else self.labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features[self.view[index], index], self.labels[index]
+        return self.features[self.view[index], index], self.targets[index]

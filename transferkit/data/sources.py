@@ -43,6 +43,8 @@ class DataSource:
         splits: the source's own train/val/test indices, where it defines them.
         verified: the files are known to read (a packaged dataset): set-up skips scanning them.
         test_fraction: the share held out for the test when the user sets none (a benchmark's protocol).
+        soft: ``(N, C)`` float32 class distributions, where the source gives them (a CSV's ``p_<class>``
+            columns, ELPV's defect probability); ``labels`` are then the classes scored.
     """
 
     name: str
@@ -54,6 +56,7 @@ class DataSource:
     splits: dict[str, np.ndarray] | None = None
     verified: bool = False
     test_fraction: float = 0.2
+    soft: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -166,9 +169,11 @@ def _csv_source(csv_path: Path, root: Path | None) -> DataSource:
     with csv_path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
-        if "path" not in columns or "label" not in columns:
+        soft_columns = [c for c in columns if c.startswith("p_")]
+        if "path" not in columns or ("label" not in columns and len(soft_columns) < 2):
             raise DatasetError(
-                f"CSV '{csv_path}' must have 'path' and 'label' columns (optionally 'split'); it has {columns}."
+                f"CSV '{csv_path}' must have a 'path' column and a 'label' column (or a 'p_<class>' "
+                f"probability column per class), optionally 'split'; it has {columns}."
             )
         rows = list(reader)
     if not rows:
@@ -181,8 +186,11 @@ def _csv_source(csv_path: Path, root: Path | None) -> DataSource:
             f"{len(missing)} of {len(paths)} files listed in '{csv_path}' do not exist, e.g. {missing[:3]}; "
             f"relative paths are read from '{base}' (set data.root to change that)."
         )
-    raw = [r["label"].strip() for r in rows]
-    unique = set(raw)
+    if "label" in columns:
+        raw = [r["label"].strip() for r in rows]
+    else:  # soft labels only: each image's class is its most probable one
+        raw = [max(soft_columns, key=lambda c, r=r: float(r[c] or 0))[2:] for r in rows]
+    unique = set(raw) | {c[2:] for c in soft_columns}
     numeric = all(s.lstrip("-").isdigit() for s in unique)
     class_names = sorted(unique, key=int) if numeric else sorted(unique)
     if len(class_names) < 2:
@@ -198,7 +206,45 @@ def _csv_source(csv_path: Path, root: Path | None) -> DataSource:
         if unknown:
             raise DatasetError(f"CSV '{csv_path}' has split values {unknown}; use train, val or test.")
         splits = {s: np.flatnonzero(where == s) for s in SPLITS if (where == s).any()}
-    return DataSource("csv", list(paths), labels, class_names, labels.astype(str), splits=splits)
+    soft = _csv_soft_labels(csv_path, rows, soft_columns, class_names, labels) if soft_columns else None
+    return DataSource("csv", list(paths), labels, class_names, labels.astype(str), splits=splits, soft=soft)
+
+
+def _csv_soft_labels(
+    csv_path: Path, rows: list[dict], columns: list[str], class_names: list[str], labels: np.ndarray
+) -> np.ndarray:
+    """``(N, C)`` class distributions from ``p_<class>`` columns: one per class, or for two classes one."""
+    named = {c[2:] for c in columns}
+    unknown = sorted(named - set(class_names))
+    if unknown:
+        raise DatasetError(f"CSV '{csv_path}' has probability columns for classes {unknown} no label names.")
+    if len(named) < len(class_names) and not (len(class_names) == 2 and len(named) == 1):
+        missing = sorted(set(class_names) - named)
+        raise DatasetError(
+            f"CSV '{csv_path}' gives probabilities for some classes but not {missing}: give a 'p_<class>' "
+            "column for every class (with two classes, one column is enough)."
+        )
+    soft = np.zeros((len(rows), len(class_names)), dtype=np.float32)
+    for row_number, row in enumerate(rows):
+        try:
+            values = {name: float(row[f"p_{name}"]) for name in named}
+        except ValueError as err:
+            raise DatasetError(
+                f"CSV '{csv_path}' row {row_number + 2}: a probability is not a number ({err})."
+            ) from err
+        for name, value in values.items():
+            soft[row_number, class_names.index(name)] = value
+        if len(named) == 1:
+            (name,) = named
+            soft[row_number, 1 - class_names.index(name)] = 1.0 - values[name]
+    bad = np.flatnonzero((soft < 0).any(1) | (soft > 1).any(1) | (np.abs(soft.sum(1) - 1) > 1e-3))
+    if len(bad):
+        row_number = int(bad[0])
+        raise DatasetError(
+            f"CSV '{csv_path}': the class probabilities of {len(bad)} rows are not a distribution (each in "
+            f"[0, 1], summing to 1), e.g. row {row_number + 2}: {[round(float(v), 3) for v in soft[row_number]]}."
+        )
+    return soft
 
 
 # --- stream ----------------------------------------------------------------------------------------
@@ -250,9 +296,19 @@ def _elpv_source(task: str) -> DataSource:
         raise DatasetError(f"unknown ELPV task '{task}'; choose 'binary' or '4class'.")
     stratify = np.asarray([f"{p:.2f}_{t}" for p, t in zip(probs, types, strict=True)])
     meta = {"defect_probability": probs, "cell_type": types}
+    # binary: the annotated defect probability as a distribution over (functional, defective)
+    soft = np.stack([1 - probs, probs], axis=1).astype(np.float32) if task == "binary" else None
     # the files ship inside the package; its protocol holds a quarter of the cells out for the test
     return DataSource(
-        "elpv", list(paths), labels, class_names, stratify, meta=meta, verified=True, test_fraction=0.25
+        "elpv",
+        list(paths),
+        labels,
+        class_names,
+        stratify,
+        meta=meta,
+        verified=True,
+        test_fraction=0.25,
+        soft=soft,
     )
 
 

@@ -27,6 +27,7 @@ from transferkit.lightning_internals import (
 )
 from transferkit.models.backbones import Pretrained, create_backbone
 from transferkit.models.heads import ClassifierHead
+from transferkit.models.mixing import BatchMixing, hard_labels, soft_cross_entropy
 from transferkit.models.regularisers import Regularisers
 
 __all__ = ["TransferClassifier"]
@@ -88,7 +89,15 @@ class TransferClassifier(L.LightningModule):
         decay_steps: optimizer steps per ``decay_rate`` factor; ``None`` = the whole run.
         lr_milestones: ``piecewise``: epochs at which the LR is multiplied by ``decay_rate``.
         plateau_patience: ``performance``: epochs without improvement before the LR drops.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (towards the uniform distribution, also of mixed
+            and soft targets).
+        mixup_alpha: mixup of training batches: each image blended with another of the batch, ``lam ~
+            Beta(a, a)``, the targets blended alike (:class:`~transferkit.models.mixing.BatchMixing`, timm's
+            ``Mixup``); ``0`` = off, 0.2-0.4 is usual. Not with the feature or trunk caches.
+        cutmix_alpha: CutMix of training batches: a box of another image pasted in, ``lam ~ Beta(a, a)``
+            the share kept; ``0`` = off, ``1.0`` is usual.
+        mix_prob: probability that a training batch is mixed at all.
+        mix_switch_prob: with both mixup and CutMix on, probability that a mixed batch uses CutMix.
         freeze_schedule: which backbone groups train when (default: all of them from the start).
         drop_path_rate: stochastic depth in the backbone, where the architecture supports it.
         mc_dropout: Monte Carlo dropout at predict time: this many passes with the head's dropout on;
@@ -136,6 +145,10 @@ class TransferClassifier(L.LightningModule):
         lr_milestones: list[int] | None = None,
         plateau_patience: int = 2,
         label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
         freeze_schedule: FreezeSchedule | None = None,
         drop_path_rate: float | None = None,
         mc_dropout: int = 0,
@@ -177,6 +190,7 @@ class TransferClassifier(L.LightningModule):
             max_norm=max_norm,
         )
         self.freezing = FreezeController(self.backbone, schedule)
+        self.mixing = BatchMixing(mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, num_classes)
         self.class_names = (
             list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         )
@@ -265,10 +279,26 @@ class TransferClassifier(L.LightningModule):
             self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
         trainer = attached_trainer(self)
         strategy = trainer.strategy if trainer is not None else None
+        if stage == "fit" and self.mixing.active:
+            self._check_mixing_has_images(getattr(trainer, "datamodule", None))
         if stage == "fit" and self.freeze_schedule.active and isinstance(strategy, DDPStrategy):
             # frozen groups get no gradients, and unfrozen ones start getting them mid-run: DDP must look
             # for unused parameters every step (set before the model is wrapped, which comes next)
             set_ddp_find_unused_parameters(strategy)
+
+    @staticmethod
+    def _check_mixing_has_images(datamodule: Any) -> None:
+        cached = [
+            f"data.{name}: {getattr(datamodule, name)}"
+            for name in ("feature_cache", "trunk_cache")
+            if getattr(datamodule, name, "off") != "off"
+        ]
+        if cached:
+            raise ConfigError(
+                f"mixup/CutMix mix training images, but {' and '.join(cached)} feeds the model stored "
+                "features instead of images while the backbone is frozen (mixing pooled features is not "
+                "mixing images, and CutMix has no box to cut in them). Turn the cache off, or mixing off."
+            )
 
     def on_train_start(self) -> None:
         if restarted_mid_epoch(self.trainer):
@@ -315,6 +345,10 @@ class TransferClassifier(L.LightningModule):
         side = self.train_image_side(self.current_epoch)
         if side is not None and self._is_image(images):
             images = resize_shorter_side(images, side)
+        if self.mixing.active:
+            if not self._is_image(images):  # features from a data module of one's own
+                raise ConfigError(f"mixup/CutMix need image batches, got a {tuple(images.shape)} batch.")
+            images, labels = self.mixing.mix(images, labels)
         return self._shared_step(images, labels, None, "train")
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -347,7 +381,11 @@ class TransferClassifier(L.LightningModule):
             logits = self.predict_proba(images).clamp_min(1e-12).log()  # the loss is the NLL of the average
         else:
             logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        if labels.ndim == 2:  # class distributions: mixed batches, soft labels
+            loss = soft_cross_entropy(logits, labels, self.hparams.label_smoothing)
+            labels = hard_labels(labels)  # what accuracy and the other metrics score
+        else:
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         on_step = stage == "train"
         shown = not on_step or self._step_loss_in_progress_bar()
         self.log(
