@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         NonFiniteLossError,
         TransferKitError,
     )
+    from transferkit.finetuning.lr_finder import lr_find
     from transferkit.finetuning.planning import plan
     from transferkit.finetuning.probing import probe
     from transferkit.finetuning.schedule import FreezeSchedule
@@ -69,6 +70,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "ImageReadError": "transferkit.errors",
         "NonFiniteLossError": "transferkit.errors",
         "TransferKitError": "transferkit.errors",
+        "lr_find": "transferkit.finetuning.lr_finder",
         "plan": "transferkit.finetuning.planning",
         "probe": "transferkit.finetuning.probing",
         "FreezeSchedule": "transferkit.finetuning.schedule",

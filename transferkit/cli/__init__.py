@@ -33,6 +33,7 @@ TRAINING_COMMANDS = {
 TOOL_COMMANDS = {
     "probe": "probe",
     "plan": "plan",
+    "lr-find": "lr_find",
     "diagnose": "diagnose",
     "augment-preview": "augment_preview",
     "predict-images": "predict_images",
@@ -45,6 +46,7 @@ TOOL_COMMANDS = {
 _TOOL_HELP = {
     "probe": "linear probe of the frozen features at every backbone depth, and how deep to unfreeze",
     "plan": "print the freeze schedule phase by phase (groups, params, LRs, BN) without training",
+    "lr-find": "learning-rate range test per phase of the freeze schedule: suggestions, why, and lr_find.png",
     "diagnose": "gradient health per layer (vanishing / exploding / dying; saturated units) over a few training batches",
     "augment-preview": "one training image through the recipe's train pipeline N times, in a grid with the pipeline's text",
     "predict-images": "class probabilities of image files/folders from a checkpoint alone, to CSV (unreadable ones listed)",

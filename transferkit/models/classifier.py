@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -67,7 +67,10 @@ class TransferClassifier(L.LightningModule):
         max_norm: max-norm constraint on the head's incoming weight vectors, enforced after every step.
         optimizer: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``rmsprop``.
         lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth`` unless
-            ``backbone_lr`` is set.
+            ``backbone_lr`` is set. ``auto``: found by a range test when training starts
+            (:func:`transferkit.finetuning.lr_finder.lr_find`, run by :meth:`transferkit.Trainer.fit`):
+            the head's in the frozen phase and, for a recipe that unfreezes, ``backbone_lr`` at the first
+            unfreeze; the values chosen are logged and stored in the checkpoint.
         backbone_lr: learning rate of the top backbone group, the groups below it ``layer_decay`` times
             less each; ``None`` = ``lr * layer_decay``. Well under ``lr``, it keeps more pretrained features.
         weight_decay: L2 weight decay in the optimizer, on every trained parameter (decoupled for ``adamw``).
@@ -127,7 +130,7 @@ class TransferClassifier(L.LightningModule):
         batch_norm: bool = True,
         max_norm: float | None = None,
         optimizer: str = "adam",
-        lr: float = 1e-3,
+        lr: float | Literal["auto"] = 1e-3,
         backbone_lr: float | None = None,
         weight_decay: float = 0.0,
         l1: float = 0.0,
@@ -164,7 +167,12 @@ class TransferClassifier(L.LightningModule):
             raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
-        check_optimization(optimizer, lr, lr_schedule, backbone_lr, weight_decay, layer_decay, decay_rate)
+        if isinstance(lr, str) and lr != "auto":
+            raise ConfigError(f"lr must be a number > 0 or 'auto' (found by a range test), got {lr!r}.")
+        numeric_lr = 1e-3 if lr == "auto" else lr  # checked with a stand-in until the range test runs
+        check_optimization(
+            optimizer, numeric_lr, lr_schedule, backbone_lr, weight_decay, layer_decay, decay_rate
+        )
         prediction.check_prediction_settings(tta, mc_dropout, dropout)
         progressive_resizing = parse_progressive_resizing(progressive_resizing)
         self.save_hyperparameters(ignore=["freeze_schedule"])
@@ -436,6 +444,11 @@ class TransferClassifier(L.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups, all built up front: the head, then backbone groups top to bottom."""
         hp = self.hparams
+        if isinstance(hp.lr, str):
+            raise ConfigError(
+                "model.lr is 'auto' and no range test has set it: transferkit.Trainer.fit runs one; with "
+                "another Trainer, call transferkit.lr_find(model, datamodule) first."
+            )
         return self.freezing.parameter_groups(
             list(self.head.parameters()), hp.lr, hp.layer_decay, hp.backbone_lr
         )

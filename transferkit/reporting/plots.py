@@ -536,6 +536,50 @@ def compare_curves(
     return save_png(fig, path)
 
 
+def lr_find_plot(report: Any, path: str | os.PathLike) -> Path:
+    """The range tests of :func:`transferkit.finetuning.lr_finder.lr_find`: the smoothed training loss
+    against the learning rate (log axis), one panel per phase, the suggested rate marked.
+
+    Example:
+        >>> import tempfile, os, numpy as np
+        >>> from transferkit.finetuning.lr_finder import LRFindReport, LRSweep
+        >>> lrs = list(np.logspace(-5, 0, 30)); losses = [1 / (1 + 100 * lr) + lr**2 for lr in lrs]
+        >>> report = LRFindReport([LRSweep("head", 0, "lr", lrs, losses, 1e-2, "steepest")])
+        >>> lr_find_plot(report, os.path.join(tempfile.mkdtemp(), "lr_find.png")).name
+        'lr_find.png'
+    """
+    sweeps = list(report.sweeps)
+    if not sweeps:
+        raise ValueError("lr_find_plot needs at least one sweep.")
+    fig = Figure(figsize=(5.2 * len(sweeps), 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sweeps), squeeze=False)[0]
+    for ax, sweep in zip(axes, sweeps, strict=True):
+        finite = [(lr, loss) for lr, loss in zip(sweep.lrs, sweep.losses, strict=True) if math.isfinite(loss)]
+        if finite:
+            xs, ys = zip(*finite, strict=True)
+            ax.plot(xs, ys, color="tab:blue")
+            low, high = min(ys), sorted(ys)[int(0.9 * (len(ys) - 1))]
+            ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.25 * (high - low + 1e-9))
+        if sweep.suggestion is not None:
+            ax.axvline(sweep.suggestion, color="tab:red", linestyle="--")
+            ax.annotate(
+                f"{sweep.parameter} = {sweep.suggestion:.2g}",
+                (sweep.suggestion, 0.95),
+                xycoords=("data", "axes fraction"),
+                color="tab:red",
+                ha="left",
+                va="top",
+                fontsize=9,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{sweep.parameter} (learning rate)")
+        ax.set_ylabel("training loss (smoothed)")
+        ax.set_title(f"{sweep.phase} phase, epoch {sweep.epoch}", fontsize=10)
+        ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
 def _minor_log_label(value: float, _position: int) -> str:
     """Label the 2s, 3s and 5s between the decades of a log axis, so a short range still reads."""
     if value <= 0:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
@@ -133,6 +134,9 @@ class Trainer(L.Trainer):
             self._train_without_validation(model, self.callbacks, announce=True)
         elif not self._validates(model, val_dataloaders, datamodule):
             self._train_without_validation(model, self._added_defaults, announce=False)
+        if getattr(model, "hparams", {}).get("lr") == "auto":
+            given = train_dataloaders if isinstance(train_dataloaders, L.LightningDataModule) else datamodule
+            self._find_learning_rates(model, given, ckpt_path)
         named = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
         if (
             ckpt_path is not None
@@ -164,6 +168,29 @@ class Trainer(L.Trainer):
             # after a Ctrl+C Lightning ignores SIGINT for good; a notebook's next interrupt must still work
             if sigint is not None and signal.getsignal(signal.SIGINT) is not sigint:
                 signal.signal(signal.SIGINT, sigint)
+
+    def _find_learning_rates(self, model: L.LightningModule, datamodule: Any, ckpt_path: Any) -> None:
+        """``model.lr: auto``: a resumed run takes the rates its checkpoint was trained with; a new one runs
+        :func:`~transferkit.finetuning.lr_finder.lr_find` (``lr_find.png`` in the run's folder), prints what
+        it chose and why, and keeps it in the hyperparameters, which the loggers and checkpoints record."""
+        if ckpt_path is not None and Path(str(ckpt_path)).is_file():
+            saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+            if not isinstance(saved.get("lr"), str):
+                for name in ("lr", "backbone_lr", "lr_found"):
+                    if name in saved:
+                        model.hparams[name] = saved[name]
+                model.save_hyperparameters(dict(model.hparams))
+                return
+        if datamodule is None:
+            raise ConfigError("model.lr: auto needs the data module (trainer.fit(model, datamodule=...)).")
+        from transferkit.finetuning.lr_finder import lr_find
+
+        folder = Path(self.log_dir or self.default_root_dir)
+        report = lr_find(model, datamodule, out=folder / "lr_find.png", root_dir=self.default_root_dir)
+        model.hparams["lr_found"] = [sweep.to_dict() for sweep in report.sweeps]
+        model.save_hyperparameters(dict(model.hparams))  # the loggers record the rates found, not "auto"
+        if self.is_global_zero:
+            print(f"model.lr: auto: learning rates found by a range test ({report.png}):\n{report}")
 
     def _validates(self, model: L.LightningModule, val_dataloaders: Any, datamodule: Any) -> bool:
         """Whether this fit runs a validation loop (so that ``val_loss`` will exist to be watched)."""

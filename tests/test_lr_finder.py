@@ -1,0 +1,116 @@
+"""The learning-rate finder: a range test per phase of the freeze schedule, lr-find and model.lr: auto."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import NORM, TINY_BACKBONE, quiet_trainer, run_cli
+
+import transferkit as tk
+from transferkit.finetuning.lr_finder import SKIP_BEGIN
+
+
+def digits(**kwargs) -> tk.ImageDataModule:
+    return tk.ImageDataModule(source="digits", num_workers=0, batch_size=32, **{**NORM, **kwargs})
+
+
+def test_the_suggested_rate_trains_and_a_hundred_times_larger_one_diverges(tmp_path):
+    L.seed_everything(0)
+    model = tk.TransferClassifier(
+        num_classes=10, backbone=TINY_BACKBONE, pretrained=False, lr_schedule="none"
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = tk.lr_find(model, digits(), steps=60, out=tmp_path / "lr_find.png")
+    assert [s.phase for s in report.sweeps] == ["all"] and report.png.is_file()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights put back
+    found = report.values["lr"]
+    results = {}
+    for lr in (found, 100 * found):
+        L.seed_everything(0)
+        model = tk.TransferClassifier(
+            num_classes=10, backbone=TINY_BACKBONE, pretrained=False, lr=lr, lr_schedule="none"
+        )
+        trainer = quiet_trainer(tmp_path / f"run-{lr}", max_epochs=3, enable_checkpointing=False)
+        trainer.fit(model, digits())
+        results[lr] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    good, bad = results[found], results[100 * found]
+    assert good["val_acc"] >= 0.7 and good["train_loss"] < 1.0  # chance is 0.1, loss 2.3
+    assert bad["train_loss"] > 10 * good["train_loss"] and bad["val_acc"] < good["val_acc"] - 0.3
+
+
+def test_a_freeze_schedule_gets_a_sweep_per_phase_with_layer_decay_kept(tmp_path, monkeypatch):
+    from transferkit.finetuning import lr_finder
+
+    L.seed_everything(0)
+    model = tk.TransferClassifier(
+        num_classes=10, backbone=TINY_BACKBONE, pretrained=False, layer_decay=0.5,
+        freeze_schedule={"milestones": {1: 2}},
+    )  # fmt: skip
+    seen = []
+    sweep = lr_finder._own_sweep
+
+    def spy(model, datamodule, epoch, steps, min_lr, max_lr, swept, fixed):
+        seen.append((epoch, swept, fixed))
+        return sweep(model, datamodule, epoch, steps, min_lr, max_lr, swept, fixed)
+
+    monkeypatch.setattr(lr_finder, "_own_sweep", spy)
+    dm = digits(feature_cache="clean")
+    assert len(dm.data) // 32 > 30  # the head phase (epoch 0) holds the sweep: Lightning's finder runs it
+    report = tk.lr_find(model, dm, steps=30, root_dir=tmp_path)
+    head, backbone = report.sweeps
+    assert (head.phase, head.parameter, backbone.phase, backbone.parameter) == (
+        "head",
+        "lr",
+        "backbone",
+        "backbone_lr",
+    )
+    assert len(head.lrs) == 30 and len(backbone.lrs) <= 30
+    assert backbone.epoch == 1 and head.suggestion and backbone.suggestion
+    # each suggestion sits where the loss is falling, past the first points of its sweep
+    for sweep in (head, backbone):
+        at = sweep.lrs.index(sweep.suggestion)
+        assert at >= SKIP_BEGIN and sweep.losses[at + 1] < sweep.losses[at - 1]
+    top = len(model.freezing.groups) - 1
+    assert seen == [(1, {f"backbone.{top}": 1.0, f"backbone.{top - 1}": 0.5}, {"head": head.suggestion})]
+    assert (tmp_path / "feature_cache").is_dir()  # the head phase trained on the cached features
+
+
+def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_prints_it(tmp_path):
+    L.seed_everything(0)
+    model = tk.TransferClassifier(
+        num_classes=10,
+        backbone=TINY_BACKBONE,
+        pretrained=False,
+        lr="auto",
+        freeze_schedule={"frozen_epochs": 1},
+    )
+    with pytest.raises(tk.ConfigError, match="model.lr is 'auto' and no range test has set it"):
+        model.configure_optimizers()
+    trainer = quiet_trainer(tmp_path, max_epochs=2, logger=True)
+    trainer.fit(model, digits(max_samples=400))
+    lr, backbone_lr = model.hparams.lr, model.hparams.backbone_lr
+    assert isinstance(lr, float) and isinstance(backbone_lr, float) and backbone_lr < lr
+    assert (tmp_path / "lightning_logs" / "version_0" / "lr_find.png").is_file()
+    saved = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)["hyper_parameters"]
+    assert saved["lr"] == lr and saved["backbone_lr"] == backbone_lr
+    assert [s["phase"] for s in saved["lr_found"]] == ["head", "backbone"]
+    hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
+    assert f"lr: {lr}" in hparams  # logged
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{backbone: {TINY_BACKBONE}, pretrained: false, freeze_schedule: {{frozen_epochs: 1}}}}\n"
+        "data: {source: digits, image_size: 32, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], num_workers: 0,"
+        " max_samples: 400}\n"
+        f"trainer: {{default_root_dir: {tmp_path / 'cli'}}}\n"
+    )
+    result = run_cli(
+        "lr-find", "--config", str(recipe), "--steps", "30", "--out", str(tmp_path / "found.png")
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "head phase (epoch 0): lr = " in result.stdout
+        and "backbone phase (epoch 1): backbone_lr = " in result.stdout
+    )
+    assert "In the recipe: model.lr: " in result.stdout and (tmp_path / "found.png").is_file()

@@ -1,0 +1,43 @@
+"""``python -m transferkit lr-find --config X``: learning rates found by a range test, phase by phase."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from transferkit.cli.recipes import config_paths, load_recipe
+from transferkit.finetuning.lr_finder import lr_find
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m transferkit lr-find",
+        description=(
+            "Range-test the learning rates of a recipe: the head's in the frozen phase (on the feature cache "
+            "when it is on) and, for a recipe that unfreezes, the top backbone group's at the first unfreeze "
+            "(layer decay kept). Prints each suggestion and why, and writes the curves to a PNG. Give the "
+            "recipe with --config (overrides such as --model.layer_decay 0.5 work as for fit)."
+        ),
+    )
+    parser.add_argument("--out", default="lr_find.png", help="the PNG to write (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=100, help="steps per sweep (default: %(default)s)")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="lowest rate tried (default: %(default)s)")
+    parser.add_argument("--max-lr", type=float, default=1.0, help="highest rate tried (default: %(default)s)")
+    args, recipe_args = parser.parse_known_args(list(argv))
+    if not config_paths(recipe_args):
+        parser.error("give the recipe with --config recipes/X.yaml.")
+    recipe = load_recipe(recipe_args, logger=False)
+    report = lr_find(
+        recipe.model,
+        recipe.datamodule,
+        steps=args.steps,
+        min_lr=args.min_lr,
+        max_lr=args.max_lr,
+        out=Path(args.out),
+        root_dir=recipe.trainer.default_root_dir,
+    )
+    print(report)
+    fields = ", ".join(f"model.{name}: {value:.3g}" for name, value in report.values.items())
+    print(f"wrote {report.png}. In the recipe: {fields or 'nothing found (see above)'} (or model.lr: auto).")
+    return 0 if report.values else 1
