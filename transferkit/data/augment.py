@@ -21,6 +21,7 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
+from transferkit.data.policies import POLICIES, policy  # noqa: E402
 from transferkit.errors import ConfigError  # noqa: E402
 
 __all__ = [
@@ -71,7 +72,9 @@ def _preset(name: str) -> list[A.BasicTransform]:
 
 
 def augmentations(augment: Augment) -> list[A.BasicTransform]:
-    """The augmentation transforms named by a preset or described inline (without resize/normalize)."""
+    """The augmentation transforms named by a preset or described inline (without resize/normalize); an
+    inline item may be a policy, ``{RandAugment: {num_ops, magnitude, ops}}`` or ``{TrivialAugment: {ops}}``
+    (:mod:`transferkit.data.policies`)."""
     if isinstance(augment, str):
         return _preset(augment)
     if isinstance(augment, Mapping):
@@ -103,6 +106,16 @@ def _transform_from_item(item: Mapping[str, Any]) -> A.BasicTransform:
             "e.g. {HorizontalFlip: {p: 0.5}}."
         )
     name = spec["__class_fullname__"]
+    if name in POLICIES:
+        params = {k: v for k, v in spec.items() if k != "__class_fullname__"}
+        known = {"num_ops", "magnitude", "ops", "p"} if name == "RandAugment" else {"magnitude", "ops", "p"}
+        if set(params) - known:
+            raise ConfigError(
+                f"{name} takes {', '.join(sorted(known))}; got {', '.join(sorted(set(params) - known))}."
+            )
+        if name == "TrivialAugment":
+            params.setdefault("magnitude", 10.0)
+        return policy(name, **params)
     if not hasattr(A, name):
         raise ConfigError(
             f"'{name}' is not an Albumentations transform (see albumentations' list of transforms)."
