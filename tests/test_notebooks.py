@@ -28,6 +28,7 @@ SMALL: dict[str, dict[str, Any]] = {
         "data_source": "digits",
         "image_size": 64,
         "augment": "none",
+        "lr_find_steps": 30,
     },
     "04_vanishing_gradients": {"max_epochs": 2, "max_samples": 600},
     "05_elpv": {"max_samples": 160, "max_epochs": 2, "image_size": 64, "tta": "none"},
@@ -108,7 +109,9 @@ def check_02_augmentation(nb, out: Path) -> None:
     for name in ("none", "light", "medium", "heavy"):
         assert (folder / f"preset_{name}.png").is_file(), name
     assert (folder / "inline.png").is_file()
-    assert images_shown(nb) >= 5
+    for name in ("policy_photometric_safe", "policy_default", "mixup", "cutmix"):
+        assert (folder / f"{name}.png").is_file(), name
+    assert images_shown(nb) >= 9
     assert "round trip through A.to_dict / A.from_dict: identical" in text_of(nb)
 
 
@@ -122,7 +125,10 @@ def check_03_freeze_schedules(nb, out: Path) -> None:
     )
     assert "unfrozen at epochs [2, 4] (schedule), [2, 4] (logged)" in text
     assert (out / "03_freeze_schedules" / "learning_curves.png").is_file()
-    assert images_shown(nb) >= 1
+    assert re.search(r"head phase \(epoch 0\): lr = [\d.e-]+: ", text)
+    assert re.search(r"backbone phase \(epoch 2\): backbone_lr = [\d.e-]+: ", text)
+    assert (out / "03_freeze_schedules" / "lr_find.png").is_file()
+    assert images_shown(nb) >= 2
 
 
 def check_04_vanishing_gradients(nb, out: Path) -> None:

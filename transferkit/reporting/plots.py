@@ -195,6 +195,84 @@ def augmentation_grid(
     return save_png(fig, path)
 
 
+def mixed_batch_views(
+    images: Sequence[np.ndarray | str | os.PathLike],
+    labels: Sequence[int],
+    num_classes: int,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    switch_prob: float = 0.5,
+    image_size: int = 224,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` as one training batch mixed by :class:`~transferkit.models.mixing.BatchMixing`:
+    ``(B, S, S, 3)`` uint8 views and their ``(B, num_classes)`` targets (the share of each class)."""
+    import torch
+
+    from transferkit.models.mixing import BatchMixing
+
+    batch = np.stack(
+        [
+            cv2.resize(_as_rgb(image), (image_size, image_size), interpolation=cv2.INTER_AREA)
+            for image in images
+        ]
+    )
+    tensors = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+    mixing = BatchMixing(mixup_alpha, cutmix_alpha, 1.0, switch_prob, num_classes)
+    state = np.random.get_state()  # timm draws from NumPy's global generator: leave it as it was
+    np.random.seed(seed)
+    try:
+        mixed, targets = mixing.mix(tensors, torch.as_tensor(list(labels)))
+    finally:
+        np.random.set_state(state)
+    views = mixed.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
+    return views, targets.numpy()
+
+
+def mixed_batch(
+    images: Sequence[np.ndarray | str | os.PathLike],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    switch_prob: float = 0.5,
+    image_size: int = 224,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
+    """One mixed training batch (:func:`mixed_batch_views`), each image titled with its target.
+
+    Example:
+        >>> import tempfile, os
+        >>> rng = np.random.default_rng(0)
+        >>> images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+        >>> mixed_batch(images, [0, 1, 0, 1], ["a", "b"], os.path.join(tempfile.mkdtemp(), "m.png"),
+        ...             cutmix_alpha=1.0, image_size=32).name
+        'm.png'
+    """
+    views, targets = mixed_batch_views(
+        images, labels, len(class_names), mixup_alpha, cutmix_alpha, switch_prob, image_size, seed
+    )
+    fig = Figure(figsize=(2.0 * len(views), 2.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(views), squeeze=False)[0]
+    for ax, view, target in zip(axes, views, targets, strict=True):
+        ax.imshow(view, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        shares = [
+            f"{share:.2f} {name}"
+            for share, name in sorted(zip(target, class_names, strict=True), reverse=True)
+            if share > 0.005
+        ]
+        ax.set_title("\n".join(shares), fontsize=8)
+    fig.suptitle(
+        title or f"one batch, mixup alpha {mixup_alpha:g}, CutMix alpha {cutmix_alpha:g}", fontsize=11
+    )
+    return save_png(fig, path)
+
+
 # --- learning curves -------------------------------------------------------------------------------
 
 
