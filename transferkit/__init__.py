@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from transferkit.models.heads import ClassifierHead
     from transferkit.reporting import plots
     from transferkit.reporting.run_report import write_run_report
+    from transferkit.training.augment_search import augment_search
     from transferkit.training.averaging import EMA
     from transferkit.training.nonfinite import NonFiniteLossGuard
     from transferkit.training.trainer import Trainer
@@ -82,6 +83,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "ClassifierHead": "transferkit.models.heads",
         "plots": "transferkit.reporting.plots:",
         "write_run_report": "transferkit.reporting.run_report",
+        "augment_search": "transferkit.training.augment_search",
         "EMA": "transferkit.training.averaging",
         "NonFiniteLossGuard": "transferkit.training.nonfinite",
         "Trainer": "transferkit.training.trainer",

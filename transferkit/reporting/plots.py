@@ -658,6 +658,44 @@ def lr_find_plot(report: Any, path: str | os.PathLike) -> Path:
     return save_png(fig, path)
 
 
+def augment_search_plot(report: Any, path: str | os.PathLike) -> Path:
+    """The trials of :func:`transferkit.training.augment_search.augment_search`: each candidate's mean
+    validation loss minus the baseline's (lower is better), the range over its seeds as a bar, and the
+    baseline's own spread over the seeds shaded (a difference inside it is no difference).
+
+    Example:
+        >>> import tempfile, os
+        >>> from transferkit.training.augment_search import AugmentSearchReport, Trial
+        >>> base = Trial("baseline", "baseline", [0.50, 0.52], [0.8, 0.8])
+        >>> flip = Trial("+ HorizontalFlip(p=0.5)", {}, [0.45, 0.47], [0.82, 0.83])
+        >>> report = AugmentSearchReport([flip, base], base, [], "", 0.02)
+        >>> augment_search_plot(report, os.path.join(tempfile.mkdtemp(), "a.png")).name
+        'a.png'
+    """
+    trials = list(report.trials)
+    base = report.baseline.mean("val_loss")
+    fig = Figure(figsize=(8.0, 0.45 * len(trials) + 1.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ys = np.arange(len(trials))[::-1]
+    for y, trial in zip(ys, trials, strict=True):
+        losses = np.asarray(trial.val_loss, dtype=float) - base
+        color = "tab:gray" if trial is report.baseline else ("tab:green" if losses.mean() < 0 else "tab:red")
+        ax.barh(y, losses.mean(), color=color, alpha=0.8)
+        if len(losses) > 1:
+            ax.plot([losses.min(), losses.max()], [y, y], color="black", linewidth=1.5)
+    noise = report.noise
+    if noise == noise and noise > 0:  # not NaN
+        ax.axvspan(-noise / 2, noise / 2, color="tab:gray", alpha=0.15, label="baseline's seed spread")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(ys, [t.name for t in trials], fontsize=8)
+    ax.set_xlabel("validation loss minus the baseline's (lower is better)")
+    ax.set_title("augment-search: each candidate against the recipe's pipeline", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return save_png(fig, path)
+
+
 def _minor_log_label(value: float, _position: int) -> str:
     """Label the 2s, 3s and 5s between the decades of a log axis, so a short range still reads."""
     if value <= 0:
