@@ -72,7 +72,11 @@ def test_a_freeze_schedule_gets_a_sweep_per_phase_with_layer_decay_kept(tmp_path
         at = sweep.lrs.index(sweep.suggestion)
         assert at >= SKIP_BEGIN and sweep.losses[at + 1] < sweep.losses[at - 1]
     top = len(model.freezing.groups) - 1
-    assert seen == [(1, {f"backbone.{top}": 1.0, f"backbone.{top - 1}": 0.5}, {"head": head.suggestion})]
+    # the head first trains at its rate (as the frozen epoch would), then the top two groups are swept
+    assert seen == [
+        (0, {"head": 1.0}, {}),
+        (1, {f"backbone.{top}": 1.0, f"backbone.{top - 1}": 0.5}, {"head": head.suggestion}),
+    ]
     assert (tmp_path / "feature_cache").is_dir()  # the head phase trained on the cached features
 
 

@@ -16,7 +16,8 @@ they are.
   run into the unfrozen epochs: then the loop below sweeps it, held at epoch 0.
 - **backbone**, the first epoch that unfreezes backbone groups: the top backbone group's rate is swept,
   the unfrozen groups below it keep ``layer_decay`` times less each, and the head stays at its own rate
-  (the head phase's suggestion). Lightning's sweep would set every group to the same rate, erasing the
+  (the head phase's suggestion), having first trained at it for as many steps as a sweep, as the
+  frozen epochs would have trained it. Lightning's sweep would set every group to the same rate, erasing the
   layer decay, so this sweep is a short loop of its own, with the same smoothing, early stop and rule.
 - **all**, a recipe that trains everything from the start: ``lr`` swept, every backbone group keeping its
   ratio to it.
@@ -176,6 +177,11 @@ def lr_find(
                 report.sweeps.append(_named(sweep, "head", 0, "lr"))
             head_lr = report.sweeps[-1].suggestion or model.hparams.lr
             if first_unfreeze is not None:
+                # the frozen epochs train the head before anything unfreezes: so does the finder, at the
+                # head's found rate, for as many steps as a sweep, so the backbone's sweep starts from a
+                # trained head as the run's unfrozen epochs do (not from a random one, whose large
+                # gradients would dominate the first steps)
+                _own_sweep(model, datamodule, 0, steps, head_lr, head_lr, swept={"head": 1.0}, fixed={})
                 trainable = freezing.trainable_at(first_unfreeze)
                 sweep = _own_sweep(
                     model, datamodule, first_unfreeze, steps, min_lr, min(max_lr, max_lr / 10),
