@@ -142,9 +142,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"sampler must be 'shuffle' or 'balanced', got {sampler!r}.")
         augmentations(augment)  # a bad preset name or transform fails here, before any data is read
         if source == "stream":
-            _check_stream_settings(
-                feature_cache, trunk_cache, decoded_cache, sampler, max_samples, soft_labels
-            )
+            _check_stream_settings(feature_cache, trunk_cache, decoded_cache, sampler, max_samples)
         self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
