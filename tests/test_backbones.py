@@ -61,20 +61,23 @@ def test_any_timm_model_returns_pooled_features():
     assert set(backbone.data_config) >= {"input_size", "mean", "std"}
 
 
-def test_hub_unreachable_fails_fast_with_alternatives(monkeypatch):
-    monkeypatch.setenv("TRANSFERKIT_HUB_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+def test_hub_unreachable_fails_fast_with_alternatives(tmp_path, monkeypatch):
+    # no hub is reached: an empty cache, and an endpoint on this machine where nothing listens
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TRANSFERKIT_HUB_ENDPOINT", "http://127.0.0.1:9")
     start = time.monotonic()
     with pytest.raises(HubUnreachableError) as info:
-        create_backbone("resnet18", pretrained="hub")  # offline: must raise the unreachable-hub error
+        create_backbone(TINY_BACKBONE, pretrained="hub")  # must raise the unreachable-hub error
     assert time.monotonic() - start < 30
     message = str(info.value)
     assert "unreachable" in message and "'bundled'" in message and "path" in message
 
 
-def test_hub_offline_flag_is_respected(monkeypatch):
+def test_hub_offline_flag_is_respected(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # nothing cached, no network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE"):
-        create_backbone("resnet18", pretrained="hub")  # offline: must raise the unreachable-hub error
+        create_backbone(TINY_BACKBONE, pretrained="hub")  # must raise the unreachable-hub error
 
 
 def _hub_cache(root, repo_id: str, model, safe: bool = True):
