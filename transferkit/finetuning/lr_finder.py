@@ -40,7 +40,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
@@ -290,7 +289,6 @@ def _own_sweep(
     for group in optimizer.param_groups:
         if group.get("name") not in swept:
             group["lr"] = fixed.get(group.get("name"), 0.0)
-    label_smoothing = model.hparams.label_smoothing
     lrs: list[float] = []
     losses: list[float] = []
     average, best = 0.0, math.inf
@@ -303,13 +301,7 @@ def _own_sweep(
         images, labels = next(batches)
         if model.mixing.active:
             images, labels = model.mixing.mix(images, labels)
-        logits = model(images)
-        if labels.ndim == 2:
-            from transferkit.models.mixing import soft_cross_entropy
-
-            loss = soft_cross_entropy(logits, labels, label_smoothing)
-        else:
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        loss = model.loss(model(images), labels)  # the training step's loss, without its logging
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -389,11 +389,8 @@ class TransferClassifier(L.LightningModule):
             logits = self.predict_proba(images).clamp_min(1e-12).log()  # the loss is the NLL of the average
         else:
             logits = self(images)
-        if labels.ndim == 2:  # class distributions: mixed batches, soft labels
-            loss = soft_cross_entropy(logits, labels, self.hparams.label_smoothing)
-            labels = hard_labels(labels)  # what accuracy and the other metrics score
-        else:
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss = self.loss(logits, labels)
+        labels = hard_labels(labels)  # what accuracy and the other metrics score
         on_step = stage == "train"
         shown = not on_step or self._step_loss_in_progress_bar()
         self.log(
@@ -413,6 +410,13 @@ class TransferClassifier(L.LightningModule):
             if self.regularisers.l2:
                 loss = loss + self.regularisers.l2_term()
         return loss
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with the module's label smoothing, against hard labels ``(B,)`` or class
+        distributions ``(B, C)`` (mixed batches, soft labels)."""
+        if labels.ndim == 2:
+            return soft_cross_entropy(logits, labels, self.hparams.label_smoothing)
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
 
     def _step_loss_in_progress_bar(self) -> bool:
         # Lightning reads progress-bar values back after every batch: a stall per step on a GPU
