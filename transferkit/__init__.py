@@ -40,9 +40,11 @@ if TYPE_CHECKING:
     from transferkit.finetuning.planning import plan
     from transferkit.finetuning.probing import probe
     from transferkit.finetuning.schedule import FreezeSchedule
+    from transferkit.inference.calibrate import calibrate
     from transferkit.inference.export import export_checkpoint
     from transferkit.inference.loading import load_for_inference
     from transferkit.models.backbones import Backbone, create_backbone
+    from transferkit.models.calibration import Calibration
     from transferkit.models.classifier import TransferClassifier
     from transferkit.models.heads import ClassifierHead
     from transferkit.reporting import plots
@@ -75,10 +77,12 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "plan": "transferkit.finetuning.planning",
         "probe": "transferkit.finetuning.probing",
         "FreezeSchedule": "transferkit.finetuning.schedule",
+        "calibrate": "transferkit.inference.calibrate",
         "export_checkpoint": "transferkit.inference.export",
         "load_for_inference": "transferkit.inference.loading",
         "Backbone": "transferkit.models.backbones",
         "create_backbone": "transferkit.models.backbones",
+        "Calibration": "transferkit.models.calibration",
         "TransferClassifier": "transferkit.models.classifier",
         "ClassifierHead": "transferkit.models.heads",
         "plots": "transferkit.reporting.plots:",

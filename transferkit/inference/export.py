@@ -69,13 +69,17 @@ class _Logits(nn.Module):
 
 
 class _LogitsAndProbabilities(nn.Module):
-    def __init__(self, logits: nn.Module) -> None:
+    """Images -> (logits, probabilities): the probabilities are ``softmax(logits / temperature)``, the
+    checkpoint's calibration (1 when it was never calibrated)."""
+
+    def __init__(self, logits: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.logits = logits
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(images)
-        return logits, logits.softmax(dim=-1)
+        return logits, (logits / self.temperature).softmax(dim=-1)
 
 
 def preprocessing_path(model_path: str | os.PathLike) -> Path:
@@ -112,7 +116,17 @@ def export_checkpoint(
     model = build_model(TransferClassifier, checkpoint, ckpt_path)
     preprocessing = preprocessing_of(checkpoint)
     preprocessing["source_checkpoint"] = Path(ckpt_path).name
-    preprocessing["outputs"] = {"logits": "(B, C) float32", "probabilities": "(B, C) float32, softmax"}
+    calibration = model.calibration
+    preprocessing["outputs"] = {
+        "logits": "(B, C) float32, as trained",
+        "probabilities": f"(B, C) float32, softmax(logits / {calibration.temperature:.6g})",
+    }
+    preprocessing["calibration"] = calibration.to_dict()
+    preprocessing["decision"] = (
+        f"class 1 when probabilities[:, 1] >= {calibration.threshold}"
+        if calibration.threshold is not None
+        else "the most probable class"
+    )
     size = int(preprocessing["input_size"][-1])
     if example is None:
         example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -123,7 +137,7 @@ def export_checkpoint(
     with torch.no_grad():
         expected = unfolded(example)
     folded = fold_batchnorm(unfolded, example)
-    exported = _LogitsAndProbabilities(folded).eval()
+    exported = _LogitsAndProbabilities(folded, calibration.temperature).eval()
     folded_count = count_batchnorm(unfolded) - count_batchnorm(folded)
     text = json.dumps(preprocessing, indent=2)
 

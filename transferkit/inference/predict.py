@@ -98,7 +98,7 @@ def _predict_batch(
     for j, (index, _) in enumerate(items):
         row = rows[index]
         row["probs"] = probs[j].tolist()
-        row["predicted"] = model.class_names[int(probs[j].argmax())]
+        row["predicted"] = model.class_names[int(model.predict_labels(probs[j : j + 1])[0])]
         if uncertainty is not None:
             row["uncertainty"] = uncertainty[j]
 

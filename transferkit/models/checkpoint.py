@@ -4,8 +4,9 @@ and how the model in it is rebuilt.
 A checkpoint written while training carries, besides Lightning's ``state_dict`` and
 ``hyper_parameters``, a ``transferkit`` section (:func:`checkpoint_section`): the backbone's name and
 where its weights first came from, the class names, the eval Albumentations pipeline (``A.to_dict``),
-mean, std and input size, and the freeze schedule with its state. That is everything needed to use the
-model on new images without the recipe.
+mean, std and input size, the freeze schedule with its state, and the calibration (temperature and
+decision threshold, identity until fitted). That is everything needed to use the model on new images
+without the recipe.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
 """
@@ -27,11 +28,14 @@ import torch
 from transferkit.containers import plain
 from transferkit.data.augment import build_eval_transform
 from transferkit.errors import CheckpointError, CheckpointMismatchError
+from transferkit.files import atomic_write
+from transferkit.models.calibration import Calibration
 
 __all__ = [
     "SECTION",
     "SECTION_FORMAT",
     "build_model",
+    "calibration_of",
     "check_compatible",
     "checkpoint_preprocessing",
     "checkpoint_section",
@@ -39,11 +43,13 @@ __all__ = [
     "preprocessing_of",
     "read_checkpoint",
     "refused_pickle",
+    "store_calibration",
 ]
 
 SECTION = "transferkit"
-# the section's format; 1 = before it held the eval pipeline
-SECTION_FORMAT = 2
+# the section's format; 1 = before it held the eval pipeline, 2 = before it held the calibration (read
+# as uncalibrated)
+SECTION_FORMAT = 3
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -62,6 +68,7 @@ def checkpoint_section(model: Any, datamodule: Any | None = None) -> dict[str, A
         "freeze_schedule": model.freeze_schedule.to_dict(),
         "trainable_groups": model.trainable_groups,
         "num_groups": len(model.groups),
+        "calibration": model.calibration.to_dict(),
     }
 
 
@@ -277,4 +284,19 @@ def build_model(
     section = checkpoint[SECTION]
     model.backbone.weights = f"checkpoint:{Path(path).name} (fine-tuned from {section.get('weights')})"
     model.trainable_groups = section.get("trainable_groups")
+    model.calibration = calibration_of(checkpoint)
     return model.eval()
+
+
+def calibration_of(checkpoint: Mapping[str, Any]) -> Calibration:
+    """The temperature and decision threshold stored in a checkpoint (identity for one written before
+    calibration existed, or never calibrated)."""
+    return Calibration.from_dict(checkpoint.get(SECTION, {}).get("calibration"))
+
+
+def store_calibration(path: str | os.PathLike, calibration: Calibration) -> Path:
+    """Write ``calibration`` into the checkpoint at ``path`` (its ``transferkit`` section), atomically:
+    a failure leaves the file as it was."""
+    checkpoint = read_checkpoint(path)
+    checkpoint[SECTION] = {**checkpoint[SECTION], "calibration": calibration.to_dict()}
+    return atomic_write(path, lambda handle: torch.save(checkpoint, handle), what="checkpoint")

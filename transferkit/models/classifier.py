@@ -26,6 +26,7 @@ from transferkit.lightning_internals import (
     set_ddp_find_unused_parameters,
 )
 from transferkit.models.backbones import Pretrained, create_backbone
+from transferkit.models.calibration import THRESHOLD_METRICS, Calibration
 from transferkit.models.heads import ClassifierHead
 from transferkit.models.mixing import BatchMixing, hard_labels, soft_cross_entropy
 from transferkit.models.regularisers import Regularisers
@@ -115,6 +116,13 @@ class TransferClassifier(L.LightningModule):
             always run at the data's size, and cached features are not resized.
         progress_bar_step_loss: show each step's training loss in the progress bar, which reads it back
             from the device every step; ``None`` (default): on the CPU only, where that costs nothing.
+        calibrate: after training, fit a temperature on the validation split (temperature scaling: the
+            logits divided by one number so that the validation NLL is lowest; accuracy is unchanged) and
+            store it in the best checkpoint; ``test``, ``predict``, ``predict-images`` and ``export`` then
+            give calibrated probabilities (:class:`~transferkit.models.calibration.Calibration`).
+        decision_threshold: two classes only: after training, choose the threshold on class 1's
+            probability that maximises ``accuracy`` or ``f1`` on the validation split, store it with the
+            temperature, and predict class 1 when its probability reaches it. ``None`` = most probable class.
     """
 
     def __init__(
@@ -160,6 +168,8 @@ class TransferClassifier(L.LightningModule):
         compile: bool = False,
         progressive_resizing: dict[int, int] | None = None,
         progress_bar_step_loss: bool | None = None,
+        calibrate: bool = False,
+        decision_threshold: Literal["accuracy", "f1"] | None = None,
     ) -> None:
         super().__init__()
         schedule = FreezeSchedule.coerce(freeze_schedule)
@@ -174,6 +184,13 @@ class TransferClassifier(L.LightningModule):
             optimizer, numeric_lr, lr_schedule, backbone_lr, weight_decay, layer_decay, decay_rate
         )
         prediction.check_prediction_settings(tta, mc_dropout, dropout)
+        if decision_threshold is not None and (
+            decision_threshold not in THRESHOLD_METRICS or num_classes != 2
+        ):
+            raise ConfigError(
+                f"decision_threshold chooses class 1's threshold for two classes, maximising "
+                f"{' or '.join(THRESHOLD_METRICS)}; got {decision_threshold!r} with num_classes={num_classes}."
+            )
         progressive_resizing = parse_progressive_resizing(progressive_resizing)
         self.save_hyperparameters(ignore=["freeze_schedule"])
         # plain types only, so checkpoints load with weights_only=True
@@ -198,6 +215,9 @@ class TransferClassifier(L.LightningModule):
             max_norm=max_norm,
         )
         self.freezing = FreezeController(self.backbone, schedule)
+        # temperature and decision threshold, fitted after training (calibrate, decision_threshold) or
+        # read from a checkpoint; until then the identity (temperature 1, most probable class)
+        self.calibration = Calibration()
         self.mixing = BatchMixing(mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, num_classes)
         self.class_names = (
             list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
@@ -209,6 +229,8 @@ class TransferClassifier(L.LightningModule):
         # (true labels, predicted labels) of the last test loop on this process, so the run report's
         # confusion matrix needs no second pass over the test split
         self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
+        # and its raw logits per test-time view (V, N, C), before any temperature
+        self.test_view_logits: torch.Tensor | None = None
         self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # --- what the model is -------------------------------------------------------------------------
@@ -339,14 +361,26 @@ class TransferClassifier(L.LightningModule):
         """Class probabilities ``(B, num_classes)`` for images ``(B, 3, H, W)``, averaged over the
         test-time augmentation views (``tta``: ``none``, ``hflip``, ``flips``, ``d4``; default: the
         module's own ``tta``)."""
-        return prediction.predict_proba(self, images, tta or self.hparams.tta)
+        return prediction.predict_proba(self, images, tta or self.hparams.tta, self.calibration.temperature)
+
+    def view_logits(self, images: torch.Tensor, tta: str | None = None) -> torch.Tensor:
+        """Raw logits ``(V, B, C)`` of each test-time augmentation view of images ``(B, 3, H, W)``
+        (``V = 1`` without TTA), before the temperature."""
+        return prediction.view_logits(self, images, tta or self.hparams.tta)
+
+    def predict_labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """Class indices ``(B,)`` from :meth:`predict_proba`'s probabilities: the stored decision threshold
+        for two classes when there is one, else the most probable class."""
+        return self.calibration.predict(probs)
 
     def predict_mc_dropout(
         self, images: torch.Tensor, samples: int = 20, tta: str | None = None
     ) -> dict[str, torch.Tensor]:
         """Monte Carlo dropout over ``samples`` passes (see :func:`transferkit.models.prediction.predict_mc_dropout`):
         mean ``probs`` ``(B, C)``, their ``std`` ``(B, C)`` and the predictive ``entropy`` ``(B,)``."""
-        return prediction.predict_mc_dropout(self, images, samples, tta or self.hparams.tta)
+        return prediction.predict_mc_dropout(
+            self, images, samples, tta or self.hparams.tta, self.calibration.temperature
+        )
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -370,8 +404,9 @@ class TransferClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         if self._test_batches:
-            truth, predicted = zip(*self._test_batches, strict=True)
+            truth, predicted, views = zip(*self._test_batches, strict=True)
             self.test_predictions = (torch.cat(truth).cpu().numpy(), torch.cat(predicted).cpu().numpy())
+            self.test_view_logits = torch.cat(views, dim=1).float().cpu()
         self._test_batches = []
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
@@ -385,12 +420,21 @@ class TransferClassifier(L.LightningModule):
     def _shared_step(
         self, images: torch.Tensor, labels: torch.Tensor, metrics: MetricCollection | None, stage: str
     ) -> torch.Tensor:
-        if stage == "test" and self.hparams.tta != "none" and images.ndim == 4:
-            logits = self.predict_proba(images).clamp_min(1e-12).log()  # the loss is the NLL of the average
+        views = None
+        if stage == "test" and images.ndim == 4:
+            views = self.view_logits(images)  # (V, B, C), kept for the report's calibration and top losses
+            if self.hparams.tta != "none" or self.calibration.fitted:
+                # the loss is the NLL of the (calibrated) averaged probabilities, as predict_proba gives them
+                probs = self.calibration.probabilities(views).mean(dim=0)
+                logits = probs.clamp_min(1e-12).log()
+            else:
+                logits = views[0]
         else:
             logits = self(images)
         loss = self.loss(logits, labels)
         labels = hard_labels(labels)  # what accuracy and the other metrics score
+        # the test split is scored as predict scores it: with the stored decision threshold, if any
+        scored = self.predict_labels(logits.detach().softmax(dim=-1)) if stage == "test" else logits
         on_step = stage == "train"
         shown = not on_step or self._step_loss_in_progress_bar()
         self.log(
@@ -400,10 +444,11 @@ class TransferClassifier(L.LightningModule):
             correct = (logits.detach().argmax(dim=-1) == labels).float().mean()
             self.log(f"{stage}_acc", correct, on_step=False, on_epoch=True, batch_size=len(labels))
         else:
-            metrics.update(logits, labels)
+            metrics.update(scored.detach(), labels)
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
         if stage == "test":
-            self._test_batches.append((labels.detach(), logits.detach().argmax(dim=-1)))
+            raw = views.detach() if views is not None else logits.detach()[None]
+            self._test_batches.append((labels.detach(), scored.detach(), raw))
         if stage == "train" and self.regularisers.active:
             penalty = self.regularisers.penalty()  # logged; its L2 part is in the loss, L1 is a proximal step
             self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(labels))
@@ -488,9 +533,11 @@ class TransferClassifier(L.LightningModule):
         checkpoint[checkpoint_format.SECTION] = checkpoint_format.checkpoint_section(self, datamodule)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head."""
+        """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head;
+        take its calibration (temperature, decision threshold)."""
         if checkpoint_format.SECTION in checkpoint:
             checkpoint_format.check_compatible(self, checkpoint)
+            self.calibration = checkpoint_format.calibration_of(checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides: Any) -> TransferClassifier:

@@ -13,7 +13,7 @@ import torch
 
 from transferkit.errors import ConfigError
 
-__all__ = ["TTA_VIEWS", "check_prediction_settings", "predict_mc_dropout", "predict_proba"]
+__all__ = ["TTA_VIEWS", "check_prediction_settings", "predict_mc_dropout", "predict_proba", "view_logits"]
 
 
 def _hflip(x: torch.Tensor) -> torch.Tensor:
@@ -51,18 +51,27 @@ def check_prediction_settings(tta: str, mc_dropout: int, dropout: float) -> None
         raise ConfigError("mc_dropout needs dropout in the head; set model.dropout > 0 (e.g. 0.2).")
 
 
-def predict_proba(model: Any, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Class probabilities ``(B, num_classes)`` of ``model(view)`` averaged over the ``tta`` views."""
+def predict_proba(
+    model: Any, images: torch.Tensor, tta: str = "none", temperature: float = 1.0
+) -> torch.Tensor:
+    """Class probabilities ``(B, num_classes)``, ``softmax(model(view) / temperature)`` averaged over the
+    ``tta`` views."""
+    return (view_logits(model, images, tta) / temperature).softmax(dim=-1).mean(dim=0)
+
+
+def view_logits(model: Any, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits ``(V, B, C)`` of ``model`` on each of the ``tta`` views of images ``(B, 3, H, W)``."""
     check_prediction_settings(tta, 0, 0.0)
-    return torch.stack([model(view(images)).softmax(dim=-1) for view in TTA_VIEWS[tta]]).mean(dim=0)
+    return torch.stack([model(view(images)) for view in TTA_VIEWS[tta]])
 
 
 @torch.no_grad()
 def predict_mc_dropout(
-    model: Any, images: torch.Tensor, samples: int = 20, tta: str = "none"
+    model: Any, images: torch.Tensor, samples: int = 20, tta: str = "none", temperature: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """Monte Carlo dropout (Gal & Ghahramani, 2016): ``samples`` forward passes of the head with dropout
-    active, the backbone and every BatchNorm in eval mode, for each ``tta`` view.
+    active, the backbone and every BatchNorm in eval mode, for each ``tta`` view; the logits are divided
+    by ``temperature`` (a calibrated model's) before the softmax.
 
     Returns ``probs`` (mean, ``(B, C)``), ``std`` (spread of each class probability, ``(B, C)``) and
     ``entropy`` (of the mean, ``(B,)``; high = uncertain). The backbone runs once per view.
@@ -81,7 +90,7 @@ def predict_mc_dropout(
         draws = []
         for view in TTA_VIEWS[tta]:
             features = model.features(view(images))
-            draws += [model.head(features).softmax(dim=-1) for _ in range(samples)]
+            draws += [(model.head(features) / temperature).softmax(dim=-1) for _ in range(samples)]
     finally:
         model.train(was_training)
     stacked = torch.stack(draws)

@@ -10,6 +10,9 @@ run directory (``trainer.log_dir``, or ``default_root_dir`` when logging is off)
     learning_curves.png       loss and accuracy per epoch, train vs validation, unfreeze points dashed
     confusion_matrix.png      the best checkpoint on the test split
     augmentation_preview.png  a few training images through the real train pipeline
+    top_losses.png, most_confident.png, confusion_normalised.png, reliability.png, roc_pr.png (two
+                              classes), interpretation.json/.md: the test split interpreted
+                              (:func:`transferkit.reporting.interpretation.interpret`)
     report.md                 all of the above, linked, with test accuracy/F1, best epoch and train time
 
 A picture that cannot be drawn is reported as a warning in ``report.md``; it never fails the run.
@@ -27,6 +30,7 @@ import torch
 
 import transferkit.reporting.plots as plots
 from transferkit.files import atomic_write
+from transferkit.reporting.interpretation import interpret, interpretation_markdown
 
 __all__ = ["PREVIEW_IMAGES", "PREVIEW_VIEWS", "test_predictions", "write_run_report"]
 
@@ -66,10 +70,30 @@ def write_run_report(trainer: Any, model: Any, datamodule: Any, results: dict[st
     confusion: dict[str, Any] = {"checkpoint": "best" if results.get("monitor") is not None else "tested"}
     attempt("confusion_matrix.png", lambda path: _draw_confusion(trainer, model, datamodule, path, confusion))
     attempt("augmentation_preview.png", lambda path: _draw_augmentation(datamodule, path))
+    interpretation = _interpret_test_split(model, datamodule, run_dir, problems)
 
     best_epoch = _best_epoch(results.get("best_checkpoint"))
     text = _markdown(run_dir, model, datamodule, results, metrics_csv, drawn, confusion, best_epoch, problems)
+    if interpretation is not None:
+        text += "\n" + interpretation_markdown(interpretation, run_dir, level=2)
     return atomic_write(run_dir / "report.md", text, what="run report")
+
+
+def _interpret_test_split(model: Any, datamodule: Any, run_dir: Path, problems: list[str]) -> Any:
+    """Top losses with Grad-CAM, per-class table, normalised confusion and calibration of the test split
+    (:func:`~transferkit.reporting.interpretation.interpret`), from the logits the test loop kept."""
+    if datamodule is None or "test" not in (getattr(datamodule, "datasets", None) or {}):
+        problems.append("the interpretation sections were not written: no data module with a test split.")
+        return None
+    recorded, logits = getattr(model, "test_predictions", None), getattr(model, "test_view_logits", None)
+    outputs = None
+    if recorded is not None and logits is not None and len(recorded[0]) == _test_size(datamodule):
+        outputs = (logits, torch.as_tensor(recorded[0]))  # all of the split (not one DDP share of it)
+    try:
+        return interpret(model, datamodule, "test", out=run_dir, outputs=outputs)
+    except Exception as err:
+        problems.append(f"the interpretation sections were not written: {type(err).__name__}: {err}")
+        return None
 
 
 def _metrics_csv(trainer: Any) -> Path | None:
@@ -104,7 +128,7 @@ def test_predictions(model: Any, datamodule: Any, device: Any = None) -> tuple[n
     try:
         for images, labels in datamodule.test_dataloader():
             probs = model.predict_proba(images.to(device))
-            predicted.append(probs.argmax(dim=-1).cpu())
+            predicted.append(model.predict_labels(probs).cpu())
             truth.append(labels.cpu())
     finally:
         model.to(original).train(was_training)

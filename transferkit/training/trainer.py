@@ -192,6 +192,24 @@ class Trainer(L.Trainer):
         if self.is_global_zero:
             print(f"model.lr: auto: learning rates found by a range test ({report.png}):\n{report}")
 
+    def _calibrate(self, model: L.LightningModule, datamodule: Any, best: str | None) -> Any:
+        """Fit the temperature (and decision threshold) of the best checkpoint's weights on the validation
+        split and store it in that checkpoint, which ``test`` then loads; every process fits the same one,
+        the first writes it."""
+        from transferkit.inference.calibrate import calibrate
+        from transferkit.models.checkpoint import store_calibration
+
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            model.load_state_dict(state)
+        calibration = calibrate(model, datamodule)
+        if best and self.is_global_zero:
+            store_calibration(best, calibration)
+        self.strategy.barrier("transferkit-calibration")
+        if self.is_global_zero:
+            print(f"calibration: {calibration.describe()}")
+        return calibration
+
     def _validates(self, model: L.LightningModule, val_dataloaders: Any, datamodule: Any) -> bool:
         """Whether this fit runs a validation loop (so that ``val_loss`` will exist to be watched)."""
         if self.limit_val_batches == 0 or not is_overridden("validation_step", model):
@@ -246,6 +264,7 @@ class Trainer(L.Trainer):
         Returns:
             The figures written to ``metrics.json``.
         """
+        calibrating = _calibration_asked(model, datamodule)
         start = time.perf_counter()
         self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_seconds = time.perf_counter() - start
@@ -254,6 +273,7 @@ class Trainer(L.Trainer):
 
         callback = self.checkpoint_callback
         best = getattr(callback, "best_model_path", "") or None
+        calibration = self._calibrate(model, datamodule, best) if calibrating else None
         start = time.perf_counter()
         tested = self.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         test_seconds = time.perf_counter() - start
@@ -269,6 +289,8 @@ class Trainer(L.Trainer):
             "fit_seconds": round(fit_seconds, 2),
             "test_seconds": round(test_seconds, 2),
         }
+        if calibration is not None:
+            results["calibration"] = calibration.to_dict()
         skipped = getattr(datamodule, "skipped_images", None)
         if skipped is not None:
             results["skipped_images"] = [f"{e.path}: {e.reason}" for e in skipped]
@@ -283,6 +305,20 @@ class Trainer(L.Trainer):
             results["report"] = _write_report(self, model, datamodule, results)
             _print_results(results)
         return results
+
+
+def _calibration_asked(model: L.LightningModule, datamodule: Any) -> bool:
+    """Whether ``finetune`` fits a calibration after training; refused up front (not after a whole run)
+    when there is no validation split to fit it on."""
+    hparams = getattr(model, "hparams", {})
+    asked = bool(hparams.get("calibrate")) or hparams.get("decision_threshold") is not None
+    if asked and datamodule is not None and not getattr(datamodule, "has_validation", True):
+        raise ConfigError(
+            "model.calibrate / model.decision_threshold are fitted on the validation split, but "
+            "data.val_fraction=0 holds none out. Keep a validation split (e.g. data.val_fraction: 0.15), "
+            "or turn calibration off."
+        )
+    return asked
 
 
 def _write_report(
