@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from transferkit.reporting.run_report import write_run_report
     from transferkit.training.augment_search import augment_search
     from transferkit.training.averaging import EMA
+    from transferkit.training.cross_validation import cross_validate
     from transferkit.training.nonfinite import NonFiniteLossGuard
     from transferkit.training.trainer import Trainer
 
@@ -89,6 +90,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "write_run_report": "transferkit.reporting.run_report",
         "augment_search": "transferkit.training.augment_search",
         "EMA": "transferkit.training.averaging",
+        "cross_validate": "transferkit.training.cross_validation",
         "NonFiniteLossGuard": "transferkit.training.nonfinite",
         "Trainer": "transferkit.training.trainer",
     },

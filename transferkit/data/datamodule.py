@@ -28,7 +28,7 @@ from transferkit.data.sources import DataSource, SourceName, load_source, split_
 from transferkit.errors import ConfigError, DatasetError, ImageReadError
 from transferkit.lightning_internals import epoch_about_to_run
 
-__all__ = ["CACHE_MODES", "ImageDataModule"]
+__all__ = ["CACHE_MODES", "ImageDataModule", "cv_split_indices"]
 
 CACHE_MODES = ("off", "clean", "augmented")
 
@@ -90,6 +90,11 @@ class ImageDataModule(L.LightningDataModule):
             a CSV's ``p_<class>`` columns, or ELPV's annotated defect probability (``task: binary``: a cell
             rated 1/3 defective trains as (2/3, 1/3)). Validation and test are scored on the hard labels
             (the most probable class; ELPV's ``>= 0.5`` rule), so scores compare with hard-label runs.
+        cv_folds, cv_fold: k-fold cross-validation: the non-test images are split into ``cv_folds``
+            stratified parts, and part ``cv_fold`` (0-based) validates while the others train, in place of
+            the ``val_fraction`` split (see :func:`cv_split_indices`). The test split is the one the data
+            holds out without them. Set both or neither;
+            :func:`~transferkit.training.cross_validation.cross_validate` runs every fold.
 
     The model it trains with describes itself to it: ``model.data_config`` (input size, mean, std) fills
     what is left ``None``, ``model.check_input_size(side)`` refuses a size the backbone cannot take, and
@@ -128,6 +133,8 @@ class ImageDataModule(L.LightningDataModule):
         jpeg_draft: bool = True,
         decoded_cache: bool = False,
         soft_labels: bool = False,
+        cv_folds: int | None = None,
+        cv_fold: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -143,6 +150,7 @@ class ImageDataModule(L.LightningDataModule):
         augmentations(augment)  # a bad preset name or transform fails here, before any data is read
         if source == "stream":
             _check_stream_settings(feature_cache, trunk_cache, decoded_cache, sampler, max_samples)
+        _check_cv_settings(cv_folds, cv_fold, source)
         self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -161,6 +169,8 @@ class ImageDataModule(L.LightningDataModule):
         self.jpeg_draft = jpeg_draft
         self.decoded_cache = decoded_cache
         self.soft_labels = soft_labels
+        self.cv_folds = cv_folds
+        self.cv_fold = cv_fold
         self.decoded: DecodedImages | None = None
         self._features: dict[tuple[str, str], torch.Tensor] = {}
         # listing is cheap and finds missing paths and empty classes before any training starts
@@ -190,8 +200,13 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def has_validation(self) -> bool:
-        """Whether the data holds out a validation split: ``val_fraction > 0`` or one the source defines."""
-        return self.val_fraction > 0 or (self.data.splits is not None and "val" in self.data.splits)
+        """Whether the data holds out a validation split: ``val_fraction > 0``, a cross-validation fold, or
+        one the source defines."""
+        return (
+            self.cv_folds is not None
+            or self.val_fraction > 0
+            or (self.data.splits is not None and "val" in self.data.splits)
+        )
 
     @property
     def train_transform(self) -> A.Compose:
@@ -210,7 +225,14 @@ class ImageDataModule(L.LightningDataModule):
             files = bool(self.data.items) and isinstance(self.data.items[0], str) and not self.data.verified
             if files:
                 self.data, self.skipped_images = drop_unreadable(self.data, self.skip_bad_images)
-            self.split_indices = split_indices(self.data, self.val_fraction, self.test_fraction, self.seed)
+            if self.cv_folds is None:
+                self.split_indices = split_indices(
+                    self.data, self.val_fraction, self.test_fraction, self.seed
+                )
+            else:
+                self.split_indices = cv_split_indices(
+                    self.data, self.cv_folds, self.cv_fold, self.test_fraction, self.seed
+                )
             for split in ("train", "val") if self.has_validation else ("train",):
                 if len(self.split_indices.get(split, [])) == 0:
                     raise DatasetError(
@@ -488,6 +510,90 @@ class ImageDataModule(L.LightningDataModule):
             counts = np.bincount(self.data.labels[indices], minlength=self.num_classes)
             out[split] = {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
         return out
+
+
+def cv_split_indices(
+    data: DataSource, folds: int, fold: int, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Train/val/test indices of fold ``fold`` (0-based) of a stratified ``folds``-fold cross-validation.
+
+    The test split is exactly the one :func:`~transferkit.data.sources.split_indices` holds out (the same
+    ``test_fraction`` and ``seed``, or the source's own test split); the other images (train and any
+    validation split the source defines) are split by scikit-learn's ``StratifiedKFold(folds, shuffle=True,
+    random_state=seed)`` on ``data.stratify`` (the hard labels, or the finer strata the data is split on),
+    and part ``fold`` validates while the rest train. Across the folds every non-test image validates
+    exactly once.
+
+    Raises:
+        ConfigError: ``folds < 2``, or ``fold`` outside ``0 .. folds - 1``.
+        DatasetError: a class has fewer non-test images than ``folds``.
+
+    Example:
+        >>> from transferkit.data.sources import load_source
+        >>> data = load_source("digits")
+        >>> splits = [cv_split_indices(data, 5, fold, 0.2, seed=0) for fold in range(5)]
+        >>> sum(len(s["val"]) for s in splits) == len(splits[0]["train"]) + len(splits[0]["val"])
+        True
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    _check_cv_settings(folds, fold, data.name)
+    held = split_indices(data, 0.0, test_fraction, seed)  # validation 0: the test split alone is carved
+    empty = np.asarray([], dtype=np.int64)
+    rest = np.sort(np.concatenate([held["train"], held.get("val", empty)]))
+    present = np.unique(data.labels)
+    counts = np.bincount(data.labels[rest], minlength=len(data.class_names))
+    rare = {data.class_names[c]: int(counts[c]) for c in present if counts[c] < folds}
+    if rare:
+        found = ", ".join(f"'{name}' ({n})" for name, n in rare.items())
+        smallest = min(rare.values())
+        fix = (
+            f"use at most cv_folds={smallest}"
+            if smallest >= 2
+            else "a class needs 2 non-test images at least"
+        )
+        raise DatasetError(
+            f"cv_folds={folds} needs at least {folds} non-test images of every class, so that each part "
+            f"holds some of it and every fold trains on it; too few: {found}. Add images or merge rare "
+            f"classes ({fix})."
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    try:
+        train, val = list(splitter.split(rest, data.stratify[rest]))[fold]
+    except ValueError as err:
+        raise DatasetError(
+            f"cannot split {len(rest)} non-test images into {folds} stratified folds: {err}. "
+            "Use fewer folds or add images."
+        ) from err
+    return {"train": np.sort(rest[train]), "val": np.sort(rest[val]), "test": held["test"]}
+
+
+def _check_cv_settings(cv_folds: int | None, cv_fold: int | None, source: str) -> None:
+    """Refuse cross-validation settings that cannot work, naming the value and the fix."""
+    if cv_folds is None and cv_fold is None:
+        return
+    if cv_folds is None or cv_fold is None:
+        raise ConfigError(
+            f"cv_folds and cv_fold go together, got cv_folds={cv_folds}, cv_fold={cv_fold}: set both (e.g. "
+            "cv_folds: 5, cv_fold: 0 for the first of five folds), or neither for the val_fraction split."
+        )
+    for name, value in (("cv_folds", cv_folds), ("cv_fold", cv_fold)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}.")
+    if cv_folds < 2:
+        raise ConfigError(
+            f"cv_folds must be >= 2 (one part validates, the others train), got {cv_folds}; "
+            "5 or 10 are the usual choices."
+        )
+    if not 0 <= cv_fold < cv_folds:
+        raise ConfigError(
+            f"cv_fold is 0-based and must be in 0..{cv_folds - 1} for cv_folds={cv_folds}, got {cv_fold}."
+        )
+    if source == "stream":
+        raise ConfigError(
+            "source 'stream' cannot be cross-validated: a pack's splits are fixed when it is packed. "
+            "Cross-validate the folder or CSV it was packed from."
+        )
 
 
 def _check_stream_settings(

@@ -1,0 +1,650 @@
+"""Stratified k-fold cross-validation: every non-test image validates once, and the spread of the folds
+says how far a validation score moves with the choice of validation images.
+
+:func:`cross_validate` trains one run per fold, each a normal run in its own folder ``<out>/fold_<i>/``
+(fit, the best checkpoint's validation figures, ``metrics.json``, the run report, checkpoints under
+``checkpoints/``), and writes the summary into ``out``::
+
+    cv.json                        per-fold figures, their mean and standard deviation, ensemble figures
+    cv.csv                         the per-fold table: one row per fold, then the mean and the std
+    oof_predictions.csv            one row per non-test image: its fold, label, predicted class, p_<class>
+    ensemble_test_predictions.csv  (ensemble=True) the fold models' averaged probabilities on the test split
+    cv_state.json                  the recipe and the finished folds, rewritten after each fold
+
+The folds come from the data module's ``cv_folds`` / ``cv_fold``
+(:func:`~transferkit.data.datamodule.cv_split_indices`): the test split is the one the recipe holds out
+without cross-validation. No fold's training or report looks at it; with ``ensemble=True``, once every
+fold is trained, each fold's best checkpoint is scored on it, and so is the average of their class
+probabilities.
+
+A stopped cross-validation resumes where it was: run it again with the same ``out`` and finished folds
+are read back, not retrained, and the unfinished fold continues from its latest checkpoint; a different
+recipe in the same ``out`` is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from transferkit.data.datamodule import ImageDataModule, cv_split_indices
+from transferkit.errors import ConfigError
+from transferkit.files import atomic_write
+from transferkit.training.trainer import Trainer
+
+__all__ = ["CrossValidationReport", "FoldResult", "cross_validate"]
+
+DEFAULT_FOLDS = 5
+STATE_FILE = "cv_state.json"
+PREDICTIONS_FILE = "cv_predictions.npz"  # in each fold's folder: its validation (and test) probabilities
+FIGURES = ("val_acc", "val_f1", "val_loss")
+TEST_FIGURES = ("test_acc", "test_f1", "test_loss")
+# settings that change how images are read or where files go, not what a fold learns: a resumed
+# cross-validation may change them
+_DATA_HOW = ("num_workers", "cache_dir", "cv_folds", "cv_fold")
+_TRAINER_HOW = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "logger")
+
+
+@dataclass
+class FoldResult:
+    """One fold's run: its best checkpoint's figures on its validation part (and, with an ensemble, on the
+    test split), and where the run is."""
+
+    fold: int
+    val_acc: float
+    val_f1: float
+    val_loss: float
+    train_images: int
+    val_images: int
+    epochs: int
+    best_checkpoint: str | None
+    run_dir: str
+    test: dict[str, float] | None = None  # test_acc, test_f1, test_loss; only with ensemble=True
+
+
+@dataclass
+class CrossValidationReport:
+    """What :func:`cross_validate` found: the folds, the mean and standard deviation (``ddof=1``) of their
+    figures, the out-of-fold predictions, and the test ensemble's figures when one was asked for."""
+
+    folds: list[FoldResult]
+    mean: dict[str, float]
+    std: dict[str, float]
+    out: Path
+    oof_csv: Path
+    oof_accuracy: float  # all out-of-fold predictions pooled
+    ensemble_test_acc: float | None = None  # the fold models' averaged probabilities on the test split
+    mean_fold_test_acc: float | None = None  # the single fold models' test accuracies, averaged
+    ensemble_csv: Path | None = None
+    test_images: int | None = None
+
+    def table(self) -> str:
+        """The per-fold table with the mean and std, the pooled out-of-fold accuracy and the ensemble."""
+        tested = all(f.test for f in self.folds)
+        header = f"{'fold':>4}  {'train':>6}  {'val':>5}  {'val acc':>7}  {'val F1':>6}  {'val loss':>8}"
+        header += f"  {'test acc':>8}" if tested else ""
+        lines = [header + f"  {'epochs':>6}"]
+        for f in self.folds:
+            line = f"{f.fold:>4}  {f.train_images:>6}  {f.val_images:>5}  {f.val_acc:>7.4f}  {f.val_f1:>6.4f}"
+            line += f"  {f.val_loss:>8.4f}" + (f"  {f.test['test_acc']:>8.4f}" if tested else "")
+            lines.append(line + f"  {f.epochs:>6}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            line = f"{name:>4}  {'':>6}  {'':>5}  {values['val_acc']:>7.4f}  {values['val_f1']:>6.4f}"
+            line += f"  {values['val_loss']:>8.4f}" + (f"  {values['test_acc']:>8.4f}" if tested else "")
+            lines.append(line)
+        images = sum(f.val_images for f in self.folds)
+        lines.append(
+            f"out-of-fold accuracy {self.oof_accuracy:.4f} over {images} non-test images ({self.oof_csv})"
+        )
+        if self.ensemble_test_acc is not None:
+            lines.append(
+                f"test split ({self.test_images} images): ensemble of {len(self.folds)} fold models "
+                f"{self.ensemble_test_acc:.4f}; single fold models {self.mean_fold_test_acc:.4f} "
+                f"+- {self.std['test_acc']:.4f}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as written to ``cv.json``."""
+        return {
+            "folds": [asdict(f) for f in self.folds],
+            "mean": self.mean,
+            "std": self.std,
+            "std_ddof": 1,
+            "oof_csv": str(self.oof_csv),
+            "oof_accuracy": self.oof_accuracy,
+            "ensemble_test_acc": self.ensemble_test_acc,
+            "mean_fold_test_acc": self.mean_fold_test_acc,
+            "ensemble_csv": str(self.ensemble_csv) if self.ensemble_csv else None,
+            "test_images": self.test_images,
+        }
+
+
+def cross_validate(
+    model: L.LightningModule,
+    datamodule: ImageDataModule,
+    folds: int | None = None,
+    out: str | os.PathLike = "cv",
+    ensemble: bool = False,
+    trainer: Mapping[str, Any] | Callable[[int, Path], L.Trainer] | None = None,
+    seed: int | None = None,
+    recipe: Mapping[str, Any] | None = None,
+) -> CrossValidationReport:
+    """Stratified k-fold cross-validation of ``model`` on the non-test images of ``datamodule``.
+
+    Fold ``i`` validates on the ``i``-th stratified part of the non-test images and trains on the others
+    (the data module rebuilt with ``cv_folds=folds, cv_fold=i``); it is a full fit in ``<out>/fold_<i>/``
+    whose best checkpoint (by the checkpoint callback's monitor, ``val_loss`` by default) is scored on its
+    validation part. The test split stays the recipe's and is only scored with ``ensemble=True``. What is
+    written, and how a stopped run resumes, is in the module's text.
+
+    Args:
+        model: the untrained module; every fold trains a copy of it, so all start from the same weights.
+            Calibration (``calibrate``, ``decision_threshold``) is not fitted: the validation parts are
+            what cross-validation scores.
+        datamodule: the recipe's data; its own ``val_fraction`` is replaced by the folds.
+        folds: number of folds; ``None``: the data module's ``cv_folds``, else 5.
+        out: the folder of the cross-validation; the same folder resumes it.
+        ensemble: also score each fold's best checkpoint on the test split, and the average of the fold
+            models' class probabilities (argmax) on it.
+        trainer: keyword arguments of :class:`transferkit.Trainer` for every fold (``default_root_dir`` is
+            the fold's folder; ``callbacks`` are copied for each fold), or a function of the fold's number
+            and folder that returns a new Trainer (the command line builds the recipe's trainer this way).
+        seed: every fold's training starts from ``seed_everything(seed)``, so a fold trains alike whether
+            or not the run was resumed before it; ``None``: the data module's seed.
+        recipe: more settings that identify the run for resuming (the command line passes the recipe's
+            trainer section); the model's and data module's hyperparameters, the images, ``folds`` and
+            ``seed`` always count. A different one in ``out`` is refused.
+
+    Returns:
+        The :class:`CrossValidationReport` (also written as ``cv.json``).
+
+    Raises:
+        ConfigError: bad ``folds``, ``ensemble`` without a test split, or ``out`` holding another
+            recipe's cross-validation.
+        DatasetError: a class with fewer non-test images than ``folds``.
+
+    Example:
+        >>> import tempfile, transferkit as tk
+        >>> dm = tk.ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+        ...                         num_workers=0, max_samples=120, augment="none")
+        >>> model = tk.TransferClassifier(num_classes=10, backbone="test_efficientnet", pretrained=False)
+        >>> quiet = dict(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+        ...              enable_model_summary=False)
+        >>> report = cross_validate(model, dm, folds=2, out=tempfile.mkdtemp(), trainer=quiet)
+        >>> [f.fold for f in report.folds], sum(f.val_images for f in report.folds)
+        ([0, 1], 96)
+        >>> sorted(report.mean), report.oof_csv.name
+        (['val_acc', 'val_f1', 'val_loss'], 'oof_predictions.csv')
+    """
+    folds = folds if folds is not None else datamodule.cv_folds or DEFAULT_FOLDS
+    seed = datamodule.seed if seed is None else int(seed)
+    out = Path(out)
+    # bad folds, and classes too small for them, are refused before anything is written or trained
+    first = cv_split_indices(datamodule.data, folds, 0, datamodule.test_fraction, datamodule.seed)
+    if ensemble and len(first["test"]) == 0:
+        raise ConfigError(
+            "ensemble=True scores the fold models on the test split, but the data holds none out "
+            f"(test_fraction={datamodule.test_fraction}); set data.test_fraction > 0, or leave the ensemble out."
+        )
+    hparams = getattr(model, "hparams", {})
+    if hparams.get("calibrate") or hparams.get("decision_threshold") is not None:
+        warnings.warn(
+            "model.calibrate / model.decision_threshold are fitted on the validation split, which "
+            "cross-validation scores: the folds are left uncalibrated.",
+            stacklevel=2,
+        )
+    runs = _FoldRuns(model, datamodule, folds, out, trainer, seed)
+    state = _load_or_start(out, _fingerprint(model, datamodule, trainer, folds, seed, recipe))
+    results: list[FoldResult] = []
+    for fold in range(folds):
+        done = state["finished"].get(str(fold))
+        results.append(FoldResult(**done) if done is not None else runs.train(fold))
+        if done is None:
+            _save_state(out, state, results[-1])
+    # the test split is touched only here, after training: each fold's best checkpoint, once
+    for result in results if ensemble else []:
+        if result.test is None:
+            result.test = runs.score_test(result)
+            _save_state(out, state, result)
+    stored = [_load_arrays(runs.folder(fold) / PREDICTIONS_FILE) for fold in range(folds)]
+    report = _summarise(results, stored, out, ensemble)
+    if _is_global_zero():
+        _write_summary(report, stored, datamodule.class_names)
+    return report
+
+
+class _FoldRuns:
+    """Builds and runs one fold at a time: its data module, its copy of the model, its Trainer."""
+
+    def __init__(
+        self,
+        model: L.LightningModule,
+        datamodule: ImageDataModule,
+        folds: int,
+        out: Path,
+        trainer: Mapping[str, Any] | Callable[[int, Path], L.Trainer] | None,
+        seed: int,
+    ) -> None:
+        self.model, self.datamodule, self.folds, self.out = model, datamodule, folds, out
+        self.trainer, self.seed = trainer, seed
+
+    def folder(self, fold: int) -> Path:
+        return self.out / f"fold_{fold}"
+
+    def data(self, fold: int) -> ImageDataModule:
+        accepted = inspect.signature(type(self.datamodule).__init__).parameters
+        # hparams may hold more than the arguments (LightningCLI records its '_instantiator')
+        settings = {k: v for k, v in self.datamodule.hparams.items() if k in accepted}
+        settings |= {"cv_folds": self.folds, "cv_fold": fold}
+        # the folds share one cache folder: decoded images are the same files in every fold
+        settings["cache_dir"] = settings.get("cache_dir") or str(self.out / "cache")
+        return type(self.datamodule)(**settings)
+
+    def build_trainer(self, fold: int) -> L.Trainer:
+        folder = self.folder(fold)
+        if callable(self.trainer):
+            made = self.trainer(fold, folder)
+        else:
+            kwargs = dict(self.trainer or {})
+            # callbacks hold state (a checkpoint's best, early stopping's patience): one set per fold
+            kwargs["callbacks"] = copy.deepcopy(kwargs.get("callbacks"))
+            made = Trainer(**{**kwargs, "default_root_dir": str(folder)})
+        if made.checkpoint_callback is not None:
+            # one folder per fold that every attempt writes to: a resumed fit finds its checkpoints there
+            # and the callback restores its best (Lightning drops the best when the folder changes)
+            made.checkpoint_callback.dirpath = str(folder / "checkpoints")
+        return made
+
+    def train(self, fold: int) -> FoldResult:
+        """Fit fold ``fold`` (resuming from its latest checkpoint if there is one), score its best checkpoint
+        on its validation part, and write its run's files."""
+        folder = self.folder(fold)
+        data, model, trainer = self.data(fold), copy.deepcopy(self.model), self.build_trainer(fold)
+        resume = _latest_checkpoint(folder / "checkpoints")
+        L.seed_everything(self.seed, workers=True, verbose=False)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data, ckpt_path=resume)
+        fit_seconds = time.perf_counter() - start
+        if trainer.interrupted:
+            raise KeyboardInterrupt(
+                f"cross-validation stopped in fold {fold}; run it again with the same out ('{self.out}') "
+                "to resume from this fold's last checkpoint."
+            )
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") or _latest_checkpoint(folder / "checkpoints")
+        validated = trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
+        figures = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
+        missing = [name for name in FIGURES if name not in figures]
+        if missing:
+            raise ConfigError(
+                f"fold {fold}'s validation logged no {', '.join(missing)}; cross_validate needs a module that "
+                "logs val_loss, val_acc and val_f1 (as TransferClassifier does)."
+            )
+        # validate loaded the best weights
+        arrays = _predictions(model, data, "val", trainer.strategy.root_device)
+        sizes = {split: len(indices) for split, indices in data.split_indices.items()}
+        result = FoldResult(
+            fold=fold,
+            val_acc=figures["val_acc"],
+            val_f1=figures["val_f1"],
+            val_loss=figures["val_loss"],
+            train_images=sizes["train"],
+            val_images=sizes["val"],
+            epochs=int(trainer.current_epoch),
+            best_checkpoint=best,
+            run_dir=str(Path(trainer.log_dir or trainer.default_root_dir)),
+        )
+        # every process writes the same file (atomically): each then reads back what it wrote
+        _save_arrays(folder / PREDICTIONS_FILE, arrays)
+        if trainer.is_global_zero:
+            score = getattr(callback, "best_model_score", None)
+            metrics = {
+                "val": {name: figures[name] for name in FIGURES},
+                "test": {},
+                "best_checkpoint": best,
+                "monitor": getattr(callback, "monitor", None),
+                "best_score": float(score) if score is not None else None,
+                "epochs": result.epochs,
+                "global_steps": int(trainer.global_step),
+                "fit_seconds": round(fit_seconds, 2),
+                "class_names": data.class_names,
+                "split_sizes": sizes,
+                "cross_validation": {"fold": fold, "folds": self.folds, "summary": str(self.out / "cv.json")},
+            }
+            _write_fold_run(trainer, model, data, metrics, result)
+        return result
+
+    def score_test(self, result: FoldResult) -> dict[str, float]:
+        """Score a trained fold's best checkpoint on the test split: its test figures (also added to the
+        fold's ``metrics.json``) and its class probabilities, stored beside its validation ones."""
+        checkpoint = result.best_checkpoint
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise ConfigError(
+                f"fold {result.fold}'s checkpoint '{checkpoint}' is gone, so it cannot join the test ensemble; "
+                f"restore it, or delete '{self.folder(result.fold)}' and the fold's entry in "
+                f"'{self.out / STATE_FILE}' to train the fold again."
+            )
+        data, model, trainer = (
+            self.data(result.fold),
+            copy.deepcopy(self.model),
+            self.build_trainer(result.fold),
+        )
+        tested = trainer.test(model, datamodule=data, ckpt_path=checkpoint, verbose=False)
+        test = {k: float(v) for k, v in (tested[0] if tested else {}).items() if k in TEST_FIGURES}
+        path = self.folder(result.fold) / PREDICTIONS_FILE
+        probabilities = _predictions(model, data, "test", trainer.strategy.root_device)
+        _save_arrays(path, _load_arrays(path) | probabilities)
+        metrics_path = Path(result.run_dir) / "metrics.json"
+        if trainer.is_global_zero and metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text()) | {"test": test}
+            atomic_write(metrics_path, json.dumps(metrics, indent=2) + "\n", what="fold metrics")
+        return test
+
+
+def _save_state(out: Path, state: dict[str, Any], result: FoldResult) -> None:
+    state["finished"][str(result.fold)] = asdict(result)
+    if _is_global_zero():
+        atomic_write(out / STATE_FILE, json.dumps(state, indent=2) + "\n", what="cross-validation state")
+
+
+def _latest_checkpoint(folder: Path) -> str | None:
+    """The newest of the fold's ``last.ckpt`` and ``interrupted.ckpt`` (what a resumed fit continues from)."""
+    found = [p for p in (folder / "last.ckpt", folder / "interrupted.ckpt") if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+@torch.no_grad()
+def _predictions(model: Any, data: ImageDataModule, split: str, device: Any) -> dict[str, np.ndarray]:
+    """``<split>_index``, ``_label``, ``_probs`` ``(N, C)``, ``_pred`` (and ``_file`` for image files) of a
+    split, predicted as the model predicts (eval mode, its own test-time augmentation)."""
+    index = np.asarray(data.split_indices[split], dtype=np.int64)
+    loader = data.val_dataloader() if split == "val" else data.test_dataloader()
+    was_training, original = model.training, next(model.parameters()).device
+    model.to(device).eval()
+    probs, predicted = [], []
+    try:
+        for images, _ in loader:
+            images = images.to(device)
+            batch = (
+                model.predict_proba(images) if hasattr(model, "predict_proba") else model(images).softmax(-1)
+            )
+            probs.append(batch.float().cpu())
+            labels = model.predict_labels(batch) if hasattr(model, "predict_labels") else batch.argmax(-1)
+            predicted.append(labels.cpu())
+    finally:
+        model.to(original).train(was_training)
+    arrays = {
+        f"{split}_index": index,
+        f"{split}_label": np.asarray(data.data.labels[index], dtype=np.int64),
+        f"{split}_probs": torch.cat(probs).numpy(),
+        f"{split}_pred": torch.cat(predicted).numpy().astype(np.int64),
+    }
+    items = [data.data.items[i] for i in index]
+    if items and isinstance(items[0], str):
+        arrays[f"{split}_file"] = np.asarray(items, dtype=str)
+    return arrays
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # in memory first: a failure never leaves a half-written file
+    atomic_write(path, buffer.getvalue(), what="fold predictions")
+
+
+def _write_fold_run(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    data: ImageDataModule,
+    metrics: dict[str, Any],
+    result: FoldResult,
+) -> None:
+    """The fold's ``metrics.json`` and run report, with a section on its place in the cross-validation."""
+    from transferkit.reporting.run_report import write_run_report
+
+    run_dir = Path(result.run_dir)
+    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n", what="fold metrics")
+    try:
+        # a fold's report must not score the test split: it sees a data module without one
+        report = write_run_report(
+            trainer, model, _TestSplitWithheld(data), {**metrics, "run_dir": str(run_dir)}
+        )
+    except Exception as err:  # the fold is trained and scored; a missing picture must not stop the run
+        warnings.warn(f"fold {result.fold}'s run report could not be written: {err}", stacklevel=2)
+        return
+    summary = os.path.relpath(metrics["cross_validation"]["summary"], run_dir)
+    section = (
+        f"\n## Cross-validation\n\nFold {result.fold} of {metrics['cross_validation']['folds']}: trained on "
+        f"{result.train_images} images, validated on the {result.val_images} of part {result.fold}. Best "
+        f"checkpoint on them: accuracy {result.val_acc:.4f}, macro-F1 {result.val_f1:.4f}, loss "
+        f"{result.val_loss:.4f}. All folds: [{Path(summary).name}]({summary}).\n"
+    )
+    atomic_write(report, report.read_text() + section, what="run report")
+
+
+class _TestSplitWithheld:
+    """A fold's data module as its run report sees it: no test split (no dataset, no indices, no loader),
+    so the report leaves its test sections out, saying why, instead of scoring it."""
+
+    def __init__(self, datamodule: ImageDataModule) -> None:
+        self._datamodule = datamodule
+        self.datasets = {k: v for k, v in datamodule.datasets.items() if k != "test"}
+        self.split_indices = {k: v for k, v in (datamodule.split_indices or {}).items() if k != "test"}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._datamodule, name)
+
+    def test_dataloader(self) -> Any:
+        raise RuntimeError(
+            "a cross-validation fold's report leaves the test split out; the fold's figures on its validation "
+            "part are in metrics.json (and its test figures, with ensemble=True / --ensemble)"
+        )
+
+    predict_dataloader = test_dataloader
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise ConfigError(
+            f"'{path}' is missing: its fold is recorded as finished but its predictions are gone. Delete the "
+            f"fold's folder and its entry in '{path.parent.parent / STATE_FILE}' to train it again."
+        )
+    with np.load(path, allow_pickle=False) as stored:
+        return dict(stored)
+
+
+def _summarise(
+    results: list[FoldResult], stored: list[dict[str, np.ndarray]], out: Path, ensemble: bool
+) -> CrossValidationReport:
+    """Mean and std of the folds' figures, the pooled out-of-fold accuracy, the test ensemble's."""
+    values = {name: [getattr(r, name) for r in results] for name in FIGURES}
+    if ensemble:
+        values |= {name: [r.test[name] for r in results] for name in TEST_FIGURES if name in results[0].test}
+    mean = {name: float(np.mean(v)) for name, v in values.items()}
+    std = {name: float(np.std(v, ddof=1)) for name, v in values.items()}  # folds >= 2
+    labels = np.concatenate([s["val_label"] for s in stored])
+    predicted = np.concatenate([s["val_pred"] for s in stored])
+    report = CrossValidationReport(
+        folds=results,
+        mean=mean,
+        std=std,
+        out=out,
+        oof_csv=out / "oof_predictions.csv",
+        oof_accuracy=float((labels == predicted).mean()),
+    )
+    if ensemble:
+        truth = stored[0]["test_label"]  # every fold holds out the same test split
+        averaged = np.mean([s["test_probs"] for s in stored], axis=0)
+        report.ensemble_test_acc = float((averaged.argmax(axis=1) == truth).mean())
+        report.mean_fold_test_acc = mean.get("test_acc")
+        report.ensemble_csv = out / "ensemble_test_predictions.csv"
+        report.test_images = len(truth)
+    return report
+
+
+def _write_summary(
+    report: CrossValidationReport, stored: list[dict[str, np.ndarray]], names: list[str]
+) -> None:
+    """``cv.json``, ``cv.csv``, the out-of-fold predictions and (with an ensemble) its test predictions."""
+    out = report.out
+    atomic_write(
+        out / "cv.json", json.dumps(report.to_dict(), indent=2) + "\n", what="cross-validation summary"
+    )
+    columns = ["fold", "train_images", "val_images", *FIGURES, *(f for f in TEST_FIGURES if f in report.mean)]
+    table = [columns]
+    for f in report.folds:
+        table.append([f.fold, f.train_images, f.val_images, *(_figure(f, name) for name in columns[3:])])
+    for name, values in (("mean", report.mean), ("std", report.std)):
+        table.append([name, "", "", *(values[c] for c in columns[3:])])
+    atomic_write(out / "cv.csv", _csv_text(table), what="cross-validation table")
+    oof = [_prediction_rows(s, "val", names, fold=r.fold) for s, r in zip(stored, report.folds, strict=True)]
+    rows = sorted((row for rows in oof for row in rows), key=lambda row: row[0])
+    atomic_write(
+        report.oof_csv,
+        _csv_text([_prediction_header(stored[0], "val", names), *rows]),
+        what="out-of-fold predictions",
+    )
+    if report.ensemble_csv is not None:
+        averaged = np.mean([s["test_probs"] for s in stored], axis=0)
+        first = stored[0] | {"test_probs": averaged, "test_pred": averaged.argmax(axis=1)}
+        text = _csv_text([_prediction_header(first, "test", names), *_prediction_rows(first, "test", names)])
+        atomic_write(report.ensemble_csv, text, what="ensemble test predictions")
+
+
+def _figure(result: FoldResult, name: str) -> float:
+    return getattr(result, name) if name in FIGURES else (result.test or {}).get(name, math.nan)
+
+
+def _prediction_header(stored: dict[str, np.ndarray], split: str, names: list[str]) -> list[str]:
+    file = ["file"] if f"{split}_file" in stored else []
+    fold = ["fold"] if split == "val" else []
+    return ["index", *file, "label", *fold, "predicted", *(f"p_{name}" for name in names)]
+
+
+def _prediction_rows(
+    stored: dict[str, np.ndarray], split: str, names: list[str], fold: int | None = None
+) -> list[list[Any]]:
+    """One row per image: its index in the data module, file (if any), true label, fold (out-of-fold
+    rows), predicted class and the probability of each class."""
+    files = stored.get(f"{split}_file")
+    rows = []
+    for k, index in enumerate(stored[f"{split}_index"]):
+        row: list[Any] = [int(index), *([str(files[k])] if files is not None else [])]
+        row += [names[int(stored[f"{split}_label"][k])], *([fold] if fold is not None else [])]
+        row += [names[int(stored[f"{split}_pred"][k])], *(f"{p:.6f}" for p in stored[f"{split}_probs"][k])]
+        rows.append(row)
+    return rows
+
+
+def _csv_text(rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+# --- resuming --------------------------------------------------------------------------------------
+
+
+def _fingerprint(
+    model: Any, datamodule: ImageDataModule, trainer: Any, folds: int, seed: int, recipe: Mapping | None
+) -> dict[str, Any]:
+    """What makes two cross-validations the same run, as plain JSON values."""
+    # '_instantiator' and the like: how an object was built (from Python or a recipe), not what it is
+    data = {k: v for k, v in dict(datamodule.hparams).items() if k not in _DATA_HOW and not k.startswith("_")}
+    found: dict[str, Any] = {
+        "folds": folds,
+        "seed": seed,
+        "model": {k: v for k, v in dict(getattr(model, "hparams", {})).items() if not k.startswith("_")},
+        "data": data,
+        "images": _images_digest(datamodule.data),
+    }
+    if isinstance(trainer, Mapping):
+        found["trainer"] = {k: v for k, v in trainer.items() if k not in _TRAINER_HOW}
+    if recipe:
+        found["recipe"] = dict(recipe)
+    return json.loads(json.dumps(found, default=_plain, sort_keys=True))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    # an object's repr without its memory address, which differs from run to run
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def _images_digest(data: Any) -> str:
+    """The images listed and their labels, hashed: a folder that gained or lost images is another run."""
+    digest = hashlib.sha256(np.asarray(data.labels, dtype=np.int64).tobytes())
+    digest.update(str(len(data.items)).encode())
+    for item in data.items:
+        if isinstance(item, str):
+            digest.update(item.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _load_or_start(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The stored state of the cross-validation in ``out``, or a new one (written at once, so that an
+    unfinished first fold is protected too); refuses a state written for another recipe."""
+    path = out / STATE_FILE
+    if path.is_file():
+        state = json.loads(path.read_text())
+        # nothing finished and no checkpoint to resume from (e.g. the first fold failed at set-up): a
+        # changed recipe has nothing to conflict with, and starts over
+        untouched = not state.get("finished") and not any(out.glob("fold_*/checkpoints/*.ckpt"))
+        if state.get("recipe") != fingerprint and not untouched:
+            changes = _differences(state.get("recipe") or {}, fingerprint)
+            raise ConfigError(
+                f"'{out}' holds a cross-validation of another recipe ({'; '.join(changes)}), so its folds cannot "
+                "be resumed with this one. Run with the recipe it was started with to resume it, give another "
+                f"out folder (--out), or delete '{out}' to start over."
+            )
+        if state.get("recipe") == fingerprint:
+            return state
+    state = {"recipe": fingerprint, "finished": {}}
+    if _is_global_zero():
+        atomic_write(path, json.dumps(state, indent=2) + "\n", what="cross-validation state")
+    return state
+
+
+def _differences(stored: dict[str, Any], now: dict[str, Any], shown: int = 4) -> list[str]:
+    flat_stored, flat_now = _flatten(stored), _flatten(now)
+    keys = sorted(set(flat_stored) | set(flat_now))
+    changed = [
+        f"{key}: {flat_stored.get(key, '<unset>')!r} then, {flat_now.get(key, '<unset>')!r} now"
+        for key in keys
+        if flat_stored.get(key, "<unset>") != flat_now.get(key, "<unset>")
+    ]
+    more = [f"and {len(changed) - shown} more"] if len(changed) > shown else []
+    return changed[:shown] + more
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, inner in value.items():
+            flat |= _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+        return flat
+    return {prefix: value}
+
+
+def _is_global_zero() -> bool:
+    # under DDP every process runs cross_validate; only the first writes the shared files
+    return getattr(rank_zero_only, "rank", 0) == 0
