@@ -105,6 +105,7 @@ class AugmentSearchReport:
     snippet: str  # the winning pipeline as a recipe's data.augment, in YAML
     noise: float  # the spread (max - min) of the baseline's validation loss over the seeds
     png: Path | None = None
+    in_recipe: list[str] = field(default_factory=list)  # candidates whose transform the recipe already has
 
     def table(self) -> str:
         base = self.baseline.mean("val_loss")
@@ -120,6 +121,10 @@ class AugmentSearchReport:
         )
         if self.skipped:
             lines.append(f"not tried (budget spent): {', '.join(self.skipped)}")
+        if self.in_recipe:
+            lines.append(
+                f"not tried (the recipe's pipeline already has the transform): {', '.join(self.in_recipe)}"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,8 +133,18 @@ class AugmentSearchReport:
             "baseline": self.baseline.name,
             "noise_val_loss": self.noise,
             "skipped": self.skipped,
+            "in_recipe": self.in_recipe,
             "snippet": self.snippet,
         }
+
+
+def _transform_name(item: Any) -> str | None:
+    """``HorizontalFlip`` of ``{"HorizontalFlip": {...}}`` or of an ``A.to_dict`` item."""
+    if isinstance(item, dict) and "__class_fullname__" in item:
+        return str(item["__class_fullname__"]).rsplit(".", 1)[-1]
+    if isinstance(item, dict) and len(item) == 1:
+        return str(next(iter(item)))
+    return None
 
 
 def _items(augment: Any) -> list[Any]:
@@ -177,7 +192,12 @@ def augment_search(
     base_items = _items(base_augment)
     described = base_augment if isinstance(base_augment, str) else f"{len(base_items)} inline transforms"
     pipelines: list[tuple[str, Any, Any]] = [(f"baseline (the recipe: {described})", "baseline", base_items)]
+    present = {_transform_name(item) for item in base_items} - {None}
+    in_recipe: list[str] = []
     for candidate in candidates:
+        if candidate != "none" and _transform_name(candidate) in present:
+            in_recipe.append(_name(candidate))  # a second flip on top of the recipe's measures nothing new
+            continue
         pipelines.append(
             (_name(candidate), candidate, [] if candidate == "none" else [*base_items, candidate])
         )
@@ -210,7 +230,7 @@ def augment_search(
     )
     snippet = yaml.safe_dump({"data": {"augment": winning_items}}, sort_keys=False)
     noise = float(np.ptp(baseline.val_loss)) if len(baseline.val_loss) > 1 else math.nan
-    report = AugmentSearchReport(ranked, baseline, skipped, snippet, noise)
+    report = AugmentSearchReport(ranked, baseline, skipped, snippet, noise, in_recipe=in_recipe)
     if out is not None:
         from transferkit.reporting.plots import augment_search_plot
 
