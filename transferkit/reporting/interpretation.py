@@ -331,7 +331,7 @@ def interpret(
 
                 maps = gradcam_maps(model, torch.stack(tensors), classes=[int(predicted[i]) for i in chosen])
                 report.gradcam_layer = gradcam_layer(model, int(tensors[0].shape[-1]))[2]
-            except ConfigError as err:
+            except (ConfigError, ImportError) as err:  # an architecture it cannot read; grad-cam missing
                 if str(err) not in problems:
                     problems.append(str(err))
         attempt(
