@@ -33,6 +33,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "04_vanishing_gradients": {"max_epochs": 2, "max_samples": 600},
     "05_elpv": {"max_samples": 160, "max_epochs": 2, "image_size": 64, "tta": "none"},
     "06_optimizers_and_schedules": {"max_epochs": 4, "max_samples": 500, "image_size": 32},
+    "07_interpretation_and_cv": {"max_epochs": 3, "max_samples": 300, "image_size": 64, "folds": 3},
 }
 
 
@@ -128,6 +129,21 @@ def check_03_freeze_schedules(nb, out: Path) -> None:
     assert re.search(r"head phase \(epoch 0\): lr = [\d.e-]+: ", text)
     assert re.search(r"backbone phase \(epoch 2\): backbone_lr = [\d.e-]+: ", text)
     assert (out / "03_freeze_schedules" / "lr_find.png").is_file()
+    assert images_shown(nb) >= 2
+
+
+def check_07_interpretation_and_cv(nb, out: Path) -> None:
+    text = text_of(nb)
+    folder = out / "07_interpretation_and_cv"
+    nll = re.search(r"validation NLL ([\d.]+) -> ([\d.]+)", text)
+    assert nll and float(nll.group(2)) <= float(nll.group(1))  # temperature scaling never raises it
+    assert re.search(r"ECE before temperature scaling [\d.]+, after [\d.]+", text)
+    for name in ("top_losses", "most_confident", "reliability", "confusion_normalised"):
+        assert (folder / "interpretation" / f"{name}.png").is_file(), name
+    cv = json.loads((folder / "cv" / "cv.json").read_text())
+    assert len(cv["folds"]) == 3 and cv["ensemble_test_acc"] is not None
+    # 10 digit classes from frozen pretrained features: every fold far above chance
+    assert min(f["val_acc"] for f in cv["folds"]) > 0.3
     assert images_shown(nb) >= 2
 
 

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from transferkit.models.classifier import TransferClassifier
     from transferkit.models.heads import ClassifierHead
     from transferkit.reporting import plots
+    from transferkit.reporting.interpretation import interpret
     from transferkit.reporting.run_report import write_run_report
     from transferkit.training.augment_search import augment_search
     from transferkit.training.averaging import EMA
@@ -87,6 +88,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "TransferClassifier": "transferkit.models.classifier",
         "ClassifierHead": "transferkit.models.heads",
         "plots": "transferkit.reporting.plots:",
+        "interpret": "transferkit.reporting.interpretation",
         "write_run_report": "transferkit.reporting.run_report",
         "augment_search": "transferkit.training.augment_search",
         "EMA": "transferkit.training.averaging",
