@@ -456,6 +456,23 @@ def test_plan_prints_one_row_per_phase(tmp_path):
     assert "g5=" in phase_rows[2]
 
 
+def test_plan_of_a_recipe_with_lr_auto_shows_rates_relative_to_the_head():
+    import transferkit as tk
+
+    model = tk.TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr="auto", layer_decay=0.5,
+        freeze_schedule=tk.FreezeSchedule(frozen_epochs=2), lr_schedule="none",
+    )  # fmt: skip
+    result = tk.plan(model, max_epochs=4)
+    assert result.relative_rates and model.hparams.lr == "auto"  # planning leaves the recipe as it was
+    head, unfrozen = result.phases
+    assert head.group_lrs == {"head": 1.0}
+    # the top group at layer_decay times the head's rate, each group below half again
+    assert unfrozen.group_lrs["backbone.5"] == pytest.approx(0.5) and unfrozen.group_lrs[
+        "backbone.4"
+    ] == pytest.approx(0.25)
+
+
 def test_probe_scores_every_depth_and_suggests_how_deep_to_unfreeze(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(

@@ -18,7 +18,10 @@ def main(argv: Sequence[str]) -> int:
     result = plan(recipe.model, recipe.datamodule, max_epochs, trainer.accumulate_grad_batches)
 
     table = Table(title=f"freeze plan: {result.backbone}, {len(result.groups)} backbone groups + head")
-    columns = ("epochs", "trainable groups", "trainable params", "learning rates (head, then top group down)")
+    rates_title = "learning rates (head, then top group down)"
+    if result.relative_rates:
+        rates_title = "learning rates relative to the head's (lr: auto)"
+    columns = ("epochs", "trainable groups", "trainable params", rates_title)
     for column in (*columns, "BatchNorm", "train size"):
         table.add_column(column)
     for phase in result.phases:
@@ -53,4 +56,10 @@ def main(argv: Sequence[str]) -> int:
     for group in result.groups:
         groups.add_row(f"g{group.index}", f"{group.params:,}", group.first_tensor)
     console.print(groups)
+    if result.relative_rates:
+        console.print(
+            "lr: auto: a range test sets the head's rate (and, for a schedule that unfreezes, backbone_lr) "
+            "when training starts; the rates above are multiples of it. See them beforehand with "
+            "python -m transferkit lr-find --config <recipe>."
+        )
     return 0

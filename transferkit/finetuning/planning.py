@@ -45,7 +45,12 @@ class FreezePlan:
     train_images: int | None = None
     batch_size: int | None = None
     data_side: int | None = None
-    settings: dict[str, Any] = field(default_factory=dict)  # lr_schedule, layer_decay, backbone_lr
+    settings: dict[str, Any] = field(default_factory=dict)  # lr, lr_schedule, layer_decay, backbone_lr
+
+    @property
+    def relative_rates(self) -> bool:
+        """``lr: auto``: the phases' rates are relative to the head's rate, which a range test finds."""
+        return self.settings.get("lr") == "auto"
 
 
 def plan_phases(model: Any, max_epochs: int, steps_per_epoch: int) -> list[Phase]:
@@ -54,7 +59,8 @@ def plan_phases(model: Any, max_epochs: int, steps_per_epoch: int) -> list[Phase
 
     The learning rates are the ones the optimizer holds at each phase's first step: each group's base LR
     (the top group's ``backbone_lr``, default the head's LR times ``layer_decay``, times ``layer_decay``
-    per group down) times the schedule's factor at that step.
+    per group down) times the schedule's factor at that step. With ``lr: auto`` (found by a range test when
+    training starts) they are relative to the head's: 1.0 stands for the rate the test will find.
 
     Args:
         model: a :class:`~transferkit.TransferClassifier`.
@@ -68,7 +74,14 @@ def plan_phases(model: Any, max_epochs: int, steps_per_epoch: int) -> list[Phase
     head_params = sum(p.numel() for p in model.head.parameters())
     total = head_params + sum(group_sizes)
 
-    optimization = model.optimization(max_epochs * steps_per_epoch, steps_per_epoch, max_epochs)
+    auto = model.hparams.get("lr") == "auto"
+    if auto:  # the range test sets the rates when training starts: plan with the head's at 1.0
+        model.hparams["lr"] = 1.0
+    try:
+        optimization = model.optimization(max_epochs * steps_per_epoch, steps_per_epoch, max_epochs)
+    finally:
+        if auto:
+            model.hparams["lr"] = "auto"
     optimizer = optimization["optimizer"]
     multipliers = getattr(optimization["lr_scheduler"]["scheduler"], "lr_lambdas", None)
     base_lrs = [g["initial_lr"] if "initial_lr" in g else g["lr"] for g in optimizer.param_groups]
@@ -133,7 +146,7 @@ def plan(
         GroupInfo(index, sum(params[n].numel() for n in names), names[0])
         for index, names in enumerate(model.groups)
     ]
-    settings = {k: model.hparams.get(k) for k in ("lr_schedule", "layer_decay", "backbone_lr")}
+    settings = {k: model.hparams.get(k) for k in ("lr", "lr_schedule", "layer_decay", "backbone_lr")}
     return FreezePlan(
         backbone=model.backbone.name,
         phases=plan_phases(model, max_epochs, steps_per_epoch),
