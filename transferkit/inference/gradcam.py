@@ -99,7 +99,11 @@ def gradcam_layer(
 
 
 def gradcam_maps(
-    model: Any, images: torch.Tensor, classes: Sequence[int] | None = None, batch_size: int = 16
+    model: Any,
+    images: torch.Tensor,
+    classes: Sequence[int] | None = None,
+    batch_size: int = 16,
+    layer: tuple[nn.Module, Any, str] | None = None,
 ) -> np.ndarray:
     """Grad-CAM maps ``(B, H, W)`` in [0, 1] for images ``(B, 3, H, W)`` (already through the eval pipeline),
     each for the class in ``classes`` (default: the predicted one). The model is used in eval mode and left
@@ -118,12 +122,13 @@ def gradcam_maps(
         raise ValueError(f"images must be a batch (B, 3, H, W), got shape {tuple(images.shape)}.")
     if classes is not None and len(classes) != len(images):
         raise ValueError(f"{len(classes)} classes for {len(images)} images.")
-    layer, reshape, _ = gradcam_layer(model, int(images.shape[-1]))
+    # ``layer``: what gradcam_layer returned for this model and size, to reuse it over several calls
+    target, reshape, _ = layer if layer is not None else gradcam_layer(model, int(images.shape[-1]))
     was_training = model.training
     parameter = next(model.parameters())
     maps = []
     try:
-        with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        with GradCAM(model=model, target_layers=[target], reshape_transform=reshape) as cam:
             # a frozen backbone's parameters need no gradient; a gradient on the input still reaches the layer
             cam.compute_input_gradient = True
             for start in range(0, len(images), batch_size):

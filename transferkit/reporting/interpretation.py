@@ -305,6 +305,7 @@ def interpret(
     if mean is None or std is None:
         config = model.data_config
         mean, std = config["mean"], config["std"]
+    target = None  # Grad-CAM's layer, looked up with the first grid
     for key, heading in (("top_losses", "top losses"), ("most_confident", "most confident, correct")):
         chosen = ranked[key].tolist()
         rows = [
@@ -329,8 +330,10 @@ def interpret(
             try:
                 from transferkit.inference.gradcam import gradcam_layer, gradcam_maps
 
-                maps = gradcam_maps(model, torch.stack(tensors), classes=[int(predicted[i]) for i in chosen])
-                report.gradcam_layer = gradcam_layer(model, int(tensors[0].shape[-1]))[2]
+                target = target or gradcam_layer(model, int(tensors[0].shape[-1]))  # found once, used twice
+                report.gradcam_layer = target[2]
+                chosen_classes = [int(predicted[i]) for i in chosen]
+                maps = gradcam_maps(model, torch.stack(tensors), classes=chosen_classes, layer=target)
             except (ConfigError, ImportError) as err:  # an architecture it cannot read; grad-cam missing
                 if str(err) not in problems:
                     problems.append(str(err))
