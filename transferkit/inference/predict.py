@@ -95,10 +95,11 @@ def _predict_batch(
         probs, uncertainty = out["probs"], out["entropy"].tolist()
     else:
         probs = model.predict_proba(batch, tta=tta)
+    decided = model.predict_labels(probs).tolist()  # the stored decision threshold, if any
     for j, (index, _) in enumerate(items):
         row = rows[index]
         row["probs"] = probs[j].tolist()
-        row["predicted"] = model.class_names[int(model.predict_labels(probs[j : j + 1])[0])]
+        row["predicted"] = model.class_names[int(decided[j])]
         if uncertainty is not None:
             row["uncertainty"] = uncertainty[j]
 
