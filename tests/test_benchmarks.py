@@ -166,3 +166,55 @@ def test_combined_seeds_must_each_be_on_the_test_ledger_and_of_one_recipe(tmp_pa
     made_up = results("c.json", "c1", {2: 0.99})  # a score no --test run recorded
     with pytest.raises(SystemExit, match="seed 2's test accuracy 0.99 is not in the test ledger"):
         combine.combine([first, made_up], ledger=ledger)
+
+
+def test_the_cv_benchmark_scores_the_estimate_the_ensemble_and_calibration_on_paired_images():
+    spec = importlib.util.spec_from_file_location(
+        "elpv_cv", Path(__file__).resolve().parents[1] / "benchmarks" / "elpv_cv.py"
+    )
+    elpv_cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(elpv_cv)
+    rng = np.random.default_rng(0)
+    test_labels = rng.integers(0, 4, 400)
+
+    def overconfident(labels: np.ndarray, noise_seed: int) -> np.ndarray:
+        # logits 70 % right, scaled x4: probabilities far surer than the model is right
+        noise = np.random.default_rng(noise_seed).normal(size=(len(labels), 4))
+        logits = 4.0 * (1.2 * np.eye(4)[labels] + noise)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    folds = []
+    for fold in range(3):
+        val_labels = rng.integers(0, 4, 200)
+        folds.append(
+            {
+                "val_probs": overconfident(val_labels, 10 + fold),
+                "val_label": val_labels,
+                "test_index": np.arange(400),
+                "test_label": test_labels,
+                "test_probs": overconfident(test_labels, 20 + fold),
+            }
+        )
+    report = elpv_cv.analyse(folds)
+    single = [((f["test_probs"].argmax(1) == test_labels).mean()) for f in folds]
+    assert report["test"]["fold_models_acc"]["mean"] == pytest.approx(np.mean(single))
+    # independent errors: the averaged probabilities beat every single fold model on the same images
+    assert report["test"]["ensemble"]["acc"] > max(single)
+    assert report["test"]["ensemble_gain_acc"]["mean"] > 0
+    binary = ((folds[0]["test_probs"][:, 2:].sum(1) >= 0.5) == (test_labels >= 2)).mean()
+    assert report["folds"][0]["test"]["acc_binary"] == pytest.approx(binary)
+    # temperatures fitted on each fold's validation part soften the over-confident test probabilities
+    calibration = report["calibration"]
+    assert calibration["temperature"]["mean"] > 1.5
+    assert (
+        calibration["fold_models_test_ece_after"]["mean"] < calibration["fold_models_test_ece_before"]["mean"]
+    )
+    assert (
+        calibration["fold_models_test_nll_after"]["mean"] < calibration["fold_models_test_nll_before"]["mean"]
+    )
+    assert report["estimate"]["non_test_images"] == 600
+    # a fold that scored other test images is not part of the same cross-validation
+    folds[1]["test_index"] = np.arange(1, 401)
+    with pytest.raises(SystemExit, match="other test images"):
+        elpv_cv.analyse(folds)
