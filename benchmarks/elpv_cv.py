@@ -131,6 +131,13 @@ def analyse(folds: list[dict[str, np.ndarray]]) -> dict:
             "fold_models_test_ece_after": spread([f["test_ece_after"] for f in per_fold]),
             "fold_models_test_nll_before": spread([f["test_nll_before"] for f in per_fold]),
             "fold_models_test_nll_after": spread([f["test_nll_after"] for f in per_fold]),
+            # every fold model's test predictions pooled (5 x the test split): what the PNG draws
+            "pooled_test_ece_before": expected_calibration_error(
+                np.concatenate([f["test_probs"] for f in folds]), np.tile(test_labels, len(folds))
+            ),
+            "pooled_test_ece_after": expected_calibration_error(
+                np.concatenate(calibrated), np.tile(test_labels, len(folds))
+            ),
             "ensemble_test_ece_before": expected_calibration_error(ensemble, test_labels),
             "ensemble_test_ece_after": expected_calibration_error(ensemble_calibrated, test_labels),
             "ensemble_test_nll_before": nll(ensemble, test_labels),
