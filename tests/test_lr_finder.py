@@ -118,3 +118,29 @@ def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_p
         and "backbone phase (epoch 1): backbone_lr = " in result.stdout
     )
     assert "In the recipe: model.lr: " in result.stdout and (tmp_path / "found.png").is_file()
+
+
+def test_noise_among_the_first_points_does_not_pull_the_suggestion_out_of_the_descent():
+    import math
+
+    import numpy as np
+
+    from transferkit.finetuning.lr_finder import suggest
+
+    # the shape of ELPV's head sweep: the first smoothed points stand for a few batches and swing by 0.4
+    # while the rate is far too small to learn; the loss then falls from 1.1 at 1e-5 to 0.72 at 2e-2, and
+    # blows up above 0.1
+    lrs = list(np.logspace(-6, 0, 100))
+    rng = np.random.default_rng(0)
+    losses = []
+    for k, lr in enumerate(lrs):
+        level = 1.1 - 0.38 * (1 + math.tanh(1.2 * (math.log10(lr) + 3.2))) / 2
+        swing = 0.4 * math.sin(k) if k < 25 else 0.0  # the early swings
+        blow = 3.0 * max(0.0, math.log10(lr) + 1.3)
+        losses.append(level + swing + blow + rng.normal(0, 0.01))
+    lr, why = suggest(lrs, losses)
+    assert 1e-4 <= lr <= 1e-2, (lr, why)  # inside the descent, well below where the loss bottoms out
+    assert "keeps falling" in why
+    # a loss that only rises gives no suggestion, and says what to do
+    lr, why = suggest(lrs, sorted(losses))
+    assert lr is None and "never falls" in why

@@ -2,10 +2,15 @@
 
 A range test trains for a short while with the learning rate growing exponentially from tiny to huge,
 and records the (smoothed) training loss: it falls once the rate is large enough to learn, falls fastest
-somewhere, then blows up. The suggestion is where it falls fastest against the logarithm of the rate
-(fastai's "steep" rule). Lightning's own suggestion takes the slope against the rate itself, which on a
-log-spaced sweep leans to the low end of the falling stretch; its sweep and its smoothing are used as
-they are.
+somewhere, then blows up. The suggestion is the middle, in log(rate), of the longest stretch over which
+the smoothed loss keeps falling (fastai's "valley" rule, its default since fastai 2.5), measured from where
+the loss has started to fall rather than from the sweep's first rate (see :func:`suggest`). The steepest
+point of the curve (fastai's older "steep" rule, and Lightning's suggestion, which takes the slope against
+the rate itself) is a single difference of a noisy curve: on ELPV the head's sweep starts with a few
+batches whose loss goes up and down by 0.4 while the rate is still far too small to learn, and the
+steepest drop there suggested 4.6e-6 for a loss that is lowest near 1e-2. The valley spans the whole
+descent and is not moved by a bump at either end. Lightning's sweep and its smoothing are used as they
+are.
 
 :func:`lr_find` runs one test per phase of the recipe's freeze schedule:
 
@@ -91,14 +96,26 @@ def _fmt(value: float | None) -> str:
 
 
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
-    """The rate where the smoothed loss falls fastest against ``log(lr)``, and why, leaving out the first 10
-    points and the last (as Lightning does); ``None`` when the curve is too short or never falls.
+    """The middle, in ``log(lr)``, of the falling part of the longest valley of the smoothed loss, and why;
+    ``None`` when the curve is too short or never falls.
+
+    The valley is the longest run of points (not necessarily adjacent) over which the loss keeps falling:
+    the longest strictly decreasing subsequence, as in fastai's ``valley``. Its start often lies on the
+    plateau of rates too small to learn, so where it starts depends on where the sweep started; here it is
+    taken from the first of its points that has made a tenth of the fall from the plateau (the median of
+    the valley's first quarter) to its lowest point, which makes the suggestion the middle of the actual
+    descent, whatever ``min_lr`` was. The first 10 points and the last
+    are left out, as Lightning does: the first smoothed values stand for a handful of batches.
 
     Example:
-        >>> lrs = list(np.logspace(-5, 0, 40))
-        >>> losses = [2.0 - math.tanh(4 + math.log10(lr)) if lr < 0.1 else 9.0 for lr in lrs]
+        >>> lrs = list(np.logspace(-6, 0, 60))
+        >>> falling = [1.0 - 0.4 * math.tanh(2 + math.log10(lr)) for lr in lrs]  # falls from 1e-4 to 1
+        >>> losses = [f if lr < 0.1 else 9.0 for f, lr in zip(falling, lrs)]  # and blows up at 0.1
         >>> round(math.log10(suggest(lrs, losses)[0]))
-        -4
+        -2
+        >>> bump = [l + (0.4 if 12 <= k < 16 else 0.0) for k, l in enumerate(losses)]  # noise at 1e-5
+        >>> round(math.log10(suggest(lrs, bump)[0]))
+        -2
     """
     lrs_kept = np.asarray(lrs[SKIP_BEGIN:-SKIP_END], dtype=float)
     kept = np.asarray(losses[SKIP_BEGIN:-SKIP_END], dtype=float)
@@ -106,15 +123,36 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
     lrs_kept, kept = lrs_kept[finite], kept[finite]
     if len(kept) < 3:
         return None, f"only {len(kept)} usable points: give more steps (the data holds too few batches?)"
-    slope = np.gradient(kept, np.log(lrs_kept))
-    best = int(np.argmin(slope))
-    if slope[best] >= 0:
+    valley = _longest_valley(kept)
+    if len(valley) < 3:
         return None, "the loss never falls over the range tried: widen it (min_lr lower)"
-    low = float(np.min(kept))
-    return float(lrs_kept[best]), (
-        f"the smoothed loss falls fastest there ({kept[best]:.3f}, lowest {low:.3f}); "
-        f"the sweep ran {_fmt(lrs[0])} to {_fmt(lrs[-1])} over {len(lrs)} steps"
+    # the plateau's level: the median of the valley's first quarter, which a few noisy points do not move
+    top, bottom = float(np.median(kept[valley[: max(1, len(valley) // 4)]])), kept[valley[-1]]
+    begin = next(i for i in valley if kept[i] <= top - 0.1 * (top - bottom))
+    end = valley[-1]
+    middle = (
+        begin + (end - begin) // 2
+    )  # the points are log-spaced: the middle index is the middle in log(lr)
+    return float(lrs_kept[middle]), (
+        f"the middle of the stretch where the smoothed loss keeps falling, {_fmt(lrs_kept[begin])} to "
+        f"{_fmt(lrs_kept[end])} ({kept[begin]:.3f} -> {kept[end]:.3f}); the sweep ran {_fmt(lrs[0])} to "
+        f"{_fmt(lrs[-1])} over {len(lrs)} steps"
     )
+
+
+def _longest_valley(losses: np.ndarray) -> list[int]:
+    """The indices of the longest strictly decreasing subsequence of ``losses`` (O(n^2); a sweep has ~100
+    points), the earliest one when several are as long."""
+    n = len(losses)
+    length, previous = [1] * n, [-1] * n  # the longest decreasing run ending at i, and its point before i
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and length[j] + 1 > length[i]:
+                length[i], previous[i] = length[j] + 1, j
+    path = [int(np.argmax(length))]
+    while previous[path[-1]] >= 0:
+        path.append(previous[path[-1]])
+    return path[::-1]
 
 
 def lr_find(
