@@ -40,6 +40,19 @@ def make_stripes_folder(root: Path, per_class: int = 40, seed: int = 0, size: in
     return root
 
 
+# No test reaches a model hub: these machines have none. Weights come from bundled packages or local
+# files; tests of the hub path build a local cache, or check the error a user gets when the hub is out of
+# reach (a test that wants the network path unsets HF_HUB_OFFLINE and keeps the dead endpoint).
+NO_HUB_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+@pytest.fixture(autouse=True)
+def _no_model_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", NO_HUB_ENDPOINT)
+    monkeypatch.setenv("TRANSFERKIT_HUB_ENDPOINT", NO_HUB_ENDPOINT)
+
+
 @pytest.fixture
 def stripes_folder(tmp_path: Path) -> Path:
     return make_stripes_folder(tmp_path / "stripes", per_class=40)

@@ -64,6 +64,7 @@ def test_any_timm_model_returns_pooled_features():
 def test_hub_unreachable_fails_fast_with_alternatives(tmp_path, monkeypatch):
     # no hub is reached: an empty cache, and an endpoint on this machine where nothing listens
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # the network path, against a dead endpoint (conftest's)
     monkeypatch.setenv("TRANSFERKIT_HUB_ENDPOINT", "http://127.0.0.1:9")
     start = time.monotonic()
     with pytest.raises(HubUnreachableError) as info:
