@@ -218,7 +218,10 @@ def main() -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
     cv = json.loads((out / "cv.json").read_text())
-    folds = [dict(np.load(out / f"fold_{i}" / "cv_predictions.npz")) for i in range(args.folds)]
+    folds = []
+    for i in range(args.folds):
+        with np.load(out / f"fold_{i}" / "cv_predictions.npz", allow_pickle=False) as stored:
+            folds.append(dict(stored))
     report = analyse(folds)
     fit_seconds = []
     for i, fold in enumerate(cv["folds"]):

@@ -104,8 +104,8 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
     plateau of rates too small to learn, so where it starts depends on where the sweep started; here it is
     taken from the first of its points that has made a tenth of the fall from the plateau (the median of
     the valley's first quarter) to its lowest point, which makes the suggestion the middle of the actual
-    descent, whatever ``min_lr`` was. The first 10 points and the last
-    are left out, as Lightning does: the first smoothed values stand for a handful of batches.
+    descent, whatever ``min_lr`` was. The first 10 points and the last are left out, as Lightning does:
+    the first smoothed values stand for a handful of batches.
 
     Example:
         >>> lrs = list(np.logspace(-6, 0, 60))
@@ -130,9 +130,8 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
     top, bottom = float(np.median(kept[valley[: max(1, len(valley) // 4)]])), kept[valley[-1]]
     begin = next(i for i in valley if kept[i] <= top - 0.1 * (top - bottom))
     end = valley[-1]
-    middle = (
-        begin + (end - begin) // 2
-    )  # the points are log-spaced: the middle index is the middle in log(lr)
+    logs = np.log(lrs_kept[begin : end + 1])
+    middle = begin + int(np.argmin(np.abs(logs - (logs[0] + logs[-1]) / 2)))  # the middle in log(lr)
     return float(lrs_kept[middle]), (
         f"the middle of the stretch where the smoothed loss keeps falling, {_fmt(lrs_kept[begin])} to "
         f"{_fmt(lrs_kept[end])} ({kept[begin]:.3f} -> {kept[end]:.3f}); the sweep ran {_fmt(lrs[0])} to "
