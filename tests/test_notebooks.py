@@ -21,7 +21,15 @@ CELL_TIMEOUT = 300  # seconds per cell
 # small-mode parameters per notebook: together they run in a few minutes on 2 CPU cores
 SMALL: dict[str, dict[str, Any]] = {
     "01_quickstart": {"max_epochs": 3, "max_samples": 500, "data_source": "digits", "image_size": 64},
-    "02_augmentation": {"n_images": 2, "n_views": 3, "image_size": 96},
+    "02_augmentation": {
+        "n_images": 2,
+        "n_views": 3,
+        "image_size": 96,
+        "search_samples": 160,
+        "search_budget": "60m",  # never reached: no candidate may be skipped for time
+        "search_epochs": 1,
+        "search_repeats": 2,
+    },
     "03_freeze_schedules": {
         "max_epochs": 6,
         "max_samples": 300,
@@ -112,8 +120,20 @@ def check_02_augmentation(nb, out: Path) -> None:
     assert (folder / "inline.png").is_file()
     for name in ("policy_photometric_safe", "policy_default", "mixup", "cutmix"):
         assert (folder / f"{name}.png").is_file(), name
-    assert images_shown(nb) >= 9
-    assert "round trip through A.to_dict / A.from_dict: identical" in text_of(nb)
+    assert images_shown(nb) >= 10
+    text = text_of(nb)
+    assert "round trip through A.to_dict / A.from_dict: identical" in text
+    # the search's table: the baseline and the four candidates ranked, each with a validation loss
+    ranked = re.findall(r"^\s*(\d)\s+([\d.]+)\s+[+-][\d.]+\s+[\d.]+\s+\d+\s+(.+)$", text, re.M)
+    assert sorted(int(r[0]) for r in ranked) == [1, 2, 3, 4, 5], text
+    assert any(r[2].startswith("baseline") for r in ranked) and any(
+        r[2] == "none (no augmentation)" for r in ranked
+    )
+    losses = [float(r[1]) for r in sorted(ranked)]
+    assert losses == sorted(losses)  # ranked by validation loss, lowest first
+    assert "baseline seeds spread" in text
+    assert (folder / "augment_search" / "augment_search.png").is_file()
+    assert "augment:" in (folder / "augment_search" / "augment_search.yaml").read_text()
 
 
 def check_03_freeze_schedules(nb, out: Path) -> None:
