@@ -210,6 +210,31 @@ def already_tested(fingerprint: str, seeds: list[int], ledger: Path = LEDGER) ->
     return sorted(seen & set(seeds))
 
 
+def record_test_look(
+    record: dict,
+    config: str,
+    overrides: list[str],
+    fingerprint: str,
+    seed: int,
+    rerun: bool,
+    test_acc_binary: float,
+    ledger: Path | None = None,
+) -> None:
+    """Append one line to the test ledger: this recipe's test split of ``seed`` was scored (``rerun``: again)."""
+    entry = {
+        "date_utc": record["date_utc"],
+        "commit": record["commit"],
+        "config": str(Path(config)),
+        "overrides": overrides,
+        "recipe": fingerprint,
+        "seed": seed,
+        "rerun": rerun,  # this seed's test split had been scored before
+        "test_acc_binary": test_acc_binary,
+    }
+    with (ledger or LEDGER).open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
 def check_test_allowed(fingerprint: str, seeds: list[int], rerun: bool, ledger: Path = LEDGER) -> list[int]:
     """Refuse (``SystemExit`` with what to do) to score a test split the ledger holds, unless ``rerun``.
 
@@ -259,18 +284,15 @@ def main() -> None:
         shown = {k: runs[-1][k] for k in ("val", "test") if k in runs[-1]}
         print(f"seed {seed}: {json.dumps(shown)}", file=sys.stderr, flush=True)
         if args.test:
-            entry = {
-                "date_utc": record["date_utc"],
-                "commit": record["commit"],
-                "config": str(Path(args.config)),
-                "overrides": extra,
-                "recipe": fingerprint,
-                "seed": seed,
-                "rerun": seed in seen_before,  # this seed's test split had been scored before
-                "test_acc_binary": runs[-1]["test"]["acc_binary"],
-            }
-            with LEDGER.open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            record_test_look(
+                record,
+                args.config,
+                extra,
+                fingerprint,
+                seed,
+                seed in seen_before,
+                runs[-1]["test"]["acc_binary"],
+            )
         if args.out is not None and len(runs) < len(args.seeds):
             # the seeds done so far, marked incomplete: a run stopped part-way keeps what it measured
             _write(_report(args, extra, fingerprint, runs, record), args.out)

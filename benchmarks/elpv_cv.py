@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from elpv import LEDGER, already_tested, check_test_allowed, recipe_fingerprint  # noqa: E402
+from elpv import already_tested, check_test_allowed, recipe_fingerprint, record_test_look  # noqa: E402
 from provenance import provenance, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,20 +243,10 @@ def main() -> None:
     picture = Path(args.save).with_suffix(".png") if args.save else out / "reliability_test.png"
     result["reliability_png"] = str(draw(folds, report, picture))
     if scores_test or not on_ledger:
-        entry = {
-            "date_utc": record["date_utc"],
-            "commit": record["commit"],
-            "config": str(Path(args.config)),
-            "overrides": [*extra, "cv", f"--folds={args.folds}", "--ensemble"],
-            "recipe": fingerprint,
-            "seed": seed,
-            "rerun": bool(seen_before),
-            "test_acc_binary": report["test"]["ensemble"].get(
-                "acc_binary", report["test"]["ensemble"]["acc"]
-            ),
-        }
-        with LEDGER.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        ensemble = report["test"]["ensemble"]
+        overrides = [*extra, "cv", f"--folds={args.folds}", "--ensemble"]
+        accuracy = ensemble.get("acc_binary", ensemble["acc"])
+        record_test_look(record, args.config, overrides, fingerprint, seed, bool(seen_before), accuracy)
     save(result, args.save)
 
 

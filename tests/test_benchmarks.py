@@ -80,7 +80,9 @@ def test_a_recipes_test_split_is_scored_once_unless_rerun_is_asked(tmp_path):
     fingerprint = elpv.recipe_fingerprint(str(recipe), [])
     ledger = tmp_path / "ledger.jsonl"
     elpv.check_test_allowed(fingerprint, [0, 1], rerun=False, ledger=ledger)  # nothing scored yet
-    ledger.write_text(json.dumps({"recipe": fingerprint, "seed": 1}) + "\n")
+    record = {"date_utc": "2026-01-01T00:00:00+00:00", "commit": "abc"}
+    elpv.record_test_look(record, str(recipe), [], fingerprint, 1, False, 0.9, ledger=ledger)
+    assert json.loads(ledger.read_text())["test_acc_binary"] == 0.9
     with pytest.raises(SystemExit, match=r"seeds \[1\] was already scored.*--rerun"):
         elpv.check_test_allowed(fingerprint, [0, 1, 2], rerun=False, ledger=ledger)
     elpv.check_test_allowed(fingerprint, [0, 2], rerun=False, ledger=ledger)  # other seeds: fine
