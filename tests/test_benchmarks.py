@@ -220,3 +220,57 @@ def test_the_cv_benchmark_scores_the_estimate_the_ensemble_and_calibration_on_pa
     folds[1]["test_index"] = np.arange(1, 401)
     with pytest.raises(SystemExit, match="other test images"):
         elpv_cv.analyse(folds)
+
+
+def test_augment_search_agreement_ranks_the_search_against_paired_full_runs():
+    spec = importlib.util.spec_from_file_location(
+        "augment_search_agreement",
+        Path(__file__).resolve().parents[1] / "benchmarks" / "augment_search_agreement.py",
+    )
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+
+    def full(scores):
+        return {"seeds": [{"seed": s, "val": {"acc_binary": a}} for s, a in enumerate(scores)]}
+
+    def trial(candidate, loss, acc):
+        return {"candidate": candidate, "val_loss": [loss, loss + 0.002], "val_acc": [acc, acc]}
+
+    search = {
+        "trials": [
+            trial({"Affine": {"p": 0.7}}, 0.30, 0.86),
+            trial("none", 0.31, 0.85),
+            trial("baseline", 0.32, 0.84),
+            trial({"__class_fullname__": "transferkit.data.policies.RandAugment"}, 0.33, 0.83),
+        ],
+        "noise_val_loss": 0.002,
+    }
+    base = [0.84, 0.80, 0.86, 0.82, 0.83]
+    runs = {
+        "baseline": full(base),
+        "Affine": full([a + 0.04 + d for a, d in zip(base, [0, 0.01, -0.01, 0.005, 0], strict=True)]),
+        "none": full([a + 0.01 * (-1) ** s for s, a in enumerate(base)]),  # +-0.01: inside its spread
+        "RandAugment": full([a - 0.03 for a in base]),
+    }
+    result = agreement.agreement(search, runs)
+    rows = {r["pipeline"]: r for r in result["pipelines"]}
+    assert [r["pipeline"] for r in result["pipelines"]] == ["Affine", "none", "baseline", "RandAugment"]
+    assert rows["Affine"]["full_diff_mean"] == pytest.approx(0.041)
+    assert rows["Affine"]["full_diff_per_seed"] == pytest.approx([0.04, 0.05, 0.03, 0.045, 0.04])
+    # the full runs order Affine > none ~ baseline > RandAugment, as the search does (none: +0.002 mean)
+    assert result["search_by_val_loss_vs_full"]["spearman"] == pytest.approx(1.0)
+    assert result["search_winner"] == result["full_winner"] == "Affine"
+    assert result["full_differences_beyond_spread"] == ["Affine", "RandAugment"]
+    assert "Spearman +1.00" in agreement.table(result)
+    # the opposite order of the search: a correlation of -1
+    reversed_search = {
+        "trials": [trial(t["candidate"], 1 - t["val_loss"][0], t["val_acc"][0]) for t in search["trials"]]
+    }
+    assert agreement.agreement(reversed_search, runs)["search_by_val_loss_vs_full"][
+        "spearman"
+    ] == pytest.approx(-1.0)
+    # pairs need the same seeds, and every trial needs its full runs
+    with pytest.raises(SystemExit, match="RandAugment's full runs are of seeds"):
+        agreement.agreement(search, {**runs, "RandAugment": full([0.8, 0.8])})
+    with pytest.raises(SystemExit, match=r"the search tried \['none'\] but no --full"):
+        agreement.agreement(search, {k: v for k, v in runs.items() if k != "none"})
