@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,57 @@ def test_augment_search_agreement_ranks_the_search_against_paired_full_runs():
         agreement.agreement(search, {**runs, "RandAugment": full([0.8, 0.8])})
     with pytest.raises(SystemExit, match=r"the search tried \['none'\] but no --full"):
         agreement.agreement(search, {k: v for k, v in runs.items() if k != "none"})
+
+
+def _time_to_accuracy():
+    spec = importlib.util.spec_from_file_location(
+        "time_to_accuracy", Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_frontier_holds_the_recipes_no_other_beats_on_both_accuracy_and_time():
+    tta = _time_to_accuracy()
+    runs = [
+        {"recipe": name, "seed": seed, "test_acc_binary": acc + 0.01 * seed, "wall_seconds": wall}
+        for name, acc, wall in [("quick", 0.84, 200), ("slow-better", 0.88, 1000), ("slow-worse", 0.83, 900)]
+        for seed in (0, 1)
+    ]
+    rows = {r["recipe"]: r for r in tta.summarise(runs)}
+    assert rows["quick"]["test_acc_binary_mean"] == pytest.approx(0.845)
+    assert rows["quick"]["wall_seconds_max"] == 200
+    assert {name for name, r in rows.items() if r["on_frontier"]} == {"quick", "slow-better"}
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_times_a_fresh_finetune_and_puts_its_test_look_on_the_ledger(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
+    out, ledger = tmp_path / "r.json", tmp_path / "ledger.jsonl"
+    tiny = ["--data.max_samples", "160", "--trainer.max_epochs", "1", "--data.image_size", "64"]
+    base = [sys.executable, str(script), "--recipes", "recipes/quickstart.yaml", "--seeds", "0"]
+    base += ["--ledger", str(ledger), "--runs-dir", str(tmp_path / "runs")]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([*base, "--out", str(out), "--", *tiny], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    # the whole command was timed (interpreter start to results), more than its training alone
+    assert run["wall_seconds"] > run["fit_seconds"] > 0
+    assert 0.0 <= run["test_acc_binary"] <= 1.0
+    assert run["test_acc_binary"] == pytest.approx(
+        run["test_acc_printed"], abs=1e-6
+    )  # what the command printed
+    assert out.with_suffix(".png").is_file()
+    (line,) = [json.loads(x) for x in ledger.read_text().splitlines()]
+    assert line["seed"] == 0 and line["recipe"] == run["fingerprint"]
+    # its test split is on the ledger: a second look needs --rerun; a resumed file looks at nothing
+    again = subprocess.run([*base, "--", *tiny], capture_output=True, text=True, cwd=root)
+    assert again.returncode != 0 and "--rerun" in again.stderr
+    resumed = subprocess.run(
+        [*base, "--resume", str(out), "--", *tiny], capture_output=True, text=True, cwd=root
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["runs"] == report["runs"]
+    assert len(ledger.read_text().splitlines()) == 1

@@ -1,0 +1,290 @@
+"""Time to accuracy on ELPV: each recipe's binary test accuracy against the wall time of the command a user runs.
+
+    python benchmarks/time_to_accuracy.py --recipes recipes/quickstart.yaml recipes/elpv.yaml --seeds 0 1 2 3 4 \\
+        --rerun --out benchmarks/results/time-to-accuracy-elpv-2core-cpu.json
+
+For every recipe and seed it runs ``python -m transferkit finetune --config R --seed_everything S --data.seed S``
+in a fresh run folder (so every cache is built from nothing, as on a user's first run) and times the whole
+command, start to printed results: interpreter start, imports, loading the data and the weights, the caches,
+training, the test split, the run report. The seed's split is the benchmark's (``data.seed``, see
+benchmarks/elpv.py). The test split is scored by the command itself; afterwards, untimed, the best checkpoint's
+test probabilities are read again to give the binary accuracy of a 4-class recipe (defective = P(2/3) + P(1) >=
+0.5, as benchmarks/elpv.py), and for a binary recipe that figure must equal the accuracy the command printed
+(checked: a mismatch stops the benchmark).
+
+Every run scores a test split, so each goes into ``benchmarks/results/elpv-test-ledger.jsonl`` and a recipe
+whose test split was scored before needs ``--rerun`` (the protocol in docs/elpv.md). ``--resume FILE`` keeps the
+runs an earlier results file of this script holds (same recipe, overrides and seed) instead of running them again.
+
+The JSON reports each run (wall seconds, fit seconds, test accuracy) and per recipe the mean +- std accuracy and
+the mean and largest wall time; the frontier is the recipes no other recipe beats on both mean accuracy and mean
+wall time. A PNG beside the results file draws accuracy against wall time, each seed faint and each recipe's
+mean with its spread, the frontier joined, and the published fine-tuned VGG-19 (0.8842, on a GPU) as a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from elpv import LEDGER, _scores, check_test_allowed, recipe_fingerprint, record_test_look  # noqa: E402
+from provenance import provenance, save  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = {"VGG-19 fine-tuned, GPU (Deitsch et al. 2019)": 0.8842}
+
+
+def run_command(recipe: str, seed: int, root: Path, extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "finetune",
+        "--config",
+        recipe,
+        "--seed_everything",
+        str(seed),
+        "--data.seed",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+def timed_run(recipe: str, seed: int, root: Path, extra: list[str]) -> dict[str, Any]:
+    """One fresh ``finetune`` run, timed start to finish; its ``metrics.json``."""
+    shutil.rmtree(root, ignore_errors=True)  # a fresh run folder: no cache survives from an earlier run
+    command = run_command(recipe, seed, root, extra)
+    start = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stderr[-5000:])
+        raise SystemExit(f"{recipe} seed {seed} failed (exit {completed.returncode}): {' '.join(command)}")
+    found = sorted(root.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"{recipe} seed {seed}: the run wrote no metrics.json under {root}")
+    metrics = json.loads(found[-1].read_text())
+    return {"wall_seconds": round(wall, 1), "metrics": metrics}
+
+
+def score_test(recipe: str, seed: int, root: Path, extra: list[str], checkpoint: str) -> dict[str, float]:
+    """The best checkpoint's test figures as benchmarks/elpv.py computes them (untimed; the same test split)."""
+    import torch
+
+    from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
+    from transferkit.models.classifier import TransferClassifier
+
+    args = run_command(recipe, seed, root, extra)[4:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = TransferKitCLI(**cli_kwargs(args), run=False)
+    data = cli.datamodule
+    best = TransferClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    data.use_data_config(best.data_config)
+    data.setup("test")
+    dataset = data.datasets["test"]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=data.num_workers)
+    with torch.no_grad():
+        probs = torch.cat([best.predict_proba(images) for images, _ in loader]).numpy()
+    indices = data.split_indices["test"]
+    meta = {key: data.data.meta[key][indices] for key in ("cell_type", "defect_probability")}
+    task = "4class" if data.num_classes == 4 else "binary"
+    return _scores(probs, dataset.labels, task, **meta)
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per recipe (in the order first run): mean +- std test accuracy, mean and largest wall time; and
+    whether it is on the frontier (no other recipe at least as accurate and at least as fast, and better in one)."""
+    names = list(dict.fromkeys(r["recipe"] for r in runs))
+    rows = []
+    for name in names:
+        mine = [r for r in runs if r["recipe"] == name]
+        acc = [r["test_acc_binary"] for r in mine]
+        wall = [r["wall_seconds"] for r in mine]
+        rows.append(
+            {
+                "recipe": name,
+                "seeds": [r["seed"] for r in mine],
+                "test_acc_binary_mean": statistics.fmean(acc),
+                "test_acc_binary_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "wall_seconds_mean": statistics.fmean(wall),
+                "wall_seconds_max": max(wall),
+            }
+        )
+    for row in rows:
+        row["on_frontier"] = not any(
+            other["test_acc_binary_mean"] >= row["test_acc_binary_mean"]
+            and other["wall_seconds_mean"] <= row["wall_seconds_mean"]
+            and (
+                other["test_acc_binary_mean"] > row["test_acc_binary_mean"]
+                or other["wall_seconds_mean"] < row["wall_seconds_mean"]
+            )
+            for other in rows
+            if other is not row
+        )
+    return rows
+
+
+def draw(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, row in enumerate(rows):
+        colour = colours[i % len(colours)]
+        mine = [r for r in runs if r["recipe"] == row["recipe"]]
+        ax.scatter(
+            [r["wall_seconds"] for r in mine],
+            [r["test_acc_binary"] for r in mine],
+            s=14,
+            alpha=0.35,
+            color=colour,
+        )
+        ax.errorbar(
+            row["wall_seconds_mean"],
+            row["test_acc_binary_mean"],
+            yerr=row["test_acc_binary_std"],
+            fmt="o",
+            ms=7,
+            capsize=3,
+            color=colour,
+            label=f"{Path(row['recipe']).stem}: {row['test_acc_binary_mean']:.3f} +- {row['test_acc_binary_std']:.3f}, "
+            f"{row['wall_seconds_mean']:.0f} s",
+        )
+    front = sorted((r for r in rows if r["on_frontier"]), key=lambda r: r["wall_seconds_mean"])
+    if len(front) > 1:
+        ax.plot(
+            [r["wall_seconds_mean"] for r in front], [r["test_acc_binary_mean"] for r in front], "k--", lw=1
+        )
+    for label, accuracy in PUBLISHED.items():
+        ax.axhline(accuracy, color="grey", lw=1, ls=":")
+        ax.text(
+            ax.get_xlim()[0], accuracy, f" {label}: {accuracy:.4f}", va="bottom", fontsize=8, color="dimgrey"
+        )
+    ax.axvline(300, color="grey", lw=1, ls="--")
+    ax.text(300, ax.get_ylim()[0], " 5 min", va="bottom", fontsize=8, color="dimgrey")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("wall time of `python -m transferkit finetune`, fresh run folder (s, log scale)")
+    ax.set_ylabel("binary test accuracy")
+    ax.set_title("ELPV: accuracy against time to train (each seed faint; mean +- std)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")),
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--rerun", action="store_true", help="score test splits the ledger says were scored")
+    parser.add_argument("--resume", default=None, help="keep the runs of this earlier results file")
+    parser.add_argument("--ledger", default=str(LEDGER), help=argparse.SUPPRESS)
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "time-to-accuracy"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="also write the JSON (and a PNG beside it) here")
+    args, extra = parser.parse_known_args()
+    extra = [e for e in extra if e != "--"]
+    ledger = Path(args.ledger)
+
+    kept: list[dict[str, Any]] = []
+    if args.resume and Path(args.resume).is_file():
+        earlier = json.loads(Path(args.resume).read_text())
+        kept = [r for r in earlier["runs"] if r["overrides"] == extra]
+    record = provenance()
+    runs: list[dict[str, Any]] = []
+    for recipe in args.recipes:
+        fingerprint = recipe_fingerprint(recipe, extra)
+        todo = [
+            s
+            for s in args.seeds
+            if not any(
+                r["recipe"] == recipe and r["seed"] == s and r["fingerprint"] == fingerprint for r in kept
+            )
+        ]
+        seen_before = check_test_allowed(fingerprint, todo, args.rerun, ledger) if todo else []
+        for seed in args.seeds:
+            done = [
+                r
+                for r in kept
+                if r["recipe"] == recipe and r["seed"] == seed and r["fingerprint"] == fingerprint
+            ]
+            if done:
+                runs.append(done[0])
+                continue
+            root = Path(args.runs_dir).resolve() / Path(recipe).stem / f"seed{seed}"
+            timed = timed_run(recipe, seed, root, extra)
+            metrics = timed["metrics"]
+            scores = score_test(recipe, seed, root, extra, metrics["best_checkpoint"])
+            printed = metrics["test"].get("test_acc")
+            if (
+                "acc_4class" not in scores
+                and printed is not None
+                and abs(printed - scores["acc_binary"]) > 1e-6
+            ):
+                raise SystemExit(
+                    f"{recipe} seed {seed}: the command printed test accuracy {printed:.6f}, the checkpoint scores "
+                    f"{scores['acc_binary']:.6f} on the same split: the benchmark is not measuring what ran."
+                )
+            record_test_look(
+                record, recipe, extra, fingerprint, seed, seed in seen_before, scores["acc_binary"], ledger
+            )
+            runs.append(
+                {
+                    "recipe": recipe,
+                    "overrides": extra,
+                    "fingerprint": fingerprint,
+                    "seed": seed,
+                    "wall_seconds": timed["wall_seconds"],
+                    "fit_seconds": metrics.get("fit_seconds"),
+                    "epochs": metrics.get("epochs"),
+                    "test_acc_binary": scores["acc_binary"],
+                    "test_acc_4class": scores.get("acc_4class"),
+                    "test_acc_printed": printed,
+                }
+            )
+            print(
+                f"{recipe} seed {seed}: {timed['wall_seconds']:.0f} s wall, binary test acc {scores['acc_binary']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    rows = summarise(runs)
+    report = {
+        "benchmark": "time-to-accuracy-elpv",
+        "seeds": args.seeds,
+        "overrides": extra,
+        "published": PUBLISHED,
+        "recipes": rows,
+        "runs": runs,
+        "provenance": record,
+    }
+    if args.out is not None:
+        report["plot"] = str(draw(runs, rows, Path(args.out).with_suffix(".png")))
+    save(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
