@@ -161,3 +161,27 @@ def test_a_pack_refuses_what_needs_every_file_at_hand(tmp_path, packed):
     dm = tk.ImageDataModule(source="stream", root=str(tmp_path / "no-val"), val_fraction=0, **NORM)
     dm.setup("fit")
     assert np.array_equal(dm.datasets["test"].labels, no_val.data.labels[no_val.split_indices["test"]])
+
+
+def test_a_split_whose_every_image_is_bad_is_refused_not_packed_empty(tmp_path):
+    root = make_stripes_folder(tmp_path / "stripes", per_class=10)
+    folder = tk.ImageDataModule(
+        source="folder", root=str(root), batch_size=4, num_workers=0, skip_bad_images=True, **NORM
+    )
+    folder.setup()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "photo.jpg", quality=90)
+    whole = (tmp_path / "photo.jpg").read_bytes()
+    test_files = [Path(folder.data.items[i]) for i in folder.split_indices["test"]]
+    for path in test_files:
+        path.write_bytes(whole[: len(whole) // 2])  # the header passes set-up; the pixels are cut
+    with pytest.raises(
+        tk.DatasetError, match=rf"no image in the test split \({len(test_files)} files\) can be"
+    ):
+        tk.pack_stream(folder, tmp_path / "pack")
+    assert not (tmp_path / "pack").exists()  # nothing half-written is left
+    # without skip_bad_images, the same files are named one by one
+    strict = tk.ImageDataModule(source="folder", root=str(root), batch_size=4, num_workers=0, **NORM)
+    with pytest.raises(tk.DatasetError, match=rf"{len(test_files)} image files cannot be decoded"):
+        tk.pack_stream(strict, tmp_path / "pack")
+    assert not (tmp_path / "pack").exists()

@@ -104,6 +104,7 @@ def pack_stream(
     side = decode_side(datamodule.train_transform) if datamodule.jpeg_draft else None
     labels: dict[str, list[int]] = {}
     skipped: list[ImageReadError] = []
+    emptied: list[str] = []  # splits none of whose images could be decoded
     total = 0
     created = not os.path.exists(output_dir)
     with ThreadPoolExecutor(max_workers=workers or min(8, 2 * (os.cpu_count() or 1))) as pool:
@@ -123,17 +124,31 @@ def pack_stream(
                 sample["position"] = len(labels[split])
                 cache[sample["position"]] = sample
                 labels[split].append(sample["label"])
+            if not labels[split]:
+                emptied.append(f"the {split} split ({len(indices)} files)")
+                continue  # a writer with no sample never finishes its index: done() would wait forever
             cache.done()
             cache.merge()
             total += _folder_bytes(url)
-    if skipped and not datamodule.skip_bad_images:
+
+    def remove_what_was_written() -> None:
         for part in [output_dir] if created else [split_url(output_dir, s) for s in SPLITS]:
             shutil.rmtree(part, ignore_errors=True)  # only what this call wrote
+
+    if skipped and not datamodule.skip_bad_images:
+        remove_what_was_written()
         listing = "\n".join(f"  {err.path}: {err.reason}" for err in skipped[:20])
         more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
         raise DatasetError(
             f"{len(skipped)} image files cannot be decoded, nothing was packed:\n{listing}{more}\n"
             "Fix or remove them, or set data.skip_bad_images=true to pack without them."
+        )
+    if emptied:
+        remove_what_was_written()
+        raise DatasetError(
+            f"no image in {' or in '.join(emptied)} can be decoded (skip_bad_images=true left them all out), "
+            "so nothing was packed: a pack needs every split it was asked for. Fix or replace those files, or "
+            "set data.val_fraction / data.test_fraction to 0 for a split you do not need."
         )
     if skipped:
         warnings.warn(
