@@ -21,6 +21,7 @@ import copy
 import csv
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -674,7 +675,10 @@ def augment_search_plot(report: Any, path: str | os.PathLike) -> Path:
     """
     trials = list(report.trials)
     base = report.baseline.mean("val_loss")
-    fig = Figure(figsize=(8.0, 0.45 * len(trials) + 1.4), layout="constrained")
+    # a candidate's name holds its parameters: wrapped, so a long one does not squeeze the bars away
+    labels = [textwrap.fill(t.name, width=42, subsequent_indent="  ") for t in trials]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig = Figure(figsize=(9.0, 0.3 * lines + 0.25 * len(trials) + 1.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ys = np.arange(len(trials))[::-1]
@@ -687,9 +691,9 @@ def augment_search_plot(report: Any, path: str | os.PathLike) -> Path:
     noise = report.noise
     if noise == noise and noise > 0:  # not NaN
         ax.axvspan(-noise / 2, noise / 2, color="tab:gray", alpha=0.15, label="baseline's seed spread")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(ys, [t.name for t in trials], fontsize=8)
+    ax.set_yticks(ys, labels, fontsize=8)
     ax.set_xlabel("validation loss minus the baseline's (lower is better)")
     ax.set_title("augment-search: each candidate against the recipe's pipeline", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
