@@ -15,14 +15,13 @@ full run's per-seed difference to the baseline (paired, mean +- std); then Spear
 correlations between the search's order (by validation loss, as it ranks, and by validation accuracy) and the
 full runs' order by mean validation accuracy. With at most a handful of pipelines a correlation is coarse: the
 report also says which full-run differences lie beyond their own spread, since only those are an order the
-search could get right. The search's plot is copied beside the results file.
+search could get right. The search's plot is drawn beside the results file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -58,16 +57,27 @@ def agreement(
 
     Every full run must share the baseline's seeds; every trial of the search must have a full run.
     """
-    from scipy.stats import kendalltau, spearmanr
+    from scipy.stats import kendalltau, rankdata, spearmanr
 
     if "baseline" not in full:
         raise SystemExit(
             "give the recipe's own full runs as --full baseline=FILE: the differences are paired to it"
         )
-    trials = {pipeline_key(t["candidate"]): t for t in search["trials"]}
+    trials: dict[str, dict[str, Any]] = {}
+    for trial in search["trials"]:
+        key = pipeline_key(trial["candidate"])
+        if key in trials:
+            raise SystemExit(
+                f"the search tried two candidates of {key} ({trials[key]['candidate']} and {trial['candidate']}): a full "
+                "run cannot be matched to one of them by name; search with one candidate per transform"
+            )
+        trials[key] = trial
     missing = sorted(set(trials) - set(full))
     if missing:
         raise SystemExit(f"the search tried {missing} but no --full results were given for them")
+    unused = sorted(set(full) - set(trials))
+    if unused:
+        raise SystemExit(f"--full {unused} match no trial of the search (it tried {sorted(trials)})")
     base = _per_seed(full["baseline"], metric)
     rows = []
     for name, trial in trials.items():
@@ -96,25 +106,31 @@ def agreement(
     full_acc = [r["full_val"] for r in rows]
 
     def correlations(search_scores: list[float]) -> dict[str, float]:
+        # average ranks for ties (Spearman) and tau-b (Kendall): a tie in the full runs is no order
         return {
-            "spearman": float(spearmanr(search_scores, full_acc).statistic),
-            "kendall": float(kendalltau(search_scores, full_acc).statistic),
+            "spearman": float(spearmanr(search_scores, full_acc)[0]),
+            "kendall": float(kendalltau(search_scores, full_acc)[0]),
         }
 
+    # full runs with the same mean share a rank (the best of the tied places), so a tie shows as one
+    full_ranks = rankdata([-a for a in full_acc], method="min")
+    for row, rank in zip(rows, full_ranks, strict=True):
+        row["full_rank"] = int(rank)
     rows.sort(key=lambda r: r["search_val_loss"])
     for rank, row in enumerate(rows, 1):
         row["search_rank"] = rank
-    for rank, row in enumerate(sorted(rows, key=lambda r: -r["full_val"]), 1):
-        row["full_rank"] = rank
+    best_full = max(full_acc)
     return {
         "metric": f"val.{metric}",
         "pipelines": rows,
         "search_by_val_loss_vs_full": correlations(loss_order),
         "search_by_val_acc_vs_full": correlations(search_acc),
         "search_winner": rows[0]["pipeline"],
-        "full_winner": max(rows, key=lambda r: r["full_val"])["pipeline"],
+        "full_winners": [r["pipeline"] for r in rows if r["full_val"] == best_full],  # several on a tie
         "full_differences_beyond_spread": [r["pipeline"] for r in rows if r["full_beyond_spread"]],
         "search_noise_val_loss": search.get("noise_val_loss"),
+        "search_skipped": search.get("skipped", []),  # candidates the budget left untried
+        "search_in_recipe": search.get("in_recipe", []),  # candidates the recipe's pipeline already has
     }
 
 
@@ -166,7 +182,9 @@ def main() -> None:
     search = json.loads(found.read_text())
     full = {}
     for item in args.full:
-        name, _, path = item.partition("=")
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--full takes NAME=FILE (e.g. --full baseline=results.json), got '{item}'")
         full[name] = json.loads(Path(path).read_text()) | {"file": path}
     result = agreement(search, full)
     print(table(result), file=sys.stderr)
@@ -182,11 +200,25 @@ def main() -> None:
         **result,
         "provenance": record,
     }
-    if args.out is not None and (folder / "augment_search.png").is_file():
-        picture = Path(args.out).with_suffix(".png")
-        shutil.copyfile(folder / "augment_search.png", picture)
-        report["plot"] = str(picture)
+    if args.out is not None:
+        report["plot"] = str(draw(search, Path(args.out).with_suffix(".png")))
     save(report, args.out)
+
+
+def draw(search: dict[str, Any], path: Path) -> Path:
+    """The search's own plot (transferkit's ``augment_search_plot``), drawn from its JSON beside the results."""
+    from transferkit.reporting.plots import augment_search_plot
+    from transferkit.training.augment_search import AugmentSearchReport, Trial
+
+    trials = [
+        Trial(t["name"], t["candidate"], t["val_loss"], t["val_acc"], t["seconds"]) for t in search["trials"]
+    ]
+    (baseline,) = [t for t in trials if t.name == search["baseline"]]
+    report = AugmentSearchReport(
+        trials, baseline, search.get("skipped", []), search.get("snippet", ""), search["noise_val_loss"]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return augment_search_plot(report, path)
 
 
 if __name__ == "__main__":
