@@ -4,6 +4,7 @@ ranks, and bad files never reach a pack."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -175,13 +176,34 @@ def test_a_split_whose_every_image_is_bad_is_refused_not_packed_empty(tmp_path):
     test_files = [Path(folder.data.items[i]) for i in folder.split_indices["test"]]
     for path in test_files:
         path.write_bytes(whole[: len(whole) // 2])  # the header passes set-up; the pixels are cut
-    with pytest.raises(
-        tk.DatasetError, match=rf"no image in the test split \({len(test_files)} files\) can be"
-    ):
-        tk.pack_stream(folder, tmp_path / "pack")
-    assert not (tmp_path / "pack").exists()  # nothing half-written is left
+
+    def pack(datamodule, out):
+        """pack_stream in a thread, so a pack that waits forever fails the test instead of hanging it."""
+        outcome: dict = {}
+
+        def run():
+            try:
+                outcome["result"] = tk.pack_stream(datamodule, out)
+            except BaseException as err:  # noqa: BLE001 - handed to the test below
+                outcome["error"] = err
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "pack_stream did not return"
+        return outcome
+
+    outcome = pack(folder, tmp_path / "pack")
+    assert isinstance(outcome.get("error"), tk.DatasetError)
+    assert f"no image in the test split ({len(test_files)} files) can be decoded" in str(outcome["error"])
+    assert not (tmp_path / "pack").exists()  # the folder it made is removed
+    # into a folder the user made: what the call wrote goes, the folder stays
+    (tmp_path / "mine").mkdir()
+    outcome = pack(folder, tmp_path / "mine")
+    assert isinstance(outcome.get("error"), tk.DatasetError)
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
     # without skip_bad_images, the same files are named one by one
     strict = tk.ImageDataModule(source="folder", root=str(root), batch_size=4, num_workers=0, **NORM)
-    with pytest.raises(tk.DatasetError, match=rf"{len(test_files)} image files cannot be decoded"):
-        tk.pack_stream(strict, tmp_path / "pack")
+    outcome = pack(strict, tmp_path / "pack")
+    assert f"{len(test_files)} image files cannot be decoded" in str(outcome.get("error"))
     assert not (tmp_path / "pack").exists()

@@ -82,7 +82,8 @@ def pack_stream(
     Every file is decoded as it is packed, as the loader will decode it (in ``workers`` threads), so a
     truncated or corrupt file never reaches a pack: the run stops naming every bad file, and removes what
     it wrote, unless the data module has ``skip_bad_images=True`` (then they are left out, with a
-    warning). ``output_dir`` must be new or empty: nothing is overwritten. To train from an object
+    warning, but a split none of whose images can be decoded is refused: every split asked for is packed).
+    Whatever stops a pack part-way (a refusal, an interrupt, a full disk) removes what it had written. ``output_dir`` must be new or empty: nothing is overwritten. To train from an object
     store, upload the folder (e.g. ``aws s3 sync DIR s3://bucket/packed``) and read it by its URL.
     ``progress(n)`` is called as samples are done.
     """
@@ -104,72 +105,84 @@ def pack_stream(
     side = decode_side(datamodule.train_transform) if datamodule.jpeg_draft else None
     labels: dict[str, list[int]] = {}
     skipped: list[ImageReadError] = []
-    emptied: list[str] = []  # splits none of whose images could be decoded
+    emptied: list[tuple[str, int]] = []  # splits none of whose images could be decoded, and their sizes
     total = 0
     created = not os.path.exists(output_dir)
-    with ThreadPoolExecutor(max_workers=workers or min(8, 2 * (os.cpu_count() or 1))) as pool:
-        for split in SPLITS:
-            indices = np.asarray(datamodule.split_indices.get(split, []), dtype=np.int64)
-            labels[split] = []
-            if len(indices) == 0:
-                continue
-            url = split_url(output_dir, split)
-            cache = Cache(url, chunk_bytes=chunk_bytes)
-            for sample in pool.map(lambda i: _sample(data, int(i), side), indices):
-                if progress is not None:
-                    progress(1)
-                if isinstance(sample, ImageReadError):
-                    skipped.append(sample)
-                    continue
-                sample["position"] = len(labels[split])
-                cache[sample["position"]] = sample
-                labels[split].append(sample["label"])
-            if not labels[split]:
-                emptied.append(f"the {split} split ({len(indices)} files)")
-                continue  # a writer with no sample never finishes its index: done() would wait forever
-            cache.done()
-            cache.merge()
-            total += _folder_bytes(url)
 
     def remove_what_was_written() -> None:
-        for part in [output_dir] if created else [split_url(output_dir, s) for s in SPLITS]:
+        for part in [output_dir] if created else [split_url(output_dir, s) for s in (*SPLITS, "meta")]:
             shutil.rmtree(part, ignore_errors=True)  # only what this call wrote
 
-    if skipped and not datamodule.skip_bad_images:
-        remove_what_was_written()
-        listing = "\n".join(f"  {err.path}: {err.reason}" for err in skipped[:20])
-        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        raise DatasetError(
-            f"{len(skipped)} image files cannot be decoded, nothing was packed:\n{listing}{more}\n"
-            "Fix or remove them, or set data.skip_bad_images=true to pack without them."
-        )
-    if emptied:
-        remove_what_was_written()
-        raise DatasetError(
-            f"no image in {' or in '.join(emptied)} can be decoded (skip_bad_images=true left them all out), "
-            "so nothing was packed: a pack needs every split it was asked for. Fix or replace those files, or "
-            "set data.val_fraction / data.test_fraction to 0 for a split you do not need."
-        )
-    if skipped:
-        warnings.warn(
-            f"{len(skipped)} image files cannot be decoded and were left out of the pack "
-            f"(skip_bad_images=true), e.g. {skipped[0]}",
-            stacklevel=2,
-        )
-    meta = {
-        "format": FORMAT,
-        "source": data.name,
-        "class_names": list(data.class_names),
-        "seed": datamodule.seed,
-        "val_fraction": datamodule.val_fraction,
-        "test_fraction": datamodule.test_fraction,
-        "skipped": [str(err.path) for err in skipped],
-        "splits": labels,
-    }
-    cache = Cache(split_url(output_dir, "meta"), chunk_bytes="256MB")
-    cache[0] = {"meta": json.dumps(meta)}
-    cache.done()
-    cache.merge()
+    try:
+        with ThreadPoolExecutor(max_workers=workers or min(8, 2 * (os.cpu_count() or 1))) as pool:
+            for split in SPLITS:
+                indices = np.asarray(datamodule.split_indices.get(split, []), dtype=np.int64)
+                labels[split] = []
+                if len(indices) == 0:
+                    continue
+                url = split_url(output_dir, split)
+                cache = Cache(url, chunk_bytes=chunk_bytes)
+                for sample in pool.map(lambda i: _sample(data, int(i), side), indices):
+                    if progress is not None:
+                        progress(1)
+                    if isinstance(sample, ImageReadError):
+                        skipped.append(sample)
+                        continue
+                    sample["position"] = len(labels[split])
+                    cache[sample["position"]] = sample
+                    labels[split].append(sample["label"])
+                if not labels[split]:
+                    emptied.append((split, len(indices)))
+                    if datamodule.skip_bad_images:
+                        break  # refused below whatever the other splits hold: no need to decode them
+                    continue  # a writer with no sample never finishes its index: done() would wait forever
+                cache.done()
+                cache.merge()
+                total += _folder_bytes(url)
+
+        if skipped and not datamodule.skip_bad_images:
+            listing = "\n".join(f"  {err.path}: {err.reason}" for err in skipped[:20])
+            more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+            raise DatasetError(
+                f"{len(skipped)} image files cannot be decoded, nothing was packed:\n{listing}{more}\n"
+                "Fix or remove them, or set data.skip_bad_images=true to pack without them."
+            )
+        if emptied:
+            split, size = emptied[0]
+            advice = (
+                "a model needs training images: fix or replace those files"
+                if split == "train"
+                else "fix or replace those files, or set data.val_fraction / data.test_fraction to 0 for a split "
+                "you do not need"
+            )
+            raise DatasetError(
+                f"no image in the {split} split ({size} files) can be decoded (skip_bad_images=true left them all "
+                "out), so nothing "
+                f"was packed: a pack needs every split it was asked for; {advice}."
+            )
+        if skipped:
+            warnings.warn(
+                f"{len(skipped)} image files cannot be decoded and were left out of the pack "
+                f"(skip_bad_images=true), e.g. {skipped[0]}",
+                stacklevel=2,
+            )
+        meta = {
+            "format": FORMAT,
+            "source": data.name,
+            "class_names": list(data.class_names),
+            "seed": datamodule.seed,
+            "val_fraction": datamodule.val_fraction,
+            "test_fraction": datamodule.test_fraction,
+            "skipped": [str(err.path) for err in skipped],
+            "splits": labels,
+        }
+        cache = Cache(split_url(output_dir, "meta"), chunk_bytes="256MB")
+        cache[0] = {"meta": json.dumps(meta)}
+        cache.done()
+        cache.merge()
+    except BaseException:
+        remove_what_was_written()  # a refusal, an interrupt or a full disk: no half-written pack is left
+        raise
     return {"meta": meta, "bytes": total, "skipped": skipped}
 
 
