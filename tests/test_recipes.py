@@ -223,3 +223,38 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     for key in ("activation", "batch_norm", "hidden_dims", "num_classes"):
         assert checkpoint["hyper_parameters"][key] == hp[key], key
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_the_quick_start_pointed_at_a_users_folder_trains_with_no_other_change(tmp_path: Path):
+    from conftest import make_stripes_folder, run_cli
+
+    root = make_stripes_folder(tmp_path / "photos", per_class=30)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    schedule = FreezeSchedule.coerce(yaml.safe_load(recipe.read_text())["model"]["freeze_schedule"])
+    first_unfreeze = next(e for e in range(100) if schedule.trainable_groups(e, 10) > 0)
+    result = run_cli(
+        "finetune",
+        "--config",
+        str(recipe),
+        "--data.source",
+        "folder",
+        "--data.root",
+        str(root),
+        # tiny limits: small images, and only as many epochs as reach the recipe's first unfreeze
+        "--data.image_size",
+        "64",
+        "--trainer.max_epochs",
+        str(first_unfreeze + 1),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.enable_progress_bar",
+        "false",
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (metrics_file,) = (tmp_path / "run").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["class_names"] == ["horizontal", "vertical"]  # the folder's classes, not ELPV's
+    assert metrics["epochs"] == first_unfreeze + 1
+    assert metrics["test"]["test_acc"] > 0.8  # stripes' orientation: far above the 0.5 of guessing
