@@ -37,7 +37,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import provenance, save  # noqa: E402
+from provenance import provenance, save, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEDGER = ROOT / "benchmarks" / "results" / "elpv-test-ledger.jsonl"
@@ -295,7 +295,7 @@ def main() -> None:
             )
         if args.out is not None and len(runs) < len(args.seeds):
             # the seeds done so far, marked incomplete: a run stopped part-way keeps what it measured
-            _write(_report(args, extra, fingerprint, runs, record), args.out)
+            write(_report(args, extra, fingerprint, runs, record), args.out)
     save(_report(args, extra, fingerprint, runs, record), args.out)
 
 
@@ -315,11 +315,6 @@ def _report(
         "summary": _summary(runs),
         "provenance": record,
     }
-
-
-def _write(report: dict, out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,12 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
 
+def write(report: dict[str, Any], out: str | os.PathLike) -> None:
+    """Write ``report`` as JSON to ``out`` without printing it (a partial file, rewritten as a run goes on)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def save(report: dict[str, Any], out: str | os.PathLike | None) -> None:
     """Print ``report`` as JSON and, with ``out``, write it there too (a results file)."""
     text = json.dumps(report, indent=2) + "\n"

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from elpv import LEDGER, _scores, check_test_allowed, recipe_fingerprint, record_test_look  # noqa: E402
-from provenance import provenance, save  # noqa: E402
+from provenance import provenance, save, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {"VGG-19 fine-tuned, GPU (Deitsch et al. 2019)": 0.8842}
@@ -288,7 +288,7 @@ def main() -> None:
                 flush=True,
             )
             if args.out is not None:  # the runs so far, marked incomplete: a stopped benchmark keeps them
-                _write(_report(args, extra, runs, record, complete=False), args.out)
+                write(_report(args, extra, runs, record, complete=False), args.out)
     report = _report(args, extra, runs, record, complete=True)
     if args.out is not None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -317,11 +317,6 @@ def _report(
         "runs": runs,
         "provenance": record,
     }
-
-
-def _write(report: dict, out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
