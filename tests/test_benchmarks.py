@@ -343,3 +343,30 @@ def test_time_to_accuracy_times_a_fresh_finetune_and_puts_its_test_look_on_the_l
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout)["runs"] == report["runs"]
     assert len(ledger.read_text().splitlines()) == 1
+
+
+def test_depth_heads_pairs_each_head_with_the_quick_start_seed_by_seed():
+    spec = importlib.util.spec_from_file_location(
+        "depth_heads", Path(__file__).resolve().parents[1] / "benchmarks" / "depth_heads.py"
+    )
+    depth_heads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth_heads)
+    runs = [
+        {"seed": 0, "heads": {"top": {"val_acc": 0.80}, "top3": {"val_acc": 0.90}}},
+        {"seed": 1, "heads": {"top": {"val_acc": 0.82}, "top3": {"val_acc": 0.84}}},
+        {"seed": 2, "heads": {"top": {"val_acc": 0.78}, "top3": {"val_acc": 0.86}}},
+    ]
+    summary = depth_heads.paired(runs, {0: 0.81, 1: 0.80, 2: 0.79})
+    # top: -0.01, +0.02, -0.01 -> mean 0, inside its spread; top3: +0.09, +0.04, +0.07 -> beyond it
+    assert summary["top"]["minus_quickstart_per_seed"] == [-0.01, 0.02, -0.01]
+    assert summary["top"]["beyond_spread"] is False
+    assert summary["top3"]["minus_quickstart_mean"] == pytest.approx(0.0667, abs=1e-4)
+    assert summary["top3"]["beyond_spread"] is True
+
+    # a head on well-separated features is fitted on the training cells and scores the validation ones
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 60)
+    x = rng.normal(size=(120, 5)) + 3 * y[:, None]
+    probs, c = depth_heads.fit_head(x[::2], y[::2], x[1::2])
+    assert probs.shape == (60, 2) and c in depth_heads.CS
+    assert ((probs[:, 1] >= 0.5) == y[1::2]).mean() > 0.95
