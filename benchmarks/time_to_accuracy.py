@@ -186,8 +186,9 @@ def draw(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> 
             ax.get_xlim()[0], accuracy, f" {label}: {accuracy:.4f}", va="bottom", fontsize=8, color="dimgrey"
         )
     ax.axvline(300, color="grey", lw=1, ls="--")
-    ax.text(300, 0.01, " 5 min", va="bottom", fontsize=8, color="dimgrey", transform=ax.get_xaxis_transform())
+    ax.text(300, 0.9, " 5 min", va="bottom", fontsize=8, color="dimgrey", transform=ax.get_xaxis_transform())
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 50, 100, 200, 500 s
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("wall time of `python -m transferkit finetune`, fresh run folder (s, log scale)")
