@@ -6,7 +6,7 @@ What a head trained on a frozen backbone can reach, and whether features from se
 seed, the average-pooled output of each backbone group (``transferkit.finetuning.probing.group_outputs``, the
 features ``python -m transferkit probe`` scores) is computed once for the training and validation cells of the
 protocol's split (docs/elpv.md), and a logistic-regression head is fitted on the training cells for each set of
-groups below, its strength (C) chosen by 5-fold cross-validation (log loss) on the training cells only:
+groups below, its strength (C) chosen by shuffled 5-fold cross-validation (log loss) on the training cells only:
 
 - ``top``: the last group (the features the quick start's head sees);
 - ``top2``, ``top3``: the last two or three groups, pooled and concatenated;
@@ -76,11 +76,17 @@ def fit_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray) -> tup
     """Standardise, fit a logistic regression with C chosen by 5-fold CV (log loss) on the training cells;
     P(classes) on val, and the C chosen (an end of ``CS`` means the grid was too narrow)."""
     from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     model = make_pipeline(
-        StandardScaler(), LogisticRegressionCV(Cs=CS, cv=5, scoring="neg_log_loss", max_iter=5000)
+        StandardScaler(),
+        # shuffled folds: the cells come in file order, where neighbours share a module, and unshuffled
+        # folds chose the strongest regularisation on the grid for every head and seed
+        LogisticRegressionCV(
+            Cs=CS, cv=StratifiedKFold(5, shuffle=True, random_state=0), scoring="neg_log_loss", max_iter=5000
+        ),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's notices of coming default changes
