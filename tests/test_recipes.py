@@ -179,6 +179,9 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     for key, value in SMALL.items():
         args += [f"--data.{key}", str(value)]
     args += ["--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "feature_cache")]
+    # two batches an epoch give a noisy validation loss, and a recipe whose early stopping may end the
+    # head phase (the quick start's) would then stop before the unfreeze this test is here to reach
+    args += ["--early_stopping.patience", str(epochs)]
 
     cli = TransferKitCLI(**cli_kwargs(args))
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
