@@ -150,6 +150,7 @@ def select(data: DataSource, keep: np.ndarray) -> DataSource:
         data.verified,
         data.test_fraction,
         data.soft[keep] if data.soft is not None else None,
+        data.groups,
     )
 
 

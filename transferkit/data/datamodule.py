@@ -20,6 +20,7 @@ from transferkit.data.augment import (
     decode_side,
 )
 from transferkit.data.checks import drop_unreadable, subset, warn_duplicates_across_splits, warn_imbalance
+from transferkit.data.class_groups import resolve_class_groups
 from transferkit.data.datasets import CachedFeatures, ImageDataset
 from transferkit.data.decoded import DecodedImages, working_side
 from transferkit.data.features import FeatureCache, extract_features
@@ -95,6 +96,11 @@ class ImageDataModule(L.LightningDataModule):
             the ``val_fraction`` split (see :func:`cv_split_indices`). The test split is the one the data
             holds out without them. Set both or neither;
             :func:`~transferkit.training.cross_validation.cross_validate` runs every fold.
+        class_groups: coarser classes the labels refine, ``{group: [class names]}``, every class in one
+            group; the model then also scores the groups (``val_group_acc``, ``test_group_acc``: a group's
+            probability is the sum of its classes'). ``None``: the source's own, where it has them (ELPV's
+            4-class task: ``{functional: [0, 1/3], defective: [2/3, 1]}``). See
+            :mod:`transferkit.data.class_groups`.
 
     The model it trains with describes itself to it: ``model.data_config`` (input size, mean, std) fills
     what is left ``None``, ``model.check_input_size(side)`` refuses a size the backbone cannot take, and
@@ -135,9 +141,12 @@ class ImageDataModule(L.LightningDataModule):
         soft_labels: bool = False,
         cv_folds: int | None = None,
         cv_fold: int | None = None,
+        class_groups: dict[str, list[str | int]] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # class_groups: the model's hyperparameters hold them as resolved here (the source's own filled in);
+        # Lightning merges the two modules' hyperparameters for the logger and refuses a key they differ on
+        self.save_hyperparameters(ignore=["class_groups"])
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         for name, mode in (("feature_cache", feature_cache), ("trunk_cache", trunk_cache)):
@@ -183,6 +192,11 @@ class ImageDataModule(L.LightningDataModule):
             )
         if max_samples is not None and max_samples < len(self.data):
             self.data = subset(self.data, max_samples, seed)
+        groups = self.data.groups if class_groups is None else class_groups
+        resolve_class_groups(groups, self.data.class_names)  # a bad group fails here, before training
+        self._class_groups = (
+            None if groups is None else {str(g): [str(c) for c in m] for g, m in groups.items()}
+        )
         self.skipped_images: list[ImageReadError] = []
         self.split_indices: dict[str, np.ndarray] | None = None
         self.datasets: dict[str, ImageDataset] = {}
@@ -197,6 +211,12 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def class_names(self) -> list[str]:
         return list(self.data.class_names)
+
+    @property
+    def class_groups(self) -> dict[str, list[str]] | None:
+        """Coarser classes the labels refine, ``{group: [class names]}``: ``data.class_groups``, else the
+        source's own (ELPV's 4-class task: its binary classes), else ``None``."""
+        return self._class_groups
 
     @property
     def has_validation(self) -> bool:

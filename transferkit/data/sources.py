@@ -45,6 +45,8 @@ class DataSource:
         test_fraction: the share held out for the test when the user sets none (a benchmark's protocol).
         soft: ``(N, C)`` float32 class distributions, where the source gives them (a CSV's ``p_<class>``
             columns, ELPV's defect probability); ``labels`` are then the classes scored.
+        groups: coarser classes the labels refine, ``{group: [class names]}``, where the source knows them
+            (ELPV's 4-class task: its binary classes); see :mod:`transferkit.data.class_groups`.
     """
 
     name: str
@@ -57,6 +59,7 @@ class DataSource:
     verified: bool = False
     test_fraction: float = 0.2
     soft: np.ndarray | None = None
+    groups: dict[str, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -286,12 +289,14 @@ def _elpv_source(task: str) -> DataSource:
     paths = [str(labels_csv.parent / p) for p in np.char.decode(data["path"])]
     probs = data["probability"].astype(np.float64)
     types = np.char.decode(data["type"])
+    groups = None
     if task == "binary":
         labels = (probs >= 0.5).astype(np.int64)
         class_names = ["functional", "defective"]
     elif task == "4class":
         labels = np.rint(probs * 3).astype(np.int64)
         class_names = ["0", "1/3", "2/3", "1"]
+        groups = {"functional": ["0", "1/3"], "defective": ["2/3", "1"]}  # the binary task's rule, >= 0.5
     else:
         raise DatasetError(f"unknown ELPV task '{task}'; choose 'binary' or '4class'.")
     stratify = np.asarray([f"{p:.2f}_{t}" for p, t in zip(probs, types, strict=True)])
@@ -309,6 +314,7 @@ def _elpv_source(task: str) -> DataSource:
         verified=True,
         test_fraction=0.25,
         soft=soft,
+        groups=groups,
     )
 
 

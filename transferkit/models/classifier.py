@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import transferkit.models.checkpoint as checkpoint_format
 import transferkit.models.prediction as prediction
+from transferkit.data.class_groups import group_labels, group_probabilities, resolve_class_groups
 from transferkit.errors import ConfigError
 from transferkit.finetuning.freezing import FreezeController, StageKind
 from transferkit.finetuning.optim import check_optimization, create_optimization
@@ -60,6 +61,10 @@ class TransferClassifier(L.LightningModule):
         backbone: timm architecture name.
         pretrained: where the backbone's weights come from: ``bundled``, ``hub``, a file path, or ``False``.
         class_names: names of the classes, in label order (the CLI fills them in from the data).
+        class_groups: coarser classes the classes refine, ``{group: [class names]}`` (the CLI fills them
+            in from ``data.class_groups`` or the source's own): validation and test then also log
+            ``val_group_acc``/``val_group_f1`` and ``test_group_acc``/``test_group_f1``, a group's
+            probability being the sum of its classes' (see :mod:`transferkit.data.class_groups`).
         hidden_dims: widths of the head's hidden layers (``[]`` for a linear head).
         activation: the head's activation (``elu``, ``leaky_relu``, ``relu``, ``selu``, ``tanh``, ``sigmoid``).
         init: the head's weight init (``he``, ``xavier``, ``lecun``; ``None`` = the one that suits the activation).
@@ -131,6 +136,7 @@ class TransferClassifier(L.LightningModule):
         backbone: str = "tf_efficientnet_lite0",
         pretrained: Pretrained = "bundled",
         class_names: list[str] | None = None,
+        class_groups: dict[str, list[str | int]] | None = None,
         hidden_dims: tuple[int, ...] = (256,),
         activation: str = "elu",
         init: str | None = None,
@@ -226,6 +232,10 @@ class TransferClassifier(L.LightningModule):
         # confusion counts (bincount) read the device back on every step
         self.val_metrics = _metrics(num_classes, "val_")
         self.test_metrics = _metrics(num_classes, "test_")
+        self.class_groups = resolve_class_groups(class_groups, self.class_names)  # {group: [class index]}
+        if self.class_groups is not None:
+            self.val_group_metrics = _metrics(len(self.class_groups), "val_group_")
+            self.test_group_metrics = _metrics(len(self.class_groups), "test_group_")
         # (true labels, predicted labels) of the last test loop on this process, so the run report's
         # confusion matrix needs no second pass over the test split
         self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
@@ -446,6 +456,13 @@ class TransferClassifier(L.LightningModule):
         else:
             metrics.update(scored.detach(), labels)
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
+        if self.class_groups is not None and stage in ("val", "test"):
+            grouped = getattr(self, f"{stage}_group_metrics")
+            probs = logits.detach().softmax(dim=-1)  # the (calibrated, averaged) probabilities on test
+            grouped.update(
+                group_probabilities(probs, self.class_groups), group_labels(labels, self.class_groups)
+            )
+            self.log_dict(grouped, on_step=False, on_epoch=True)
         if stage == "test":
             raw = views.detach() if views is not None else logits.detach()[None]
             self._test_batches.append((labels.detach(), scored.detach(), raw))

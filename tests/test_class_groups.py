@@ -1,0 +1,114 @@
+"""Class groups: a model trained on fine classes also scored on the coarser classes they refine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import NORM, TINY_BACKBONE, run_cli
+
+from transferkit import ImageDataModule, TransferClassifier
+from transferkit.data.class_groups import group_labels, group_probabilities, resolve_class_groups
+from transferkit.errors import ConfigError
+
+DIGITS = [str(i) for i in range(10)]
+LOW_HIGH = {"low": [0, 1, 2, 3, 4], "high": [5, 6, 7, 8, 9]}  # as YAML reads [0, 1, ...]: numbers
+
+
+def test_groups_resolve_by_class_name_even_where_yaml_reads_numbers():
+    assert resolve_class_groups(LOW_HIGH, DIGITS) == {"low": [0, 1, 2, 3, 4], "high": [5, 6, 7, 8, 9]}
+    # ELPV's 4-class names: YAML reads [0, 1/3] as 0 and '1/3', [2/3, 1] as '2/3' and 1
+    elpv = resolve_class_groups({"functional": [0, "1/3"], "defective": ["2/3", 1]}, ["0", "1/3", "2/3", "1"])
+    assert elpv == {"functional": [0, 1], "defective": [2, 3]}
+    assert resolve_class_groups(None, DIGITS) is None
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        (
+            {"low": [0, 1, 2, 3, 4, "x"], "high": [5, 6, 7, 8, 9]},
+            r"names 'x', which is not a class; the classes: '0',",
+        ),
+        (
+            {"low": [0, 1, 2, 3, 4, 5], "high": [5, 6, 7, 8, 9]},
+            r"class '5' is in class groups 'low' and 'high'",
+        ),
+        (
+            {"low": [0, 1, 2, 3], "high": [5, 6, 7, 8, 9]},
+            r"class_groups leave out '4'; every class must be in one",
+        ),
+        ({"all": DIGITS}, r"at least two group names"),
+        ({"low": [], "high": DIGITS}, r"class group 'low' must list one class or more"),
+    ],
+)
+def test_bad_groups_name_what_is_wrong(groups, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_class_groups(groups, DIGITS)
+
+
+def test_group_probabilities_sum_the_classes_and_labels_map_to_their_group():
+    groups = resolve_class_groups(LOW_HIGH, DIGITS)
+    probs = torch.softmax(torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), dim=1)
+    grouped = group_probabilities(probs, groups)
+    assert torch.allclose(grouped[:, 0], probs[:, :5].sum(1)) and torch.allclose(
+        grouped.sum(1), torch.ones(6)
+    )
+    assert group_labels(torch.tensor([0, 4, 5, 9]), groups).tolist() == [0, 0, 1, 1]
+
+
+def test_elpv_4class_carries_the_binary_classes_as_its_groups():
+    four = ImageDataModule(source="elpv", task="4class", num_workers=0)
+    assert four.class_names == ["0", "1/3", "2/3", "1"]
+    assert four.class_groups == {"functional": ["0", "1/3"], "defective": ["2/3", "1"]}
+    assert ImageDataModule(source="elpv", task="binary", num_workers=0).class_groups is None
+
+
+def test_a_bad_group_fails_when_the_data_is_set_up_not_after_training():
+    with pytest.raises(ConfigError, match="class_groups leave out '9'"):
+        ImageDataModule(source="digits", class_groups={"low": [0, 1, 2, 3, 4], "high": [5, 6, 7, 8]})
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Path):
+    data = {
+        "source": "digits",
+        "max_samples": 400,
+        "num_workers": 0,
+        "batch_size": 32,
+        "augment": "none",
+        **NORM,
+    }
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 3, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run")},
+        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "lr": 0.003, "layer_decay": 1.0},
+        "data": {**data, "mean": list(NORM["mean"]), "std": list(NORM["std"]), "class_groups": LOW_HIGH},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli(
+        "finetune", "--config", str(tmp_path / "recipe.yaml"), "--trainer.enable_progress_bar", "false"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test_group_acc" in result.stdout  # printed with the other test results
+    (metrics_file,) = (tmp_path / "run").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    (curves,) = (tmp_path / "run").rglob("metrics.csv")
+    assert "val_group_acc" in curves.read_text().splitlines()[0]
+
+    # the checkpoint keeps its groups, and the printed figure is its grouped accuracy on the test split
+    best = TransferClassifier.from_checkpoint(metrics["best_checkpoint"]).eval()
+    assert best.class_groups == {"low": [0, 1, 2, 3, 4], "high": [5, 6, 7, 8, 9]}
+    dm = ImageDataModule(**data)
+    dm.setup("test")
+    images, labels = zip(*(dm.datasets["test"][i] for i in range(len(dm.datasets["test"]))), strict=True)
+    with torch.no_grad():
+        probs = best.predict_proba(torch.stack(images))
+    predicted = group_probabilities(probs, best.class_groups).argmax(1)
+    truth = group_labels(torch.as_tensor(labels), best.class_groups)
+    expected = (predicted == truth).float().mean().item()
+    assert metrics["test"]["test_group_acc"] == pytest.approx(expected, abs=1e-6)
+    assert expected > 0.5  # far from guessing: the digits are learnable in 3 epochs
