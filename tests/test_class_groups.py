@@ -93,9 +93,12 @@ def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Pa
         "finetune", "--config", str(tmp_path / "recipe.yaml"), "--trainer.enable_progress_bar", "false"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test_group_acc" in result.stdout  # printed with the other test results
+    assert "test_group_acc" in result.stdout  # printed with the other test results, and what it means
+    printed = " ".join(result.stdout.split())  # Rich wraps narrow consoles
+    assert "test_group_*: the classes scored in groups: high = 5, 6, 7, 8, 9; low = 0, 1, 2, 3, 4" in printed
     (metrics_file,) = (tmp_path / "run").rglob("metrics.json")
     metrics = json.loads(metrics_file.read_text())
+    assert metrics["class_groups"] == {"high": ["5", "6", "7", "8", "9"], "low": ["0", "1", "2", "3", "4"]}
     (curves,) = (tmp_path / "run").rglob("metrics.csv")
     assert "val_group_acc" in curves.read_text().splitlines()[0]
 

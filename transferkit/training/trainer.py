@@ -296,6 +296,8 @@ class Trainer(L.Trainer):
             results["skipped_images"] = [f"{e.path}: {e.reason}" for e in skipped]
         if datamodule is not None and hasattr(datamodule, "summary"):
             results["class_names"] = list(getattr(datamodule, "class_names", []))
+            if getattr(datamodule, "class_groups", None):
+                results["class_groups"] = datamodule.class_groups
             results["split_sizes"] = {s: sum(c.values()) for s, c in datamodule.summary().items()}
         if self.is_global_zero:
             run_dir = Path(self.log_dir or self.default_root_dir)
@@ -350,6 +352,9 @@ def _print_results(results: dict[str, Any]) -> None:
     table.add_row("fit time", f"{results['fit_seconds']:.0f} s")
     console = Console()
     console.print(table)
+    if results.get("class_groups"):  # what test_group_* scored
+        groups = "; ".join(f"{g} = {', '.join(m)}" for g, m in results["class_groups"].items())
+        console.print(f"test_group_*: the classes scored in groups: {groups}")
     if results.get("skipped_images"):
         console.print(f"skipped {len(results['skipped_images'])} unreadable images (listed in metrics.json)")
     console.print(f"{chosen} checkpoint: {results['best_checkpoint']}")
