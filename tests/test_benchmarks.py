@@ -370,3 +370,27 @@ def test_depth_heads_pairs_each_head_with_the_quick_start_seed_by_seed():
     probs, c = depth_heads.fit_head(x[::2], y[::2], x[1::2])
     assert probs.shape == (60, 2) and c in depth_heads.CS
     assert ((probs[:, 1] >= 0.5) == y[1::2]).mean() > 0.95
+
+
+def test_compare_elpv_pairs_two_recipes_seed_by_seed_across_files(tmp_path: Path):
+    root = Path(__file__).resolve().parents[1]
+
+    def results(name: str, scores: dict[int, float]) -> str:
+        runs = [{"seed": s, "val": {"acc_binary": a, "macro_f1_binary": a - 0.1}} for s, a in scores.items()]
+        (tmp_path / name).write_text(json.dumps({"seeds": runs}))
+        return str(tmp_path / name)
+
+    base = results("base.json", {0: 0.80, 1: 0.82, 2: 0.84})
+    first, rest = results("v01.json", {0: 0.85, 1: 0.84}), results("v2.json", {2: 0.88})
+    script = [sys.executable, str(root / "benchmarks" / "compare_elpv.py"), "--base", base]
+    done = subprocess.run([*script, "--variant", first, rest], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["seeds"] == [0, 1, 2]
+    assert report["acc_binary"]["difference_per_seed"] == [0.05, 0.02, 0.04]
+    assert report["acc_binary"]["difference_mean"] == pytest.approx(0.0367, abs=1e-4)
+    assert report["acc_binary"]["beyond_the_spread"] is True  # +0.037 against a std of 0.015
+    assert report["provenance"]["command"].startswith("python benchmarks/compare_elpv.py --base ")
+
+    twice = subprocess.run([*script, "--variant", first, first], capture_output=True, text=True, cwd=root)
+    assert twice.returncode != 0 and "seed 0 is in two files of one recipe" in twice.stderr
