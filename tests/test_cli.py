@@ -50,7 +50,7 @@ def test_print_config_resolves_the_quickstart_recipe_with_overrides():
         config["model"]["backbone"] == "tf_efficientnet_lite0" and config["model"]["pretrained"] == "bundled"
     )
     milestones = config["model"]["freeze_schedule"]["milestones"]
-    assert {int(k): v for k, v in milestones.items()} == {0: 0, 10: 3}
+    assert {int(k): v for k, v in milestones.items()} == {0: 0, 3: 3}
 
 
 def _stripes_recipe(stripes_folder: Path, tmp_path: Path, model: dict, data: dict, **more) -> str:
