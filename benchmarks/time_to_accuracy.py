@@ -267,6 +267,13 @@ def main() -> None:
                     f"{recipe} seed {seed}: the command printed test accuracy {printed:.6f}, the checkpoint scores "
                     f"{scores['acc']:.6f} on the same split: the benchmark is not measuring what ran."
                 )
+            # a model trained on finer classes prints its grouped accuracy too (ELPV 4-class: the binary one)
+            grouped = metrics.get("test", {}).get("test_group_acc")
+            if grouped is not None and abs(grouped - scores["acc_binary"]) > 1e-6:
+                raise SystemExit(
+                    f"{recipe} seed {seed}: the command printed test_group_acc {grouped:.6f}, the checkpoint's "
+                    f"binary accuracy on the same split is {scores['acc_binary']:.6f}: they should be one figure."
+                )
             runs.append(
                 {
                     "recipe": recipe,
@@ -279,6 +286,7 @@ def main() -> None:
                     "test_acc_binary": scores["acc_binary"],
                     "test_acc_4class": scores.get("acc_4class"),
                     "test_acc_printed": printed,
+                    "test_group_acc_printed": grouped,
                     "commit": record["commit"],
                     "date_utc": record["date_utc"],
                 }
