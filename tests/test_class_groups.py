@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -115,3 +116,27 @@ def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Pa
     expected = (predicted == truth).float().mean().item()
     assert metrics["test"]["test_group_acc"] == pytest.approx(expected, abs=1e-6)
     assert expected > 0.5  # far from guessing: the digits are learnable in 3 epochs
+
+    # predict-images adds the group columns: the most probable group, and each group's probability
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        Image.fromarray(dm.datasets["test"].read(i)).save(tmp_path / "images" / f"digit{i}.png")
+    out = tmp_path / "predictions.csv"
+    done = run_cli(
+        "predict-images",
+        "--ckpt_path",
+        metrics["best_checkpoint"],
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert len(rows) == 4 and {"predicted_group", "prob_group_high", "prob_group_low"} <= set(rows[0])
+    for row in rows:
+        low = sum(float(row[f"prob_{c}"]) for c in "01234")
+        assert float(row["prob_group_low"]) == pytest.approx(low, abs=1e-5)
+        assert row["predicted_group"] == ("low" if low > 0.5 else "high")

@@ -55,7 +55,10 @@ def main(argv: Sequence[str]) -> int:
     rows = predict_images(
         model, transform, files, tta=args.tta, mc_dropout=args.mc_dropout, batch_size=args.batch_size
     )
-    out = write_predictions_csv(rows, model.class_names, args.out, uncertainty=bool(args.mc_dropout))
+    groups = list(model.class_groups) if getattr(model, "class_groups", None) else None
+    out = write_predictions_csv(
+        rows, model.class_names, args.out, uncertainty=bool(args.mc_dropout), groups=groups
+    )
     failed = [row for row in rows if row["error"]]
     predicted = len(rows) - len(failed)
     print(f"predicted {predicted} of {len(rows)} images -> {out}", file=sys.stderr)

@@ -12,6 +12,7 @@ import albumentations as A
 import torch
 
 from transferkit.data.augment import decode_side
+from transferkit.data.class_groups import group_probabilities
 from transferkit.data.images import IMAGE_SUFFIXES, load_image
 from transferkit.errors import ConfigError, ImageReadError
 
@@ -43,7 +44,8 @@ def predict_images(
     """Predict each image file; one row per file, in order.
 
     A row holds ``file``, ``predicted`` (the class name), ``probs`` (``num_classes`` floats), with
-    ``mc_dropout`` also ``uncertainty`` (the predictive entropy), and ``error`` (why the image could not
+    ``mc_dropout`` also ``uncertainty`` (the predictive entropy), for a model with class groups also
+    ``predicted_group`` and ``group_probs`` (see :mod:`transferkit.data.class_groups`), and ``error`` (why the image could not
     be read or prepared, else ``""``). Unreadable images do not stop the others.
 
     Args:
@@ -102,15 +104,29 @@ def _predict_batch(
         row["predicted"] = model.class_names[int(decided[j])]
         if uncertainty is not None:
             row["uncertainty"] = uncertainty[j]
+    groups = getattr(model, "class_groups", None)
+    if groups:
+        grouped = group_probabilities(probs, groups)
+        names = list(groups)
+        for j, (index, _) in enumerate(items):
+            rows[index]["group_probs"] = grouped[j].tolist()
+            rows[index]["predicted_group"] = names[int(grouped[j].argmax())]
 
 
 def write_predictions_csv(
-    rows: Sequence[Mapping[str, Any]], class_names: Sequence[str], path: str | os.PathLike, uncertainty: bool
+    rows: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    uncertainty: bool,
+    groups: Sequence[str] | None = None,
 ) -> Path:
-    """``file, predicted, prob_<class>..., [uncertainty,] error``; unreadable images have only file and error."""
+    """``file, predicted, prob_<class>..., [predicted_group, prob_group_<group>...,] [uncertainty,] error``
+    (the group columns for a model with class groups, named by ``groups``); unreadable images have only file
+    and error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["file", "predicted", *(f"prob_{name}" for name in class_names)]
+    columns += ["predicted_group", *(f"prob_group_{g}" for g in groups)] if groups else []
     columns += ["uncertainty"] if uncertainty else []
     columns += ["error"]
     with path.open("w", newline="") as handle:
@@ -120,6 +136,10 @@ def write_predictions_csv(
             out = {"file": row["file"], "error": row["error"], "predicted": row.get("predicted", "")}
             for name, p in zip(class_names, row.get("probs") or [""] * len(class_names), strict=True):
                 out[f"prob_{name}"] = f"{p:.6f}" if p != "" else ""
+            if groups:
+                out["predicted_group"] = row.get("predicted_group", "")
+                for name, p in zip(groups, row.get("group_probs") or [""] * len(groups), strict=True):
+                    out[f"prob_group_{name}"] = f"{p:.6f}" if p != "" else ""
             if uncertainty:
                 out["uncertainty"] = f"{row['uncertainty']:.6f}" if "uncertainty" in row else ""
             writer.writerow(out)
