@@ -2,13 +2,15 @@
 
 A model trained on fine labels answers the coarser question too, so one model gives both answers.
 ELPV's 4-class task (defect probability 0, 1/3, 2/3, 1) refines its binary one (functional = 0 and 1/3,
-defective = 2/3 and 1); a folder of ``crack``, ``finger``, ``ok`` photos refines ``defective`` / ``ok``. With ``data.class_groups`` (or a
-source's own groups) the model logs ``val_group_acc`` / ``test_group_acc`` and their macro F1: a group's
-probability is the sum of its classes' probabilities, and the predicted group is the most probable one.
+defective = 2/3 and 1); a folder of ``crack``, ``finger``, ``ok`` photos refines ``defective`` / ``ok``.
+With ``data.class_groups`` (or a source's own groups) the model logs ``val_group_acc`` / ``test_group_acc``
+and their macro F1: a group's probability is the sum of its classes' probabilities, and the predicted
+group is the most probable one.
 
 Example:
     >>> import torch
-    >>> groups = resolve_class_groups({"ok": ["good"], "defective": ["crack", "finger"]}, ["crack", "finger", "good"])
+    >>> classes = ["crack", "finger", "good"]
+    >>> groups = resolve_class_groups({"ok": ["good"], "defective": ["crack", "finger"]}, classes)
     >>> groups
     {'ok': [2], 'defective': [0, 1]}
     >>> group_probabilities(torch.tensor([[0.3, 0.3, 0.4]]), groups)

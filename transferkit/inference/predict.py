@@ -45,8 +45,8 @@ def predict_images(
 
     A row holds ``file``, ``predicted`` (the class name), ``probs`` (``num_classes`` floats), with
     ``mc_dropout`` also ``uncertainty`` (the predictive entropy), for a model with class groups also
-    ``predicted_group`` and ``group_probs`` (see :mod:`transferkit.data.class_groups`), and ``error`` (why the image could not
-    be read or prepared, else ``""``). Unreadable images do not stop the others.
+    ``predicted_group`` and ``group_probs`` (see :mod:`transferkit.data.class_groups`), and ``error`` (why
+    the image could not be read or prepared, else ``""``). Unreadable images do not stop the others.
 
     Args:
         model: a :class:`~transferkit.TransferClassifier` (e.g. from :func:`transferkit.load_for_inference`).
