@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from transferkit.training.averaging import EMA
     from transferkit.training.cross_validation import cross_validate
     from transferkit.training.nonfinite import NonFiniteLossGuard
+    from transferkit.training.precise_bn import PreciseBN
     from transferkit.training.trainer import Trainer
 
 __getattr__, __dir__, __all__ = lazy_exports(
@@ -94,6 +95,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "EMA": "transferkit.training.averaging",
         "cross_validate": "transferkit.training.cross_validation",
         "NonFiniteLossGuard": "transferkit.training.nonfinite",
+        "PreciseBN": "transferkit.training.precise_bn",
         "Trainer": "transferkit.training.trainer",
     },
 )

@@ -1,5 +1,6 @@
 """Training: the Trainer and its defaults, and the callbacks every run gets (checkpoints, early stopping,
-interruptions, the non-finite loss guard, exact resumption), plus weight averaging."""
+interruptions, the non-finite loss guard, exact resumption), plus weight averaging and
+precise BatchNorm statistics."""
 
 from transferkit._lazy import lazy_exports
 
@@ -13,6 +14,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "InterruptCheckpoint": "transferkit.training.interrupts",
         "run_loggers": "transferkit.training.loggers",
         "NonFiniteLossGuard": "transferkit.training.nonfinite",
+        "PreciseBN": "transferkit.training.precise_bn",
         "ExactResume": "transferkit.training.resume",
         "align_train_loader": "transferkit.training.resume",
         "Trainer": "transferkit.training.trainer",
