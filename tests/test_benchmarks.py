@@ -394,3 +394,42 @@ def test_compare_elpv_pairs_two_recipes_seed_by_seed_across_files(tmp_path: Path
 
     twice = subprocess.run([*script, "--variant", first, first], capture_output=True, text=True, cwd=root)
     assert twice.returncode != 0 and "seed 0 is in two files of one recipe" in twice.stderr
+
+
+def test_val_curves_reads_each_runs_epochs_and_draws_them(tmp_path: Path):
+    root = Path(__file__).resolve().parents[1]
+
+    def run(name: str, values: list[float]) -> None:
+        folder = tmp_path / name / "lightning_logs" / "version_0"
+        folder.mkdir(parents=True)
+        rows = ["epoch,step,train_loss_step,val_group_acc"]
+        for epoch, value in enumerate(values):  # a training row without the metric, then validation's
+            rows += [f"{epoch},{epoch * 10 + 5},0.9,", f"{epoch},{epoch * 10 + 9},,{value}"]
+        (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+    run("plain0", [0.80, 0.45, 0.85])
+    run("plain1", [0.82, 0.55, 0.87])
+    run("precise0", [0.80, 0.83, 0.86])
+    out = tmp_path / "curves.json"
+    command = [
+        sys.executable,
+        str(root / "benchmarks" / "val_curves.py"),
+        "--runs",
+        f"running={tmp_path}/plain*",
+        "--runs",
+        f"precise={tmp_path}/precise0",
+        "--metric",
+        "val_group_acc",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["curves"]["running"]["mean"] == {"0": 0.81, "1": 0.5, "2": 0.86}
+    assert report["curves"]["running"]["min"]["1"] == 0.45
+    assert report["curves"]["precise"]["mean"]["1"] == 0.83
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+    missing = subprocess.run([*command[:-2], "--metric", "val_f1"], capture_output=True, text=True, cwd=root)
+    assert missing.returncode != 0 and "no 'val_f1' column" in missing.stderr
