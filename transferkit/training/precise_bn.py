@@ -64,6 +64,9 @@ class PreciseBN(Callback):
     Cost: a forward pass (no backward) over ``batches`` training batches per epoch, through the part of
     the model that trains (the cached features or trunk when the data module caches them).
 
+    With :class:`~transferkit.training.averaging.EMA`, validation judges the averaged weights, whose
+    BatchNorm statistics are averaged too; this callback recomputes those of the raw weights only.
+
     Args:
         batches: training batches to average over (``>= 1``); the whole split if it has fewer.
 
@@ -122,7 +125,7 @@ class PreciseBN(Callback):
             loader = next(iter(loader.values()), None)
         elif isinstance(loader, list | tuple):
             loader = loader[0] if loader else None
-        if not norms or loader is None:
+        if loader is None:
             return
         modes = [(module, module.training) for module in pl_module.modules()]
         for module in pl_module.modules():
@@ -131,14 +134,18 @@ class PreciseBN(Callback):
             module.training = False
         for norm in norms:
             norm.training = True
+        generator = getattr(loader, "generator", None)  # a loader's iterator draws its workers' seed
+        saved = generator.get_state() if generator is not None else None
         try:
-            # no random numbers drawn from the run's generators (a loader's workers take a seed from
-            # the CPU generator): the run trains exactly as it would without this callback
+            # no random numbers drawn from the run's generators (the CPU one, or the loader's own):
+            # the run trains exactly as it would without this callback
             with torch.random.fork_rng(devices=[]):
                 recompute_batchnorm(pl_module, norms, loader, self.batches, pl_module.device)
         finally:
             for module, training in modes:
                 module.training = training
+            if saved is not None:
+                generator.set_state(saved)
         if trainer.world_size > 1:  # each process averaged its own batches: agree on their mean
             for norm in norms:
                 for buffer in (norm.running_mean, norm.running_var):
