@@ -75,6 +75,26 @@ def _scores(probs, labels, task: str, cell_type, defect_probability) -> dict[str
     return out
 
 
+def score_split(model, data, split: str, ttas: list[str], device) -> tuple[dict, dict, dict]:
+    """``model``'s scores on ``data``'s ``split`` under each test-time augmentation of ``ttas`` (one pass
+    over the images): ``({tta: scores}, {tta: probabilities}, {cell_type, defect_probability})``."""
+    import torch
+
+    dataset = data.datasets[split]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=data.num_workers)
+    probs: dict[str, list] = {name: [] for name in dict.fromkeys(ttas)}
+    with torch.no_grad():
+        for images, _ in loader:
+            for name in probs:
+                probs[name].append(model.predict_proba(images.to(device), tta=name).cpu())
+    indices = data.split_indices[split]
+    meta = {key: data.data.meta[key][indices] for key in ("cell_type", "defect_probability")}
+    task = "4class" if data.num_classes == 4 else "binary"
+    arrays = {name: torch.cat(p).numpy() for name, p in probs.items()}
+    scores = {name: _scores(p, dataset.labels, task, **meta) for name, p in arrays.items()}
+    return scores, arrays, meta
+
+
 def run_seed(seed: int, config: str, tta: str, extra: list[str], score_test: bool) -> dict:
     import numpy as np
     import torch
@@ -124,24 +144,13 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str], score_test: boo
     }
     saved: dict = {}
     for split in ("val", "test") if score_test else ("val",):
-        dataset = data.datasets[split]
-        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=data.num_workers)
-        probs = {name: [] for name in ("none", tta)}
-        with torch.no_grad():
-            for images, _ in loader:
-                for name in probs:
-                    probs[name].append(best.predict_proba(images.to(device), tta=name).cpu())
-        indices = data.split_indices[split]
-        meta = {key: data.data.meta[key][indices] for key in ("cell_type", "defect_probability")}
-        scores = {
-            name: _scores(torch.cat(p).numpy(), dataset.labels, task, **meta) for name, p in probs.items()
-        }
+        scores, probs, meta = score_split(best, data, split, ["none", tta], device)
         out[split] = scores["none"]
         if tta != "none":
             out[f"{split}_tta_{tta}"] = scores[tta]
-        saved[f"{split}_labels"] = np.asarray(dataset.labels)
+        saved[f"{split}_labels"] = np.asarray(data.datasets[split].labels)
         saved.update({f"{split}_{key}": value for key, value in meta.items()})
-        saved.update({f"{split}_probs_{name}": torch.cat(p).numpy() for name, p in probs.items()})
+        saved.update({f"{split}_probs_{name}": p for name, p in probs.items()})
     probabilities = Path(run_dir) / "probabilities.npz"
     np.savez_compressed(probabilities, **saved)
     out["probabilities_file"] = str(probabilities)

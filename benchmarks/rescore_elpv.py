@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from elpv import _scores  # noqa: E402
+from elpv import score_split  # noqa: E402
 from provenance import provenance, save  # noqa: E402
 
 
@@ -46,20 +46,8 @@ def rescore(config: str, runs: Path, seed: int, ttas: list[str]) -> dict:
     model = TransferClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
     data.use_data_config(model.data_config)
     data.setup("fit")
-    dataset = data.datasets["val"]
-    probs: dict[str, list] = {tta: [] for tta in ttas}
-    with torch.no_grad():
-        for images, _ in torch.utils.data.DataLoader(dataset, batch_size=64):
-            for tta in ttas:
-                probs[tta].append(model.predict_proba(images, tta=tta))
-    indices = data.split_indices["val"]
-    meta = {key: data.data.meta[key][indices] for key in ("cell_type", "defect_probability")}
-    task = "4class" if data.num_classes == 4 else "binary"
-    return {
-        "seed": seed,
-        "checkpoint": str(path),
-        "val": {tta: _scores(torch.cat(p).numpy(), dataset.labels, task, **meta) for tta, p in probs.items()},
-    }
+    scores, _, _ = score_split(model, data, "val", ttas, torch.device("cpu"))
+    return {"seed": seed, "checkpoint": str(path), "val": scores}
 
 
 def main() -> None:
