@@ -5,7 +5,9 @@ For each seed, the best checkpoint under ``RUNS/seed<N>`` (as ``benchmarks/elpv.
 protocol's split, rebuilt from ``--config`` and the seed) once per ``--tta`` mode. TTA changes nothing in
 training or in the choice of the best checkpoint (validation during training runs without it), so a
 recipe with ``model.tta: X`` would have scored exactly these figures: a paired comparison of the modes,
-on the same weights. Only validation is read; the test split is never touched.
+on the same weights. Only validation is read; the test split is never touched. Anything after ``--`` is
+passed to the recipe as it was to the runs (``--data.max_samples 400``...), so the split is the one they
+trained on.
 
     python benchmarks/rescore_elpv.py --config recipes/quickstart.yaml \\
         --runs runs/time-to-accuracy/quickstart --seeds 0 1 2 3 4 --tta none hflip flips d4 \\
@@ -32,14 +34,14 @@ def best_checkpoint(runs: Path, seed: int) -> Path:
     return found[0]
 
 
-def rescore(config: str, runs: Path, seed: int, ttas: list[str]) -> dict:
+def rescore(config: str, runs: Path, seed: int, ttas: list[str], overrides: list[str] = ()) -> dict:
     import torch
 
     from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
     from transferkit.models.classifier import TransferClassifier
 
     path = best_checkpoint(runs, seed)
-    args = ["--config", config, "--seed_everything", str(seed), "--data.seed", str(seed)]
+    args = ["--config", config, *overrides, "--seed_everything", str(seed), "--data.seed", str(seed)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data = TransferKitCLI(**cli_kwargs(args), run=False).datamodule
@@ -59,11 +61,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--tta", nargs="+", default=["none", "hflip", "flips", "d4"])
     parser.add_argument("--out")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
+    overrides = [o for o in overrides if o != "--"]
     if args.tta[0] != "none":
         args.tta.insert(0, "none")  # the differences are against no TTA
 
-    seeds = [rescore(args.config, args.runs, seed, args.tta) for seed in args.seeds]
+    seeds = [rescore(args.config, args.runs, seed, args.tta, overrides) for seed in args.seeds]
     summary = {}
     for tta in args.tta:
         values = [s["val"][tta]["acc_binary"] for s in seeds]
@@ -75,7 +78,7 @@ def main() -> None:
             "difference_mean": round(statistics.mean(diffs), 4),
             "difference_std": round(statistics.stdev(diffs), 4) if len(diffs) > 1 else 0.0,
         }
-    save({"seeds": seeds, "summary": summary, "provenance": provenance()}, args.out)
+    save({"overrides": overrides, "seeds": seeds, "summary": summary, "provenance": provenance()}, args.out)
 
 
 if __name__ == "__main__":

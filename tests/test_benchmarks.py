@@ -344,6 +344,22 @@ def test_time_to_accuracy_times_a_fresh_finetune_and_puts_its_test_look_on_the_l
     assert json.loads(resumed.stdout)["runs"] == report["runs"]
     assert len(ledger.read_text().splitlines()) == 1
 
+    # rescore_elpv.py scores the best checkpoint on the same validation split again: with no TTA it gives
+    # the validation accuracy that training logged for that checkpoint's epoch
+    rescore = [sys.executable, str(root / "benchmarks" / "rescore_elpv.py"), "--config", "recipes/quickstart.yaml"]
+    rescore += ["--runs", str(tmp_path / "runs" / "quickstart"), "--seeds", "0", "--tta", "none", "hflip"]
+    done = subprocess.run([*rescore, "--", *tiny], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rescored = json.loads(done.stdout)
+    (metrics,) = (tmp_path / "runs" / "quickstart" / "seed0").rglob("metrics.csv")
+    logged = [line.split(",") for line in metrics.read_text().splitlines()]
+    column = logged[0].index("val_group_acc")
+    (val_group_acc,) = [float(row[column]) for row in logged[1:] if row[column]]
+    assert rescored["seeds"][0]["val"]["none"]["acc_binary"] == pytest.approx(val_group_acc, abs=1e-6)
+    assert rescored["summary"]["none"]["difference_mean"] == 0.0
+    assert 0.0 <= rescored["summary"]["hflip"]["acc_binary_mean"] <= 1.0
+    assert rescored["overrides"] == tiny
+
 
 def test_depth_heads_pairs_each_head_with_the_quick_start_seed_by_seed():
     spec = importlib.util.spec_from_file_location(
