@@ -144,3 +144,23 @@ def test_noise_among_the_first_points_does_not_pull_the_suggestion_out_of_the_de
     # a loss that only rises gives no suggestion, and says what to do
     lr, why = suggest(lrs, sorted(losses))
     assert lr is None and "never falls" in why
+
+
+def test_a_flat_noisy_loss_gives_no_suggestion_rather_than_a_rate_picked_from_noise():
+    import numpy as np
+
+    from transferkit.finetuning.lr_finder import SMOOTHING, suggest
+
+    lrs = list(np.logspace(-6, 0, 100))
+    for seed in range(5):  # labels that carry no signal: the loss only wobbles around its level
+        raw = 1.0 + np.random.default_rng(seed).normal(0, 0.1, len(lrs))
+        average, smoothed = 0.0, []
+        for step, loss in enumerate(raw, 1):  # smoothed as lr_find smooths it
+            average = SMOOTHING * average + (1 - SMOOTHING) * loss
+            smoothed.append(average / (1 - SMOOTHING**step))
+        lr, why = suggest(lrs, smoothed)
+        assert lr is None and "falls only" in why and "labels" in why, (seed, lr, why)
+    # the same wobble on a loss that falls by a third still gives a rate inside the fall
+    falling = [s - 0.35 * (1 + np.tanh(2 * (np.log10(lr) + 3))) / 2 for s, lr in zip(smoothed, lrs, strict=True)]
+    lr, why = suggest(lrs, falling)
+    assert lr is not None and 1e-5 <= lr <= 1e-1, why

@@ -54,6 +54,7 @@ __all__ = ["LRFindReport", "LRSweep", "lr_find", "suggest"]
 
 SMOOTHING = 0.98  # Lightning's LR finder smooths the loss with this factor
 SKIP_BEGIN, SKIP_END = 10, 1  # and ignores these many points at each end when suggesting
+MIN_FALL = 0.05  # a valley that falls by less than this share of the loss is noise, not learning
 
 
 @dataclass
@@ -105,7 +106,8 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
     taken from the first of its points that has made a tenth of the fall from the plateau (the median of
     the valley's first quarter) to its lowest point, which makes the suggestion the middle of the actual
     descent, whatever ``min_lr`` was. The first 10 points and the last are left out, as Lightning does:
-    the first smoothed values stand for a handful of batches.
+    the first smoothed values stand for a handful of batches. A valley whose fall is under
+    :data:`MIN_FALL` (5 %) of the loss is the noise of a flat curve, and gives no suggestion.
 
     Example:
         >>> lrs = list(np.logspace(-6, 0, 60))
@@ -128,6 +130,12 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
         return None, "the loss never falls over the range tried: widen it (min_lr lower)"
     # the plateau's level: the median of the valley's first quarter, which a few noisy points do not move
     top, bottom = float(np.median(kept[valley[: max(1, len(valley) // 4)]])), kept[valley[-1]]
+    if top - bottom < MIN_FALL * abs(top):
+        return None, (
+            f"the smoothed loss falls only {100 * (top - bottom) / abs(top):.1f}% over the range tried "
+            f"({top:.3f} -> {bottom:.3f}, {_fmt(lrs[0])} to {_fmt(lrs[-1])}): that is noise, no rate in it "
+            "made the model learn. Check that the labels match the images, or widen the range (max_lr higher)"
+        )
     begin = next(i for i in valley if kept[i] <= top - 0.1 * (top - bottom))
     end = valley[-1]
     logs = np.log(lrs_kept[begin : end + 1])
