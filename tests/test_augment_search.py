@@ -39,6 +39,15 @@ def test_a_label_destroying_candidate_ranks_last_and_the_winner_is_a_usable_reci
     tk.ImageDataModule(
         source="folder", root=str(root), augment=winner or "none", image_size=32
     )  # a valid recipe
+    # the saved report reads back into the same report: the same ranking, table and snippet
+    from transferkit.training.augment_search import AugmentSearchReport
+
+    again = AugmentSearchReport.from_dict(found)
+    assert again.to_dict() == found and again.trials[-1].name == "+ Transpose(p=1.0)"
+    assert again.table().splitlines()[3].endswith("+ Transpose(p=1.0)")  # ranked last in the table too
+    assert "baseline seeds spread" in again.table() and again.baseline.name == found["baseline"]
+    with pytest.raises(tk.ConfigError, match="not an augment-search report"):
+        AugmentSearchReport.from_dict({"trials": found["trials"]})
 
 
 def test_the_budget_stops_the_search_and_bad_candidates_are_refused_before_any_trial(tmp_path):

@@ -137,6 +137,27 @@ class AugmentSearchReport:
             "snippet": self.snippet,
         }
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AugmentSearchReport:
+        """The report back from :meth:`to_dict` (what ``augment_search.json`` holds), to rank or compare
+        a search that ran earlier without running it again."""
+        try:
+            trials = [Trial(**trial) for trial in values["trials"]]
+            (baseline,) = [t for t in trials if t.name == values["baseline"]]
+            return cls(
+                trials=trials,
+                baseline=baseline,
+                skipped=list(values.get("skipped", [])),
+                snippet=values["snippet"],
+                noise=float(values["noise_val_loss"]),
+                in_recipe=list(values.get("in_recipe", [])),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"not an augment-search report ({type(err).__name__}: {err}); pass the contents of the "
+                "augment_search.json an augment search wrote, or AugmentSearchReport.to_dict()."
+            ) from err
+
 
 def _transform_name(item: Any) -> str | None:
     """``HorizontalFlip`` of ``{"HorizontalFlip": {...}}`` or of an ``A.to_dict`` item."""
