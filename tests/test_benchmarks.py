@@ -346,7 +346,12 @@ def test_time_to_accuracy_times_a_fresh_finetune_and_puts_its_test_look_on_the_l
 
     # rescore_elpv.py scores the best checkpoint on the same validation split again: with no TTA it gives
     # the validation accuracy that training logged for that checkpoint's epoch
-    rescore = [sys.executable, str(root / "benchmarks" / "rescore_elpv.py"), "--config", "recipes/quickstart.yaml"]
+    rescore = [
+        sys.executable,
+        str(root / "benchmarks" / "rescore_elpv.py"),
+        "--config",
+        "recipes/quickstart.yaml",
+    ]
     rescore += ["--runs", str(tmp_path / "runs" / "quickstart"), "--seeds", "0", "--tta", "none", "hflip"]
     done = subprocess.run([*rescore, "--", *tiny], capture_output=True, text=True, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]

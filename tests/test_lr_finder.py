@@ -161,6 +161,8 @@ def test_a_flat_noisy_loss_gives_no_suggestion_rather_than_a_rate_picked_from_no
         lr, why = suggest(lrs, smoothed)
         assert lr is None and "falls only" in why and "labels" in why, (seed, lr, why)
     # the same wobble on a loss that falls by a third still gives a rate inside the fall
-    falling = [s - 0.35 * (1 + np.tanh(2 * (np.log10(lr) + 3))) / 2 for s, lr in zip(smoothed, lrs, strict=True)]
+    falling = [
+        s - 0.35 * (1 + np.tanh(2 * (np.log10(lr) + 3))) / 2 for s, lr in zip(smoothed, lrs, strict=True)
+    ]
     lr, why = suggest(lrs, falling)
     assert lr is not None and 1e-5 <= lr <= 1e-1, why
