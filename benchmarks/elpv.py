@@ -95,7 +95,9 @@ def score_split(model, data, split: str, ttas: list[str], device) -> tuple[dict,
     return scores, arrays, meta
 
 
-def run_seed(seed: int, config: str, tta: str, extra: list[str], score_test: bool) -> dict:
+def run_seed(
+    seed: int, config: str, tta: str, extra: list[str], score_test: bool, checkpoint: str = "best"
+) -> dict:
     import numpy as np
     import torch
 
@@ -127,7 +129,9 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str], score_test: boo
     else:
         trainer.fit(model, datamodule=data)  # the test split is not touched
         train_seconds = time.perf_counter() - start
-        best_path = trainer.checkpoint_callback.best_model_path
+        callback = trainer.checkpoint_callback
+        # "last": the model the last epoch ends with, what a run without a validation split keeps
+        best_path = callback.last_model_path if checkpoint == "last" else callback.best_model_path
         run_dir, epochs = trainer.log_dir or trainer.default_root_dir, int(trainer.current_epoch)
 
     device = trainer.strategy.root_device  # the device it trained on
@@ -137,9 +141,12 @@ def run_seed(seed: int, config: str, tta: str, extra: list[str], score_test: boo
     out: dict = {
         "seed": seed,
         "task": task,
+        "checkpoint": checkpoint,
         "split_sizes": {s: int(len(i)) for s, i in data.split_indices.items()},
         "epochs": epochs,
-        "best_epoch": int(torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]),
+        "best_epoch" if checkpoint == "best" else "last_epoch": int(
+            torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]
+        ),
         "train_seconds": round(train_seconds, 1),
     }
     saved: dict = {}
@@ -267,23 +274,40 @@ def main() -> None:
     parser.add_argument(
         "--rerun", action="store_true", help="with --test: a re-run of a recipe already tested"
     )
+    parser.add_argument(
+        "--checkpoint",
+        default="best",
+        choices=["best", "last"],
+        help="validation only: score the best checkpoint (on val_loss) or the last epoch's",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON to this results file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
 
     if args.worker:
-        result = run_seed(args.seeds[0], args.config, args.tta, extra, args.test)
+        result = run_seed(args.seeds[0], args.config, args.tta, extra, args.test, args.checkpoint)
         print("ELPV-RESULT " + json.dumps(result), flush=True)
         return
 
+    if args.test and args.checkpoint != "best":
+        raise SystemExit(
+            "--test scores the checkpoint the recipe's own run tests (finetune's); drop --checkpoint"
+        )
     fingerprint = recipe_fingerprint(args.config, extra)
     seen_before = check_test_allowed(fingerprint, args.seeds, args.rerun) if args.test else []
     record = provenance()
     runs = []
     for seed in args.seeds:
         command = [sys.executable, __file__, "--worker", "--seeds", str(seed), "--config", args.config]
-        command += ["--tta", args.tta, *(["--test"] if args.test else []), *extra]
+        command += [
+            "--tta",
+            args.tta,
+            "--checkpoint",
+            args.checkpoint,
+            *(["--test"] if args.test else []),
+            *extra,
+        ]
         completed = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("ELPV-RESULT ")]
         if completed.returncode != 0 or not lines:
@@ -317,6 +341,7 @@ def _report(
         "overrides": extra,
         "recipe": fingerprint,
         "splits_scored": ["val", "test"] if args.test else ["val"],
+        "checkpoint": args.checkpoint,
         "complete": len(runs) == len(args.seeds),  # False in a file written after each seed of a longer run
         "seeds_requested": args.seeds,
         "published_anchor": {"vgg19_finetuned_gpu": 0.8842, "svm": 0.8244},

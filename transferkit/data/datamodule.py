@@ -19,7 +19,13 @@ from transferkit.data.augment import (
     build_train_transform,
     decode_side,
 )
-from transferkit.data.checks import drop_unreadable, subset, warn_duplicates_across_splits, warn_imbalance
+from transferkit.data.checks import (
+    drop_unreadable,
+    stratified_share,
+    subset,
+    warn_duplicates_across_splits,
+    warn_imbalance,
+)
 from transferkit.data.class_groups import resolve_class_groups
 from transferkit.data.datasets import CachedFeatures, ImageDataset
 from transferkit.data.decoded import DecodedImages, working_side
@@ -53,6 +59,9 @@ class ImageDataModule(L.LightningDataModule):
             validation and early stopping, and the checkpoint of the last epoch is the one tested.
         test_fraction: share of all images held out for the test; ``None`` = the source's own (0.25 for
             ELPV, its protocol; 0.2 otherwise).
+        train_fraction: share of the training split that trains, a stratified subset drawn with ``seed``
+            (at least one image); the validation and test splits stay as they are. For learning curves:
+            validation scores at ``0.5``, ``0.75`` and ``1`` say whether more labelled images would help.
         seed: seed of the stratified splits.
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
@@ -122,6 +131,7 @@ class ImageDataModule(L.LightningDataModule):
         task: Literal["binary", "4class"] = "binary",
         val_fraction: float = 0.15,
         test_fraction: float | None = None,
+        train_fraction: float = 1.0,
         seed: int = 0,
         batch_size: int = 32,
         num_workers: int = 2,
@@ -158,8 +168,16 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"sampler must be 'shuffle' or 'balanced', got {sampler!r}.")
         augmentations(augment)  # a bad preset name or transform fails here, before any data is read
         if source == "stream":
-            _check_stream_settings(feature_cache, trunk_cache, decoded_cache, sampler, max_samples)
+            _check_stream_settings(
+                feature_cache, trunk_cache, decoded_cache, sampler, max_samples, train_fraction
+            )
         _check_cv_settings(cv_folds, cv_fold, source)
+        if not 0 < train_fraction <= 1:
+            raise ConfigError(
+                f"data.train_fraction is the share of the training split that trains, in (0, 1]; got "
+                f"{train_fraction}. Use 1 to train on the whole split."
+            )
+        self.train_fraction = train_fraction
         self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -252,6 +270,10 @@ class ImageDataModule(L.LightningDataModule):
             else:
                 self.split_indices = cv_split_indices(
                     self.data, self.cv_folds, self.cv_fold, self.test_fraction, self.seed
+                )
+            if self.train_fraction < 1:
+                self.split_indices["train"] = stratified_share(
+                    self.split_indices["train"], self.train_fraction, self.data.stratify, self.seed
                 )
             for split in ("train", "val") if self.has_validation else ("train",):
                 if len(self.split_indices.get(split, [])) == 0:
@@ -622,6 +644,7 @@ def _check_stream_settings(
     decoded_cache: bool,
     sampler: str,
     max_samples: int | None,
+    train_fraction: float = 1.0,
 ) -> None:
     """Settings that need every file at hand, refused for a pack (read chunk by chunk, in LitData's order)."""
     refused = {
@@ -630,6 +653,7 @@ def _check_stream_settings(
         "decoded_cache": decoded_cache,
         "sampler: balanced": sampler == "balanced",
         "max_samples": max_samples is not None,
+        "train_fraction": train_fraction != 1,
     }
     named = [name for name, on in refused.items() if on]
     if named:
