@@ -96,6 +96,15 @@ def test_a_recipes_test_split_is_scored_once_unless_rerun_is_asked(tmp_path):
     recipe.write_text("model:\n  lr: 0.002\n")
     assert elpv.recipe_fingerprint(str(recipe), []) != fingerprint
 
+    # the test split is scored with the checkpoint the recipe's own run tests, never one picked otherwise
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "elpv.py"
+    refused = subprocess.run(
+        [sys.executable, str(script), "--test", "--checkpoint", "last", "--seeds", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "drop --checkpoint" in refused.stderr
+
 
 RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json"))
 PROVENANCE = ("commit", "command", "date_utc", "machine", "versions")

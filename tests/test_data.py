@@ -11,6 +11,7 @@ from PIL import Image
 
 from transferkit.data import DatasetError, ImageDataModule, ImageReadError, load_image
 from transferkit.data.augment import build_train_transform
+from transferkit.errors import ConfigError
 
 
 def _datamodule(**kwargs) -> ImageDataModule:
@@ -39,6 +40,26 @@ def test_folder_splits_are_stratified_seeded_and_disjoint(stripes_folder):
     other.setup("fit")
     assert all(np.array_equal(splits[s], again.split_indices[s]) for s in splits)
     assert not np.array_equal(splits["test"], other.split_indices["test"])
+
+
+def test_train_fraction_trains_on_a_stratified_share_and_keeps_validation_and_test():
+    whole = _datamodule(source="digits", seed=2)
+    whole.setup("fit")
+    half = _datamodule(source="digits", seed=2, train_fraction=0.5)
+    half.setup("fit")
+    full, part = whole.split_indices, half.split_indices
+    # a learning curve's points are scored on the same cells: validation and test are untouched
+    assert np.array_equal(full["val"], part["val"]) and np.array_equal(full["test"], part["test"])
+    assert set(part["train"]) < set(full["train"]) and len(part["train"]) == round(len(full["train"]) / 2)
+    assert len(half.train_dataloader().dataset) == len(part["train"])  # what trains is the share
+    counts, share = (np.bincount(whole.data.labels[i], minlength=10) for i in (full["train"], part["train"]))
+    assert np.all(np.abs(share - counts / 2) <= 1)  # every class keeps its share
+    again = _datamodule(source="digits", seed=2, train_fraction=0.5)
+    again.setup("fit")
+    assert np.array_equal(again.split_indices["train"], part["train"])  # seeded
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"train_fraction is the share of the training split .* Use 1"):
+            _datamodule(source="digits", train_fraction=bad)
 
 
 def test_batches_have_the_network_input_shape(stripes_folder):

@@ -79,6 +79,7 @@ FIELDS = [
     "model.tta",
     "data.batch_size",
     "data.val_fraction",
+    "data.train_fraction",
     "data.augment",
     "data.max_samples",
 ]
@@ -119,6 +120,9 @@ ACCEPTED: dict[str, list[tuple[type[Exception], str]]] = {
     "model.tta": [(ConfigError, r"unknown tta " + _CHOICE)],
     "data.batch_size": [(ConfigError, r"batch_size must be >= 1, got .+\.")],
     "data.val_fraction": [],
+    "data.train_fraction": [
+        (ConfigError, r"data\.train_fraction is the share of the training split that trains, in \(0, 1\]; got .+")
+    ],
     "data.augment": [
         (
             ConfigError,

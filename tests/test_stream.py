@@ -143,7 +143,12 @@ def test_packing_refuses_bad_files_and_full_folders_and_the_cli_says_what_it_wro
 
 def test_a_pack_refuses_what_needs_every_file_at_hand(tmp_path, packed):
     _, pack = packed
-    for setting in ({"feature_cache": "clean"}, {"sampler": "balanced"}, {"decoded_cache": True}):
+    for setting in (
+        {"feature_cache": "clean"},
+        {"sampler": "balanced"},
+        {"decoded_cache": True},
+        {"train_fraction": 0.5},
+    ):
         with pytest.raises(
             tk.ConfigError, match=f"source 'stream' cannot be used with {next(iter(setting))}"
         ):
