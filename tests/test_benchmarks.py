@@ -463,3 +463,42 @@ def test_val_curves_reads_each_runs_epochs_and_draws_them(tmp_path: Path):
 
     missing = subprocess.run([*command[:-2], "--metric", "val_f1"], capture_output=True, text=True, cwd=root)
     assert missing.returncode != 0 and "no 'val_f1' column" in missing.stderr
+
+
+def test_ensemble_elpv_scores_the_averaged_probabilities_of_members_on_the_same_cells(tmp_path: Path):
+    root = Path(__file__).resolve().parents[1]
+    labels = np.array([0, 1, 2, 3])  # one cell per annotated level
+
+    def member(name: str, probs: list[list[float]], cells=labels) -> str:
+        npz = tmp_path / f"{name}.npz"
+        np.savez(
+            npz,
+            val_probs_none=np.array(probs),
+            val_labels=cells,
+            val_cell_type=np.array(["mono", "poly"] * 2),
+            val_defect_probability=cells / 3,
+        )
+        scored = {"acc_binary": 0.75, "macro_f1_binary": 0.7}  # what the member scored alone
+        runs = [{"seed": s, "val": scored, "probabilities_file": str(npz)} for s in (0, 1)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"seeds": runs}))
+        return str(tmp_path / f"{name}.json")
+
+    # each member calls one functional cell defective (0.6); averaged, both are outvoted (0.3 and 0.35)
+    a = member("a", [[0.2, 0.2, 0.3, 0.3], [0.6, 0.3, 0.1, 0.0], [0.1, 0.1, 0.4, 0.4], [0.0, 0.1, 0.1, 0.8]])
+    b = member("b", [[0.9, 0.1, 0.0, 0.0], [0.1, 0.3, 0.3, 0.3], [0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.2, 0.8]])
+    script = [sys.executable, str(root / "benchmarks" / "ensemble_elpv.py"), "--members", a, b]
+    done = subprocess.run(script, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert [s["seed"] for s in report["seeds"]] == [0, 1]
+    assert report["seeds"][0]["members_acc_binary"] == [0.75, 0.75]
+    assert report["seeds"][0]["val"]["acc_binary"] == 1.0
+    assert report["seeds"][0]["val"]["acc_binary_p1_3"] == 1.0  # scored per level as elpv.py scores
+    assert report["against_base"]["acc_binary"]["difference_per_seed"] == [0.25, 0.25]  # base: member a
+
+    other = member("c", [[0.25] * 4] * 4, cells=np.array([0, 0, 2, 3]))  # another split's cells
+    refused = subprocess.run([*script[:-2], a, other], capture_output=True, text=True, cwd=root)
+    assert refused.returncode != 0 and "members scored different validation cells" in refused.stderr
+    Path(json.loads(Path(b).read_text())["seeds"][0]["probabilities_file"]).unlink()
+    gone = subprocess.run(script, capture_output=True, text=True, cwd=root)
+    assert gone.returncode != 0 and "is gone" in gone.stderr
