@@ -154,29 +154,20 @@ def select(data: DataSource, keep: np.ndarray) -> DataSource:
     )
 
 
-def stratified_share(indices: np.ndarray, fraction: float, stratify: np.ndarray, seed: int) -> np.ndarray:
-    """A stratified share of ``indices`` (sorted; at least one), stratified on ``stratify[indices]`` where
-    every stratum is large enough, else drawn at random; seeded."""
+def stratified_sample(indices: np.ndarray, size: int, stratify: np.ndarray, seed: int) -> np.ndarray:
+    """``size`` of ``indices``, sorted: stratified on ``stratify[indices]`` where every stratum is large
+    enough, else drawn at random; seeded. All of them when ``size`` is not smaller."""
     from sklearn.model_selection import train_test_split
 
-    size = max(1, round(len(indices) * fraction))
     if size >= len(indices):
-        return np.asarray(indices)
+        return np.sort(indices)
     try:
         keep, _ = train_test_split(indices, train_size=size, stratify=stratify[indices], random_state=seed)
-    except ValueError:  # strata too small for a stratified share of this size
+    except ValueError:  # strata too small for a stratified sample of this size
         keep = np.random.default_rng(seed).choice(indices, size=size, replace=False)
     return np.sort(keep)
 
 
 def subset(data: DataSource, max_samples: int, seed: int) -> DataSource:
     """A stratified subset of at most ``max_samples`` samples (random where strata are too small)."""
-    from sklearn.model_selection import train_test_split
-
-    try:
-        keep, _ = train_test_split(
-            np.arange(len(data)), train_size=max_samples, stratify=data.stratify, random_state=seed
-        )
-    except ValueError:  # strata too small for a stratified subset of this size
-        keep = np.random.default_rng(seed).choice(len(data), size=max_samples, replace=False)
-    return select(data, np.sort(keep))
+    return select(data, stratified_sample(np.arange(len(data)), max_samples, data.stratify, seed))

@@ -21,7 +21,7 @@ from transferkit.data.augment import (
 )
 from transferkit.data.checks import (
     drop_unreadable,
-    stratified_share,
+    stratified_sample,
     subset,
     warn_duplicates_across_splits,
     warn_imbalance,
@@ -272,9 +272,9 @@ class ImageDataModule(L.LightningDataModule):
                     self.data, self.cv_folds, self.cv_fold, self.test_fraction, self.seed
                 )
             if self.train_fraction < 1:
-                self.split_indices["train"] = stratified_share(
-                    self.split_indices["train"], self.train_fraction, self.data.stratify, self.seed
-                )
+                train = self.split_indices["train"]
+                size = max(1, round(len(train) * self.train_fraction))
+                self.split_indices["train"] = stratified_sample(train, size, self.data.stratify, self.seed)
             for split in ("train", "val") if self.has_validation else ("train",):
                 if len(self.split_indices.get(split, [])) == 0:
                     raise DatasetError(
