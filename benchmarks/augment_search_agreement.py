@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import paired_difference  # noqa: E402
 from provenance import provenance, save  # noqa: E402
 
 METRIC = "acc_binary"
@@ -86,19 +87,17 @@ def agreement(
             raise SystemExit(
                 f"{name}'s full runs are of seeds {sorted(scores)}, the baseline's {sorted(base)}"
             )
-        diffs = [scores[s] - base[s] for s in sorted(base)]
-        spread = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-        mean_diff = statistics.fmean(diffs)
+        paired = paired_difference([base[s] for s in sorted(base)], [scores[s] for s in sorted(base)])
         rows.append(
             {
                 "pipeline": name,
                 "search_val_loss": statistics.fmean(trial["val_loss"]),
                 "search_val_acc": statistics.fmean(trial["val_acc"]),
                 "full_val": statistics.fmean(scores.values()),
-                "full_diff_per_seed": diffs,
-                "full_diff_mean": mean_diff,
-                "full_diff_std": spread,
-                "full_beyond_spread": name != "baseline" and abs(mean_diff) > spread,
+                "full_diff_per_seed": paired["per_seed"],
+                "full_diff_mean": paired["mean"],
+                "full_diff_std": paired["std"],
+                "full_beyond_spread": name != "baseline" and paired["beyond_the_spread"],
             }
         )
     loss_order = [-r["search_val_loss"] for r in rows]  # lower loss ranks higher, as the search ranks

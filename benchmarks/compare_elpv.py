@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import paired_difference  # noqa: E402
 from provenance import provenance, save  # noqa: E402
 
 METRICS = ("acc_binary", "macro_f1_binary")
@@ -47,16 +48,16 @@ def compare(base: dict[int, dict], variant: dict[int, dict], metrics=METRICS) ->
         raise SystemExit(f"a paired comparison needs 2 common seeds or more; common: {seeds}.")
     out = {"seeds": seeds}
     for key in metrics:
-        diffs = [variant[s][key] - base[s][key] for s in seeds]
+        paired = paired_difference([base[s][key] for s in seeds], [variant[s][key] for s in seeds])
         out[key] = {
             "base": [round(base[s][key], 4) for s in seeds],
             "variant": [round(variant[s][key], 4) for s in seeds],
             "base_mean": round(statistics.mean(base[s][key] for s in seeds), 4),
             "variant_mean": round(statistics.mean(variant[s][key] for s in seeds), 4),
-            "difference_per_seed": [round(d, 4) for d in diffs],
-            "difference_mean": round(statistics.mean(diffs), 4),
-            "difference_std": round(statistics.stdev(diffs), 4),
-            "beyond_the_spread": abs(statistics.mean(diffs)) > statistics.stdev(diffs),
+            "difference_per_seed": paired["per_seed"],
+            "difference_mean": paired["mean"],
+            "difference_std": paired["std"],
+            "beyond_the_spread": paired["beyond_the_spread"],
         }
     return out
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import paired_difference  # noqa: E402
 from provenance import provenance, save, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,13 +146,15 @@ def paired(runs: list[dict], baseline: dict[int, float]) -> dict:
     for head in runs[0]["heads"]:
         accs = [r["heads"][head]["val_acc"] for r in runs]
         row = {"val_acc_per_seed": [round(a, 4) for a in accs], "mean": round(statistics.mean(accs), 4)}
-        seeds = [r["seed"] for r in runs if r["seed"] in baseline]
-        if len(seeds) >= 2:
-            diffs = [r["heads"][head]["val_acc"] - baseline[r["seed"]] for r in runs if r["seed"] in baseline]
-            row["minus_quickstart_per_seed"] = [round(d, 4) for d in diffs]
-            row["minus_quickstart_mean"] = round(statistics.mean(diffs), 4)
-            row["minus_quickstart_std"] = round(statistics.stdev(diffs), 4)
-            row["beyond_spread"] = abs(statistics.mean(diffs)) > statistics.stdev(diffs)
+        paired_runs = [r for r in runs if r["seed"] in baseline]
+        if len(paired_runs) >= 2:
+            paired = paired_difference(
+                [baseline[r["seed"]] for r in paired_runs], [r["heads"][head]["val_acc"] for r in paired_runs]
+            )
+            row["minus_quickstart_per_seed"] = paired["per_seed"]
+            row["minus_quickstart_mean"] = paired["mean"]
+            row["minus_quickstart_std"] = paired["std"]
+            row["beyond_spread"] = paired["beyond_the_spread"]
         out[head] = row
     return out
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from elpv import score_split  # noqa: E402
+from paired import paired_difference  # noqa: E402
 from provenance import provenance, save  # noqa: E402
 
 
@@ -70,13 +71,13 @@ def main() -> None:
     summary = {}
     for tta in args.tta:
         values = [s["val"][tta]["acc_binary"] for s in seeds]
-        diffs = [s["val"][tta]["acc_binary"] - s["val"]["none"]["acc_binary"] for s in seeds]
+        paired = paired_difference([s["val"]["none"]["acc_binary"] for s in seeds], values)
         summary[tta] = {
             "acc_binary_per_seed": [round(v, 4) for v in values],
             "acc_binary_mean": round(statistics.mean(values), 4),
-            "difference_per_seed": [round(d, 4) for d in diffs],
-            "difference_mean": round(statistics.mean(diffs), 4),
-            "difference_std": round(statistics.stdev(diffs), 4) if len(diffs) > 1 else 0.0,
+            "difference_per_seed": paired["per_seed"],
+            "difference_mean": paired["mean"],
+            "difference_std": paired["std"] if len(seeds) > 1 else 0.0,
         }
     save({"overrides": overrides, "seeds": seeds, "summary": summary, "provenance": provenance()}, args.out)
 

@@ -152,6 +152,27 @@ def test_a_speed_up_is_the_median_of_per_round_ratios_not_best_over_best():
         rounds.per_round_ratio([1.0, 2.0], [1.0])
 
 
+def test_a_paired_difference_is_no_difference_inside_its_spread():
+    spec = importlib.util.spec_from_file_location(
+        "paired", Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
+    )
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    base = [0.80, 0.82, 0.84, 0.86]
+    # better on average by 0.01, but two seeds up and two down: inside the spread
+    mixed = paired.paired_difference(base, [0.83, 0.80, 0.87, 0.85])
+    assert mixed["per_seed"] == [0.03, -0.02, 0.03, -0.01] and mixed["mean"] == pytest.approx(0.0075)
+    assert mixed["std"] == pytest.approx(0.0263, abs=1e-4) and not mixed["beyond_the_spread"]
+    steady = paired.paired_difference(
+        base, [b + d for b, d in zip(base, [0.01, 0.012, 0.009, 0.011], strict=True)]
+    )
+    assert steady["beyond_the_spread"] and steady["mean"] == pytest.approx(0.0105)
+    one = paired.paired_difference([0.8], [0.9])  # one seed: no spread, nothing beyond it
+    assert one["per_seed"] == [0.1] and not one["beyond_the_spread"] and one["std"] != one["std"]
+    with pytest.raises(ValueError, match="one base and one variant score per seed"):
+        paired.paired_difference([0.8, 0.9], [0.8])
+
+
 def test_combined_seeds_must_each_be_on_the_test_ledger_and_of_one_recipe(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "combine_elpv", Path(__file__).resolve().parents[1] / "benchmarks" / "combine_elpv.py"

@@ -121,7 +121,10 @@ ACCEPTED: dict[str, list[tuple[type[Exception], str]]] = {
     "data.batch_size": [(ConfigError, r"batch_size must be >= 1, got .+\.")],
     "data.val_fraction": [],
     "data.train_fraction": [
-        (ConfigError, r"data\.train_fraction is the share of the training split that trains, in \(0, 1\]; got .+")
+        (
+            ConfigError,
+            r"data\.train_fraction is the share of the training split that trains, in \(0, 1\]; got .+",
+        )
     ],
     "data.augment": [
         (
