@@ -18,7 +18,8 @@ runs an earlier results file of this script holds (same recipe, overrides and se
 
 The JSON reports each run (wall seconds, fit seconds, test accuracy) and per recipe the mean +- std accuracy and
 the mean and largest wall time; the frontier is the recipes no other recipe beats on both mean accuracy and mean
-wall time. A PNG beside the results file draws accuracy against wall time, each seed faint and each recipe's
+wall time. Each recipe after the first is paired with the first on the same seeds (``against_first``): the
+per-seed differences in test accuracy, their mean +- std, and whether the mean lies beyond the std. A PNG beside the results file draws accuracy against wall time, each seed faint and each recipe's
 mean with its spread, the frontier joined, and the published fine-tuned VGG-19 (0.8842, on a GPU) as a line.
 """
 
@@ -37,6 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from elpv import LEDGER, _scores, check_test_allowed, recipe_fingerprint, record_test_look  # noqa: E402
+from paired import paired_difference  # noqa: E402
 from provenance import provenance, save, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +115,11 @@ def score_test(recipe: str, seed: int, root: Path, extra: list[str], checkpoint:
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per recipe (in the order first run): mean +- std test accuracy, mean and largest wall time; and
-    whether it is on the frontier (no other recipe at least as accurate and at least as fast, and better in one)."""
+    """Per recipe (in the order first run): mean +- std test accuracy, mean and largest wall time; whether it
+    is on the frontier (no other recipe at least as accurate and at least as fast, and better in one); and,
+    for every recipe after the first, its test accuracy minus the first recipe's on the seeds both ran
+    (``against_first``: per seed, mean +- std, and whether the mean lies beyond the std), so a slower recipe's
+    gain can be told from seed noise."""
     names = list(dict.fromkeys(r["recipe"] for r in runs))
     rows = []
     for name in names:
@@ -131,6 +136,13 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "wall_seconds_max": max(wall),
             }
         )
+    first = {r["seed"]: r["test_acc_binary"] for r in runs if r["recipe"] == names[0]}
+    for row in rows[1:]:
+        mine = {r["seed"]: r["test_acc_binary"] for r in runs if r["recipe"] == row["recipe"]}
+        common = sorted(set(first) & set(mine))
+        if len(common) > 1:
+            paired = paired_difference([first[s] for s in common], [mine[s] for s in common])
+            row["against_first"] = {"recipe": names[0], "seeds": common, **paired}
     for row in rows:
         row["on_frontier"] = not any(
             other["test_acc_binary_mean"] >= row["test_acc_binary_mean"]

@@ -341,6 +341,28 @@ def test_the_frontier_holds_the_recipes_no_other_beats_on_both_accuracy_and_time
     assert rows["quick"]["test_acc_binary_mean"] == pytest.approx(0.845)
     assert rows["quick"]["wall_seconds_max"] == 200
     assert {name for name, r in rows.items() if r["on_frontier"]} == {"quick", "slow-better"}
+    # each later recipe is paired with the first on the same seeds: the gain, and whether it beats the spread
+    assert "against_first" not in rows["quick"]
+    assert rows["slow-better"]["against_first"]["per_seed"] == pytest.approx([0.04, 0.04])
+    assert rows["slow-better"]["against_first"]["beyond_the_spread"] is True
+    assert rows["slow-worse"]["against_first"]["mean"] == pytest.approx(-0.01)
+
+
+def test_time_to_accuracy_pairs_recipes_only_on_the_seeds_both_ran_and_tells_noise_from_a_gain():
+    tta = _time_to_accuracy()
+    runs = [
+        {"recipe": "quick", "seed": 0, "test_acc_binary": 0.86, "wall_seconds": 160},
+        {"recipe": "quick", "seed": 1, "test_acc_binary": 0.88, "wall_seconds": 160},
+        {"recipe": "quick", "seed": 2, "test_acc_binary": 0.87, "wall_seconds": 160},
+        {"recipe": "noisy", "seed": 0, "test_acc_binary": 0.88, "wall_seconds": 500},
+        {"recipe": "noisy", "seed": 1, "test_acc_binary": 0.86, "wall_seconds": 500},
+        {"recipe": "one-seed", "seed": 0, "test_acc_binary": 0.90, "wall_seconds": 900},
+    ]
+    rows = {r["recipe"]: r for r in tta.summarise(runs)}
+    noisy = rows["noisy"]["against_first"]
+    assert noisy["seeds"] == [0, 1] and noisy["per_seed"] == pytest.approx([0.02, -0.02])
+    assert noisy["beyond_the_spread"] is False
+    assert "against_first" not in rows["one-seed"]  # one common seed has no spread to judge by
 
 
 @pytest.mark.slow
