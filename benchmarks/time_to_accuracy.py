@@ -19,8 +19,9 @@ runs an earlier results file of this script holds (same recipe, overrides and se
 The JSON reports each run (wall seconds, fit seconds, test accuracy) and per recipe the mean +- std accuracy and
 the mean and largest wall time; the frontier is the recipes no other recipe beats on both mean accuracy and mean
 wall time. Each recipe after the first is paired with the first on the same seeds (``against_first``): the
-per-seed differences in test accuracy, their mean +- std, and whether the mean lies beyond the std. A PNG beside the results file draws accuracy against wall time, each seed faint and each recipe's
-mean with its spread, the frontier joined, and the published fine-tuned VGG-19 (0.8842, on a GPU) as a line.
+per-seed differences in test accuracy, their mean +- std, and whether the mean lies beyond the std. A PNG
+beside the results file draws accuracy against wall time, each seed faint and each recipe's mean with its
+spread, the frontier joined, and the published fine-tuned VGG-19 (0.8842, on a GPU) as a line.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (``against_first``: per seed, mean +- std, and whether the mean lies beyond the std), so a slower recipe's
     gain can be told from seed noise."""
     names = list(dict.fromkeys(r["recipe"] for r in runs))
+    by_seed = {name: {r["seed"]: r["test_acc_binary"] for r in runs if r["recipe"] == name} for name in names}
     rows = []
     for name in names:
         mine = [r for r in runs if r["recipe"] == name]
@@ -136,9 +138,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "wall_seconds_max": max(wall),
             }
         )
-    first = {r["seed"]: r["test_acc_binary"] for r in runs if r["recipe"] == names[0]}
+    first = by_seed[names[0]]
     for row in rows[1:]:
-        mine = {r["seed"]: r["test_acc_binary"] for r in runs if r["recipe"] == row["recipe"]}
+        mine = by_seed[row["recipe"]]
         common = sorted(set(first) & set(mine))
         if len(common) > 1:
             paired = paired_difference([first[s] for s in common], [mine[s] for s in common])

@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location(
-    "elpv_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "elpv.py"
-)
-elpv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(elpv)
+
+def _benchmark(script: str, module_name: str | None = None):
+    """The module of ``benchmarks/<script>.py`` (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(module_name or script, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+elpv = _benchmark("elpv", "elpv_benchmark")
 
 
 def test_elpv_scores_split_binary_errors_by_annotated_defect_level():
@@ -138,11 +144,7 @@ def test_provenance_records_this_checkout_and_the_command():
 
 
 def test_a_speed_up_is_the_median_of_per_round_ratios_not_best_over_best():
-    spec = importlib.util.spec_from_file_location(
-        "rounds", Path(__file__).resolve().parents[1] / "benchmarks" / "rounds.py"
-    )
-    rounds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rounds)
+    rounds = _benchmark("rounds")
     # round 2 of the new side ran in a quiet spell: best-over-best says 1.2x, the rounds say no change
     new_rates, old_rates = [10.0, 12.0, 9.0], [10.0, 10.0, 9.0]
     summary = rounds.per_round_ratio(new_rates, old_rates)
@@ -153,11 +155,7 @@ def test_a_speed_up_is_the_median_of_per_round_ratios_not_best_over_best():
 
 
 def test_a_paired_difference_is_no_difference_inside_its_spread():
-    spec = importlib.util.spec_from_file_location(
-        "paired", Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
-    )
-    paired = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paired)
+    paired = _benchmark("paired")
     base = [0.80, 0.82, 0.84, 0.86]
     # better on average by 0.01, but two seeds up and two down: inside the spread
     mixed = paired.paired_difference(base, [0.83, 0.80, 0.87, 0.85])
@@ -174,11 +172,7 @@ def test_a_paired_difference_is_no_difference_inside_its_spread():
 
 
 def test_combined_seeds_must_each_be_on_the_test_ledger_and_of_one_recipe(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "combine_elpv", Path(__file__).resolve().parents[1] / "benchmarks" / "combine_elpv.py"
-    )
-    combine = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(combine)
+    combine = _benchmark("combine_elpv")
 
     def results(name, commit, scores):
         runs = [{"seed": s, "val": {"acc_binary": 0.8}, "test": {"acc_binary": a}} for s, a in scores.items()]
@@ -202,11 +196,7 @@ def test_combined_seeds_must_each_be_on_the_test_ledger_and_of_one_recipe(tmp_pa
 
 
 def test_the_cv_benchmark_scores_the_estimate_the_ensemble_and_calibration_on_paired_images():
-    spec = importlib.util.spec_from_file_location(
-        "elpv_cv", Path(__file__).resolve().parents[1] / "benchmarks" / "elpv_cv.py"
-    )
-    elpv_cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(elpv_cv)
+    elpv_cv = _benchmark("elpv_cv")
     rng = np.random.default_rng(0)
     test_labels = rng.integers(0, 4, 400)
 
@@ -254,12 +244,7 @@ def test_the_cv_benchmark_scores_the_estimate_the_ensemble_and_calibration_on_pa
 
 
 def test_augment_search_agreement_ranks_the_search_against_paired_full_runs():
-    spec = importlib.util.spec_from_file_location(
-        "augment_search_agreement",
-        Path(__file__).resolve().parents[1] / "benchmarks" / "augment_search_agreement.py",
-    )
-    agreement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agreement)
+    agreement = _benchmark("augment_search_agreement")
 
     def full(scores):
         return {"seeds": [{"seed": s, "val": {"acc_binary": a}} for s, a in enumerate(scores)]}
@@ -316,17 +301,8 @@ def test_augment_search_agreement_ranks_the_search_against_paired_full_runs():
         agreement.agreement(search, {k: v for k, v in runs.items() if k != "none"})
 
 
-def _time_to_accuracy():
-    spec = importlib.util.spec_from_file_location(
-        "time_to_accuracy", Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_frontier_holds_the_recipes_no_other_beats_on_both_accuracy_and_time():
-    tta = _time_to_accuracy()
+    tta = _benchmark("time_to_accuracy")
     runs = [
         {"recipe": name, "seed": seed, "test_acc_binary": acc + 0.01 * seed, "wall_seconds": wall}
         for name, acc, wall in [
@@ -349,7 +325,7 @@ def test_the_frontier_holds_the_recipes_no_other_beats_on_both_accuracy_and_time
 
 
 def test_time_to_accuracy_pairs_recipes_only_on_the_seeds_both_ran_and_tells_noise_from_a_gain():
-    tta = _time_to_accuracy()
+    tta = _benchmark("time_to_accuracy")
     runs = [
         {"recipe": "quick", "seed": 0, "test_acc_binary": 0.86, "wall_seconds": 160},
         {"recipe": "quick", "seed": 1, "test_acc_binary": 0.88, "wall_seconds": 160},
@@ -419,11 +395,7 @@ def test_time_to_accuracy_times_a_fresh_finetune_and_puts_its_test_look_on_the_l
 
 
 def test_depth_heads_pairs_each_head_with_the_quick_start_seed_by_seed():
-    spec = importlib.util.spec_from_file_location(
-        "depth_heads", Path(__file__).resolve().parents[1] / "benchmarks" / "depth_heads.py"
-    )
-    depth_heads = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(depth_heads)
+    depth_heads = _benchmark("depth_heads")
     runs = [
         {"seed": 0, "heads": {"top": {"val_acc": 0.80}, "top3": {"val_acc": 0.90}}},
         {"seed": 1, "heads": {"top": {"val_acc": 0.82}, "top3": {"val_acc": 0.84}}},
