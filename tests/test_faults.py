@@ -136,17 +136,21 @@ from lightning.pytorch.callbacks import Callback
 from transferkit import ImageDataModule, Trainer, TransferClassifier
 from transferkit.training.checkpointing import RunCheckpoint
 
-out, mode = sys.argv[1], sys.argv[2]
-os.makedirs(out, exist_ok=True)
+# argv: OUT MODE, or several OUT::MODE runs one after another in this process (no import cost per run);
+# MODE is "fresh" or the checkpoint to resume from
+runs = [arg.split("::") for arg in sys.argv[1:]] if "::" in sys.argv[1] else [sys.argv[1:3]]
 
 
 class Hold(Callback):  # the test interrupts the run while it waits here, whatever the load
+    def __init__(self, out):
+        self.out = out
+
     def _hold(self, trainer, where):
         if os.environ.get("HOLD_AT", "") != where + ":" + str(trainer.current_epoch):
             return
-        open(os.path.join(out, "held"), "w").close()
+        open(os.path.join(self.out, "held"), "w").close()
         deadline = time.monotonic() + 600
-        while not os.path.exists(os.path.join(out, "release")):  # until the test has sent its signal
+        while not os.path.exists(os.path.join(self.out, "release")):  # until the test has sent its signal
             assert time.monotonic() < deadline, "the test never released the run"
             time.sleep(0.02)
 
@@ -162,27 +166,33 @@ class Hold(Callback):  # the test interrupts the run while it waits here, whatev
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-L.seed_everything(0)
+# FREEZE=1: the head alone for epoch 0, then the top group, then the top two;
+# FREEZE=2: the head alone for epochs 0-1, then the top group, then the top two (a trunk each)
+FREEZE = {{"1": {{"milestones": {{0: 0, 1: 1, 2: 2}}}}, "2": {{"milestones": {{0: 0, 2: 1, 3: 2}}}}}}
 torch.set_num_threads(1)
-# FREEZE=1: the head alone for epoch 0, then the top group, then the top two
-freeze = {{"milestones": {{0: 0, 1: 1, 2: 2}}}} if os.environ.get("FREEZE") == "1" else None
-model = TransferClassifier(num_classes=2, backbone="{backbone}", pretrained=False, hidden_dims=[], lr=1e-2,
-                           freeze_schedule=freeze, lr_schedule=os.environ.get("SCHEDULE", "exponential"),
-                           plateau_patience=0)
-dm = ImageDataModule(source="folder", root="{root}", num_workers=int(os.environ.get("WORKERS", "0")),
-                     batch_size=16, augment="light", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
-                     feature_cache=os.environ.get("FEATURE_CACHE", "off"))
-trainer = Trainer(
-    accelerator="cpu", max_epochs=4, deterministic=True, logger=False, enable_progress_bar=False,
-    enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=out,
-    callbacks=[RunCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_last=True), Hold()],
-)
-ckpt = None if mode == "fresh" else mode
-trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
-torch.save(model.state_dict(), os.path.join(out, "final.pt"))
-print("global_step", trainer.global_step)
-scheduler = trainer.lr_scheduler_configs[0].scheduler.state_dict()
-print("scheduler", {{k: scheduler.get(k) for k in ("last_epoch", "best", "num_bad_epochs", "_last_lr")}})
+for out, mode in runs:
+    os.makedirs(out, exist_ok=True)
+    L.seed_everything(0)
+    model = TransferClassifier(num_classes=2, backbone="{backbone}", pretrained=False, hidden_dims=[], lr=1e-2,
+                               freeze_schedule=FREEZE.get(os.environ.get("FREEZE", "")),
+                               lr_schedule=os.environ.get("SCHEDULE", "exponential"), plateau_patience=0)
+    dm = ImageDataModule(source="folder", root="{root}", num_workers=int(os.environ.get("WORKERS", "0")),
+                         batch_size=16, augment="light", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         feature_cache=os.environ.get("FEATURE_CACHE", "off"),
+                         trunk_cache=os.environ.get("TRUNK_CACHE", "off"), cache_views=2,
+                         decoded_cache=os.environ.get("DECODED") == "1")
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=4, deterministic=True, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=int(os.environ.get("SANITY", "0")),
+        default_root_dir=out,
+        callbacks=[RunCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_last=True),
+                   Hold(out)],
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=None if mode == "fresh" else mode)
+    torch.save(model.state_dict(), os.path.join(out, "final.pt"))
+    print(out, "global_step", trainer.global_step)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler.state_dict()
+    print(out, "scheduler", {{k: scheduler.get(k) for k in ("last_epoch", "best", "num_bad_epochs", "_last_lr")}})
 """
 
 
@@ -194,9 +204,13 @@ def _fit_process(
     hold_at: str = "",
     sigterm_at_step: int = -1,
     settings: dict[str, str] | None = None,
+    runs: list[tuple[Path, str]] | None = None,
 ) -> subprocess.Popen:
+    """A fit in a new process, into ``out`` (from scratch, or resumed from the checkpoint ``mode``), or
+    the ``runs`` ``(out, mode)`` one after another in one process."""
     script = tmp_path / "fit_script.py"
-    script.write_text(textwrap.dedent(FIT_SCRIPT.format(backbone=TINY_BACKBONE, root=root)))
+    if not script.exists():  # written once: a process still starting may be reading it
+        script.write_text(textwrap.dedent(FIT_SCRIPT.format(backbone=TINY_BACKBONE, root=root)))
     env = {
         **os.environ,
         "HOLD_AT": hold_at,
@@ -204,8 +218,9 @@ def _fit_process(
         **(settings or {}),
         "OMP_NUM_THREADS": "1",
     }
+    args = [f"{o}::{m}" for o, m in runs] if runs else [str(out), mode]
     return subprocess.Popen(
-        [sys.executable, str(script), str(out), mode],
+        [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -262,49 +277,78 @@ def uninterrupted(fault_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return _Uninterrupted(tmp_path_factory.mktemp("uninterrupted"), fault_data)
 
 
-def test_a_killed_run_resumes_from_last_and_ends_with_the_uninterrupted_weights(
-    fault_data, tmp_path, uninterrupted
-):
-    killed = _fit_process(tmp_path, fault_data, tmp_path / "cut", hold_at="end:1")
-    _wait_for(tmp_path / "cut" / "held", killed)  # held as epoch 1 ends, never released
-    killed.send_signal(signal.SIGKILL)  # no handler, no cleanup: only what is on disk survives
-    assert _finish(killed)[0] == -signal.SIGKILL
-    assert torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 0
-    code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "cut", mode="last"))
-    assert code == 0, stderr[-3000:]
-    resumed = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
-    for name, value in uninterrupted()[0].items():
-        assert torch.equal(value, resumed[name]), name
+# every cache setting a run can feed its model with (FREEZE=2: epochs 0-1 train the head alone, epoch 2
+# the top group, epoch 3 the top two; a partly frozen epoch feeds the model the cached trunk of its own
+# depth); the decoded-image cache on and off
+CACHE_SETTINGS = {
+    "no-cache": {},
+    "feature-clean": {"FEATURE_CACHE": "clean"},
+    "feature-augmented+decoded": {"FEATURE_CACHE": "augmented", "DECODED": "1"},
+    "trunk-clean": {"TRUNK_CACHE": "clean"},
+    "trunk-augmented+decoded": {"TRUNK_CACHE": "augmented", "DECODED": "1"},
+    "feature-clean+trunk-clean+decoded": {"FEATURE_CACHE": "clean", "TRUNK_CACHE": "clean", "DECODED": "1"},
+}
 
-
-# where the run is held when the signal comes: a Ctrl+C inside epoch 1's start hooks (whose checkpoint
-# once resumed past that epoch), a SIGTERM as epoch 0 ends (Lightning stops at the next batch boundary)
-SIGNALS = {
-    "SIGINT": (signal.SIGINT, "start:1", 1),
-    "SIGTERM": (signal.SIGTERM, "end:0", 128 + signal.SIGTERM),
+# how each run is stopped: (signal, where the run is held when it comes, or the step after which the run
+# sends itself SIGTERM, the checkpoint it leaves, that checkpoint's global step, the run's exit status).
+# 2 batches an epoch; "head": while the head trains alone, "unfrozen": after the top groups unfroze.
+INTERRUPTIONS = {
+    # SIGKILL: no handler, no cleanup: only what is on disk survives (last.ckpt of the epoch before)
+    "kill-head": (signal.SIGKILL, "end:1", -1, "last.ckpt", 2, -signal.SIGKILL),
+    "kill-unfrozen": (signal.SIGKILL, "end:3", -1, "last.ckpt", 6, -signal.SIGKILL),
+    # Ctrl+C inside an epoch's start hooks (whose checkpoint once resumed past that epoch)
+    "sigint-head": (signal.SIGINT, "start:1", -1, "interrupted.ckpt", 2, 1),
+    "sigint-unfrozen": (signal.SIGINT, "start:3", -1, "interrupted.ckpt", 6, 1),
+    # a scheduler's SIGTERM in the middle of an epoch: Lightning stops at the next batch boundary
+    "sigterm-head": (signal.SIGTERM, "", 3, "interrupted.ckpt", 3, 128 + signal.SIGTERM),
+    "sigterm-unfrozen": (signal.SIGTERM, "", 7, "interrupted.ckpt", 7, 128 + signal.SIGTERM),
 }
 
 
-@pytest.mark.parametrize("name", list(SIGNALS))
-def test_sigint_and_sigterm_save_a_checkpoint_that_resumes_to_the_uninterrupted_weights(
-    fault_data, tmp_path, uninterrupted, name
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", list(CACHE_SETTINGS))
+def test_a_run_killed_or_interrupted_in_any_phase_resumes_to_the_uninterrupted_weights(
+    fault_data, tmp_path, cache
 ):
-    signum, hold_at, status = SIGNALS[name]
-    process = _fit_process(tmp_path, fault_data, tmp_path / "run", hold_at=hold_at)
-    _wait_for(tmp_path / "run" / "held", process)  # the run waits where it is held ...
-    process.send_signal(signum)
-    (tmp_path / "run" / "release").touch()  # ... until the signal is on its way: no race with the run
-    code, _, stderr = _finish(process)
-    assert code == status  # the run did not finish, and says so
-    saved = tmp_path / "run" / "ckpt" / "interrupted.ckpt"
-    assert f"saved '{saved}'" in stderr and f"--ckpt_path {saved}" in stderr, stderr[-3000:]
-    assert read_checkpoint(saved)["global_step"] == 2  # stopped where it was held, after epoch 0
-    code, stdout, stderr = _finish(_fit_process(tmp_path, fault_data, tmp_path / "run", mode=str(saved)))
+    # the sanity check on: it runs on the resumed epoch's loaders before any epoch starts
+    settings = {**CACHE_SETTINGS[cache], "FREEZE": "2", "SANITY": "2"}
+
+    def fit(out: str, **kwargs) -> subprocess.Popen:
+        return _fit_process(tmp_path, fault_data, tmp_path / out, settings=settings, **kwargs)
+
+    stopped = {}
+    for name, (_, hold_at, step, _, _, _) in INTERRUPTIONS.items():
+        stopped[name] = fit(name, hold_at=hold_at, sigterm_at_step=step)
+    full = fit("uninterrupted")  # alongside: the interrupted runs wait where they are held
+    for name, process in stopped.items():
+        signum, hold_at = INTERRUPTIONS[name][:2]
+        if hold_at:
+            _wait_for(tmp_path / name / "held", process)  # the run waits where it is held ...
+            process.send_signal(signum)
+            (tmp_path / name / "release").touch()  # ... until the signal is on its way: no race with the run
+    resumes = []
+    for name, process in stopped.items():
+        _, _, _, saved, step, status = INTERRUPTIONS[name]
+        code, _, stderr = _finish(process)
+        assert code == status, f"{name}: {stderr[-3000:]}"  # the run did not finish, and says so
+        checkpoint = tmp_path / name / "ckpt" / saved
+        if saved == "interrupted.ckpt":
+            assert f"saved '{checkpoint}'" in stderr and f"--ckpt_path {checkpoint}" in stderr, stderr[-3000:]
+        assert read_checkpoint(checkpoint)["global_step"] == step, name  # stopped where it was meant to
+        resumes.append((tmp_path / name, str(checkpoint)))
+    code, _, stderr = _finish(full)
     assert code == 0, stderr[-3000:]
-    assert "global_step 8" in stdout  # 4 epochs of 2 batches: the run finished, no epoch skipped
-    resumed = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
-    for key, value in uninterrupted()[0].items():
-        assert torch.equal(value, resumed[key]), key
+    uninterrupted = torch.load(tmp_path / "uninterrupted" / "final.pt", weights_only=True)
+    # every resume, one after another in one new process
+    code, stdout, stderr = _finish(fit("resumed", runs=resumes))
+    assert code == 0, stderr[-3000:]
+    assert "dataloader is not resumable" not in stderr  # Lightning's warning: the epoch would restart
+    for name in INTERRUPTIONS:
+        assert f"{tmp_path / name} global_step 8" in stdout, name  # 4 epochs of 2 batches, none skipped
+        resumed = torch.load(tmp_path / name / "final.pt", weights_only=True)
+        assert resumed.keys() == uninterrupted.keys()
+        for key, value in uninterrupted.items():
+            assert torch.equal(value, resumed[key]), f"{name}: {key}"
 
 
 MID_EPOCH_SETTINGS = {
@@ -342,16 +386,17 @@ def test_a_run_stopped_mid_epoch_resumes_at_its_next_batch_and_ends_as_if_never_
         assert code == 0, f"{name}: {stderr[-3000:]}"
         assert "global_step 8" in stdout, name
         assert "dataloader is not resumable" not in stderr  # Lightning's warning: the epoch would restart
+
     # the resumed epoch trained on its second batch, not its first again: the same weights to the bit,
     # and the LR schedule where the uninterrupted run left it
-    scheduler = [line for line in full_stdout.splitlines() if line.startswith("scheduler")]
+    def scheduler(stdout: str) -> list[str]:
+        return [line.split(" ", 1)[1] for line in stdout.splitlines() if " scheduler " in line]
+
     for name, out in (("mid", "cut"), ("epoch0", "cut-epoch0")):
         weights = torch.load(tmp_path / out / "final.pt", weights_only=True)
         for key, value in full_weights.items():
             assert torch.equal(value, weights[key]), f"resumed from {name}: {key}"
-        assert [
-            line for line in outputs[name][1].splitlines() if line.startswith("scheduler")
-        ] == scheduler, name
+        assert scheduler(outputs[name][1]) == scheduler(full_stdout), name
 
 
 def test_after_a_ctrl_c_in_process_the_next_ctrl_c_still_interrupts(stripes_folder, tmp_path):

@@ -340,6 +340,13 @@ class TransferClassifier(L.LightningModule):
                 "mixing images, and CutMix has no box to cut in them). Turn the cache off, or mixing off."
             )
 
+    def on_validation_start(self) -> None:
+        if self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            # the sanity check runs before any epoch starts, on loaders the data module built for
+            # trainer.current_epoch (a resumed run's cached trunk included): apply that epoch's freezing
+            # now, so forward takes what it is fed; on_train_epoch_start applies the next epoch's after it
+            self.freezing.start_epoch(self.current_epoch)
+
     def on_train_start(self) -> None:
         if restarted_mid_epoch(self.trainer):
             self._start_epoch()  # Lightning calls no on_train_epoch_start for an epoch resumed mid-way
