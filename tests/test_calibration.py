@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import NORM, TINY_BACKBONE, quiet_trainer
 
 import transferkit as tk
-from tests.conftest import NORM, TINY_BACKBONE, quiet_trainer
 from transferkit.errors import ConfigError
 from transferkit.models.calibration import (
     Calibration,

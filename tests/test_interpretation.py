@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer, run_cli
 from PIL import Image
 
 import transferkit as tk
-from tests.conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer, run_cli
 from transferkit.errors import ConfigError
 from transferkit.inference.gradcam import gradcam_layer, gradcam_maps
 
