@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,42 @@ def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Pa
     assert metrics["class_groups"] == {"high": ["5", "6", "7", "8", "9"], "low": ["0", "1", "2", "3", "4"]}
     (curves,) = (tmp_path / "run").rglob("metrics.csv")
     assert "val_group_acc" in curves.read_text().splitlines()[0]
+
+    # every figure of the printed table is in metrics.json and in report.md's headline, the groups' too
+    run_dir = metrics_file.parent
+    report = (run_dir / "report.md").read_text()
+    headline = report.split("## Files")[0]
+    for key, value in metrics["test"].items():
+        assert re.search(rf"{key} \S {value:.4f}", printed), key  # the terminal's row
+        assert f"{value:.4f} |" in headline, key
+    assert "| test accuracy of the class groups | " in headline
+    assert "| class groups | high = 5, 6, 7, 8, 9; low = 0, 1, 2, 3, 4 |" in headline
+    # the interpretation of the test split scores the groups as the test loop did, with their table and
+    # confusion matrix, in interpretation.json/.md and the run report
+    interpretation = json.loads((run_dir / "interpretation.json").read_text())
+    assert interpretation["groups"]["accuracy"] == pytest.approx(metrics["test"]["test_group_acc"], abs=1e-6)
+    per_group = {row["class"]: row for row in interpretation["groups"]["per_group"]}
+    assert set(per_group) == {"low", "high", "macro average"}
+    assert per_group["low"]["support"] + per_group["high"]["support"] == metrics["split_sizes"]["test"]
+    assert per_group["macro average"]["f1"] == pytest.approx(metrics["test"]["test_group_f1"], abs=1e-6)
+    assert (run_dir / "confusion_groups.png").stat().st_size > 0
+    for text in (report, (run_dir / "interpretation.md").read_text()):
+        assert "# Per class group" in text and "(confusion_groups.png)" in text
+        assert f"accuracy {metrics['test']['test_group_acc']:.4f}" in text
+    # and `interpret` of the best checkpoint prints the groups' table
+    shown = run_cli(
+        "interpret",
+        "--ckpt_path",
+        metrics["best_checkpoint"],
+        "--config",
+        str(tmp_path / "recipe.yaml"),
+        "--out",
+        str(tmp_path / "interpreted"),
+        "--no-gradcam",
+    )
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert f"class groups: accuracy {metrics['test']['test_group_acc']:.4f}" in shown.stdout
+    assert (tmp_path / "interpreted" / "confusion_groups.png").is_file()
 
     # the checkpoint keeps its groups, and the printed figure is its grouped accuracy on the test split
     best = TransferClassifier.from_checkpoint(metrics["best_checkpoint"]).eval()

@@ -9,7 +9,8 @@ row-normalised confusion matrix, and calibration before and after temperature sc
     confusion_normalised.png  rows sum to 1: recall on the diagonal
     reliability.png         accuracy vs confidence, before and after temperature scaling, with the ECE
     roc_pr.png              two classes: ROC and precision-recall, the decision threshold marked
-    interpretation.json     every figure above as numbers, and the per-class table
+    confusion_groups.png    with class groups: the groups' confusion matrix (counts)
+    interpretation.json     every figure above as numbers, the per-class table (and the per-group one)
     interpretation.md       all of it, linked
 
 ``python -m transferkit interpret`` runs it on a checkpoint; :meth:`transferkit.Trainer.finetune` adds the
@@ -102,6 +103,8 @@ class InterpretationReport:
     calibration: dict[str, Any]
     binary: dict[str, Any] | None
     gradcam_layer: str | None
+    # with class groups: {"accuracy", "members": {group: [class names]}, "per_group": rows like per_class}
+    groups: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
     pngs: dict[str, Path] = field(default_factory=dict)
     markdown: Path | None = None
@@ -109,6 +112,8 @@ class InterpretationReport:
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("pngs", "markdown")}
         out["pngs"] = {name: str(path) for name, path in self.pngs.items()}
+        if self.groups is not None:  # the per-image group labels serve the picture; the figures are kept
+            out["groups"] = {k: v for k, v in self.groups.items() if k not in ("labels", "predicted")}
         return out
 
     def table(self) -> str:
@@ -120,6 +125,14 @@ class InterpretationReport:
                 f"{row['class'][:16]:<16} {row['precision']:>9.3f} {row['recall']:>7.3f} "
                 f"{row['f1']:>6.3f} {row['support']:>8d}"
             )
+        if self.groups is not None:
+            lines += ["", f"class groups: accuracy {self.groups['accuracy']:.4f}"]
+            lines.append(f"{'group':<16} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>8}")
+            for row in self.groups["per_group"]:
+                lines.append(
+                    f"{row['class'][:16]:<16} {row['precision']:>9.3f} {row['recall']:>7.3f} "
+                    f"{row['f1']:>6.3f} {row['support']:>8d}"
+                )
         cal = self.calibration
         lines.append("")
         lines.append(f"ECE (15 bins) before temperature scaling: {cal['ece_before']:.4f}")
@@ -180,6 +193,27 @@ def per_class_table(
         }
     )
     return rows
+
+
+def _group_figures(
+    groups: dict[str, list[int]] | None, probs: np.ndarray, labels: np.ndarray, names: list[str]
+) -> dict[str, Any] | None:
+    """With class groups (``{group: [class index]}``): the groups' accuracy and per-group table, scored as
+    the test loop scores ``test_group_acc`` (a group's probability is the sum of its classes', the most
+    probable group is predicted). ``labels``/``predicted`` are kept for the confusion matrix, not saved."""
+    if not groups:
+        return None
+    from transferkit.data.class_groups import group_labels, group_probabilities
+
+    grouped = group_probabilities(torch.as_tensor(probs), groups).argmax(dim=-1).numpy()
+    truth = group_labels(torch.as_tensor(labels), groups).numpy()
+    return {
+        "accuracy": float((grouped == truth).mean()) if len(truth) else float("nan"),
+        "members": {g: [names[c] for c in members] for g, members in groups.items()},
+        "per_group": per_class_table(truth, grouped, list(groups)),
+        "labels": truth,
+        "predicted": grouped,
+    }
 
 
 def _display_image(tensor: torch.Tensor, mean: Any, std: Any) -> np.ndarray:
@@ -289,6 +323,7 @@ def interpret(
         calibration=calibration,
         binary=None,
         gradcam_layer=None,
+        groups=_group_figures(getattr(model, "class_groups", None), probs, labels, names),
         problems=problems,
     )
 
@@ -356,6 +391,18 @@ def interpret(
             bins, eces, path, title=f"{split} split: {len(labels)} images"
         ),
     )
+    if report.groups is not None:
+        groups = report.groups
+        attempt(
+            "confusion_groups.png",
+            lambda path: plots.confusion_matrix_plot(
+                groups["labels"],
+                groups["predicted"],
+                list(groups["members"]),
+                path,
+                title=f"{split} split, class groups: accuracy {groups['accuracy']:.3f}",
+            ),
+        )
     if len(names) == 2 and len(np.unique(labels)) == 2:
         curves = roc_pr_curves(probs[:, 1], labels)
         threshold = stored.threshold if stored.threshold is not None else 0.5
@@ -404,6 +451,27 @@ def interpretation_markdown(report: InterpretationReport, folder: Path, level: i
         f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
         for r in report.per_class
     ]
+    if report.groups is not None:
+        members = "; ".join(f"{g} = {', '.join(m)}" for g, m in report.groups["members"].items())
+        lines += [
+            "",
+            f"{h}# Per class group",
+            "",
+            f"The classes scored in groups ({members}): accuracy {report.groups['accuracy']:.4f}.",
+            "",
+            "| group | precision | recall | F1 | support |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+            for r in report.groups["per_group"]
+        ]
+        lines += [""]
+        if "confusion_groups.png" in report.pngs:
+            lines += [f"![Confusion matrix of the class groups]({link('confusion_groups.png')})", ""]
+            lines.append("Rows: true group; columns: predicted group (counts).")
+        else:
+            lines.append("The groups' confusion matrix was not drawn; see Problems.")
     sections = [
         (
             "confusion_normalised.png",

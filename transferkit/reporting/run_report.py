@@ -13,7 +13,9 @@ run directory (``trainer.log_dir``, or ``default_root_dir`` when logging is off)
     top_losses.png, most_confident.png, confusion_normalised.png, reliability.png, roc_pr.png (two
                               classes), interpretation.json/.md: the test split interpreted
                               (:func:`transferkit.reporting.interpretation.interpret`)
-    report.md                 all of the above, linked, with test accuracy/F1, best epoch and train time
+    report.md                 all of the above, linked, with every test figure the terminal prints (the
+                              class groups' too, with their table and confusion_groups.png), best epoch
+                              and train time
 
 A picture that cannot be drawn is reported as a warning in ``report.md``; it never fails the run.
 """
@@ -36,6 +38,15 @@ __all__ = ["PREVIEW_IMAGES", "PREVIEW_VIEWS", "test_predictions", "write_run_rep
 
 PREVIEW_IMAGES = 4  # training images in the report's augmentation preview
 PREVIEW_VIEWS = 4  # augmented views of each
+
+# the test figures the report names in words; any other one is shown under its logged name
+TEST_FIGURES = {
+    "test_acc": "test accuracy",
+    "test_f1": "test macro-F1",
+    "test_loss": "test loss",
+    "test_group_acc": "test accuracy of the class groups",
+    "test_group_f1": "test macro-F1 of the class groups",
+}
 
 
 # --- run report ------------------------------------------------------------------------------------
@@ -234,11 +245,13 @@ def _markdown(
         value = test.get(key)
         return fmt.format(value) if value is not None else "n/a"
 
-    rows = [
-        ("test accuracy", figure("test_acc")),
-        ("test macro-F1", figure("test_f1")),
-        ("test loss", figure("test_loss")),
-    ]
+    # every test figure the terminal prints, the known ones named in words, in the terminal's order
+    rows = [(TEST_FIGURES.get(key, key), figure(key)) for key in sorted(test)]
+    if not test:
+        rows = [(TEST_FIGURES[key], "n/a") for key in ("test_acc", "test_f1", "test_loss")]
+    if results.get("class_groups"):
+        members = "; ".join(f"{g} = {', '.join(map(str, m))}" for g, m in results["class_groups"].items())
+        rows.append(("class groups", members))
     monitor, score = results.get("monitor"), results.get("best_score")
     best = f"{best_epoch}" if best_epoch is not None else "n/a"
     if score is not None:
