@@ -16,6 +16,7 @@ from transferkit import ImageDataModule, TransferClassifier
 from transferkit.data import DatasetError, ImageReadError, load_image
 from transferkit.data.augment import build_eval_transform
 from transferkit.data.datasets import ImageDataset
+from transferkit.errors import TransferKitWarning
 
 
 def _dm(root: Path, **kwargs) -> ImageDataModule:
@@ -232,13 +233,17 @@ def _imbalanced(root: Path, large: int = 60, small: int = 5) -> Path:
 def test_severe_imbalance_warns_with_counts_and_the_balanced_sampler_evens_it_out(tmp_path):
     root = _imbalanced(tmp_path / "data")
     with pytest.warns(
-        UserWarning, match=r"severely imbalanced \(common: \d+, rare: \d+;.*data.sampler=balanced"
-    ):
+        TransferKitWarning, match=r"severely imbalanced \(common: \d+, rare: \d+;.*data.sampler: balanced"
+    ) as seen:
         _dm(root).setup("fit")
+    # the warning names the transferkit code that raised it, not the library that called set-up
+    assert "transferkit" in Path(seen[0].filename).parts
+    for chosen in ("shuffle", "balanced"):  # a sampler the recipe names was chosen knowing the counts
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no imbalance warning
+            _dm(root, sampler=chosen).setup("fit")
     dm = _dm(root, sampler="balanced")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no imbalance warning once it is handled
-        dm.setup("fit")
+    dm.setup("fit")
     loader = dm.train_dataloader()
     drawn = {}
     for epoch in (0, 1):

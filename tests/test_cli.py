@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,48 @@ def test_a_plateau_schedule_without_validation_is_refused_before_training(stripe
     trainer = quiet_trainer(tmp_path, max_epochs=1)
     with pytest.raises(ValueError, match="lr_schedule 'performance'.*val_fraction=0"):
         trainer.fit(model, datamodule=data)
+
+
+# what Lightning prints to stderr on every run that a user may act on (the hardware it found, the seed)
+EXPECTED_STDERR = (r"Seed set to \d+", r"GPU available: ", r"TPU available: ", r"`Trainer\.fit` stopped: ")
+
+
+@pytest.mark.slow
+def test_the_quickstart_console_holds_only_what_a_user_can_act_on(tmp_path):
+    # the quick start's own recipe, on a few of its images for one short epoch: the same set-up path (ELPV,
+    # the bundled weights, the feature and trunk caches, the class groups) that a user's first run takes
+    result = _run(
+        "fit",
+        "--config",
+        str(ROOT / "recipes" / "quickstart.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.max_samples",
+        "400",
+        "--data.image_size",
+        "64",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Epoch 0" in result.stdout  # it got as far as the first progress bar
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    unexpected = [line for line in lines if not any(re.match(p, line) for p in EXPECTED_STDERR)]
+    assert unexpected == []  # no third-party noise, no warning that does not fit the recipe
+
+
+def test_our_warnings_name_our_code_and_others_keep_their_format():
+    from transferkit.errors import TransferKitWarning
+
+    shown = warnings.formatwarning(
+        "the split is small", TransferKitWarning, "/x/transferkit/data/checks.py", 86
+    )
+    assert shown == "transferkit warning (data/checks.py:86): the split is small\n"
+    other = warnings.formatwarning("deprecated", DeprecationWarning, "/x/somelib/mod.py", 3, line="")
+    assert other.startswith("/x/somelib/mod.py:3: DeprecationWarning: deprecated")

@@ -1,9 +1,12 @@
-"""Every exception transferkit raises for a person to read, in one place.
+"""Every exception and warning transferkit gives a person to read, in one place.
 
 Each one is a :class:`TransferKitError`, so a program (and the command line, which prints them as one
 ``error: <message>`` block instead of a traceback) can catch them all, and each keeps the built-in type
 code written before it expected (a :class:`ConfigError` is a ``ValueError``, an :class:`ImageReadError`
 an ``OSError``). Messages say what was wrong, the value seen, and what to do.
+
+Warnings go through :func:`warn`: a :class:`TransferKitWarning`, shown as ``transferkit warning
+(<module>:<line>): <message>`` naming the transferkit code that warns, also when Lightning called it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 
 __all__ = [
     "BackboneError",
@@ -25,6 +29,8 @@ __all__ = [
     "MissingDependencyError",
     "NonFiniteLossError",
     "TransferKitError",
+    "TransferKitWarning",
+    "warn",
 ]
 
 
@@ -124,3 +130,36 @@ class MissingDependencyError(TransferKitError, ModuleNotFoundError):
 class LightningInternalsError(TransferKitError, RuntimeError):
     """The installed Lightning lacks a private attribute transferkit relies on (see
     :mod:`transferkit.lightning_internals`); the message names it and the supported versions."""
+
+
+class TransferKitWarning(UserWarning):
+    """Something a person may want to act on that does not stop the run; :func:`warn` issues it."""
+
+
+def warn(message: str, stacklevel: int = 1) -> None:
+    """Warn with a :class:`TransferKitWarning`, attributed to the transferkit function that calls this
+    (``stacklevel=1``) or the one ``stacklevel - 1`` frames above it, never to the library that called it.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn("the training split is small")
+        >>> seen[0].category.__name__, str(seen[0].message)
+        ('TransferKitWarning', 'the training split is small')
+    """
+    warnings.warn(message, TransferKitWarning, stacklevel=stacklevel + 1)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """``transferkit warning (data/checks.py:86): ...`` for ours; any other warning as before."""
+    if isinstance(category, type) and issubclass(category, TransferKitWarning):
+        where = filename.replace(os.sep, "/")
+        where = where.rsplit("/transferkit/", 1)[-1] if "/transferkit/" in where else os.path.basename(where)
+        return f"transferkit warning ({where}:{lineno}): {message}\n"
+    return _previous_format_warning(message, category, filename, lineno, line)
+
+
+# chained, as Lightning chains its own: whichever is imported first, both formats keep working
+_previous_format_warning = warnings.formatwarning
+warnings.formatwarning = _format_warning

@@ -1,13 +1,15 @@
-"""Process-level settings that make CPU training fast."""
+"""Process-level settings: the allocator that makes CPU training fast, and third-party console noise."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import sys
+import warnings
 
-__all__ = ["tune_allocator"]
+__all__ = ["quiet_third_party", "tune_allocator"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -40,3 +42,43 @@ def tune_allocator() -> bool:
         return False
     _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     return _tuned
+
+
+# Lightning's console lines that a transferkit user cannot act on, by the start of their text: an advert,
+# and a note that configure_optimizers reads the number of training batches (the schedules need it)
+_LIGHTNING_INFO_NOISE = (
+    "💡 Tip: For seamless cloud logging",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+_quiet = False
+
+
+def quiet_third_party() -> None:
+    """Silence, where it arises, what third-party code prints that a transferkit user cannot act on:
+    Lightning's LitLogger advert and its stepping-batches note (filtered on Lightning's rank-zero logger,
+    by their text), and a deprecation Lightning's own ``_pytree`` module triggers inside torch (filtered
+    by its text and that module). Everything else Lightning says still shows. Called by
+    :class:`transferkit.Trainer`; idempotent."""
+    global _quiet
+    if not _quiet:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+            _DropLines(_LIGHTNING_INFO_NOISE)
+        )
+        _quiet = True
+    # added every time (filterwarnings replaces an equal entry): a caller's catch_warnings may have reset it
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*isinstance\(treespec, LeafSpec\)",
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )

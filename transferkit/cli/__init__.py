@@ -17,6 +17,7 @@ import os
 import pickle
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 __all__ = ["TOOL_COMMANDS", "TRAINING_COMMANDS", "main"]
@@ -93,7 +94,11 @@ def _run(args: list[str]) -> int:
     from transferkit.cli.recipes import refuse_code_in_recipes
 
     refuse_code_in_recipes(args)
-    TransferKitCLI(**cli_kwargs(args))
+    with warnings.catch_warnings():
+        # LightningCLI warns when it gets args while sys.argv holds arguments too: main passes it the
+        # arguments it read from sys.argv (less --traceback), so the two are the same command line
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        TransferKitCLI(**cli_kwargs(args))
     return 0
 
 

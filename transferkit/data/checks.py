@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from transferkit.data.images import find_unreadable
 from transferkit.data.sources import DataSource
-from transferkit.errors import DatasetError, ImageReadError
+from transferkit.errors import DatasetError, ImageReadError, warn
 
 __all__ = [
     "IMBALANCE_WARNING_RATIO",
@@ -49,10 +48,9 @@ def drop_unreadable(
         )
     bad_paths = {err.path for err in bad}
     keep = np.asarray([str(p) not in bad_paths for p in data.items])
-    warnings.warn(
+    warn(
         f"skipped {len(bad)} unreadable images (skip_bad_images=true), e.g. "
-        + "; ".join(f"{e.path}: {e.reason}" for e in bad[:3]),
-        stacklevel=3,
+        + "; ".join(f"{e.path}: {e.reason}" for e in bad[:3])
     )
     return select(data, np.flatnonzero(keep)), bad
 
@@ -76,19 +74,20 @@ def check_images(
     return find_unreadable(files, workers=workers, decode=True, progress=progress)
 
 
-def warn_imbalance(labels: np.ndarray, class_names: Sequence[str], balanced: bool) -> None:
+def warn_imbalance(labels: np.ndarray, class_names: Sequence[str]) -> None:
     """Warn, with the counts per class, when the largest class of ``labels`` (the training split) has
-    more than :data:`IMBALANCE_WARNING_RATIO` times the images of the smallest."""
+    more than :data:`IMBALANCE_WARNING_RATIO` times the images of the smallest, and say what each choice of
+    ``data.sampler`` does about it."""
     counts = np.bincount(labels, minlength=len(class_names))
-    if balanced or counts.min() * IMBALANCE_WARNING_RATIO > counts.max():
+    if counts.min() * IMBALANCE_WARNING_RATIO > counts.max():
         return
     listing = ", ".join(f"{name}: {int(c)}" for name, c in zip(class_names, counts, strict=True))
-    warnings.warn(
+    warn(
         f"the training split is severely imbalanced ({listing}; largest/smallest = "
-        f"{counts.max() / max(counts.min(), 1):.0f}x). The loss will favour the large classes; "
-        "set data.sampler=balanced to draw every class equally often, and watch val_f1 (macro) "
-        "rather than accuracy.",
-        stacklevel=3,
+        f"{counts.max() / max(counts.min(), 1):.0f}x). In this order the loss favours the large classes, "
+        "which suits accuracy on images in these proportions; if the small classes matter as much (macro-F1, "
+        "recall of a rare defect), set data.sampler: balanced and watch val_f1. Setting data.sampler: "
+        "shuffle keeps this order and this warning away."
     )
 
 
@@ -118,11 +117,10 @@ def warn_duplicates_across_splits(data: DataSource, splits: Mapping[str, np.ndar
             if len(found) < 3:
                 found.append(f"{first[1]} ({first[0]}) = {path} ({split})")
     if count:
-        warnings.warn(
+        warn(
             f"{count} images appear in more than one split with identical bytes, e.g. "
             + "; ".join(found)
-            + ". Scores on val/test overstate accuracy on new images; remove the copies.",
-            stacklevel=3,
+            + ". Scores on val/test overstate accuracy on new images; remove the copies."
         )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Literal
 
 import albumentations as A
@@ -32,7 +31,7 @@ from transferkit.data.decoded import DecodedImages, working_side
 from transferkit.data.features import FeatureCache, extract_features
 from transferkit.data.samplers import BalancedSampler, EpochShuffleSampler, TrainLoader
 from transferkit.data.sources import DataSource, SourceName, load_source, split_indices
-from transferkit.errors import ConfigError, DatasetError, ImageReadError
+from transferkit.errors import ConfigError, DatasetError, ImageReadError, warn
 from transferkit.lightning_internals import epoch_about_to_run
 
 __all__ = ["CACHE_MODES", "ImageDataModule", "cv_split_indices"]
@@ -86,9 +85,10 @@ class ImageDataModule(L.LightningDataModule):
             (the caches are keyed by weights, pipeline and images, so runs of one recipe share them), or
             memory only when the data module is used outside a Trainer.
         sampler: order of the training samples: ``shuffle`` (each image once per epoch) or ``balanced``
-            (classes drawn equally often, see :class:`~transferkit.data.samplers.BalancedSampler`; for
-            severely imbalanced data, which
-            setup warns about with the counts per class).
+            (classes drawn equally often, see :class:`~transferkit.data.samplers.BalancedSampler`).
+            ``None`` (default): ``shuffle``, and set-up warns, with the counts per class, when the training
+            split is severely imbalanced; naming ``shuffle`` keeps the order without that warning (for
+            accuracy on data with the same proportions, as the ELPV recipes are scored).
         jpeg_draft: decode JPEGs at the smallest DCT scale (1/8, 1/4, 1/2) that still gives the pipeline
             the pixels it uses (:func:`~transferkit.data.augment.decode_side`): a camera photo decodes
             several times faster for a 224 px model. ``False`` decodes every file in full.
@@ -145,7 +145,7 @@ class ImageDataModule(L.LightningDataModule):
         trunk_cache: Literal["off", "clean", "augmented"] = "off",
         cache_views: int = 4,
         cache_dir: str | None = None,
-        sampler: Literal["shuffle", "balanced"] = "shuffle",
+        sampler: Literal["shuffle", "balanced"] | None = None,
         jpeg_draft: bool = True,
         decoded_cache: bool = False,
         soft_labels: bool = False,
@@ -164,7 +164,7 @@ class ImageDataModule(L.LightningDataModule):
                 raise ConfigError(f"{name} must be 'off', 'clean' or 'augmented', got {mode!r}.")
         if cache_views < 1:
             raise ConfigError(f"cache_views must be >= 1, got {cache_views}.")
-        if sampler not in ("shuffle", "balanced"):
+        if sampler not in (None, "shuffle", "balanced"):
             raise ConfigError(f"sampler must be 'shuffle' or 'balanced', got {sampler!r}.")
         augmentations(augment)  # a bad preset name or transform fails here, before any data is read
         if source == "stream":
@@ -282,7 +282,8 @@ class ImageDataModule(L.LightningDataModule):
                         f"test_fraction={self.test_fraction}); add images or change the fractions."
                     )
             train_labels = self.data.labels[self.split_indices["train"]]
-            warn_imbalance(train_labels, self.class_names, balanced=self.sampler == "balanced")
+            if self.sampler is None:  # a sampler named in the recipe was chosen knowing the proportions
+                warn_imbalance(train_labels, self.class_names)
             if files:
                 warn_duplicates_across_splits(self.data, self.split_indices)
         self._resolve_transforms()
@@ -354,11 +355,10 @@ class ImageDataModule(L.LightningDataModule):
         if not files:
             return None  # in-memory arrays: nothing to decode
         if root is None:
-            warnings.warn(
+            warn(
                 "data.decoded_cache is on but there is no folder for it: the data module runs outside a "
                 "Trainer and data.cache_dir is not set. Images are decoded as they are read; set "
-                "data.cache_dir to keep them decoded.",
-                stacklevel=3,
+                "data.cache_dir to keep them decoded."
             )
             return None
         needed = [decode_side(t) for t in (self._train_transform, self._eval_transform)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import albumentations as A
@@ -12,7 +11,7 @@ from torch.utils.data import Dataset
 
 from transferkit.data.decoded import DecodedImages
 from transferkit.data.images import load_image, to_rgb
-from transferkit.errors import ImageReadError
+from transferkit.errors import ImageReadError, warn
 
 __all__ = ["CachedFeatures", "ImageDataset", "sample_seed"]
 
@@ -104,9 +103,7 @@ class ImageDataset(Dataset):
                     image = self.read(stand_in)
                 except ImageReadError:
                     continue
-                warnings.warn(
-                    f"{err}; skipped (skip_bad_images=true), sample {stand_in} used instead", stacklevel=3
-                )
+                warn(f"{err}; skipped (skip_bad_images=true), sample {stand_in} used instead")
                 return image, stand_in
             raise
 

@@ -26,7 +26,6 @@ import io
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -39,7 +38,7 @@ from PIL import Image
 from transferkit.data.augment import decode_side
 from transferkit.data.datasets import sample_seed
 from transferkit.data.images import decode_image, to_rgb
-from transferkit.errors import DatasetError, ImageReadError, MissingDependencyError
+from transferkit.errors import DatasetError, ImageReadError, MissingDependencyError, warn
 
 try:
     import litdata
@@ -161,10 +160,9 @@ def pack_stream(
                 f"was packed: a pack needs every split it was asked for; {advice}."
             )
         if skipped:
-            warnings.warn(
+            warn(
                 f"{len(skipped)} image files cannot be decoded and were left out of the pack "
-                f"(skip_bad_images=true), e.g. {skipped[0]}",
-                stacklevel=2,
+                f"(skip_bad_images=true), e.g. {skipped[0]}"
             )
         meta = {
             "format": FORMAT,

@@ -9,12 +9,11 @@ saved in checkpoints beyond what the epoch already says.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 from torch import nn
 
-from transferkit.errors import BackboneError, ConfigError
+from transferkit.errors import BackboneError, ConfigError, warn
 from transferkit.finetuning.groups import (
     apply_freeze,
     backbone_groups,
@@ -128,10 +127,9 @@ class FreezeController:
         if trainable == len(self.groups) or not (trunk if trainable else features):
             return None
         if self.schedule.bn_policy == "train":
-            warnings.warn(
+            warn(
                 "feature_cache and trunk_cache are ignored with bn_policy='train': BatchNorm statistics keep "
-                "changing, so the frozen backbone's features are not fixed.",
-                stacklevel=3,
+                "changing, so the frozen backbone's features are not fixed."
             )
             return None
         if trainable == 0:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
-import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from transferkit.containers import plain
 from transferkit.data.augment import build_eval_transform
-from transferkit.errors import CheckpointError, CheckpointMismatchError
+from transferkit.errors import CheckpointError, CheckpointMismatchError, warn
 from transferkit.files import atomic_write
 from transferkit.models.calibration import Calibration
 
@@ -228,10 +227,9 @@ def _stored_preprocessing(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     mean = list(data.get("mean") or config["mean"])
     std = list(data.get("std") or config["std"])
     if not all(data.get(k) for k in ("image_size", "mean", "std")):
-        warnings.warn(
+        warn(
             "this checkpoint does not store its preprocessing; using the backbone's own input size, mean "
-            f"and std where the data module's are unknown ({size} px, mean {mean}, std {std}).",
-            stacklevel=3,
+            f"and std where the data module's are unknown ({size} px, mean {mean}, std {std})."
         )
     return {
         "eval_transform": A.to_dict(build_eval_transform(size, mean, std)),

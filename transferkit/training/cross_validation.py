@@ -34,7 +34,6 @@ import math
 import os
 import re
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from transferkit.data.datamodule import ImageDataModule, cv_split_indices
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, warn
 from transferkit.files import atomic_write
 from transferkit.training.trainer import Trainer
 
@@ -207,10 +206,9 @@ def cross_validate(
         )
     hparams = getattr(model, "hparams", {})
     if hparams.get("calibrate") or hparams.get("decision_threshold") is not None:
-        warnings.warn(
+        warn(
             "model.calibrate / model.decision_threshold are fitted on the validation split, which "
-            "cross-validation scores: the folds are left uncalibrated.",
-            stacklevel=2,
+            "cross-validation scores: the folds are left uncalibrated."
         )
     runs = _FoldRuns(model, datamodule, folds, out, trainer, seed)
     state = _load_or_start(out, _fingerprint(model, datamodule, trainer, folds, seed, recipe))
@@ -428,7 +426,7 @@ def _write_fold_run(
             trainer, model, _TestSplitWithheld(data), {**metrics, "run_dir": str(run_dir)}
         )
     except Exception as err:  # the fold is trained and scored; a missing picture must not stop the run
-        warnings.warn(f"fold {result.fold}'s run report could not be written: {err}", stacklevel=2)
+        warn(f"fold {result.fold}'s run report could not be written: {err}")
         return
     summary = os.path.relpath(metrics["cross_validation"]["summary"], run_dir)
     section = (

@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,10 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from transferkit.errors import CheckpointError, ConfigError
+from transferkit.errors import CheckpointError, ConfigError, warn
 from transferkit.lightning_internals import strategy_checkpoint_io
 from transferkit.models.checkpoint import refused_pickle
-from transferkit.runtime import tune_allocator
+from transferkit.runtime import quiet_third_party, tune_allocator
 from transferkit.training.checkpointing import DEFAULT_CHECKPOINT, AtomicCheckpointIO, RunCheckpoint
 from transferkit.training.early_stopping import DEFAULT_EARLY_STOPPING, PhaseEarlyStopping
 from transferkit.training.interrupts import InterruptCheckpoint
@@ -72,6 +71,7 @@ class Trainer(L.Trainer):
 
     def __init__(self, *args: Any, enable_early_stopping: bool = True, **kwargs: Any) -> None:
         tune_allocator()
+        quiet_third_party()
         callbacks = kwargs.get("callbacks") or []
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
         if not enable_early_stopping:
@@ -332,7 +332,7 @@ def _write_report(
     try:
         return str(write_run_report(trainer, model, datamodule, results))
     except Exception as err:
-        warnings.warn(f"the run report could not be written: {type(err).__name__}: {err}", stacklevel=3)
+        warn(f"the run report could not be written: {type(err).__name__}: {err}")
         return None
 
 
