@@ -80,7 +80,9 @@ def test_a_freeze_schedule_gets_a_sweep_per_phase_with_layer_decay_kept(tmp_path
     assert (tmp_path / "feature_cache").is_dir()  # the head phase trained on the cached features
 
 
-def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_prints_it(tmp_path):
+def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_prints_it(
+    tmp_path, monkeypatch
+):
     L.seed_everything(0)
     model = tk.TransferClassifier(
         num_classes=10,
@@ -109,15 +111,25 @@ def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_p
         " max_samples: 400}\n"
         f"trainer: {{default_root_dir: {tmp_path / 'cli'}}}\n"
     )
-    result = run_cli(
-        "lr-find", "--config", str(recipe), "--steps", "30", "--out", str(tmp_path / "found.png")
-    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the folder the command runs in gets nothing
+    result = run_cli("lr-find", "--config", str(recipe), "--steps", "30")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (
         "head phase (epoch 0): lr = " in result.stdout
         and "backbone phase (epoch 1): backbone_lr = " in result.stdout
     )
-    assert "In the recipe: model.lr: " in result.stdout and (tmp_path / "found.png").is_file()
+    # the picture goes beside the recipe's runs, and the command says where
+    assert (
+        "In the recipe: model.lr: " in result.stdout
+        and f"wrote {tmp_path / 'cli' / 'lr_find.png'}." in result.stdout
+    )
+    assert (tmp_path / "cli" / "lr_find.png").is_file() and list(elsewhere.iterdir()) == []
+    result = run_cli(
+        "lr-find", "--config", str(recipe), "--steps", "30", "--out", str(tmp_path / "found.png")
+    )
+    assert result.returncode == 0 and (tmp_path / "found.png").is_file()
 
 
 def test_noise_among_the_first_points_does_not_pull_the_suggestion_out_of_the_descent():

@@ -258,6 +258,11 @@ def test_augment_preview_draws_one_training_image_through_the_recipe_pipeline(ru
     assert main([*recipe, "--out", str(tmp_path / "x.png"), "--index", "9999"]) == 2
     assert "outside the training split" in capsys.readouterr().err
 
+    # without --out: beside the recipe's runs (its default_root_dir), and it says where
+    assert main([*recipe, "--trainer.default_root_dir", str(tmp_path / "runs")]) == 0
+    written = tmp_path / "runs" / "augmentation_preview.png"
+    assert written.is_file() and f"wrote {written}:" in capsys.readouterr().out
+
 
 # --- self-describing checkpoints -------------------------------------------------------------------
 

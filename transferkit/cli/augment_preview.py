@@ -20,7 +20,11 @@ def main(argv: Sequence[str]) -> int:
             "heavy work as for fit)."
         ),
     )
-    parser.add_argument("--out", default="augmentation_preview.png", help="the PNG to write")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="the PNG to write (default: <trainer.default_root_dir>/augmentation_preview.png)",
+    )
     parser.add_argument("--n", type=int, default=8, help="augmented draws (default: %(default)s)")
     parser.add_argument("--index", type=int, default=0, help="which training image (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
@@ -30,7 +34,8 @@ def main(argv: Sequence[str]) -> int:
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}.")
 
-    datamodule = load_recipe(recipe_args, logger=False).datamodule
+    recipe = load_recipe(recipe_args, logger=False)
+    datamodule = recipe.datamodule
     datamodule.setup("fit")
     train = datamodule.datasets["train"]
     if not 0 <= args.index < len(train):
@@ -43,7 +48,7 @@ def main(argv: Sequence[str]) -> int:
     out = augment_preview(
         datamodule.train_transform,
         train.read(args.index),
-        args.out,
+        args.out or Path(recipe.trainer.default_root_dir) / "augmentation_preview.png",
         n=args.n,
         image_size=datamodule.image_size,
         seed=args.seed,

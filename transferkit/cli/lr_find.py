@@ -20,7 +20,9 @@ def main(argv: Sequence[str]) -> int:
             "recipe with --config (overrides such as --model.layer_decay 0.5 work as for fit)."
         ),
     )
-    parser.add_argument("--out", default="lr_find.png", help="the PNG to write (default: %(default)s)")
+    parser.add_argument(
+        "--out", default=None, help="the PNG to write (default: <trainer.default_root_dir>/lr_find.png)"
+    )
     parser.add_argument("--steps", type=int, default=100, help="steps per sweep (default: %(default)s)")
     parser.add_argument("--min-lr", type=float, default=1e-6, help="lowest rate tried (default: %(default)s)")
     parser.add_argument("--max-lr", type=float, default=1.0, help="highest rate tried (default: %(default)s)")
@@ -34,7 +36,8 @@ def main(argv: Sequence[str]) -> int:
         steps=args.steps,
         min_lr=args.min_lr,
         max_lr=args.max_lr,
-        out=Path(args.out),
+        # beside the recipe's runs, as every other picture, not in whatever folder the command ran in
+        out=Path(args.out or Path(recipe.trainer.default_root_dir) / "lr_find.png"),
         root_dir=recipe.trainer.default_root_dir,
     )
     print(report)
