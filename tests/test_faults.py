@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer
+from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer, run_cli
 from lightning.pytorch.callbacks import Callback
 
 from transferkit import ImageDataModule, TransferClassifier
@@ -124,6 +125,47 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_one_intact(
     assert written[0] > 20_000  # it really failed midway
     assert path.read_bytes() == before and read_checkpoint(path)["state_dict"]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no half-written file
+
+
+def test_a_disk_that_fills_during_a_run_ends_it_with_one_error_block_and_status_2(
+    stripes_folder, tmp_path, monkeypatch
+):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"trainer: {{max_epochs: 3, accelerator: cpu, logger: false, enable_progress_bar: false, "
+        f"enable_model_summary: false, default_root_dir: {tmp_path / 'run'}}}\n"
+        f"model: {{backbone: {TINY_BACKBONE}, pretrained: false, hidden_dims: []}}\n"
+        f"data: {{source: folder, root: {stripes_folder}, num_workers: 0, batch_size: 16, image_size: 32, "
+        "mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}\n"
+    )
+    # the disk fills in epoch 1: epoch 0's checkpoints (best and last) are written, the next one is not
+    real_write, started = os.write, []
+
+    def disk_fills_up(fd: int, data) -> int:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target.endswith(".tmp") and ".ckpt." in target:
+            if target not in started:
+                started.append(target)
+            if len(started) > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to tell a checkpoint's writes from others")
+    monkeypatch.setattr(os, "write", disk_fills_up)
+    result = run_cli("fit", "--config", str(recipe))
+    monkeypatch.undo()
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.match(
+        r"error: could not write checkpoint '.*\.ckpt' \(No space left on device\); .*Free disk space",
+        errors[0],
+    )
+    # nothing half-written, and epoch 0's last.ckpt is there to resume from
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.endswith(".tmp")] == []
+    assert read_checkpoint(checkpoints / "last.ckpt")["epoch"] == 0
 
 
 # --- interruptions ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ConfigError",
     "DatasetError",
+    "DiskWriteError",
     "FoldingError",
     "HubUnreachableError",
     "ImageReadError",
@@ -117,6 +118,16 @@ class NonFiniteLossError(TransferKitError, RuntimeError):
         self.step = step
         self.loss = loss
         self.learning_rates = dict(learning_rates or {})
+
+
+class DiskWriteError(TransferKitError, OSError):
+    """A file (a checkpoint, a report, a cache) could not be written, e.g. the disk is full; the message
+    names the file, the reason, what was kept (the previous version is never left half-written) and what to
+    do. ``errno`` is the operating system's."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)  # one argument: str() is the message alone, without "[Errno N]"
+        self.errno = errno
 
 
 class FoldingError(TransferKitError, RuntimeError):

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from transferkit.errors import DiskWriteError
+
 __all__ = ["atomic_write"]
 
 _CHUNK = 1 << 20
@@ -47,8 +49,9 @@ def atomic_write(
 
     ``content`` is bytes, text (UTF-8) or a function that writes to the file object it is given (e.g.
     ``lambda f: torch.save(obj, f)``, which streams without holding the whole file in memory). If
-    anything fails midway the previous ``path`` is untouched and no temporary file is left; an
-    ``OSError`` names the file, the reason, what was kept, ``what`` it was and ``advice``.
+    anything fails midway the previous ``path`` is untouched and no temporary file is left; a
+    :class:`~transferkit.errors.DiskWriteError` (an ``OSError``, printed by the command line as one
+    ``error:`` block, exit status 2) names the file, the reason, what was kept, ``what`` it was and ``advice``.
 
     Example:
         >>> import tempfile, os
@@ -78,6 +81,7 @@ def atomic_write(
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError | PermissionError):
             kept = f"the previous '{path.name}' is unchanged" if path.exists() else "nothing was written"
             reason = os.strerror(err.errno) if err.errno else str(err)
-            raise OSError(err.errno, f"could not write {what} '{path}' ({reason}); {kept}. {advice}") from err
+            message = f"could not write {what} '{path}' ({reason}); {kept}. {advice}"
+            raise DiskWriteError(message, err.errno) from err
         raise
     return path
