@@ -1,0 +1,46 @@
+"""Checkpoints written by earlier transferkit versions still load, and their models predict as they did."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import transferkit as tk
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _probe_images() -> torch.Tensor:
+    spec = importlib.util.spec_from_file_location("maker", FIXTURES / "make_flat_settings_checkpoint.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    return maker.probe_images()
+
+
+@pytest.fixture(scope="module")
+def flat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("compat") / "flat_settings.ckpt"
+    path.write_bytes(gzip.decompress((FIXTURES / "flat_settings.ckpt.gz").read_bytes()))
+    return path
+
+
+def test_a_checkpoint_of_flat_settings_loads_and_predicts_as_it_did(flat_checkpoint):
+    expected = json.loads((FIXTURES / "flat_settings.json").read_text())
+    model = tk.TransferClassifier.from_checkpoint(str(flat_checkpoint))
+    with torch.no_grad():
+        probs = model.predict_proba(_probe_images())  # test-time flips and the stored temperature included
+    torch.testing.assert_close(probs, torch.tensor(expected["probabilities"]), atol=1e-5, rtol=1e-4)
+    assert model.calibration.temperature == pytest.approx(expected["temperature"])
+    assert model.class_names == [str(i) for i in range(10)]
+    assert model.class_groups == {"low": [0, 1, 2, 3, 4], "high": [5, 6, 7, 8, 9]}
+
+    loaded, transform = tk.load_for_inference(str(flat_checkpoint))
+    image = (torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy()
+    assert tuple(transform(image=image)["image"].shape) == (3, 32, 32)  # the stored eval pipeline
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_proba(_probe_images()), probs)
