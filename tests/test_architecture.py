@@ -104,7 +104,7 @@ def test_matplotlib_is_imported_by_the_reporting_layer_only():
     assert not outside, outside
 
 
-def test_every_exception_class_lives_in_the_errors_module():
+def test_every_exception_and_warning_class_lives_in_the_errors_module():
     import transferkit.errors as errors
 
     defined_elsewhere = []
@@ -117,7 +117,18 @@ def test_every_exception_class_lives_in_the_errors_module():
                 defined_elsewhere.append(f"{module}.{node.name}")
     assert not defined_elsewhere, defined_elsewhere
     for name in errors.__all__:
-        assert issubclass(getattr(errors, name), errors.TransferKitError), name
+        thing = getattr(errors, name)
+        if isinstance(thing, type):  # every exception a TransferKitError, every warning a TransferKitWarning
+            assert issubclass(thing, errors.TransferKitError | errors.TransferKitWarning), name
+    # and every warning transferkit gives goes through errors.warn: attributed to our code, never to Lightning
+    direct = [
+        f"{module}:{node.lineno}"
+        for module, path in _modules().items()
+        if module != "transferkit.errors"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn"
+    ]
+    assert not direct, direct
 
 
 def test_lightning_private_attributes_are_read_in_one_module_only():
