@@ -207,7 +207,7 @@ def main() -> None:
 def draw(search: dict[str, Any], path: Path) -> Path:
     """The search's own plot (transferkit's ``augment_search_plot``), drawn from its JSON beside the results."""
     from transferkit.reporting.plots import augment_search_plot
-    from transferkit.training.augment_search import AugmentSearchReport, Trial
+    from transferkit.tuning.augment_search import AugmentSearchReport, Trial
 
     trials = [
         Trial(t["name"], t["candidate"], t["val_loss"], t["val_acc"], t["seconds"]) for t in search["trials"]

@@ -3,7 +3,7 @@
     python benchmarks/depth_heads.py --seeds 0 1 2 3 4 --out benchmarks/results/depth-heads-elpv-val-2core-cpu.json
 
 What a head trained on a frozen backbone can reach, and whether features from several depths help: for every
-seed, the average-pooled output of each backbone group (``transferkit.finetuning.probing.group_outputs``, the
+seed, the average-pooled output of each backbone group (``transferkit.tuning.probing.group_outputs``, the
 features ``python -m transferkit probe`` scores) is computed once for the training and validation cells of the
 protocol's split (docs/elpv.md), and a logistic-regression head is fitted on the training cells for each set of
 groups below, its strength (C) chosen by shuffled 5-fold cross-validation (log loss) on the training cells only:
@@ -45,7 +45,7 @@ def group_features(seed: int, backbone_name: str) -> tuple[list[str], dict[str, 
     from torch.utils.data import DataLoader
 
     import transferkit as tk
-    from transferkit.finetuning.probing import group_outputs
+    from transferkit.tuning.probing import group_outputs
 
     backbone = tk.create_backbone(backbone_name, pretrained="bundled")
     config = backbone.model.pretrained_cfg

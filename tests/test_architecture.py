@@ -69,6 +69,49 @@ def test_imports_go_one_way_no_cycles_and_nothing_imports_the_cli():
     assert len(modules) > 40  # the scan saw the package
 
 
+# the packages bottom to top; a package imports only those below it (the foundation modules: anyone)
+LAYERS = [
+    {"errors", "files", "containers", "runtime", "lightning_internals", "_lazy"},
+    {"data"},
+    {"finetuning"},  # mechanics the model uses: groups, the freeze schedule, trunks, optimizers, resizing
+    {"models"},
+    {"inference"},
+    {"reporting"},
+    {"training"},
+    {"diagnostics", "tuning"},  # tools that drive a model, data and a Trainer
+    {"cli", "__main__"},
+]
+
+
+def _layer(module: str) -> int:
+    package = module.split(".")[1] if "." in module else module
+    return next(i for i, layer in enumerate(LAYERS) if package in layer)
+
+
+def test_packages_import_only_the_layers_below_them_function_bodies_included():
+    modules = {m: p for m, p in _modules().items() if m != "transferkit"}  # the root re-exports, lazily
+    upward = sorted(
+        f"{module} imports {target}"
+        for module, path in modules.items()
+        for target in _imports(module, path, modules)
+        if target != "transferkit" and _layer(target) > _layer(module)
+    )
+    assert not upward, upward
+    # the layers name every package there is, so a new one must be placed
+    packages = {m.split(".")[1] for m in modules}
+    assert packages == set().union(*LAYERS)
+    # and within a layer, packages do not import each other (no cycle between peers)
+    sideways = sorted(
+        f"{module} imports {target}"
+        for module, path in modules.items()
+        for target in _imports(module, path, modules)
+        if target.split(".")[1] != module.split(".")[1]
+        and _layer(target) == _layer(module)
+        and 0 < _layer(module) < len(LAYERS) - 1  # the foundation and the entry points may
+    )
+    assert not sideways, sideways
+
+
 def test_import_transferkit_loads_neither_torch_lightning_matplotlib_nor_the_cli():
     code = (
         "import sys, transferkit as tk\n"

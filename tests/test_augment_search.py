@@ -40,7 +40,7 @@ def test_a_label_destroying_candidate_ranks_last_and_the_winner_is_a_usable_reci
         source="folder", root=str(root), augment=winner or "none", image_size=32
     )  # a valid recipe
     # the saved report reads back into the same report: the same ranking, table and snippet
-    from transferkit.training.augment_search import AugmentSearchReport
+    from transferkit.tuning.augment_search import AugmentSearchReport
 
     again = AugmentSearchReport.from_dict(found)
     assert again.to_dict() == found and again.trials[-1].name == "+ Transpose(p=1.0)"

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 import transferkit as tk
 from transferkit.data.datamodule import cv_split_indices
-from transferkit.training.cross_validation import cross_validate
+from transferkit.tuning.cross_validation import cross_validate
 
 DATA = {
     "source": "digits",

@@ -525,7 +525,7 @@ def test_bn_policy_eval_keeps_imagenet_statistics_while_the_backbone_trains(stri
 
 
 def test_probe_suggestion_names_the_peak_and_prefers_a_deeper_group_within_a_point():
-    from transferkit.finetuning.probing import ProbeResult, suggest
+    from transferkit.tuning.probing import ProbeResult, suggest
 
     def results(*accs):
         return [ProbeResult(i, f"blocks.{i}", 8, 0.9, acc) for i, acc in enumerate(accs)]

@@ -8,7 +8,7 @@ import torch
 from conftest import NORM, TINY_BACKBONE, quiet_trainer, run_cli
 
 import transferkit as tk
-from transferkit.finetuning.lr_finder import SKIP_BEGIN
+from transferkit.training.lr_finder import SKIP_BEGIN
 
 
 def digits(**kwargs) -> tk.ImageDataModule:
@@ -40,7 +40,7 @@ def test_the_suggested_rate_trains_and_a_hundred_times_larger_one_diverges(tmp_p
 
 
 def test_a_freeze_schedule_gets_a_sweep_per_phase_with_layer_decay_kept(tmp_path, monkeypatch):
-    from transferkit.finetuning import lr_finder
+    from transferkit.training import lr_finder
 
     L.seed_everything(0)
     model = tk.TransferClassifier(
@@ -137,7 +137,7 @@ def test_noise_among_the_first_points_does_not_pull_the_suggestion_out_of_the_de
 
     import numpy as np
 
-    from transferkit.finetuning.lr_finder import suggest
+    from transferkit.training.lr_finder import suggest
 
     # the shape of ELPV's head sweep: the first smoothed points stand for a few batches and swing by 0.4
     # while the rate is far too small to learn; the loss then falls from 1.1 at 1e-5 to 0.72 at 2e-2, and
@@ -161,7 +161,7 @@ def test_noise_among_the_first_points_does_not_pull_the_suggestion_out_of_the_de
 def test_a_flat_noisy_loss_gives_no_suggestion_rather_than_a_rate_picked_from_noise():
     import numpy as np
 
-    from transferkit.finetuning.lr_finder import SMOOTHING, suggest
+    from transferkit.training.lr_finder import SMOOTHING, suggest
 
     lrs = list(np.logspace(-6, 0, 100))
     for seed in range(5):  # labels that carry no signal: the loss only wobbles around its level

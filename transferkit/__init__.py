@@ -36,9 +36,6 @@ if TYPE_CHECKING:
         NonFiniteLossError,
         TransferKitError,
     )
-    from transferkit.finetuning.lr_finder import lr_find
-    from transferkit.finetuning.planning import plan
-    from transferkit.finetuning.probing import probe
     from transferkit.finetuning.schedule import FreezeSchedule
     from transferkit.inference.calibrate import calibrate
     from transferkit.inference.export import export_checkpoint
@@ -50,12 +47,15 @@ if TYPE_CHECKING:
     from transferkit.reporting import plots
     from transferkit.reporting.interpretation import interpret
     from transferkit.reporting.run_report import write_run_report
-    from transferkit.training.augment_search import augment_search
     from transferkit.training.averaging import EMA
-    from transferkit.training.cross_validation import cross_validate
+    from transferkit.training.lr_finder import lr_find
     from transferkit.training.nonfinite import NonFiniteLossGuard
     from transferkit.training.precise_bn import PreciseBN
     from transferkit.training.trainer import Trainer
+    from transferkit.tuning.augment_search import augment_search
+    from transferkit.tuning.cross_validation import cross_validate
+    from transferkit.tuning.planning import plan
+    from transferkit.tuning.probing import probe
 
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
@@ -76,9 +76,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "ImageReadError": "transferkit.errors",
         "NonFiniteLossError": "transferkit.errors",
         "TransferKitError": "transferkit.errors",
-        "lr_find": "transferkit.finetuning.lr_finder",
-        "plan": "transferkit.finetuning.planning",
-        "probe": "transferkit.finetuning.probing",
+        "lr_find": "transferkit.training.lr_finder",
+        "plan": "transferkit.tuning.planning",
+        "probe": "transferkit.tuning.probing",
         "FreezeSchedule": "transferkit.finetuning.schedule",
         "calibrate": "transferkit.inference.calibrate",
         "export_checkpoint": "transferkit.inference.export",
@@ -91,9 +91,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "plots": "transferkit.reporting.plots:",
         "interpret": "transferkit.reporting.interpretation",
         "write_run_report": "transferkit.reporting.run_report",
-        "augment_search": "transferkit.training.augment_search",
+        "augment_search": "transferkit.tuning.augment_search",
         "EMA": "transferkit.training.averaging",
-        "cross_validate": "transferkit.training.cross_validation",
+        "cross_validate": "transferkit.tuning.cross_validation",
         "NonFiniteLossGuard": "transferkit.training.nonfinite",
         "PreciseBN": "transferkit.training.precise_bn",
         "Trainer": "transferkit.training.trainer",

@@ -10,7 +10,7 @@ import yaml
 
 from transferkit.cli.recipes import config_paths, load_recipe
 from transferkit.errors import ConfigError
-from transferkit.training.augment_search import augment_search
+from transferkit.tuning.augment_search import augment_search
 
 
 def main(argv: Sequence[str]) -> int:

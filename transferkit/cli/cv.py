@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.cli.recipes import config_paths, load_recipe
-from transferkit.training.cross_validation import DEFAULT_FOLDS, cross_validate
+from transferkit.tuning.cross_validation import DEFAULT_FOLDS, cross_validate
 
 # trainer settings that change what is shown or where files go, not what a fold learns
 _DISPLAY = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "logger")

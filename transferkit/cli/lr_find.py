@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transferkit.cli.recipes import config_paths, load_recipe
-from transferkit.finetuning.lr_finder import lr_find
+from transferkit.training.lr_finder import lr_find
 
 
 def main(argv: Sequence[str]) -> int:

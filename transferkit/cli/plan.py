@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from transferkit.cli.recipes import load_recipe
-from transferkit.finetuning.planning import plan
+from transferkit.tuning.planning import plan
 
 
 def main(argv: Sequence[str]) -> int:

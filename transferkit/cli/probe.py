@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from transferkit.cli.recipes import load_recipe
-from transferkit.finetuning.probing import probe
+from transferkit.tuning.probing import probe
 
 
 def main(argv: Sequence[str]) -> int:

@@ -104,7 +104,7 @@ class ImageDataModule(L.LightningDataModule):
             stratified parts, and part ``cv_fold`` (0-based) validates while the others train, in place of
             the ``val_fraction`` split (see :func:`cv_split_indices`). The test split is the one the data
             holds out without them. Set both or neither;
-            :func:`~transferkit.training.cross_validation.cross_validate` runs every fold.
+            :func:`~transferkit.tuning.cross_validation.cross_validate` runs every fold.
         class_groups: coarser classes the labels refine, ``{group: [class names]}``, every class in one
             group; the model then also scores the groups (``val_group_acc``, ``test_group_acc``: a group's
             probability is the sum of its classes'). ``None``: the source's own, where it has them (ELPV's

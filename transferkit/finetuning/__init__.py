@@ -1,4 +1,6 @@
-"""Fine-tuning: backbone groups, the freeze schedule and its controller, trunks, optimizers, plan, probe."""
+"""Fine-tuning mechanics the model uses: backbone groups, the freeze schedule and its controller, trunks,
+optimizers and learning-rate schedules, progressive resizing. The tools that drive a model, data and a
+Trainer (plan, probe, augment-search, cross-validation) are in :mod:`transferkit.tuning`."""
 
 from transferkit._lazy import lazy_exports
 
@@ -10,9 +12,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "backbone_groups": "transferkit.finetuning.groups",
         "group_learning_rates": "transferkit.finetuning.groups",
         "set_batchnorm_modes": "transferkit.finetuning.groups",
-        "plan": "transferkit.finetuning.planning",
-        "plan_phases": "transferkit.finetuning.planning",
-        "probe": "transferkit.finetuning.probing",
         "FreezeSchedule": "transferkit.finetuning.schedule",
         "value_at": "transferkit.finetuning.schedule",
         "Trunk": "transferkit.finetuning.trunk",

@@ -22,7 +22,6 @@ from transferkit.finetuning.groups import (
 )
 from transferkit.finetuning.schedule import FreezeSchedule
 from transferkit.finetuning.trunk import Trunk
-from transferkit.models.backbones import Backbone
 
 __all__ = ["FreezeController"]
 
@@ -48,7 +47,7 @@ class FreezeController:
         True
     """
 
-    def __init__(self, backbone: Backbone, schedule: FreezeSchedule) -> None:
+    def __init__(self, backbone: nn.Module, schedule: FreezeSchedule) -> None:
         self.backbone = backbone
         self.schedule = schedule
         self.trainable_groups: int | None = None

@@ -20,12 +20,11 @@ from timm.models import group_parameters
 from torch import nn
 
 from transferkit.finetuning.schedule import BNPolicy
-from transferkit.models.backbones import Backbone
 
 __all__ = ["apply_freeze", "backbone_groups", "group_learning_rates", "set_batchnorm_modes"]
 
 
-def backbone_groups(backbone: Backbone) -> list[list[str]]:
+def backbone_groups(backbone: nn.Module) -> list[list[str]]:
     """Parameter names of the backbone, split into ordered groups from bottom (stem) to top.
 
     Names are relative to ``backbone.model``. Uses timm's coarse ``group_matcher`` (stem, each stage,
@@ -42,7 +41,7 @@ def _modules_of(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
     return [module for module_name, module in model.named_modules() if module_name in owners]
 
 
-def apply_freeze(backbone: Backbone, groups: list[list[str]], trainable: int, bn_policy: BNPolicy) -> None:
+def apply_freeze(backbone: nn.Module, groups: list[list[str]], trainable: int, bn_policy: BNPolicy) -> None:
     """Make the top ``trainable`` groups trainable and freeze the rest (see module doc for what that means)."""
     params = dict(backbone.model.named_parameters())
     frozen_count = len(groups) - trainable
@@ -54,7 +53,7 @@ def apply_freeze(backbone: Backbone, groups: list[list[str]], trainable: int, bn
 
 
 def set_batchnorm_modes(
-    backbone: Backbone, groups: list[list[str]], trainable: int, bn_policy: BNPolicy
+    backbone: nn.Module, groups: list[list[str]], trainable: int, bn_policy: BNPolicy
 ) -> None:
     """Set every backbone BatchNorm's mode: eval everywhere (``eval``), in frozen groups (``frozen``),
     the backbone's own mode elsewhere (so a group unfrozen mid-run starts updating its statistics)."""

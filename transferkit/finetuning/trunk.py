@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from transferkit.errors import ConfigError
-from transferkit.models.backbones import Backbone
 
 __all__ = ["Trunk"]
 
@@ -32,7 +31,7 @@ class Trunk(nn.Module):
         frozen_groups: how many groups from the bottom are frozen (>= 1, fewer than all).
     """
 
-    def __init__(self, backbone: Backbone, groups: list[list[str]], frozen_groups: int) -> None:
+    def __init__(self, backbone: nn.Module, groups: list[list[str]], frozen_groups: int) -> None:
         super().__init__()
         model = backbone.model
         if type(model).__name__ != "EfficientNet" or not hasattr(model, "blocks"):

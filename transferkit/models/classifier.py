@@ -74,7 +74,7 @@ class TransferClassifier(L.LightningModule):
         optimizer: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``rmsprop``.
         lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth`` unless
             ``backbone_lr`` is set. ``auto``: found by a range test when training starts
-            (:func:`transferkit.finetuning.lr_finder.lr_find`, run by :meth:`transferkit.Trainer.fit`):
+            (:func:`transferkit.training.lr_finder.lr_find`, run by :meth:`transferkit.Trainer.fit`):
             the head's in the frozen phase and, for a recipe that unfreezes, ``backbone_lr`` at the first
             unfreeze; the values chosen are logged and stored in the checkpoint.
         backbone_lr: learning rate of the top backbone group, the groups below it ``layer_decay`` times

@@ -616,12 +616,12 @@ def compare_curves(
 
 
 def lr_find_plot(report: Any, path: str | os.PathLike) -> Path:
-    """The range tests of :func:`transferkit.finetuning.lr_finder.lr_find`: the smoothed training loss
+    """The range tests of :func:`transferkit.training.lr_finder.lr_find`: the smoothed training loss
     against the learning rate (log axis), one panel per phase, the suggested rate marked.
 
     Example:
         >>> import tempfile, os, numpy as np
-        >>> from transferkit.finetuning.lr_finder import LRFindReport, LRSweep
+        >>> from transferkit.training.lr_finder import LRFindReport, LRSweep
         >>> lrs = list(np.logspace(-5, 0, 30)); losses = [1 / (1 + 100 * lr) + lr**2 for lr in lrs]
         >>> report = LRFindReport([LRSweep("head", 0, "lr", lrs, losses, 1e-2, "steepest")])
         >>> lr_find_plot(report, os.path.join(tempfile.mkdtemp(), "lr_find.png")).name
@@ -660,13 +660,13 @@ def lr_find_plot(report: Any, path: str | os.PathLike) -> Path:
 
 
 def augment_search_plot(report: Any, path: str | os.PathLike) -> Path:
-    """The trials of :func:`transferkit.training.augment_search.augment_search`: each candidate's mean
+    """The trials of :func:`transferkit.tuning.augment_search.augment_search`: each candidate's mean
     validation loss minus the baseline's (lower is better), the range over its seeds as a bar, and the
     baseline's own spread over the seeds shaded (a difference inside it is no difference).
 
     Example:
         >>> import tempfile, os
-        >>> from transferkit.training.augment_search import AugmentSearchReport, Trial
+        >>> from transferkit.tuning.augment_search import AugmentSearchReport, Trial
         >>> base = Trial("baseline", "baseline", [0.50, 0.52], [0.8, 0.8])
         >>> flip = Trial("+ HorizontalFlip(p=0.5)", {}, [0.45, 0.47], [0.82, 0.83])
         >>> report = AugmentSearchReport([flip, base], base, [], "", 0.02)

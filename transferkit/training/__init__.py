@@ -1,6 +1,6 @@
 """Training: the Trainer and its defaults, and the callbacks every run gets (checkpoints, early stopping,
-interruptions, the non-finite loss guard, exact resumption), plus weight averaging and
-precise BatchNorm statistics."""
+interruptions, the non-finite loss guard, exact resumption), plus weight averaging,
+precise BatchNorm statistics and the learning-rate range test (``lr_find``, run by ``fit`` for ``lr: auto``)."""
 
 from transferkit._lazy import lazy_exports
 
@@ -13,6 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "PhaseEarlyStopping": "transferkit.training.early_stopping",
         "InterruptCheckpoint": "transferkit.training.interrupts",
         "run_loggers": "transferkit.training.loggers",
+        "lr_find": "transferkit.training.lr_finder",
         "NonFiniteLossGuard": "transferkit.training.nonfinite",
         "PreciseBN": "transferkit.training.precise_bn",
         "ExactResume": "transferkit.training.resume",

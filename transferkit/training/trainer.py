@@ -171,7 +171,7 @@ class Trainer(L.Trainer):
 
     def _find_learning_rates(self, model: L.LightningModule, datamodule: Any, ckpt_path: Any) -> None:
         """``model.lr: auto``: a resumed run takes the rates its checkpoint was trained with; a new one runs
-        :func:`~transferkit.finetuning.lr_finder.lr_find` (``lr_find.png`` in the run's folder), prints what
+        :func:`~transferkit.training.lr_finder.lr_find` (``lr_find.png`` in the run's folder), prints what
         it chose and why, and keeps it in the hyperparameters, which the loggers and checkpoints record."""
         if ckpt_path is not None and Path(str(ckpt_path)).is_file():
             saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
@@ -183,7 +183,7 @@ class Trainer(L.Trainer):
                 return
         if datamodule is None:
             raise ConfigError("model.lr: auto needs the data module (trainer.fit(model, datamodule=...)).")
-        from transferkit.finetuning.lr_finder import lr_find
+        from transferkit.training.lr_finder import lr_find
 
         folder = Path(self.log_dir or self.default_root_dir)
         report = lr_find(model, datamodule, out=folder / "lr_find.png", root_dir=self.default_root_dir)
