@@ -11,7 +11,7 @@ other in this process:
 
 It reports the whole phase (``fit`` wall seconds, extraction included) and the median epoch of each. With
 ``--trunk`` the top 5 of the 8 groups train too (the ELPV recipe's phase, ImageNet BatchNorm statistics)
-and ``data.trunk_cache`` stores the frozen bottom's feature maps instead. Prints one JSON object.
+and ``caches.trunk_cache`` stores the frozen bottom's feature maps instead. Prints one JSON object.
 
     python benchmarks/feature_cache.py [--max-samples 800] [--trunk] [--out results.json]
 """
@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, save  # noqa: E402
 
-from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier  # noqa: E402
+from transferkit import FreezeAndCache, FreezeSchedule, ImageDataModule, Trainer, TransferClassifier  # noqa: E402
 
 
 class EpochTimer(Callback):
@@ -58,7 +58,9 @@ def run(
         augment="none",
         max_samples=args.max_samples,
         cache_dir=cache_dir,
-        **({"trunk_cache": feature_cache} if args.trunk else {"feature_cache": feature_cache}),
+    )
+    caches = FreezeAndCache(
+        **({"trunk_cache": feature_cache} if args.trunk else {"feature_cache": feature_cache})
     )
     schedule = (
         FreezeSchedule(milestones={0: 5}, bn_policy="eval")
@@ -75,7 +77,7 @@ def run(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, caches],
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)

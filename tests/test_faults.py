@@ -175,7 +175,7 @@ import os, signal, sys, time
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 import lightning as L, torch
 from lightning.pytorch.callbacks import Callback
-from transferkit import ImageDataModule, Trainer, TransferClassifier
+from transferkit import FreezeAndCache, ImageDataModule, Trainer, TransferClassifier
 from transferkit.training.checkpointing import RunCheckpoint
 
 # argv: OUT MODE, or several OUT::MODE runs one after another in this process (no import cost per run);
@@ -219,16 +219,16 @@ for out, mode in runs:
                                freeze_schedule=FREEZE.get(os.environ.get("FREEZE", "")),
                                lr_schedule=os.environ.get("SCHEDULE", "exponential"), plateau_patience=0)
     dm = ImageDataModule(source="folder", root="{root}", num_workers=int(os.environ.get("WORKERS", "0")),
-                         batch_size=16, augment="light", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
-                         feature_cache=os.environ.get("FEATURE_CACHE", "off"),
-                         trunk_cache=os.environ.get("TRUNK_CACHE", "off"), cache_views=2,
-                         decoded_cache=os.environ.get("DECODED") == "1")
+                         batch_size=16, augment=os.environ.get("AUGMENT", "light"), image_size=32,
+                         mean=(0.5,) * 3, std=(0.5,) * 3, decoded_cache=os.environ.get("DECODED") == "1")
+    feeding = FreezeAndCache(feature_cache=os.environ.get("FEATURE_CACHE", "off"),
+                             trunk_cache=os.environ.get("TRUNK_CACHE", "off"), cache_views=2)
     trainer = Trainer(
         accelerator="cpu", max_epochs=4, deterministic=True, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=int(os.environ.get("SANITY", "0")),
         default_root_dir=out,
         callbacks=[RunCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_last=True),
-                   Hold(out)],
+                   Hold(out), feeding],
     )
     trainer.fit(model, datamodule=dm, ckpt_path=None if mode == "fresh" else mode)
     torch.save(model.state_dict(), os.path.join(out, "final.pt"))
@@ -328,7 +328,13 @@ CACHE_SETTINGS = {
     "feature-augmented+decoded": {"FEATURE_CACHE": "augmented", "DECODED": "1"},
     "trunk-clean": {"TRUNK_CACHE": "clean"},
     "trunk-augmented+decoded": {"TRUNK_CACHE": "augmented", "DECODED": "1"},
-    "feature-clean+trunk-clean+decoded": {"FEATURE_CACHE": "clean", "TRUNK_CACHE": "clean", "DECODED": "1"},
+    # the quick start's: every epoch fed clean stored outputs, so no augmentation (one would be refused)
+    "feature-clean+trunk-clean+decoded": {
+        "FEATURE_CACHE": "clean",
+        "TRUNK_CACHE": "clean",
+        "DECODED": "1",
+        "AUGMENT": "none",
+    },
 }
 
 # how each run is stopped: (signal, where the run is held when it comes, or the step after which the run

@@ -9,8 +9,8 @@ import torch
 from conftest import NORM, TINY_BACKBONE, quiet_trainer
 from PIL import Image
 
-import transferkit.data.datamodule as datamodule_module
-from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
+import transferkit.training.feeding as feeding_module
+from transferkit import FreezeAndCache, FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
 
 
 def _dm(root, tmp_path, **kwargs) -> ImageDataModule:
@@ -18,7 +18,9 @@ def _dm(root, tmp_path, **kwargs) -> ImageDataModule:
     return ImageDataModule(source="folder", root=str(root), num_workers=0, batch_size=8, **kwargs)
 
 
-def _fit(dm: ImageDataModule, tmp_path, epochs: int = 2, frozen_epochs: int = 2) -> TransferClassifier:
+def _fit(
+    dm: ImageDataModule, tmp_path, caches: FreezeAndCache, epochs: int = 2, frozen_epochs: int = 2
+) -> TransferClassifier:
     L.seed_everything(0)
     model = TransferClassifier(
         num_classes=2,
@@ -27,26 +29,32 @@ def _fit(dm: ImageDataModule, tmp_path, epochs: int = 2, frozen_epochs: int = 2)
         dropout=0.3,
         freeze_schedule=FreezeSchedule(frozen_epochs=frozen_epochs),
     )
-    trainer = quiet_trainer(tmp_path, max_epochs=epochs, enable_checkpointing=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs, enable_checkpointing=False, callbacks=[caches])
     trainer.fit(model, datamodule=dm)
     return model
+
+
+def _stored(caches: FreezeAndCache, split: str) -> torch.Tensor:
+    """What the callback stored for ``split`` in its last fit."""
+    (features,) = [v for (name, _), v in caches._features.items() if name == split]
+    return features
 
 
 class _CountExtractions:
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
-        original = datamodule_module.extract_features
+        original = feeding_module.extract_features
 
         def counting(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(datamodule_module, "extract_features", counting)
+        monkeypatch.setattr(feeding_module, "extract_features", counting)
 
 
 def test_clean_cache_trains_the_head_exactly_as_without_it(stripes_folder, tmp_path):
-    plain = _fit(_dm(stripes_folder, tmp_path, feature_cache="off"), tmp_path)
-    cached = _fit(_dm(stripes_folder, tmp_path, feature_cache="clean"), tmp_path)
+    plain = _fit(_dm(stripes_folder, tmp_path), tmp_path, FreezeAndCache(feature_cache="off"))
+    cached = _fit(_dm(stripes_folder, tmp_path), tmp_path, FreezeAndCache(feature_cache="clean"))
     for (name, a), b in zip(plain.head.state_dict().items(), cached.head.state_dict().values(), strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-4, msg=name)
     assert list((tmp_path / "cache").glob("*.pt"))
@@ -54,25 +62,26 @@ def test_clean_cache_trains_the_head_exactly_as_without_it(stripes_folder, tmp_p
 
 def test_the_cache_is_reused_and_never_stale(stripes_folder, tmp_path, monkeypatch):
     counter = _CountExtractions(monkeypatch)
-    dm = _dm(stripes_folder, tmp_path, feature_cache="clean")
-    _fit(dm, tmp_path)
+    dm = _dm(stripes_folder, tmp_path)
+    _fit(dm, tmp_path, FreezeAndCache(feature_cache="clean"))
     assert counter.calls == 2  # train and val, once each for two frozen epochs
-    _fit(_dm(stripes_folder, tmp_path, feature_cache="clean"), tmp_path)
+    _fit(_dm(stripes_folder, tmp_path), tmp_path, FreezeAndCache(feature_cache="clean"))
     assert counter.calls == 2  # read back from disk
     # change one training image: the training features are recomputed
     path = dm.datasets["train"].items[0]
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
-    _fit(_dm(stripes_folder, tmp_path, feature_cache="clean"), tmp_path)
+    _fit(_dm(stripes_folder, tmp_path), tmp_path, FreezeAndCache(feature_cache="clean"))
     assert counter.calls == 3
     # another input size changes the pipeline, so every feature is recomputed
-    _fit(_dm(stripes_folder, tmp_path, feature_cache="clean", image_size=40), tmp_path)
+    _fit(_dm(stripes_folder, tmp_path, image_size=40), tmp_path, FreezeAndCache(feature_cache="clean"))
     assert counter.calls == 5
 
 
 def test_augmented_cache_holds_several_views_and_unfrozen_epochs_see_images(stripes_folder, tmp_path):
-    dm = _dm(stripes_folder, tmp_path, feature_cache="augmented", cache_views=3, augment="heavy")
-    model = _fit(dm, tmp_path, epochs=2, frozen_epochs=1)
-    (train_features,) = [v for (split, _), v in dm._features.items() if split == "train"]
+    dm = _dm(stripes_folder, tmp_path, augment="heavy")
+    caches = FreezeAndCache(feature_cache="augmented", cache_views=3)
+    model = _fit(dm, tmp_path, caches, epochs=2, frozen_epochs=1)
+    train_features = _stored(caches, "train")
     assert train_features.shape == (3, len(dm.datasets["train"]), model.backbone.num_features)
     assert not torch.allclose(train_features[0], train_features[1])  # augmented views differ
     # epoch 1 trained the whole backbone from images
@@ -82,7 +91,7 @@ def test_augmented_cache_holds_several_views_and_unfrozen_epochs_see_images(stri
 
 
 def test_the_cache_is_skipped_when_batchnorm_trains(stripes_folder, tmp_path):
-    dm = _dm(stripes_folder, tmp_path, feature_cache="clean")
+    dm = _dm(stripes_folder, tmp_path)
     L.seed_everything(0)
     model = TransferClassifier(
         num_classes=2,
@@ -97,6 +106,7 @@ def test_the_cache_is_skipped_when_batchnorm_trains(stripes_folder, tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         default_root_dir=tmp_path,
+        callbacks=[FreezeAndCache(feature_cache="clean")],
     )
     with pytest.warns(UserWarning, match="feature_cache and trunk_cache are ignored with bn_policy=.train."):
         trainer.fit(model, datamodule=dm)
@@ -105,7 +115,9 @@ def test_the_cache_is_skipped_when_batchnorm_trains(stripes_folder, tmp_path):
 # --- trunk cache: the frozen bottom of a partly frozen backbone ---------------------------------------
 
 
-def _fit_top(dm: ImageDataModule, tmp_path, **kwargs) -> TransferClassifier:
+def _fit_top(
+    dm: ImageDataModule, tmp_path, caches: FreezeAndCache | None = None, **kwargs
+) -> TransferClassifier:
     """Head only for an epoch, then the top 2 backbone groups with the bottom frozen (ImageNet-style BN)."""
     L.seed_everything(0)
     model = TransferClassifier(
@@ -115,7 +127,8 @@ def _fit_top(dm: ImageDataModule, tmp_path, **kwargs) -> TransferClassifier:
         freeze_schedule=FreezeSchedule(milestones={0: 0, 1: 2}, bn_policy="eval"),
         **kwargs,
     )
-    trainer = quiet_trainer(tmp_path, max_epochs=3, enable_checkpointing=False)
+    callbacks = [caches] if caches is not None else []
+    trainer = quiet_trainer(tmp_path, max_epochs=3, enable_checkpointing=False, callbacks=callbacks)
     trainer.fit(model, datamodule=dm)
     return model
 
@@ -123,10 +136,11 @@ def _fit_top(dm: ImageDataModule, tmp_path, **kwargs) -> TransferClassifier:
 def test_trunk_cache_trains_the_top_exactly_as_without_it(stripes_folder, tmp_path, monkeypatch):
     counter = _CountExtractions(monkeypatch)
     plain = _fit_top(_dm(stripes_folder, tmp_path), tmp_path)
-    dm = _dm(stripes_folder, tmp_path, trunk_cache="clean")
-    cached = _fit_top(dm, tmp_path)
+    dm = _dm(stripes_folder, tmp_path)
+    caches = FreezeAndCache(trunk_cache="clean")
+    cached = _fit_top(dm, tmp_path, caches)
     assert counter.calls == 2  # the trunk of train and val, once for both partly frozen epochs
-    (trunk_features,) = [v for (split, _), v in dm._features.items() if split == "train"]
+    trunk_features = _stored(caches, "train")
     trunk = cached.trunk(len(cached.groups) - 2)
     assert trunk_features.dtype == torch.float16 and trunk_features.shape[2] != 3  # feature maps, not images
     # the top groups and the head train to the same weights as from images (float16 storage aside)
@@ -149,15 +163,16 @@ def test_trunk_cache_trains_the_top_exactly_as_without_it(stripes_folder, tmp_pa
 
 
 def test_augmented_trunk_cache_draws_one_view_per_image_each_epoch(stripes_folder, tmp_path):
-    dm = _dm(stripes_folder, tmp_path, trunk_cache="augmented", cache_views=3, augment="heavy")
-    _fit_top(dm, tmp_path)
-    (train_features,) = [v for (split, _), v in dm._features.items() if split == "train"]
+    dm = _dm(stripes_folder, tmp_path, augment="heavy")
+    caches = FreezeAndCache(trunk_cache="augmented", cache_views=3)
+    _fit_top(dm, tmp_path, caches)
+    train_features = _stored(caches, "train")
     assert train_features.shape[:2] == (3, len(dm.datasets["train"]))
     assert not torch.equal(train_features[0], train_features[1])  # augmented views differ
 
 
 def test_trunk_cache_refuses_a_backbone_it_cannot_split(stripes_folder, tmp_path):
-    dm = _dm(stripes_folder, tmp_path, trunk_cache="clean")
+    dm = _dm(stripes_folder, tmp_path)
     L.seed_everything(0)
     model = TransferClassifier(
         num_classes=2,
@@ -166,4 +181,10 @@ def test_trunk_cache_refuses_a_backbone_it_cannot_split(stripes_folder, tmp_path
         freeze_schedule=FreezeSchedule(milestones={0: 0, 1: 2}, bn_policy="eval"),
     )
     with pytest.raises(ValueError, match="splits timm EfficientNet-family backbones"):
-        quiet_trainer(tmp_path, max_epochs=2, enable_checkpointing=False).fit(model, datamodule=dm)
+        trainer = quiet_trainer(
+            tmp_path,
+            max_epochs=2,
+            enable_checkpointing=False,
+            callbacks=[FreezeAndCache(trunk_cache="clean")],
+        )
+        trainer.fit(model, datamodule=dm)

@@ -55,9 +55,11 @@ def test_a_freeze_schedule_gets_a_sweep_per_phase_with_layer_decay_kept(tmp_path
         return sweep(model, datamodule, epoch, steps, min_lr, max_lr, swept, fixed)
 
     monkeypatch.setattr(lr_finder, "_own_sweep", spy)
-    dm = digits(feature_cache="clean")
+    dm = digits()
     assert len(dm.data) // 32 > 30  # the head phase (epoch 0) holds the sweep: Lightning's finder runs it
-    report = tk.lr_find(model, dm, steps=30, root_dir=tmp_path)
+    report = tk.lr_find(
+        model, dm, steps=30, root_dir=tmp_path, caches=tk.FreezeAndCache(feature_cache="clean")
+    )
     head, backbone = report.sweeps
     assert (head.phase, head.parameter, backbone.phase, backbone.parameter) == (
         "head",

@@ -70,13 +70,10 @@ def test_a_mixed_run_with_a_freeze_schedule_learns_and_evaluates_unmixed_images(
     assert trainer.callback_metrics["val_acc"] >= 0.7  # mixed targets still teach the orientation
     assert model.trainable_groups > 0  # unfroze on schedule
 
-    cached = tk.ImageDataModule(
-        source="folder", root=str(stripes_folder), batch_size=8, num_workers=0, feature_cache="clean", **NORM
-    )
-    with pytest.raises(
-        tk.ConfigError, match="mixup/CutMix mix training images, but data.feature_cache: clean"
-    ):
-        quiet_trainer(tmp_path, max_epochs=1).fit(model, cached)
+    data = tk.ImageDataModule(source="folder", root=str(stripes_folder), batch_size=8, num_workers=0, **NORM)
+    cached = tk.FreezeAndCache(feature_cache="clean")
+    with pytest.raises(tk.ConfigError, match="mixup/CutMix mix training images, but caches.feature_cache"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[cached]).fit(model, data)
 
 
 def _soft_csv(folder, path, columns):
@@ -122,8 +119,7 @@ def test_soft_labels_train_on_distributions_and_are_scored_on_hard_labels(stripe
     sure = {"horizontal": 0.8, "vertical": 0.2}
     path = _soft_csv(stripes_folder, tmp_path / "soft.csv", lambda c: {"label": c, "p_horizontal": sure[c]})
     dm = tk.ImageDataModule(
-        source="csv", csv_path=str(path), soft_labels=True, batch_size=8, num_workers=0,
-        feature_cache="clean", **NORM,
+        source="csv", csv_path=str(path), soft_labels=True, batch_size=8, num_workers=0, **NORM,
     )  # fmt: skip
     dm.setup("fit")
     _, targets = next(iter(dm.train_dataloader()))
@@ -136,7 +132,7 @@ def test_soft_labels_train_on_distributions_and_are_scored_on_hard_labels(stripe
         num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr=0.02, hidden_dims=[],
         freeze_schedule={"frozen_epochs": 2},
     )  # fmt: skip
-    trainer = quiet_trainer(tmp_path, max_epochs=6)
+    trainer = quiet_trainer(tmp_path, max_epochs=6, callbacks=[tk.FreezeAndCache(feature_cache="clean")])
     trainer.fit(model, dm)  # the frozen epochs train on cached features with the same soft targets
     assert trainer.callback_metrics["val_acc"] >= 0.7
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from transferkit import FreezeSchedule
+from transferkit import FreezeAndCache, FreezeSchedule
 from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
 from transferkit.containers import plain
 from transferkit.reporting.plots import epoch_metrics
@@ -200,6 +200,10 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     for key, value in recipe.get("data", {}).items():
         if key not in OVERRIDDEN_DATA:
             assert plain(data.hparams[key]) == plain(value), f"data.{key}"
+    # the caches are the recipe's, on the callback that feeds the model
+    (feeding,) = [c for c in trainer.callbacks if isinstance(c, FreezeAndCache)]
+    for key, value in recipe.get("caches", {}).items():
+        assert getattr(feeding, key) == value, f"caches.{key}"
     assert hp.num_classes == data.num_classes == model.head.fc.out_features
     if data.hparams.source == "elpv":
         assert hp.num_classes == {"binary": 2, "4class": 4}[data.hparams.task]
@@ -215,7 +219,8 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
         assert metrics["trainable_groups"][-1] > 0  # the last epoch fine-tuned the backbone
     for column in ("train_loss_step", "val_loss"):
         assert all(math.isfinite(v) for v in metrics[column]), (column, metrics[column])
-    if data.hparams.feature_cache != "off" and schedule.trainable_groups(0, len(model.groups)) == 0:
+    caches = recipe.get("caches", {})
+    if caches.get("feature_cache", "off") != "off" and schedule.trainable_groups(0, len(model.groups)) == 0:
         assert list((tmp_path / "feature_cache").glob("*.pt")), "head-only epochs should use the cache"
 
     # and left checkpoints of it (Lightning rewrites last.ckpt only in epochs that save a best one)

@@ -144,7 +144,6 @@ def test_packing_refuses_bad_files_and_full_folders_and_the_cli_says_what_it_wro
 def test_a_pack_refuses_what_needs_every_file_at_hand(tmp_path, packed):
     _, pack = packed
     for setting in (
-        {"feature_cache": "clean"},
         {"sampler": "balanced"},
         {"decoded_cache": True},
         {"train_fraction": 0.5},
@@ -155,6 +154,9 @@ def test_a_pack_refuses_what_needs_every_file_at_hand(tmp_path, packed):
             tk.ImageDataModule(source="stream", root=str(pack), **setting, **NORM)
     stream = tk.ImageDataModule(source="stream", root=str(pack), **NORM)
     model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
+    cached = tk.Trainer(max_epochs=1, logger=False, callbacks=[tk.FreezeAndCache(feature_cache="clean")])
+    with pytest.raises(tk.ConfigError, match="source 'stream' cannot be used with caches.feature_cache"):
+        cached.fit(model, datamodule=stream)
     with pytest.raises(tk.ConfigError, match="probe on the folder or CSV it was packed from"):
         tk.probe(model, stream)
     with pytest.raises(tk.DatasetError, match="is not a packed dataset"):

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from transferkit.reporting.interpretation import interpret
     from transferkit.reporting.run_report import write_run_report
     from transferkit.training.averaging import EMA
+    from transferkit.training.feeding import FreezeAndCache
     from transferkit.training.lr_finder import lr_find
     from transferkit.training.nonfinite import NonFiniteLossGuard
     from transferkit.training.precise_bn import PreciseBN
@@ -93,6 +94,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "write_run_report": "transferkit.reporting.run_report",
         "augment_search": "transferkit.tuning.augment_search",
         "EMA": "transferkit.training.averaging",
+        "FreezeAndCache": "transferkit.training.feeding",
         "cross_validate": "transferkit.tuning.cross_validation",
         "NonFiniteLossGuard": "transferkit.training.nonfinite",
         "PreciseBN": "transferkit.training.precise_bn",

@@ -91,9 +91,10 @@ def _run(args: list[str]) -> int:
         print(f"unknown command '{command}'.\n\n{_overview()}", file=sys.stderr)
         return 2
     from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
-    from transferkit.cli.recipes import refuse_code_in_recipes
+    from transferkit.cli.recipes import refuse_code_in_recipes, refuse_moved_keys
 
     refuse_code_in_recipes(args)
+    refuse_moved_keys(args)
     with warnings.catch_warnings():
         # LightningCLI warns when it gets args while sys.argv holds arguments too: main passes it the
         # arguments it read from sys.argv (less --traceback), so the two are the same command line

@@ -11,6 +11,7 @@ from transferkit.data.datamodule import ImageDataModule
 from transferkit.models.classifier import TransferClassifier
 from transferkit.training.checkpointing import DEFAULT_CHECKPOINT, RunCheckpoint
 from transferkit.training.early_stopping import DEFAULT_EARLY_STOPPING, PhaseEarlyStopping
+from transferkit.training.feeding import FreezeAndCache
 from transferkit.training.trainer import Trainer
 
 __all__ = ["TransferKitCLI", "cli_kwargs"]
@@ -19,8 +20,8 @@ __all__ = ["TransferKitCLI", "cli_kwargs"]
 class TransferKitCLI(LightningCLI):
     """LightningCLI for :class:`TransferClassifier` on an :class:`ImageDataModule`, with ``finetune``.
 
-    The checkpoint and early-stopping callbacks every run gets are configured under their own keys,
-    ``checkpoint.*`` and ``early_stopping.*``, starting from the same values as the Trainer's defaults;
+    The checkpoint, early-stopping and feeding callbacks every run gets are configured under their own
+    keys, ``checkpoint.*``, ``early_stopping.*`` and ``caches.*``, starting from the Trainer's defaults;
     ``trainer.logger: true`` (the default) means CSV plus TensorBoard when installed.
     """
 
@@ -38,6 +39,8 @@ class TransferKitCLI(LightningCLI):
         parser.set_defaults({f"checkpoint.{k}": v for k, v in DEFAULT_CHECKPOINT.items()})
         parser.add_lightning_class_args(PhaseEarlyStopping, "early_stopping")
         parser.set_defaults({f"early_stopping.{k}": v for k, v in DEFAULT_EARLY_STOPPING.items()})
+        # what the model is fed while its backbone is frozen: stored features instead of images
+        parser.add_lightning_class_args(FreezeAndCache, "caches")
 
 
 def cli_kwargs(args: Sequence[str] | None) -> dict[str, Any]:

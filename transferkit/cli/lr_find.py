@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transferkit.cli.recipes import config_paths, load_recipe
+from transferkit.training.feeding import FreezeAndCache
 from transferkit.training.lr_finder import lr_find
 
 
@@ -39,6 +40,7 @@ def main(argv: Sequence[str]) -> int:
         # beside the recipe's runs, as every other picture, not in whatever folder the command ran in
         out=Path(args.out or Path(recipe.trainer.default_root_dir) / "lr_find.png"),
         root_dir=recipe.trainer.default_root_dir,
+        caches=next((c for c in recipe.trainer.callbacks if isinstance(c, FreezeAndCache)), None),
     )
     print(report)
     fields = ", ".join(f"model.{name}: {value:.3g}" for name, value in report.values.items())

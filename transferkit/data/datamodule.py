@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from transferkit.data.augment import (
     Augment,
@@ -26,17 +26,21 @@ from transferkit.data.checks import (
     warn_imbalance,
 )
 from transferkit.data.class_groups import resolve_class_groups
-from transferkit.data.datasets import CachedFeatures, ImageDataset
+from transferkit.data.datasets import ImageDataset
 from transferkit.data.decoded import DecodedImages, working_side
-from transferkit.data.features import FeatureCache, extract_features
 from transferkit.data.samplers import BalancedSampler, EpochShuffleSampler, TrainLoader
 from transferkit.data.sources import DataSource, SourceName, load_source, split_indices
 from transferkit.errors import ConfigError, DatasetError, ImageReadError, warn
 from transferkit.lightning_internals import epoch_about_to_run
 
-__all__ = ["CACHE_MODES", "ImageDataModule", "cv_split_indices"]
+__all__ = ["FeatureFeed", "ImageDataModule", "cv_split_indices"]
 
-CACHE_MODES = ("off", "clean", "augmented")
+
+class FeatureFeed(Protocol):
+    """What serves a split instead of its images (:class:`~transferkit.training.feeding.FreezeAndCache`)."""
+
+    def dataset(self, split: str) -> Dataset | None:
+        """``(input, target)`` pairs to serve for ``split`` now, or ``None`` for the images."""
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -65,25 +69,19 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         augment: train-time augmentation: ``none``, ``light``, ``medium``, ``heavy``, or Albumentations
-            transforms inline (``[{HorizontalFlip: {p: 0.5}}, ...]`` or an ``A.to_dict`` dict).
+            transforms inline (``[{HorizontalFlip: {p: 0.5}}, ...]`` or an ``A.to_dict`` dict); ``None``
+            (default): ``light``. One that is named and that no training epoch would see (every epoch fed
+            clean stored features, see :class:`~transferkit.training.feeding.FreezeAndCache`) is refused
+            when the fit starts.
         image_size: side of the square network input; ``None`` = the backbone's own.
-        mean, std: normalisation; ``None`` = the backbone's own (read from the model at setup).
+        mean, std: normalisation; ``None`` = the backbone's own (filled in by :class:`transferkit.Trainer`).
         skip_bad_images: ``False``: an unreadable image is an error naming it. ``True``: such images are
             left out with a warning and counted in ``skipped_images``.
         max_samples: keep at most this many images (a stratified subset), for quick runs.
-        feature_cache: while the model's whole backbone is frozen (and its BatchNorm too), feed the head
-            stored backbone features instead of images: ``off``; ``clean`` (one vector per image, eval
-            pipeline); ``augmented`` (``cache_views`` train-pipeline views per image, one drawn per epoch).
-            Validation uses clean features in both cases. See :mod:`transferkit.data.features`.
-        trunk_cache: while only the top backbone groups train (the bottom ones frozen, their BatchNorm
-            in eval mode), feed the model the stored output of the frozen bottom (the trunk) instead of
-            images, so each step runs only the trainable top: ``off``; ``clean``; ``augmented``
-            (``cache_views`` train-pipeline views per image, one drawn per epoch). Stored in float16.
-            Timm EfficientNet-family backbones; see :class:`transferkit.finetuning.trunk.Trunk`.
-        cache_views: augmented views per training image for ``feature_cache``/``trunk_cache: augmented``.
-        cache_dir: where cached features are stored; ``None`` = ``<trainer.default_root_dir>/feature_cache``
-            (the caches are keyed by weights, pipeline and images, so runs of one recipe share them), or
-            memory only when the data module is used outside a Trainer.
+        cache_dir: where the caches are stored (the decoded images, and the stored backbone outputs that
+            :class:`~transferkit.training.feeding.FreezeAndCache` feeds the model); ``None`` =
+            ``<trainer.default_root_dir>/feature_cache`` (keyed by weights, pipeline and images, so runs of
+            one recipe share them), or memory only when the data module is used outside a Trainer.
         sampler: order of the training samples: ``shuffle`` (each image once per epoch) or ``balanced``
             (classes drawn equally often, see :class:`~transferkit.data.samplers.BalancedSampler`).
             ``None`` (default): ``shuffle``, and set-up warns, with the counts per class, when the training
@@ -111,10 +109,10 @@ class ImageDataModule(L.LightningDataModule):
             4-class task: ``{functional: [0, 1/3], defective: [2/3, 1]}``). See
             :mod:`transferkit.data.class_groups`.
 
-    The model it trains with describes itself to it: ``model.data_config`` (input size, mean, std) fills
-    what is left ``None``, ``model.check_input_size(side)`` refuses a size the backbone cannot take, and
-    ``model.frozen_stage(epoch)`` says what the caches may store (see
-    :meth:`transferkit.TransferClassifier.frozen_stage`). Any LightningModule without them works too.
+    Image size, mean and std left ``None`` are the backbone's: :class:`transferkit.Trainer` fills them in
+    from the model before any data is read (``use_data_config``). While part of the backbone is frozen,
+    :class:`~transferkit.training.feeding.FreezeAndCache` may have the data module serve stored backbone
+    outputs instead of images (``feed``); the data module itself never asks the model anything.
 
     Example:
         >>> dm = ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -135,15 +133,12 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         batch_size: int = 32,
         num_workers: int = 2,
-        augment: Augment = "light",
+        augment: Augment | None = None,
         image_size: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         skip_bad_images: bool = False,
         max_samples: int | None = None,
-        feature_cache: Literal["off", "clean", "augmented"] = "off",
-        trunk_cache: Literal["off", "clean", "augmented"] = "off",
-        cache_views: int = 4,
         cache_dir: str | None = None,
         sampler: Literal["shuffle", "balanced"] | None = None,
         jpeg_draft: bool = True,
@@ -159,18 +154,14 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["class_groups"])
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        for name, mode in (("feature_cache", feature_cache), ("trunk_cache", trunk_cache)):
-            if mode not in CACHE_MODES:
-                raise ConfigError(f"{name} must be 'off', 'clean' or 'augmented', got {mode!r}.")
-        if cache_views < 1:
-            raise ConfigError(f"cache_views must be >= 1, got {cache_views}.")
         if sampler not in (None, "shuffle", "balanced"):
             raise ConfigError(f"sampler must be 'shuffle' or 'balanced', got {sampler!r}.")
+        # None: the light preset, not chosen; a chosen one that no epoch would see is refused at fit
+        self.augment_chosen = augment is not None and augment != "none"
+        augment = "light" if augment is None else augment
         augmentations(augment)  # a bad preset name or transform fails here, before any data is read
         if source == "stream":
-            _check_stream_settings(
-                feature_cache, trunk_cache, decoded_cache, sampler, max_samples, train_fraction
-            )
+            _check_stream_settings(decoded_cache, sampler, max_samples, train_fraction)
         _check_cv_settings(cv_folds, cv_fold, source)
         if not 0 < train_fraction <= 1:
             raise ConfigError(
@@ -188,9 +179,6 @@ class ImageDataModule(L.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.val_fraction = val_fraction
         self.seed = seed
-        self.feature_cache = feature_cache
-        self.trunk_cache = trunk_cache
-        self.cache_views = cache_views
         self.cache_dir = cache_dir
         self.sampler = sampler
         self.jpeg_draft = jpeg_draft
@@ -199,7 +187,9 @@ class ImageDataModule(L.LightningDataModule):
         self.cv_folds = cv_folds
         self.cv_fold = cv_fold
         self.decoded: DecodedImages | None = None
-        self._features: dict[tuple[str, str], torch.Tensor] = {}
+        # what serves a split instead of its images this epoch (stored backbone outputs), set by the
+        # FreezeAndCache callback of a fit; None: images
+        self.feed: FeatureFeed | None = None
         # listing is cheap and finds missing paths and empty classes before any training starts
         self.data: DataSource = load_source(source, root=root, csv_path=csv_path, task=task)
         self.test_fraction = self.data.test_fraction if test_fraction is None else test_fraction
@@ -287,9 +277,6 @@ class ImageDataModule(L.LightningDataModule):
             if files:
                 warn_duplicates_across_splits(self.data, self.split_indices)
         self._resolve_transforms()
-        if (self.feature_cache != "off" or self.trunk_cache != "off") and self.trainer is not None:
-            # the loaders change when the backbone unfreezes: ask for them again every epoch
-            self.trainer.reload_dataloaders_every_n_epochs = 1
         for split, indices in self.split_indices.items():
             transform = self._train_transform if split == "train" else self._eval_transform
             if self.data.name == "stream":
@@ -351,7 +338,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _build_decoded_cache(self) -> DecodedImages | None:
         files = [item for item in self.data.items if isinstance(item, str)]
-        root = self._cache_root()
+        root = self.cache_root()
         if not files:
             return None  # in-memory arrays: nothing to decode
         if root is None:
@@ -372,7 +359,7 @@ class ImageDataModule(L.LightningDataModule):
                 cache.build(stale, progress=bar.update)
         return cache
 
-    def _cache_root(self) -> str | None:
+    def cache_root(self) -> str | None:
         """The run's cache folder (or data.cache_dir); ``None`` outside a Trainer without one."""
         if self.cache_dir:
             return self.cache_dir
@@ -382,35 +369,35 @@ class ImageDataModule(L.LightningDataModule):
         if self._train_transform is not None:
             return
         if self.image_size is None or self.mean is None or self.std is None:
-            self.use_data_config(self._model_data_config())
+            raise ConfigError(
+                "image_size, mean and std are the backbone's when transferkit.Trainer runs the data module "
+                "with a TransferClassifier (it fills them in from the model); to use the data module on its "
+                "own or with another Trainer, pass them (e.g. ImageDataModule(..., image_size=224, "
+                "mean=(0.5,)*3, std=(0.5,)*3)) or call data.use_data_config(model.data_config) first."
+            )
         self.image_size, self.mean, self.std = int(self.image_size), tuple(self.mean), tuple(self.std)
         if self.image_size < 1:
             raise ConfigError(f"image_size must be >= 1 pixel, got {self.image_size}.")
-        check = getattr(self._model(), "check_input_size", None)
-        if check is not None:
-            check(self.image_size)  # refuse, before training, a size the backbone cannot take
         self._train_transform = build_train_transform(self.augment, self.image_size, self.mean, self.std)
         self._eval_transform = build_eval_transform(self.image_size, self.mean, self.std)
 
     def use_data_config(self, config: dict[str, Any]) -> None:
         """Fill image size, mean and std that were left ``None`` from a backbone's data config
-        (what a Trainer does at setup; tools that run without one call it themselves)."""
+        (what :class:`transferkit.Trainer` does before a run; tools that run without one call it themselves)."""
         self.image_size = self.image_size or int(config["input_size"][-1])
         self.mean = self.mean or tuple(config["mean"])
         self.std = self.std or tuple(config["std"])
 
-    def _model(self) -> Any | None:
-        return self.trainer.lightning_module if self.trainer is not None else None
-
-    def _model_data_config(self) -> dict[str, Any]:
-        config = getattr(self._model(), "data_config", None)
-        if config is None:
-            raise ConfigError(
-                "image_size, mean and std are taken from the backbone when the data module runs in a "
-                "Trainer with a TransferClassifier; pass them explicitly to use it on its own "
-                "(e.g. ImageDataModule(..., image_size=224, mean=(0.5,)*3, std=(0.5,)*3))."
-            )
-        return config
+    def preprocessing(self) -> dict[str, Any]:
+        """How the model's inputs are prepared at evaluation: ``image_size``, ``mean``, ``std`` and the
+        ``eval_transform`` (an ``A.Compose``); what a checkpoint stores to describe itself."""
+        transform = self.eval_transform
+        return {
+            "image_size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+            "eval_transform": transform,
+        }
 
     # --- loaders -----------------------------------------------------------------------------------
 
@@ -456,10 +443,10 @@ class ImageDataModule(L.LightningDataModule):
         return sampler
 
     def train_dataloader(self) -> DataLoader:
-        return self._cached_loader("train", shuffle=True) or self._loader("train", shuffle=True)
+        return self._served_loader("train", shuffle=True) or self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._cached_loader("val", shuffle=False) or self._loader("val", shuffle=False)
+        return self._served_loader("val", shuffle=False) or self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         if self.split_indices is not None and len(self.split_indices.get("test", [])) == 0:
@@ -469,72 +456,17 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    # --- feature caches ----------------------------------------------------------------------------
+    # --- what a fit's feeding callback serves instead of images -------------------------------------
 
-    def _frozen_stage(self) -> tuple[str, Any] | None:
-        """What this epoch of a fit can cache, as ``(kind, module)``: ``("features", backbone)`` while the
-        whole backbone is frozen, ``("trunk", trunk)`` while only its bottom is, if that cache is on."""
-        if self.trainer is None or self.trainer.state.fn != "fit":
-            return None
-        if self.feature_cache == "off" and self.trunk_cache == "off":
-            return None
-        frozen_stage = getattr(self._model(), "frozen_stage", None)
-        if frozen_stage is None:
-            return None
-        return frozen_stage(
-            self.trainer.current_epoch, features=self.feature_cache != "off", trunk=self.trunk_cache != "off"
-        )
-
-    def features(self, split: str, extractor: Any, kind: str | None = None) -> torch.Tensor:
-        """Features of ``split`` from the cache or computed once: a frozen backbone's ``(views, N, F)``
-        (``kind="features"``), or a frozen trunk's ``(views, N, C, H, W)`` in float16 (``"trunk"``; the
-        default for a :class:`~transferkit.finetuning.trunk.Trunk`, which has a ``rest``)."""
-        kind = kind or ("trunk" if hasattr(extractor, "rest") else "features")
-        mode = self.trunk_cache if kind == "trunk" else self.feature_cache
-        augmented = split == "train" and mode == "augmented"
-        views = self.cache_views if augmented else 1
-        transform = self._train_transform if augmented else self._eval_transform
-        dataset = self.datasets[split]
-        decoding = self.decoding_for(transform)
-        key = FeatureCache.key(extractor, transform, dataset.items, split, views, self.seed, decoding)
-        if (split, key) in self._features:
-            return self._features[(split, key)]
-        # the run's folder (or data.cache_dir); used outside a Trainer without one, the cache stays in memory
-        root = self._cache_root()
-        cache = FeatureCache(root) if root is not None else None
-        stored = cache.load(split, key) if cache is not None else None
-        if stored is None:
-            dtype = torch.float16 if kind == "trunk" else torch.float32
-            for view in range(views):  # filled in place: a trunk's views are GBs, never held twice
-                # each view its own augmentation draws (epoch = view number), the same in every run
-                loader = DataLoader(
-                    self.image_dataset(dataset.items, dataset.labels, transform, epoch=view),
-                    batch_size=max(self.batch_size, 64),
-                    num_workers=self.num_workers,
-                    generator=torch.Generator().manual_seed(self.seed),
-                )
-                features = extract_features(extractor, loader, dtype)
-                if stored is None:
-                    stored = torch.empty((views, *features.shape), dtype=dtype)
-                stored[view] = features
-                del features
-            if cache is not None:
-                cache.save(split, key, stored)
-        self._features = {k: v for k, v in self._features.items() if k[0] != split}  # one key per split
-        self._features[(split, key)] = stored
-        return stored
-
-    def _cached_loader(self, split: str, shuffle: bool) -> DataLoader | None:
-        stage = self._frozen_stage()
-        if stage is None:
+    def _served_loader(self, split: str, shuffle: bool) -> DataLoader | None:
+        """A loader of what ``feed`` serves for ``split`` (stored backbone outputs), or ``None``."""
+        if self.feed is None:
             return None
         if split not in self.datasets:
             self.setup()
-        kind, extractor = stage
-        features = self.features(split, extractor, kind)
-        source = self.datasets[split]
-        targets = getattr(source, "targets", None)
-        dataset = CachedFeatures(features, source.labels, self.trainer.current_epoch, self.seed, targets)
+        dataset = self.feed.dataset(split)
+        if dataset is None:
+            return None
         return (TrainLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
@@ -639,17 +571,13 @@ def _check_cv_settings(cv_folds: int | None, cv_fold: int | None, source: str) -
 
 
 def _check_stream_settings(
-    feature_cache: str,
-    trunk_cache: str,
     decoded_cache: bool,
-    sampler: str,
+    sampler: str | None,
     max_samples: int | None,
     train_fraction: float = 1.0,
 ) -> None:
     """Settings that need every file at hand, refused for a pack (read chunk by chunk, in LitData's order)."""
     refused = {
-        "feature_cache": feature_cache != "off",
-        "trunk_cache": trunk_cache != "off",
         "decoded_cache": decoded_cache,
         "sampler: balanced": sampler == "balanced",
         "max_samples": max_samples is not None,

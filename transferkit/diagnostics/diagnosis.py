@@ -67,10 +67,7 @@ def diagnose(
         "callbacks": [*callbacks, health, _StopWhenRecorded(health)],
     }
     trainer = Trainer(**settings)
-    copied = copy.deepcopy(model)
-    cache = getattr(datamodule, "feature_cache", None)
-    if cache not in (None, "off"):
-        datamodule.feature_cache = "off"  # type: ignore[union-attr]
+    copied = copy.deepcopy(model)  # the Trainer's FreezeAndCache has its caches off: every layer runs
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -78,9 +75,6 @@ def diagnose(
             trainer.fit(copied, train_dataloaders=train_dataloaders, datamodule=datamodule)
     except NonFiniteLossError:
         pass  # GradientHealth.on_exception recorded what was measured, with the error
-    finally:
-        if cache not in (None, "off"):
-            datamodule.feature_cache = cache  # type: ignore[union-attr]
     if health.report is None:
         raise RuntimeError(
             "no training batch was recorded: the training data is empty, or every layer was skipped; "

@@ -39,6 +39,7 @@ __all__ = [
     "checkpoint_preprocessing",
     "checkpoint_section",
     "eval_transform_of",
+    "model_preprocessing",
     "preprocessing_of",
     "read_checkpoint",
     "refused_pickle",
@@ -54,16 +55,16 @@ SECTION_FORMAT = 3
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def checkpoint_section(model: Any, datamodule: Any | None = None) -> dict[str, Any]:
-    """The ``transferkit`` section of a checkpoint of ``model`` (a :class:`~transferkit.TransferClassifier`)
-    trained on ``datamodule``. Plain types only, so the checkpoint loads with ``weights_only=True``."""
+def checkpoint_section(model: Any) -> dict[str, Any]:
+    """The ``transferkit`` section of a checkpoint of ``model`` (a :class:`~transferkit.TransferClassifier`).
+    Plain types only, so the checkpoint loads with ``weights_only=True``."""
     return {
         "format": SECTION_FORMAT,
         "backbone": model.backbone.name,
         "weights": model.backbone.weights,
         "class_names": list(model.class_names),
         "data_config": plain(model.data_config),
-        "preprocessing": checkpoint_preprocessing(model, datamodule),
+        "preprocessing": checkpoint_preprocessing(model),
         "freeze_schedule": model.freeze_schedule.to_dict(),
         "trainable_groups": model.trainable_groups,
         "num_groups": len(model.groups),
@@ -71,35 +72,42 @@ def checkpoint_section(model: Any, datamodule: Any | None = None) -> dict[str, A
     }
 
 
-def checkpoint_preprocessing(model: Any, datamodule: Any | None = None) -> dict[str, Any]:
+def checkpoint_preprocessing(model: Any) -> dict[str, Any]:
     """How images must be prepared for ``model``: the eval pipeline (``A.to_dict``), input size, mean, std.
 
-    Taken from ``datamodule`` (its ``eval_transform``, ``image_size``, ``mean``, ``std``) when it has
-    them, which is what the model was trained and tested with; otherwise from the backbone's own
-    data config.
+    The model's ``preprocessing`` (what :class:`transferkit.Trainer` handed it from the data module it was
+    trained and tested with) when it has one; otherwise the backbone's own data config.
     """
-    transform = None
-    if datamodule is not None:
-        try:
-            transform = datamodule.eval_transform
-        except Exception:  # a data module that cannot resolve its pipeline: fall back to the backbone's
-            transform = None
-    if transform is not None and getattr(datamodule, "image_size", None) is not None:
-        size = int(datamodule.image_size)
-        mean, std = list(datamodule.mean), list(datamodule.std)
-        source = "datamodule"
+    given = getattr(model, "preprocessing", None)
+    if given is not None:
+        size, mean, std = int(given["image_size"]), list(given["mean"]), list(given["std"])
+        transform, source = given["eval_transform"], "datamodule"
     else:
         config = model.data_config
         size = int(config["input_size"][-1])
         mean, std = list(config["mean"]), list(config["std"])
-        transform = build_eval_transform(size, mean, std)
-        source = "backbone"
+        transform, source = build_eval_transform(size, mean, std), "backbone"
     return {
         "eval_transform": A.to_dict(transform),
         "input_size": [3, size, size],
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
         "source": source,
+    }
+
+
+def model_preprocessing(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing a checkpoint's model was handed (``image_size``, ``mean``, ``std``,
+    ``eval_transform``), as :meth:`~transferkit.TransferClassifier.set_preprocessing` takes it; ``None``
+    where the checkpoint describes only the backbone's own."""
+    stored = (checkpoint.get(SECTION) or {}).get("preprocessing")
+    if not stored or stored.get("source") != "datamodule":
+        return None
+    return {
+        "image_size": int(stored["input_size"][-1]),
+        "mean": tuple(stored["mean"]),
+        "std": tuple(stored["std"]),
+        "eval_transform": A.from_dict(stored["eval_transform"]),
     }
 
 
@@ -283,6 +291,7 @@ def build_model(
     model.backbone.weights = f"checkpoint:{Path(path).name} (fine-tuned from {section.get('weights')})"
     model.trainable_groups = section.get("trainable_groups")
     model.calibration = calibration_of(checkpoint)
+    model.set_preprocessing(model_preprocessing(checkpoint))
     return model.eval()
 
 

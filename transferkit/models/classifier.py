@@ -224,6 +224,8 @@ class TransferClassifier(L.LightningModule):
         # temperature and decision threshold, fitted after training (calibrate, decision_threshold) or
         # read from a checkpoint; until then the identity (temperature 1, most probable class)
         self.calibration = Calibration()
+        self._fed: tuple[StageKind, Any] | None = None  # what forward takes: images (see feed)
+        self.preprocessing: dict[str, Any] | None = None  # set_preprocessing: how inputs are prepared
         self.mixing = BatchMixing(mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, num_classes)
         self.class_names = (
             list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
@@ -276,38 +278,36 @@ class TransferClassifier(L.LightningModule):
         """The bottom ``frozen_groups`` backbone groups as a :class:`~transferkit.finetuning.trunk.Trunk`."""
         return self.freezing.trunk(frozen_groups)
 
-    def frozen_stage(
-        self, epoch: int, features: bool = True, trunk: bool = True
-    ) -> tuple[StageKind, Any] | None:
-        """What the data module's caches may store for ``epoch``: ``("features", backbone)`` while the whole
-        backbone is frozen, ``("trunk", trunk)`` while only its top trains (see
-        :meth:`FreezeController.frozen_stage <transferkit.finetuning.freezing.FreezeController.frozen_stage>`);
-        :meth:`forward` takes what either produces."""
-        return self.freezing.frozen_stage(epoch, features=features, trunk=trunk)
+    def feed(self, stage: tuple[StageKind, Any] | None) -> None:
+        """Say what :meth:`forward` is fed from now on: ``None``, images ``(B, 3, H, W)``; ``("features",
+        backbone)``, the frozen backbone's pooled features ``(B, num_features)``; ``("trunk", trunk)``, a
+        frozen :class:`~transferkit.finetuning.trunk.Trunk`'s feature maps ``(B, C, H, W)``, which the
+        trainable top of the backbone takes on. Set by :class:`~transferkit.training.feeding.FreezeAndCache`
+        epoch by epoch during a fit (test and predict always take images)."""
+        self._fed = stage
 
-    def _is_image(self, x: torch.Tensor) -> bool:
-        return x.ndim == 4 and x.shape[1] == self.data_config["input_size"][0]
+    def set_preprocessing(self, preprocessing: dict[str, Any] | None) -> None:
+        """How inputs are prepared for this model at evaluation (``image_size``, ``mean``, ``std``,
+        ``eval_transform``, as :meth:`transferkit.ImageDataModule.preprocessing` gives them): what its
+        checkpoints store to describe themselves. :class:`transferkit.Trainer` hands it over before a run;
+        without it, checkpoints describe the backbone's own input size, mean and std."""
+        self.preprocessing = preprocessing
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(B, num_features)`` of images ``(B, 3, H, W)``. While training on the
-        data module's caches: pooled features pass through, and feature maps ``(B, C, H, W)`` of the frozen
-        trunk go through the trainable top of the backbone."""
-        if x.ndim == 2:
+        """Pooled backbone features ``(B, num_features)`` of images ``(B, 3, H, W)``, or of what the model
+        is fed instead (see :meth:`feed`): pooled features pass through, a frozen trunk's feature maps go
+        through the trainable top of the backbone."""
+        fed = self._fed
+        if fed is not None and fed[0] == "features":
             return x
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self._is_image(x):
+        if fed is None:
             return self.backbone(x)
-        trunk = self.freezing.current_trunk()
-        if trunk is None:
-            raise ValueError(
-                f"got a {tuple(x.shape)} batch, neither images with {self.data_config['input_size'][0]} "
-                "channels nor trunk features of a partly frozen backbone."
-            )
-        return trunk.rest(x.to(self.dtype))  # float16 trunk features; .to keeps the channels-last layout
+        return fed[1].rest(x.to(self.dtype))  # float16 trunk features; .to keeps the channels-last layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` of images ``(B, 3, H, W)`` (or of cached features, see :meth:`features`)."""
+        """Logits ``(B, num_classes)`` of images ``(B, 3, H, W)`` (or of what the model is fed, see :meth:`feed`)."""
         return self.head(self.features(x))
 
     # --- freezing ----------------------------------------------------------------------------------
@@ -319,33 +319,10 @@ class TransferClassifier(L.LightningModule):
             self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
         trainer = attached_trainer(self)
         strategy = trainer.strategy if trainer is not None else None
-        if stage == "fit" and self.mixing.active:
-            self._check_mixing_has_images(getattr(trainer, "datamodule", None))
         if stage == "fit" and self.freeze_schedule.active and isinstance(strategy, DDPStrategy):
             # frozen groups get no gradients, and unfrozen ones start getting them mid-run: DDP must look
             # for unused parameters every step (set before the model is wrapped, which comes next)
             set_ddp_find_unused_parameters(strategy)
-
-    @staticmethod
-    def _check_mixing_has_images(datamodule: Any) -> None:
-        cached = [
-            f"data.{name}: {getattr(datamodule, name)}"
-            for name in ("feature_cache", "trunk_cache")
-            if getattr(datamodule, name, "off") != "off"
-        ]
-        if cached:
-            raise ConfigError(
-                f"mixup/CutMix mix training images, but {' and '.join(cached)} feeds the model stored "
-                "features instead of images while the backbone is frozen (mixing pooled features is not "
-                "mixing images, and CutMix has no box to cut in them). Turn the cache off, or mixing off."
-            )
-
-    def on_validation_start(self) -> None:
-        if self.trainer.sanity_checking and self.trainer.state.fn == "fit":
-            # the sanity check runs before any epoch starts, on loaders the data module built for
-            # trainer.current_epoch (a resumed run's cached trunk included): apply that epoch's freezing
-            # now, so forward takes what it is fed; on_train_epoch_start applies the next epoch's after it
-            self.freezing.start_epoch(self.current_epoch)
 
     def on_train_start(self) -> None:
         if restarted_mid_epoch(self.trainer):
@@ -358,9 +335,13 @@ class TransferClassifier(L.LightningModule):
         side = self.train_image_side(self.current_epoch)
         if side is not None:
             self.log("train_image_side", float(side), on_step=False, on_epoch=True)
-        trainable = self.freezing.start_epoch(self.current_epoch)
-        if trainable is not None:
-            self.log("trainable_groups", float(trainable), on_step=False, on_epoch=True)
+        schedule = self.freeze_schedule
+        if (schedule.active or schedule.bn_policy == "eval") and self.freezing.trainable_groups is None:
+            raise ConfigError(
+                "model.freeze_schedule freezes backbone groups epoch by epoch through the FreezeAndCache "
+                "callback, which this Trainer lacks: train with transferkit.Trainer (it adds one), or add "
+                "transferkit.FreezeAndCache() to the callbacks."
+            )
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
@@ -402,11 +383,9 @@ class TransferClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         side = self.train_image_side(self.current_epoch)
-        if side is not None and self._is_image(images):
+        if side is not None and self._fed is None:  # stored features keep the size they were stored at
             images = resize_shorter_side(images, side)
         if self.mixing.active:
-            if not self._is_image(images):  # features from a data module of one's own
-                raise ConfigError(f"mixup/CutMix need image batches, got a {tuple(images.shape)} batch.")
             images, labels = self.mixing.mix(images, labels)
         return self._shared_step(images, labels, None, "train")
 
@@ -552,9 +531,7 @@ class TransferClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the checkpoint self-describing (:func:`transferkit.models.checkpoint.checkpoint_section`)."""
-        trainer = attached_trainer(self)
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        checkpoint[checkpoint_format.SECTION] = checkpoint_format.checkpoint_section(self, datamodule)
+        checkpoint[checkpoint_format.SECTION] = checkpoint_format.checkpoint_section(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head;
@@ -562,6 +539,8 @@ class TransferClassifier(L.LightningModule):
         if checkpoint_format.SECTION in checkpoint:
             checkpoint_format.check_compatible(self, checkpoint)
             self.calibration = checkpoint_format.calibration_of(checkpoint)
+            if self.preprocessing is None:  # a model rebuilt from its checkpoint describes itself as before
+                self.preprocessing = checkpoint_format.model_preprocessing(checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides: Any) -> TransferClassifier:

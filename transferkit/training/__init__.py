@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "AtomicCheckpointIO": "transferkit.training.checkpointing",
         "RunCheckpoint": "transferkit.training.checkpointing",
         "PhaseEarlyStopping": "transferkit.training.early_stopping",
+        "FreezeAndCache": "transferkit.training.feeding",
         "InterruptCheckpoint": "transferkit.training.interrupts",
         "run_loggers": "transferkit.training.loggers",
         "lr_find": "transferkit.training.lr_finder",

@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from transferkit.errors import ConfigError
+from transferkit.training.feeding import FreezeAndCache
 
 __all__ = ["LRFindReport", "LRSweep", "lr_find", "suggest"]
 
@@ -171,6 +173,7 @@ def lr_find(
     out: str | os.PathLike | None = None,
     root_dir: str | os.PathLike | None = None,
     apply: bool = False,
+    caches: FreezeAndCache | None = None,
 ) -> LRFindReport:
     """Range-test ``model``'s learning rates on ``datamodule``'s training split, phase by phase of its
     freeze schedule (see the module's text); the model's weights are unchanged afterwards.
@@ -181,6 +184,8 @@ def lr_find(
         out: where to write ``lr_find.png`` (the loss against the rate per phase, the suggestion marked).
         root_dir: the Trainer folder of the head phase (its feature cache is shared with a run there).
         apply: set the model's ``lr`` (and ``backbone_lr``) to the suggestions.
+        caches: the run's :class:`~transferkit.training.feeding.FreezeAndCache` settings: a head phase is
+            swept on the same stored features the run trains on (``None``: on images).
 
     Example:
         >>> import transferkit as tk
@@ -215,7 +220,8 @@ def lr_find(
         if freezing.schedule.active and freezing.trainable_at(0) == 0:
             head_steps = steps if first_unfreeze is None else steps_per_epoch * first_unfreeze
             if head_steps >= steps:
-                report.sweeps.append(_head_sweep(model, datamodule, steps, min_lr, max_lr, root_dir))
+                feeding = caches.fresh() if caches is not None else FreezeAndCache()
+                report.sweeps.append(_head_sweep(model, datamodule, steps, min_lr, max_lr, root_dir, feeding))
             else:  # a head phase of fewer batches than the sweep: ours, held at epoch 0 throughout
                 sweep = _own_sweep(model, datamodule, 0, steps, min_lr, max_lr, swept={"head": 1.0}, fixed={})
                 report.sweeps.append(_named(sweep, "head", 0, "lr"))
@@ -277,7 +283,13 @@ class _WeightsOnlyIO(TorchCheckpointIO):
 
 
 def _head_sweep(
-    model: Any, datamodule: Any, steps: int, min_lr: float, max_lr: float, root_dir: Any
+    model: Any,
+    datamodule: Any,
+    steps: int,
+    min_lr: float,
+    max_lr: float,
+    root_dir: Any,
+    feeding: FreezeAndCache,
 ) -> LRSweep:
     from lightning.pytorch.tuner import Tuner
 
@@ -293,11 +305,22 @@ def _head_sweep(
         enable_model_summary=False,
         default_root_dir=str(root_dir or scratch),
         plugins=[_WeightsOnlyIO()],
+        callbacks=[feeding],  # the head phase frozen, and fed the run's stored features
     )
+    # Lightning's finder fits with its own callbacks in place of the Trainer's, so no epoch start freezes the
+    # backbone: the head phase's state is applied here (its BatchNorm in eval mode, which Lightning notes)
+    model.freezing.start_epoch(0)
     try:
-        finder = Tuner(trainer).lr_find(
-            model, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr, num_training=steps, update_attr=False
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+            finder = Tuner(trainer).lr_find(
+                model,
+                datamodule=datamodule,
+                min_lr=min_lr,
+                max_lr=max_lr,
+                num_training=steps,
+                update_attr=False,
+            )
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

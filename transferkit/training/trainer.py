@@ -26,12 +26,15 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from transferkit.data.datamodule import ImageDataModule
 from transferkit.errors import CheckpointError, ConfigError, warn
 from transferkit.lightning_internals import strategy_checkpoint_io
 from transferkit.models.checkpoint import refused_pickle
+from transferkit.models.classifier import TransferClassifier
 from transferkit.runtime import quiet_third_party, tune_allocator
 from transferkit.training.checkpointing import DEFAULT_CHECKPOINT, AtomicCheckpointIO, RunCheckpoint
 from transferkit.training.early_stopping import DEFAULT_EARLY_STOPPING, PhaseEarlyStopping
+from transferkit.training.feeding import FreezeAndCache
 from transferkit.training.interrupts import InterruptCheckpoint
 from transferkit.training.loggers import run_loggers
 from transferkit.training.nonfinite import NonFiniteLossGuard
@@ -52,6 +55,9 @@ class Trainer(L.Trainer):
       recipe's ``early_stopping`` section);
     - loggers: CSV, plus TensorBoard when installed (:func:`~transferkit.training.loggers.run_loggers`;
       ``logger=False`` turns logging off), and a learning-rate monitor when there is a logger;
+    - a :class:`~transferkit.training.feeding.FreezeAndCache` with its caches off, which applies the model's
+      freeze schedule epoch by epoch (give one with ``feature_cache``/``trunk_cache`` to feed the model
+      stored features while part of its backbone is frozen);
     - a :class:`~transferkit.training.nonfinite.NonFiniteLossGuard`, an
       :class:`~transferkit.training.interrupts.InterruptCheckpoint` and an
       :class:`~transferkit.training.resume.ExactResume`; a Rich progress bar unless
@@ -60,8 +66,11 @@ class Trainer(L.Trainer):
     A fit without validation (no validation loader, ``limit_val_batches=0``, or a data module with
     ``val_fraction=0``) keeps the latest epoch's checkpoint as its best and stops no run early. These are
     the defaults of ``python -m transferkit`` recipes too, so a run from Python and the same run from a
-    recipe train alike. Creating a Trainer also tunes the memory allocator for CPU training
-    (:func:`transferkit.runtime.tune_allocator`).
+    recipe train alike. Before ``fit``, ``validate``, ``test`` and ``predict`` it hands a
+    :class:`~transferkit.TransferClassifier` and an :class:`~transferkit.ImageDataModule` what each needs
+    of the other (:func:`connect`). Creating a Trainer also tunes the memory allocator for CPU training
+    (:func:`transferkit.runtime.tune_allocator`) and silences third-party console noise
+    (:func:`transferkit.runtime.quiet_third_party`).
 
     Example:
         >>> trainer = Trainer(max_epochs=1, logger=False)
@@ -80,6 +89,7 @@ class Trainer(L.Trainer):
         if logger is None or logger is True:
             kwargs["logger"] = logger = run_loggers(kwargs.get("default_root_dir") or os.getcwd())
         defaults: list[tuple[type, Any]] = [
+            (FreezeAndCache, FreezeAndCache),  # the freeze schedule, epoch by epoch (caches off)
             (NonFiniteLossGuard, NonFiniteLossGuard),
             (InterruptCheckpoint, InterruptCheckpoint),
             (ExactResume, ExactResume),
@@ -125,6 +135,7 @@ class Trainer(L.Trainer):
         validation and early stopping are off, and the checkpoint callbacks keep the latest epoch's
         checkpoint as their best, so :meth:`finetune` tests the model the last epoch ends with.
         """
+        connect(model, datamodule)
         no_split = (
             datamodule is not None
             and val_dataloaders is None
@@ -169,6 +180,27 @@ class Trainer(L.Trainer):
             if sigint is not None and signal.getsignal(signal.SIGINT) is not sigint:
                 signal.signal(signal.SIGINT, sigint)
 
+    def validate(
+        self, model: L.LightningModule | None = None, dataloaders: Any = None, *args: Any, **kwargs: Any
+    ):
+        """Lightning's ``validate``, the data module first told the model's input size, mean and std."""
+        connect(model, kwargs.get("datamodule"))
+        return super().validate(model, dataloaders, *args, **kwargs)
+
+    def test(
+        self, model: L.LightningModule | None = None, dataloaders: Any = None, *args: Any, **kwargs: Any
+    ):
+        """Lightning's ``test``, the data module first told the model's input size, mean and std."""
+        connect(model, kwargs.get("datamodule"))
+        return super().test(model, dataloaders, *args, **kwargs)
+
+    def predict(
+        self, model: L.LightningModule | None = None, dataloaders: Any = None, *args: Any, **kwargs: Any
+    ):
+        """Lightning's ``predict``, the data module first told the model's input size, mean and std."""
+        connect(model, kwargs.get("datamodule"))
+        return super().predict(model, dataloaders, *args, **kwargs)
+
     def _find_learning_rates(self, model: L.LightningModule, datamodule: Any, ckpt_path: Any) -> None:
         """``model.lr: auto``: a resumed run takes the rates its checkpoint was trained with; a new one runs
         :func:`~transferkit.training.lr_finder.lr_find` (``lr_find.png`` in the run's folder), prints what
@@ -186,7 +218,10 @@ class Trainer(L.Trainer):
         from transferkit.training.lr_finder import lr_find
 
         folder = Path(self.log_dir or self.default_root_dir)
-        report = lr_find(model, datamodule, out=folder / "lr_find.png", root_dir=self.default_root_dir)
+        caches = next((c for c in self.callbacks if isinstance(c, FreezeAndCache)), None)
+        report = lr_find(
+            model, datamodule, out=folder / "lr_find.png", root_dir=self.default_root_dir, caches=caches
+        )
         model.hparams["lr_found"] = [sweep.to_dict() for sweep in report.sweeps]
         model.save_hyperparameters(dict(model.hparams))  # the loggers record the rates found, not "auto"
         if self.is_global_zero:
@@ -307,6 +342,18 @@ class Trainer(L.Trainer):
             results["report"] = _write_report(self, model, datamodule, results)
             _print_results(results)
         return results
+
+
+def connect(model: Any, datamodule: Any) -> None:
+    """Hand a :class:`~transferkit.TransferClassifier` and an :class:`~transferkit.ImageDataModule` what each
+    needs of the other, once, before a run: the data module fills the image size, mean and std it was left
+    without from the backbone, the backbone refuses a size it cannot take, and the model keeps the eval
+    preprocessing its checkpoints describe. Any other model or data module is left as it is."""
+    if not isinstance(model, TransferClassifier) or not isinstance(datamodule, ImageDataModule):
+        return
+    datamodule.use_data_config(model.data_config)
+    model.check_input_size(int(datamodule.image_size))  # before training, not at the first batch
+    model.set_preprocessing(datamodule.preprocessing())
 
 
 def _calibration_asked(model: L.LightningModule, datamodule: Any) -> bool:

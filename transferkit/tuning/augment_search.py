@@ -209,7 +209,7 @@ def augment_search(
     for candidate in candidates:
         if candidate != "none":
             augmentations([candidate])  # a bad candidate fails here, before any trial
-    base_augment = datamodule.hparams["augment"]
+    base_augment = datamodule.augment  # the pipeline the recipe trains with (its preset when none is named)
     base_items = _items(base_augment)
     described = base_augment if isinstance(base_augment, str) else f"{len(base_items)} inline transforms"
     pipelines: list[tuple[str, Any, Any]] = [(f"baseline (the recipe: {described})", "baseline", base_items)]
@@ -279,6 +279,7 @@ def _trial(
     import lightning as L
 
     from transferkit.data.datamodule import ImageDataModule
+    from transferkit.training.feeding import FreezeAndCache
     from transferkit.training.trainer import Trainer
 
     hparams = _init_args(ImageDataModule, datamodule.hparams)
@@ -287,9 +288,6 @@ def _trial(
         **{
             **hparams,
             "augment": augment,
-            "feature_cache": "augmented",
-            "trunk_cache": "off",
-            "cache_views": views,
             "cache_dir": str(root),
             "image_size": datamodule.image_size,
             "mean": datamodule.mean,
@@ -312,6 +310,7 @@ def _trial(
         enable_model_summary=False,
         enable_early_stopping=False,
         default_root_dir=str(root),
+        callbacks=[FreezeAndCache(feature_cache="augmented", cache_views=views)],
     )
     trainer.fit(trial_model, datamodule=data)
     metrics = trainer.callback_metrics
