@@ -11,6 +11,7 @@ from conftest import TINY_BACKBONE, make_stripes_folder, run_cli
 import transferkit as tk
 
 
+@pytest.mark.slow
 def test_a_label_destroying_candidate_ranks_last_and_the_winner_is_a_usable_recipe_snippet(tmp_path):
     root = make_stripes_folder(tmp_path / "stripes", per_class=60)
     candidates = [{"HorizontalFlip": {"p": 0.5}}, {"Transpose": {"p": 1.0}}]  # Transpose swaps the label
@@ -50,6 +51,7 @@ def test_a_label_destroying_candidate_ranks_last_and_the_winner_is_a_usable_reci
         AugmentSearchReport.from_dict({"trials": found["trials"]})
 
 
+@pytest.mark.slow
 def test_the_budget_stops_the_search_and_bad_candidates_are_refused_before_any_trial(tmp_path):
     dm = tk.ImageDataModule(
         source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=0, max_samples=200,

@@ -32,6 +32,7 @@ def _data(root) -> ImageDataModule:
     return ImageDataModule(source="folder", root=str(root), batch_size=16, augment="none", seed=0, **NORM)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start_epoch", [0, 1])
 def test_the_model_after_fit_holds_the_running_average_of_the_weights(stripes_folder, tmp_path, start_epoch):
     L.seed_everything(0)
@@ -67,6 +68,7 @@ def test_the_model_after_fit_holds_the_running_average_of_the_weights(stripes_fo
             torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-6, msg=f"{name} is not the EMA")
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_tested_with_its_averaged_weights(stripes_folder, tmp_path):
     L.seed_everything(0)
     data = _data(stripes_folder)
@@ -91,6 +93,7 @@ def test_best_checkpoint_is_tested_with_its_averaged_weights(stripes_folder, tmp
     assert validated["val_loss"] == pytest.approx(float(checkpoint.best_model_score), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_resuming_restores_both_the_average_and_the_raw_weights(stripes_folder, tmp_path):
     L.seed_everything(0)
     checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

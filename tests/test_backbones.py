@@ -29,6 +29,7 @@ def _china_batch(size: int = 224) -> torch.Tensor:
     return ((x - 0.5) / 0.5)[None]  # the bundled weights expect mean = std = 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_bundled_weights_are_real_imagenet_weights(name):
     model = timm.create_model(name, pretrained=False).eval()

@@ -129,6 +129,7 @@ def test_setup_lists_the_bad_files_or_skips_them_and_training_goes_on(stripes_fo
     assert trainer.global_step > 0 and len(dm.skipped_images) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skip_bad", [False, True])
 def test_a_file_that_breaks_after_setup_is_named_from_a_worker(stripes_folder, skip_bad):
     dm = _dm(stripes_folder, num_workers=1, skip_bad_images=skip_bad)
@@ -199,6 +200,7 @@ def test_a_class_too_small_to_split_is_named_by_its_name(stripes_folder):
     assert info.match(r"Add images, merge rare classes, or lower data.test_fraction")
 
 
+@pytest.mark.slow
 def test_a_data_error_ends_a_command_with_one_error_block_and_no_traceback(
     stripes_folder, tmp_path, capsys, monkeypatch
 ):
@@ -318,6 +320,7 @@ def test_an_input_size_the_backbone_cannot_take_is_refused_before_training(
     assert expected in str(info.value) and trainer.global_step == 0
 
 
+@pytest.mark.slow
 def test_fit_from_a_checkpoint_with_another_class_count_is_refused(stripes_folder, tmp_path, capsys):
     from transferkit.cli import main
 

@@ -81,6 +81,7 @@ def test_the_variant_is_chosen_on_validation_even_when_test_says_otherwise():
     assert elpv.select_on_validation(val_only)[0] == "variant"
 
 
+@pytest.mark.slow
 def test_a_recipes_test_split_is_scored_once_unless_rerun_is_asked(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("# a comment\nmodel:\n  lr: 0.001\n")
@@ -417,6 +418,7 @@ def test_depth_heads_pairs_each_head_with_the_quick_start_seed_by_seed():
     assert ((probs[:, 1] >= 0.5) == y[1::2]).mean() > 0.95
 
 
+@pytest.mark.slow
 def test_compare_elpv_pairs_two_recipes_seed_by_seed_across_files(tmp_path: Path):
     root = Path(__file__).resolve().parents[1]
 
@@ -441,6 +443,7 @@ def test_compare_elpv_pairs_two_recipes_seed_by_seed_across_files(tmp_path: Path
     assert twice.returncode != 0 and "seed 0 is in two files of one recipe" in twice.stderr
 
 
+@pytest.mark.slow
 def test_val_curves_reads_each_runs_epochs_and_draws_them(tmp_path: Path):
     root = Path(__file__).resolve().parents[1]
 
@@ -480,6 +483,7 @@ def test_val_curves_reads_each_runs_epochs_and_draws_them(tmp_path: Path):
     assert missing.returncode != 0 and "no 'val_f1' column" in missing.stderr
 
 
+@pytest.mark.slow
 def test_ensemble_elpv_scores_the_averaged_probabilities_of_members_on_the_same_cells(tmp_path: Path):
     root = Path(__file__).resolve().parents[1]
     labels = np.array([0, 1, 2, 3])  # one cell per annotated level

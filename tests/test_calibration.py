@@ -84,6 +84,7 @@ def test_decision_threshold_maximises_the_chosen_metric():
         Calibration(threshold=1.5)
 
 
+@pytest.mark.slow
 def test_finetune_calibrates_stores_and_every_path_uses_it(stripes_folder, tmp_path, monkeypatch):
     onnxruntime = pytest.importorskip("onnxruntime")
     data = tk.ImageDataModule(

@@ -74,6 +74,7 @@ def test_a_bad_group_fails_when_the_data_is_set_up_not_after_training():
         ImageDataModule(source="digits", class_groups={"low": [0, 1, 2, 3, 4], "high": [5, 6, 7, 8]})
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
 def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Path):
     data = {

@@ -27,11 +27,25 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_help_lists_every_command():
     result = _run("--help")
     assert result.returncode == 0
     for command in ("fit", "validate", "test", "predict", "finetune"):
         assert f"  {command}" in result.stdout
+
+
+def test_python_m_transferkit_runs_the_entry_point_and_exits_with_its_status(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["transferkit", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module("transferkit", run_name="__main__")  # what `python -m transferkit --help` runs
+    assert stop.value.code == 0 and "  finetune" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["transferkit", "no-such-command"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module("transferkit", run_name="__main__")
+    assert stop.value.code == 2 and "unknown command 'no-such-command'" in capsys.readouterr().err
 
 
 def test_print_config_resolves_the_quickstart_recipe_with_overrides():
@@ -77,6 +91,7 @@ def _stripes_recipe(stripes_folder: Path, tmp_path: Path, model: dict, data: dic
     return str(tmp_path / "recipe.yaml")
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_writes_metrics(stripes_folder_large, tmp_path):
     recipe = _stripes_recipe(
         stripes_folder_large,
@@ -122,6 +137,7 @@ def test_bad_recipe_values_fail_before_training(tmp_path):
     assert result.stderr.startswith("error: unknown activation 'gelu'; choose one of elu,"), result.stderr
 
 
+@pytest.mark.slow
 def test_finetune_without_validation_trains_on_every_non_test_image_and_tests_the_last_epoch(
     stripes_folder, tmp_path
 ):

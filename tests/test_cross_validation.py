@@ -102,6 +102,7 @@ class _CrashAtEpoch(Callback):
             raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow
 def test_a_stopped_cross_validation_resumes_in_its_fold_without_retraining_finished_ones(tmp_path):
     out, starts, tests, crash_in = tmp_path / "cv", {}, [], {1}
 
@@ -164,6 +165,7 @@ def test_a_stopped_cross_validation_resumes_in_its_fold_without_retraining_finis
         cross_validate(_model(lr=0.01), dm, folds=3, out=out, trainer=trainer)
 
 
+@pytest.mark.slow
 def test_the_cv_command_prints_the_folds_and_writes_the_summary(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     data = {**DATA, "mean": [0.5] * 3, "std": [0.5] * 3, "max_samples": 120}

@@ -153,6 +153,7 @@ def test_the_verdict_follows_the_cause(digits, activation, init, batch_norm, exp
         assert report.layers[0].verdict == "vanishing"
 
 
+@pytest.mark.slow
 def test_diagnose_leaves_the_model_unchanged(digits):
     torch.manual_seed(0)
     model = DigitsMLP("elu", "he", batch_norm=True)
@@ -165,6 +166,7 @@ def test_diagnose_leaves_the_model_unchanged(digits):
 # --- the callback ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_gradient_health_removes_its_hooks_records_every_n_epochs_and_resumes(digits, tmp_path):
     torch.manual_seed(0)
@@ -201,6 +203,7 @@ def _accuracy(model: nn.Module, digits) -> float:
         return float((model(x).argmax(dim=1) == y).float().mean())
 
 
+@pytest.mark.slow
 def test_a_learning_rate_blow_up_stops_training_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     # epoch 0 trains at lr 0.1; from epoch 1 the learning rate is a million times too high
     def run(trainer_class, folder):
@@ -275,6 +278,7 @@ def test_a_non_finite_input_is_named_as_the_cause_before_any_weight_changes(digi
 # --- the command -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_diagnose_command_prints_the_table_and_writes_png_and_json(stripes_folder, tmp_path):
     run_dir = tmp_path / "run"
     recipe = {

@@ -44,6 +44,7 @@ def _epoch_batches(dm: ImageDataModule, epoch: int) -> list[torch.Tensor]:
     return [images for images, _ in loader]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_augmented_batches_repeat_with_the_seed_and_differ_across_seeds(stripes_folder, num_workers):
     first, second = _augmented_dm(stripes_folder, 3, num_workers), _augmented_dm(stripes_folder, 3, 0)
@@ -86,6 +87,7 @@ def _tiny_dm(root: Path) -> ImageDataModule:
     )
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_rewritten_every_epoch_even_without_a_new_best(stripes_folder, tmp_path):
     # monitoring "epoch" in mode "min": only epoch 0 is ever a new best
     checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", monitor="epoch", mode="min", save_last=True)
@@ -127,6 +129,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_one_intact(
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no half-written file
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_a_run_ends_it_with_one_error_block_and_status_2(
     stripes_folder, tmp_path, monkeypatch
 ):
@@ -409,6 +412,7 @@ MID_EPOCH_SETTINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", list(MID_EPOCH_SETTINGS.values()), ids=list(MID_EPOCH_SETTINGS))
 def test_a_run_stopped_mid_epoch_resumes_at_its_next_batch_and_ends_as_if_never_stopped(
     fault_data, tmp_path, settings, uninterrupted

@@ -52,6 +52,7 @@ class _CountExtractions:
         monkeypatch.setattr(feeding_module, "extract_features", counting)
 
 
+@pytest.mark.slow
 def test_clean_cache_trains_the_head_exactly_as_without_it(stripes_folder, tmp_path):
     plain = _fit(_dm(stripes_folder, tmp_path), tmp_path, FreezeAndCache(feature_cache="off"))
     cached = _fit(_dm(stripes_folder, tmp_path), tmp_path, FreezeAndCache(feature_cache="clean"))
@@ -60,6 +61,7 @@ def test_clean_cache_trains_the_head_exactly_as_without_it(stripes_folder, tmp_p
     assert list((tmp_path / "cache").glob("*.pt"))
 
 
+@pytest.mark.slow
 def test_the_cache_is_reused_and_never_stale(stripes_folder, tmp_path, monkeypatch):
     counter = _CountExtractions(monkeypatch)
     dm = _dm(stripes_folder, tmp_path)
@@ -77,6 +79,7 @@ def test_the_cache_is_reused_and_never_stale(stripes_folder, tmp_path, monkeypat
     assert counter.calls == 5
 
 
+@pytest.mark.slow
 def test_augmented_cache_holds_several_views_and_unfrozen_epochs_see_images(stripes_folder, tmp_path):
     dm = _dm(stripes_folder, tmp_path, augment="heavy")
     caches = FreezeAndCache(feature_cache="augmented", cache_views=3)
@@ -133,6 +136,7 @@ def _fit_top(
     return model
 
 
+@pytest.mark.slow
 def test_trunk_cache_trains_the_top_exactly_as_without_it(stripes_folder, tmp_path, monkeypatch):
     counter = _CountExtractions(monkeypatch)
     plain = _fit_top(_dm(stripes_folder, tmp_path), tmp_path)
@@ -162,6 +166,7 @@ def test_trunk_cache_trains_the_top_exactly_as_without_it(stripes_folder, tmp_pa
     assert result["test_loss"] == pytest.approx(plain_result["test_loss"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_augmented_trunk_cache_draws_one_view_per_image_each_epoch(stripes_folder, tmp_path):
     dm = _dm(stripes_folder, tmp_path, augment="heavy")
     caches = FreezeAndCache(trunk_cache="augmented", cache_views=3)

@@ -118,6 +118,7 @@ def _digits(**kwargs) -> tk.ImageDataModule:
     return tk.ImageDataModule(source="digits", max_samples=200, num_workers=0, **{**NORM, **kwargs})
 
 
+@pytest.mark.slow
 def test_augmentation_that_no_epoch_sees_is_refused_and_one_some_epochs_see_is_said(tmp_path, capsys):
     def fit(data: tk.ImageDataModule, caches: tk.FreezeAndCache) -> None:
         model = tk.TransferClassifier(

@@ -95,6 +95,7 @@ def _weights(model: TransferClassifier) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [0, 2], ids=["before-first-unfreeze", "after-first-unfreeze"])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(stripes_folder, tmp_path, stop_after):
     schedule = FreezeSchedule(frozen_epochs=1, unfreeze_every=1, warmup_steps=3)
@@ -137,6 +138,7 @@ class _RecordBatches(Callback):
         self.batches.append((trainer.current_epoch, images.clone(), labels.clone()))
 
 
+@pytest.mark.slow
 def test_a_run_resumed_in_the_same_process_with_loader_workers_sees_the_uninterrupted_batches(
     stripes_folder, tmp_path
 ):
@@ -207,6 +209,7 @@ SCHEDULE_FORMULAS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule_name", [*SCHEDULE_FORMULAS, "performance"])
 def test_every_group_has_the_expected_lr_at_every_step_across_unfreezes(
     stripes_folder, tmp_path, schedule_name
@@ -333,6 +336,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_stay_identical_after_an_unfreeze(tmp_path):
     root = make_stripes_folder(tmp_path / "data", per_class=24)
     script = tmp_path / "ddp_fit.py"
@@ -405,6 +409,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_ddp_with_loader_workers_resumes_into_the_uninterrupted_batches_at_and_within_an_epoch(tmp_path):
     root = make_stripes_folder(tmp_path / "data", per_class=32)
     script = tmp_path / "ddp_resume.py"
@@ -586,6 +591,7 @@ class SaveRank(Callback):
 """
 
 
+@pytest.mark.slow
 def test_two_nodes_launched_with_torchrun_train_one_model_on_split_data(tmp_path):
     """The README's multi-node launch, on one machine: two torchrun node ranks over gloo, one process each."""
     import socket

@@ -154,6 +154,7 @@ def _is_accepted(err: Exception, fields: list[str]) -> bool:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 @settings(
     max_examples=60,

@@ -41,6 +41,7 @@ def _patch_folder(
     return boxes
 
 
+@pytest.mark.slow
 def test_gradcam_highlights_a_planted_discriminative_patch(tmp_path):
     boxes = _patch_folder(tmp_path / "patches")
     data = tk.ImageDataModule(
@@ -115,6 +116,7 @@ def trained(tmp_path_factory):
     return {"root": root, "stripes": stripes, "recipe": path, "run_dir": run_dir, "best": best}
 
 
+@pytest.mark.slow
 def test_the_run_report_shows_top_losses_gradcam_per_class_and_calibration(trained):
     run_dir = trained["run_dir"]
     report = (run_dir / "report.md").read_text()

@@ -48,6 +48,7 @@ def photos(tmp_path_factory) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_a_jpeg_decodes_at_the_smallest_scale_that_keeps_what_the_pipeline_uses(photos):
     assert decode_side(build_eval_transform(224, (0.5,) * 3, (0.5,) * 3)) == 224
     heavy = build_train_transform("heavy", 224, (0.5,) * 3, (0.5,) * 3)

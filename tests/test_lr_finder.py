@@ -15,6 +15,7 @@ def digits(**kwargs) -> tk.ImageDataModule:
     return tk.ImageDataModule(source="digits", num_workers=0, batch_size=32, **{**NORM, **kwargs})
 
 
+@pytest.mark.slow
 def test_the_suggested_rate_trains_and_a_hundred_times_larger_one_diverges(tmp_path):
     L.seed_everything(0)
     model = tk.TransferClassifier(
@@ -82,6 +83,7 @@ def test_a_freeze_schedule_gets_a_sweep_per_phase_with_layer_decay_kept(tmp_path
     assert (tmp_path / "feature_cache").is_dir()  # the head phase trained on the cached features
 
 
+@pytest.mark.slow
 def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_prints_it(
     tmp_path, monkeypatch
 ):

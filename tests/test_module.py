@@ -19,6 +19,7 @@ def _model(**kwargs) -> TransferClassifier:
     return TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, **kwargs)
 
 
+@pytest.mark.slow
 def test_fit_on_learnable_images_beats_chance_clearly(stripes_folder_large, tmp_path):
     L.seed_everything(0)
     dm = ImageDataModule(
@@ -172,6 +173,7 @@ def _fit_penalised(stripes_folder, tmp_path, **kwargs) -> tuple[TransferClassifi
     return model, {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+@pytest.mark.slow
 def test_l1_makes_the_penalised_weights_sparse_and_l2_shrinks_them(stripes_folder_large, tmp_path):
     data = stripes_folder_large
     plain, _ = _fit_penalised(data, tmp_path / "plain")

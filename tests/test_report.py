@@ -95,6 +95,7 @@ def _test_images(stripes: Path, count: int = 6) -> list[Path]:
 # --- run report ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_leaves_a_report_with_the_final_figures_and_pictures(run):
     run_dir, metrics = run.run_dir, run.metrics
     assert metrics["test"]["test_acc"] > 0.6  # learned (chance is 0.5), so the figures mean something
@@ -135,6 +136,7 @@ def test_finetune_leaves_a_report_with_the_final_figures_and_pictures(run):
     assert "## Warnings" not in report
 
 
+@pytest.mark.slow
 def test_report_with_logging_off_goes_to_the_root_dir_and_lists_failed_pictures(run, tmp_path, monkeypatch):
     def broken_plot(*args, **kwargs):
         raise OSError("disk full")
@@ -173,6 +175,7 @@ def test_a_failing_report_never_fails_the_training(tmp_path, stripes_folder, mon
     assert (tmp_path / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_finetune_reads_the_test_split_once_and_its_confusion_matrix_matches_the_test(
     tmp_path, stripes_folder
 ):
@@ -429,6 +432,7 @@ def test_torchscript_export_loads_and_matches_the_checkpoint(run, tmp_path, caps
     assert json.loads(extra["preprocessing.json"]) == preprocessing
 
 
+@pytest.mark.slow
 def test_onnx_export_of_the_bundled_backbone_matches_pytorch_on_real_images(
     run, tmp_path, monkeypatch, capsys
 ):

@@ -87,6 +87,7 @@ def _rank_draws(rank: int, pack: str, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_each_stream_their_own_part_of_every_epoch(packed, tmp_path):
     import socket
 

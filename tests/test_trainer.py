@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import yaml
 from conftest import NORM, TINY_BACKBONE, quiet_trainer
@@ -51,6 +52,7 @@ def test_the_python_trainer_has_the_defaults_of_a_recipe(stripes_folder, tmp_pat
     assert _describe(from_python)["checkpoint"] == ("RunCheckpoint", "val_loss", "min", True)
 
 
+@pytest.mark.slow
 def test_finetune_from_python_tests_the_best_checkpoint_by_validation_loss(stripes_folder, tmp_path):
     L.seed_everything(0)
     data = tk.ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=16, **NORM)
