@@ -107,12 +107,6 @@ class FreezeController:
             self._trunks[frozen_groups] = Trunk(self.backbone, self.groups, frozen_groups)
         return self._trunks[frozen_groups]
 
-    def current_trunk(self) -> Trunk | None:
-        """The trunk of the current epoch, while only the top groups train (else ``None``)."""
-        if self.trainable_groups is None or self.trainable_groups in (0, len(self.groups)):
-            return None
-        return self.trunk(len(self.groups) - self.trainable_groups)
-
     def frozen_stage(
         self, epoch: int, features: bool = True, trunk: bool = True
     ) -> tuple[StageKind, nn.Module] | None:

@@ -386,6 +386,8 @@ class TransferClassifier(L.LightningModule):
         if side is not None and self._fed is None:  # stored features keep the size they were stored at
             images = resize_shorter_side(images, side)
         if self.mixing.active:
+            if self._fed is not None:  # told it is fed stored features: there are no images to mix
+                raise ConfigError("mixup/CutMix mix training images; this model is fed stored features.")
             images, labels = self.mixing.mix(images, labels)
         return self._shared_step(images, labels, None, "train")
 
