@@ -161,3 +161,18 @@ def test_an_old_recipe_key_names_its_new_place(tmp_path):
     # the new keys are there, overridable and shown by --print_config
     shown = run_cli("fit", "--data.source", "digits", "--caches.trunk_cache", "clean", "--print_config")
     assert shown.returncode == 0 and "caches:" in shown.stdout and "trunk_cache: clean" in shown.stdout
+
+
+def test_the_trainer_fills_the_data_modules_sizes_from_the_model_however_the_data_module_is_passed(tmp_path):
+    model = tk.TransferClassifier(num_classes=10, backbone=TINY_BACKBONE, pretrained=False)
+    size = model.data_config["input_size"][-1]
+    data = tk.ImageDataModule(source="digits", max_samples=100, num_workers=0, batch_size=50)
+    with pytest.raises(tk.ConfigError, match="image_size, mean and std are the backbone's"):
+        data.setup("fit")  # on its own it cannot know them
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=1, enable_checkpointing=False)
+    trainer.fit(model, data)  # passed where the loaders go, as Lightning allows
+    assert (data.image_size, data.mean) == (size, tuple(model.data_config["mean"]))
+    assert model.preprocessing["image_size"] == size
+    fresh = tk.ImageDataModule(source="digits", max_samples=100, num_workers=0, batch_size=50)
+    trainer.test(model, fresh, verbose=False)
+    assert fresh.image_size == size

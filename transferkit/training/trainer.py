@@ -135,7 +135,10 @@ class Trainer(L.Trainer):
         validation and early stopping are off, and the checkpoint callbacks keep the latest epoch's
         checkpoint as their best, so :meth:`finetune` tests the model the last epoch ends with.
         """
-        connect(model, datamodule)
+        # a data module may come as the loaders' argument too (Lightning takes it there)
+        connect(
+            model, train_dataloaders if isinstance(train_dataloaders, L.LightningDataModule) else datamodule
+        )
         no_split = (
             datamodule is not None
             and val_dataloaders is None
@@ -184,21 +187,21 @@ class Trainer(L.Trainer):
         self, model: L.LightningModule | None = None, dataloaders: Any = None, *args: Any, **kwargs: Any
     ):
         """Lightning's ``validate``, the data module first told the model's input size, mean and std."""
-        connect(model, kwargs.get("datamodule"))
+        connect(model, _datamodule_of(dataloaders, kwargs))
         return super().validate(model, dataloaders, *args, **kwargs)
 
     def test(
         self, model: L.LightningModule | None = None, dataloaders: Any = None, *args: Any, **kwargs: Any
     ):
         """Lightning's ``test``, the data module first told the model's input size, mean and std."""
-        connect(model, kwargs.get("datamodule"))
+        connect(model, _datamodule_of(dataloaders, kwargs))
         return super().test(model, dataloaders, *args, **kwargs)
 
     def predict(
         self, model: L.LightningModule | None = None, dataloaders: Any = None, *args: Any, **kwargs: Any
     ):
         """Lightning's ``predict``, the data module first told the model's input size, mean and std."""
-        connect(model, kwargs.get("datamodule"))
+        connect(model, _datamodule_of(dataloaders, kwargs))
         return super().predict(model, dataloaders, *args, **kwargs)
 
     def _find_learning_rates(self, model: L.LightningModule, datamodule: Any, ckpt_path: Any) -> None:
@@ -342,6 +345,12 @@ class Trainer(L.Trainer):
             results["report"] = _write_report(self, model, datamodule, results)
             _print_results(results)
         return results
+
+
+def _datamodule_of(dataloaders: Any, kwargs: dict[str, Any]) -> Any:
+    """The data module of a ``validate``/``test``/``predict`` call: ``datamodule=``, or one passed where the
+    loaders go (Lightning takes it there too)."""
+    return dataloaders if isinstance(dataloaders, L.LightningDataModule) else kwargs.get("datamodule")
 
 
 def connect(model: Any, datamodule: Any) -> None:
