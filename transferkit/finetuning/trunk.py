@@ -37,7 +37,7 @@ class Trunk(nn.Module):
         if type(model).__name__ != "EfficientNet" or not hasattr(model, "blocks"):
             raise ConfigError(
                 f"the trunk cache splits timm EfficientNet-family backbones between block stages; "
-                f"'{backbone.name}' is a {type(model).__name__}. Set data.trunk_cache: off."
+                f"'{backbone.name}' is a {type(model).__name__}. Set caches.trunk_cache: off."
             )
         if not 1 <= frozen_groups < len(groups):
             raise ConfigError(f"a trunk needs 1 to {len(groups) - 1} frozen groups, got {frozen_groups}.")
@@ -46,7 +46,7 @@ class Trunk(nn.Module):
         if match is None:
             raise ConfigError(
                 f"the first trainable parameter '{first_trainable}' does not start a block stage, so "
-                f"'{backbone.name}' cannot be split there; set data.trunk_cache: off."
+                f"'{backbone.name}' cannot be split there; set caches.trunk_cache: off."
             )
         self.stages = int(match.group(1))  # block stages in the trunk
         self.frozen_groups = frozen_groups
