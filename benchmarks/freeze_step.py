@@ -32,7 +32,7 @@ def step_seconds(
     model: TransferClassifier, trainable: int, batch: torch.Tensor, labels: torch.Tensor, steps: int
 ) -> float:
     apply_freeze(model.backbone, model.groups, trainable, model.freeze_schedule.bn_policy)
-    model.trainable_groups = trainable
+    model.freezing.trainable_groups = trainable
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 

@@ -52,7 +52,10 @@ def main() -> None:
     torch.manual_seed(0)
     default = TransferClassifier(num_classes=2, backbone=args.backbone, pretrained="bundled").eval()
     fast = TransferClassifier(
-        num_classes=2, backbone=args.backbone, pretrained="bundled", batch_norm=False, activation="leaky_relu"
+        num_classes=2,
+        backbone=args.backbone,
+        pretrained="bundled",
+        head={"batch_norm": False, "activation": "leaky_relu"},
     ).eval()
     example = torch.randn(1, 3, args.image_size, args.image_size)
     models = {

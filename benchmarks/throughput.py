@@ -64,7 +64,9 @@ class _Timer(Callback):
 def _model(args: argparse.Namespace) -> TransferClassifier:
     torch.manual_seed(0)
     return TransferClassifier(
-        num_classes=2, pretrained="bundled", channels_last=args.channels_last, compile=args.compile
+        num_classes=2,
+        pretrained="bundled",
+        runtime={"channels_last": args.channels_last, "compile": args.compile},
     )
 
 

@@ -71,7 +71,7 @@ def test_imports_go_one_way_no_cycles_and_nothing_imports_the_cli():
 
 # the packages bottom to top; a package imports only those below it (the foundation modules: anyone)
 LAYERS = [
-    {"errors", "files", "containers", "runtime", "lightning_internals", "_lazy"},
+    {"errors", "files", "containers", "settings", "runtime", "lightning_internals", "_lazy"},
     {"data"},
     {"finetuning"},  # mechanics the model uses: groups, the freeze schedule, trunks, optimizers, resizing
     {"models"},

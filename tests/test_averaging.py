@@ -24,7 +24,11 @@ class _RecordWeights(Callback):
 
 def _model() -> TransferClassifier:
     return TransferClassifier(
-        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, hidden_dims=[16], lr=1e-2
+        num_classes=2,
+        backbone=TINY_BACKBONE,
+        pretrained=False,
+        head={"hidden_dims": [16]},
+        optimizer={"lr": 1e-2},
     )
 
 

@@ -280,15 +280,21 @@ def _model_error(**kwargs) -> str:
 
 def test_unknown_names_are_refused_with_the_valid_choices():
     assert "Did you mean 'resnet50'" in _model_error(backbone="resnet5O")
-    assert _model_error(activation="gelu_new") == (
+    assert _model_error(head={"activation": "gelu_new"}) == (
         "unknown activation 'gelu_new'; choose one of elu, leaky_relu, relu, selu, tanh, sigmoid."
     )
-    optimizer = _model_error(optimizer="adamax")
-    assert optimizer.startswith("unknown optimizer 'adamax'; choose one of ") and "adamw" in optimizer
-    schedule = _model_error(lr_schedule="linear")
-    assert schedule.startswith("unknown lr_schedule 'linear'; choose one of ") and "cosine" in schedule
-    assert _model_error(lr=0.0) == "lr must be > 0, got 0.0."
-    assert _model_error(hidden_dims=[-1]).startswith("hidden_dims must be positive layer widths")
+    # a group's field is named where it sits in a recipe
+    optimizer = _model_error(optimizer={"name": "adamax"})
+    assert optimizer.startswith("model.optimizer.name must be one of ") and "adamw" in optimizer
+    assert optimizer.endswith("got 'adamax'.")
+    schedule = _model_error(lr_schedule={"name": "linear"})
+    assert schedule.startswith("model.lr_schedule.name must be one of ") and "cosine" in schedule
+    assert _model_error(optimizer={"lr": 0.0}).startswith("model.optimizer.lr must be a number > 0 or 'auto'")
+    assert _model_error(optimizer={"lrr": 0.1}) == (
+        "model.optimizer has no setting 'lrr'; its settings are: name, lr, backbone_lr, layer_decay, "
+        "weight_decay, momentum, betas, eps, rho."
+    )
+    assert _model_error(head={"hidden_dims": [-1]}).startswith("hidden_dims must be positive layer widths")
 
 
 def test_a_freeze_schedule_beyond_the_backbone_groups_is_refused():

@@ -95,8 +95,7 @@ def test_finetune_calibrates_stores_and_every_path_uses_it(stripes_folder, tmp_p
         class_names=data.class_names,
         backbone=TINY_BACKBONE,
         pretrained=False,
-        calibrate=True,
-        decision_threshold="accuracy",
+        prediction={"calibrate": True, "decision_threshold": "accuracy"},
     )
     trainer = quiet_trainer(tmp_path, max_epochs=3)
     results = trainer.finetune(model, datamodule=data)
@@ -135,12 +134,14 @@ def test_calibration_without_a_validation_split_is_refused_before_training(strip
     data = tk.ImageDataModule(
         source="folder", root=str(stripes_folder), num_workers=0, val_fraction=0.0, augment="none", **NORM
     )
-    model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, calibrate=True)
+    model = tk.TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, prediction={"calibrate": True}
+    )
     trainer = quiet_trainer(tmp_path, max_epochs=1)
     with pytest.raises(ConfigError, match="validation split"):
         trainer.finetune(model, datamodule=data)
     assert not list(tmp_path.rglob("*.ckpt"))  # refused before any training
     with pytest.raises(ConfigError, match="two classes"):
         tk.TransferClassifier(
-            num_classes=3, backbone=TINY_BACKBONE, pretrained=False, decision_threshold="f1"
+            num_classes=3, backbone=TINY_BACKBONE, pretrained=False, prediction={"decision_threshold": "f1"}
         )

@@ -88,7 +88,11 @@ def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Pa
     recipe = {
         "seed_everything": 0,
         "trainer": {"max_epochs": 3, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run")},
-        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "lr": 0.003, "layer_decay": 1.0},
+        "model": {
+            "backbone": TINY_BACKBONE,
+            "pretrained": False,
+            "optimizer": {"lr": 0.003, "layer_decay": 1.0},
+        },
         "data": {**data, "mean": list(NORM["mean"]), "std": list(NORM["std"]), "class_groups": LOW_HIGH},
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))

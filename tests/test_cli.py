@@ -53,7 +53,7 @@ def test_print_config_resolves_the_quickstart_recipe_with_overrides():
         "fit",
         "--config",
         str(ROOT / "recipes" / "quickstart.yaml"),
-        "--model.lr",
+        "--lr",  # the short flag of --model.optimizer.lr
         "0.0003",
         "--data.batch_size",
         "7",
@@ -61,7 +61,10 @@ def test_print_config_resolves_the_quickstart_recipe_with_overrides():
     )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    assert config["model"]["lr"] == 0.0003 and config["data"]["batch_size"] == 7
+    assert config["model"]["optimizer"]["lr"] == 0.0003 and config["data"]["batch_size"] == 7
+    # every group shows its fields, the recipe's and the defaults
+    assert config["model"]["optimizer"]["layer_decay"] == 0.75 and config["model"]["optimizer"]["name"] == "adam"
+    assert config["model"]["mixing"] == {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0, "switch_prob": 0.5}
     assert (
         config["model"]["backbone"] == "tf_efficientnet_lite0" and config["model"]["pretrained"] == "bundled"
     )
@@ -74,7 +77,7 @@ def _stripes_recipe(stripes_folder: Path, tmp_path: Path, model: dict, data: dic
     recipe = {
         "seed_everything": 0,
         "trainer": {"max_epochs": 4, "accelerator": "cpu", "default_root_dir": str(tmp_path / "run")},
-        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "lr": 0.003, **model},
+        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "optimizer": {"lr": 0.003}, **model},
         "data": {
             "source": "folder",
             "root": str(stripes_folder),
@@ -96,7 +99,11 @@ def test_finetune_end_to_end_writes_metrics(stripes_folder_large, tmp_path):
     recipe = _stripes_recipe(
         stripes_folder_large,
         tmp_path,
-        model={"freeze_schedule": {"frozen_epochs": 1}, "layer_decay": 1.0, "hidden_dims": [64]},
+        model={
+            "freeze_schedule": {"frozen_epochs": 1},
+            "head": {"hidden_dims": [64]},
+            "optimizer": {"lr": 0.003, "layer_decay": 1.0},
+        },
         data={"augment": "light", "batch_size": 32},
     )
     result = _run("finetune", "--config", recipe, "--trainer.max_epochs", "10")
@@ -128,7 +135,7 @@ def test_bad_recipe_values_fail_before_training(tmp_path):
         "fit",
         "--config",
         str(ROOT / "recipes" / "quickstart.yaml"),
-        "--model.activation",
+        "--model.head.activation",
         "gelu",
         "--trainer.max_epochs",
         "1",
@@ -144,7 +151,7 @@ def test_finetune_without_validation_trains_on_every_non_test_image_and_tests_th
     recipe = _stripes_recipe(
         stripes_folder,
         tmp_path,
-        model={"lr_schedule": "cosine"},
+        model={"lr_schedule": {"name": "cosine"}},
         data={"val_fraction": 0},
         # would stop the run after one epoch if it watched a validation loss
         early_stopping={"patience": 0, "min_delta": 100.0},
@@ -180,7 +187,7 @@ def test_a_plateau_schedule_without_validation_is_refused_before_training(stripe
         source="folder", root=str(stripes_folder), val_fraction=0, num_workers=0, **NORM
     )
     model = tk.TransferClassifier(
-        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr_schedule="performance"
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr_schedule={"name": "performance"}
     )
     trainer = quiet_trainer(tmp_path, max_epochs=1)
     with pytest.raises(ValueError, match="lr_schedule 'performance'.*val_fraction=0"):

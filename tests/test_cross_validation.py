@@ -162,7 +162,7 @@ def test_a_stopped_cross_validation_resumes_in_its_fold_without_retraining_finis
         assert "## Cross-validation" in (out / f"fold_{fold}" / "report.md").read_text()
 
     with pytest.raises(tk.ConfigError, match=r"another recipe \(model\.lr: 0\.001 then, 0\.01 now"):
-        cross_validate(_model(lr=0.01), dm, folds=3, out=out, trainer=trainer)
+        cross_validate(_model(optimizer={"lr": 0.01}), dm, folds=3, out=out, trainer=trainer)
 
 
 @pytest.mark.slow

@@ -78,7 +78,9 @@ def test_a_resumed_epoch_draws_what_the_uninterrupted_run_drew(stripes_folder):
 
 
 def _tiny_model() -> TransferClassifier:
-    return TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, hidden_dims=[])
+    return TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": []}
+    )
 
 
 def _tiny_dm(root: Path) -> ImageDataModule:

@@ -26,7 +26,7 @@ def _fit(
         num_classes=2,
         backbone=TINY_BACKBONE,
         pretrained=False,
-        dropout=0.3,
+        head={"dropout": 0.3},
         freeze_schedule=FreezeSchedule(frozen_epochs=frozen_epochs),
     )
     trainer = quiet_trainer(tmp_path, max_epochs=epochs, enable_checkpointing=False, callbacks=[caches])

@@ -30,7 +30,7 @@ def _dm(root: Path, **kwargs) -> ImageDataModule:
 
 
 def _model(schedule: FreezeSchedule | None = None, **kwargs) -> TransferClassifier:
-    kwargs = {"lr": 1e-2, "layer_decay": 0.5, "dropout": 0.3, **kwargs}
+    kwargs = {"optimizer": {"lr": 1e-2, "layer_decay": 0.5}, "head": {"dropout": 0.3}, **kwargs}
     return TransferClassifier(
         num_classes=2, backbone=TINY_BACKBONE, pretrained=False, freeze_schedule=schedule, **kwargs
     )
@@ -217,7 +217,9 @@ def test_every_group_has_the_expected_lr_at_every_step_across_unfreezes(
     epochs, warmup = 5, 0 if schedule_name == "performance" else 4
     freeze = FreezeSchedule(frozen_epochs=1, unfreeze_every=1, warmup_steps=warmup)
     model = _model(
-        freeze, lr=1e-2, layer_decay=0.5, lr_schedule=schedule_name, lr_milestones=[2, 4], plateau_patience=0
+        freeze,
+        optimizer={"lr": 1e-2, "layer_decay": 0.5},
+        lr_schedule={"name": schedule_name, "milestones": [2, 4], "plateau_patience": 0},
     )
     record = _RecordLR()
     trainer = _trainer(tmp_path, max_epochs=epochs, callbacks=[record])
@@ -444,7 +446,7 @@ def test_plan_prints_one_row_per_phase(tmp_path):
               backbone: {TINY_BACKBONE}
               pretrained: false
               freeze_schedule: {{frozen_epochs: 2, unfreeze_every: 1}}
-              progressive_resizing: {{1: 12, 4: 16}}
+              runtime: {{progressive_resizing: {{1: 12, 4: 16}}}}
             data: {{source: digits, image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], num_workers: 0}}
             """
         )
@@ -465,11 +467,12 @@ def test_plan_of_a_recipe_with_lr_auto_shows_rates_relative_to_the_head():
     import transferkit as tk
 
     model = tk.TransferClassifier(
-        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr="auto", layer_decay=0.5,
-        freeze_schedule=tk.FreezeSchedule(frozen_epochs=2), lr_schedule="none",
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, optimizer={"lr": "auto", "layer_decay": 0.5}, lr_schedule={"name": "none"}, freeze_schedule=tk.FreezeSchedule(frozen_epochs=2),
     )  # fmt: skip
     result = tk.plan(model, max_epochs=4)
-    assert result.relative_rates and model.hparams.lr == "auto"  # planning leaves the recipe as it was
+    assert (
+        result.relative_rates and model.settings.optimizer.lr == "auto"
+    )  # planning leaves the recipe as it was
     head, unfrozen = result.phases
     assert head.group_lrs == {"head": 1.0}
     # the top group at layer_decay times the head's rate, each group below half again

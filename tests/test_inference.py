@@ -28,7 +28,7 @@ def test_folding_the_pretrained_model_keeps_its_predictions():
 def test_folding_keeps_the_activation_of_a_fused_batchnorm_act_layer():
     torch.manual_seed(0)
     model = TransferClassifier(
-        num_classes=3, backbone=TINY_BACKBONE, pretrained=False, activation="leaky_relu"
+        num_classes=3, backbone=TINY_BACKBONE, pretrained=False, head={"activation": "leaky_relu"}
     )
     # give BatchNorm non-trivial statistics, as training would
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)):
@@ -71,7 +71,9 @@ def test_test_time_augmentation_averages_its_views_and_leaves_the_model_as_it_wa
     from transferkit.inference import predict_images
 
     torch.manual_seed(0)
-    model = TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, dropout=0.3).eval()
+    model = TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"dropout": 0.3}
+    ).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         mirrored = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
@@ -81,4 +83,6 @@ def test_test_time_augmentation_averages_its_views_and_leaves_the_model_as_it_wa
     transform = build_eval_transform(32, (0.5,) * 3, (0.5,) * 3)
     (row,) = predict_images(model, transform, [path], tta="d4", mc_dropout=4)
     assert row["error"] == "" and len(row["probs"]) == 2 and row["uncertainty"] >= 0
-    assert model.hparams.tta == "none" and not model.training  # another TTA for one call changed nothing
+    assert (
+        model.settings.prediction.tta == "none" and not model.training
+    )  # another TTA for one call changed nothing

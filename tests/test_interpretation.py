@@ -56,7 +56,11 @@ def test_gradcam_highlights_a_planted_discriminative_patch(tmp_path):
     )
     L.seed_everything(0)
     model = tk.TransferClassifier(
-        num_classes=2, class_names=data.class_names, backbone="test_resnet", pretrained=False, lr=3e-3
+        num_classes=2,
+        class_names=data.class_names,
+        backbone="test_resnet",
+        pretrained=False,
+        optimizer={"lr": 3e-3},
     )
     quiet_trainer(tmp_path / "run", max_epochs=5, enable_checkpointing=False).fit(model, datamodule=data)
     test = data.datasets["test"]
@@ -103,7 +107,7 @@ def trained(tmp_path_factory):
     recipe = {
         "seed_everything": 0,
         "trainer": {"max_epochs": 2, "default_root_dir": str(root / "run"), "enable_progress_bar": False},
-        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "tta": "hflip"},
+        "model": {"backbone": TINY_BACKBONE, "pretrained": False, "prediction": {"tta": "hflip"}},
         "data": {"source": "folder", "root": str(stripes), "num_workers": 0, "batch_size": 16, **NORM},
     }
     recipe["data"]["mean"], recipe["data"]["std"] = list(NORM["mean"]), list(NORM["std"])

@@ -67,7 +67,9 @@ class _ReadEverything(Callback):
 
 def test_every_accessor_reads_what_transferkit_expects_on_a_real_run(stripes_folder, tmp_path):
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=16, **NORM)
-    model = TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, hidden_dims=[])
+    model = TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": []}
+    )
     # only epoch 0 is ever a new best, so epoch 1's last.ckpt is transferkit's own write
     checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", monitor="epoch", mode="min", save_last=True)
     ema = EMA(decay=0.9)

@@ -19,7 +19,7 @@ def digits(**kwargs) -> tk.ImageDataModule:
 def test_the_suggested_rate_trains_and_a_hundred_times_larger_one_diverges(tmp_path):
     L.seed_everything(0)
     model = tk.TransferClassifier(
-        num_classes=10, backbone=TINY_BACKBONE, pretrained=False, lr_schedule="none"
+        num_classes=10, backbone=TINY_BACKBONE, pretrained=False, lr_schedule={"name": "none"}
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = tk.lr_find(model, digits(), steps=60, out=tmp_path / "lr_find.png")
@@ -30,7 +30,11 @@ def test_the_suggested_rate_trains_and_a_hundred_times_larger_one_diverges(tmp_p
     for lr in (found, 100 * found):
         L.seed_everything(0)
         model = tk.TransferClassifier(
-            num_classes=10, backbone=TINY_BACKBONE, pretrained=False, lr=lr, lr_schedule="none"
+            num_classes=10,
+            backbone=TINY_BACKBONE,
+            pretrained=False,
+            optimizer={"lr": lr},
+            lr_schedule={"name": "none"},
         )
         trainer = quiet_trainer(tmp_path / f"run-{lr}", max_epochs=3, enable_checkpointing=False)
         trainer.fit(model, digits())
@@ -45,8 +49,7 @@ def test_a_freeze_schedule_gets_a_sweep_per_phase_with_layer_decay_kept(tmp_path
 
     L.seed_everything(0)
     model = tk.TransferClassifier(
-        num_classes=10, backbone=TINY_BACKBONE, pretrained=False, layer_decay=0.5,
-        freeze_schedule={"milestones": {1: 2}},
+        num_classes=10, backbone=TINY_BACKBONE, pretrained=False, optimizer={"layer_decay": 0.5}, freeze_schedule={"milestones": {1: 2}},
     )  # fmt: skip
     seen = []
     sweep = lr_finder._own_sweep
@@ -92,18 +95,18 @@ def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_p
         num_classes=10,
         backbone=TINY_BACKBONE,
         pretrained=False,
-        lr="auto",
+        optimizer={"lr": "auto"},
         freeze_schedule={"frozen_epochs": 1},
     )
-    with pytest.raises(tk.ConfigError, match="model.lr is 'auto' and no range test has set it"):
+    with pytest.raises(tk.ConfigError, match="model.optimizer.lr is 'auto' and no range test has set it"):
         model.configure_optimizers()
     trainer = quiet_trainer(tmp_path, max_epochs=2, logger=True)
     trainer.fit(model, digits(max_samples=400))
-    lr, backbone_lr = model.hparams.lr, model.hparams.backbone_lr
+    lr, backbone_lr = model.settings.optimizer.lr, model.settings.optimizer.backbone_lr
     assert isinstance(lr, float) and isinstance(backbone_lr, float) and backbone_lr < lr
     assert (tmp_path / "lightning_logs" / "version_0" / "lr_find.png").is_file()
     saved = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)["hyper_parameters"]
-    assert saved["lr"] == lr and saved["backbone_lr"] == backbone_lr
+    assert saved["optimizer"]["lr"] == lr and saved["optimizer"]["backbone_lr"] == backbone_lr
     assert [s["phase"] for s in saved["lr_found"]] == ["head", "backbone"]
     hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
     assert f"lr: {lr}" in hparams  # logged

@@ -42,9 +42,11 @@ def test_soft_cross_entropy_is_cross_entropy_for_one_hot_targets_and_settings_ar
         expected = F.cross_entropy(logits, labels, label_smoothing=eps)
         assert torch.allclose(soft_cross_entropy(logits, one_hot, eps), expected)
     with pytest.raises(tk.ConfigError, match="mixup_alpha must be >= 0"):
-        tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, mixup_alpha=-1)
-    with pytest.raises(tk.ConfigError, match="mix_prob must be a probability"):
-        tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, mix_prob=2)
+        tk.TransferClassifier(
+            num_classes=2, backbone=TINY_BACKBONE, pretrained=False, mixing={"mixup_alpha": -1}
+        )
+    with pytest.raises(tk.ConfigError, match="model.mixing.prob must be a probability"):
+        tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, mixing={"prob": 2})
 
 
 def test_a_mixed_run_with_a_freeze_schedule_learns_and_evaluates_unmixed_images(stripes_folder, tmp_path):
@@ -53,8 +55,7 @@ def test_a_mixed_run_with_a_freeze_schedule_learns_and_evaluates_unmixed_images(
     L.seed_everything(0)
     dm = tk.ImageDataModule(source="folder", root=str(stripes_folder), batch_size=8, num_workers=0, **NORM)
     model = tk.TransferClassifier(
-        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr=0.02, hidden_dims=[],
-        mixup_alpha=0.4, cutmix_alpha=1.0, freeze_schedule={"frozen_epochs": 1},
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": []}, optimizer={"lr": 0.02}, mixing={"mixup_alpha": 0.4, "cutmix_alpha": 1.0}, freeze_schedule={"frozen_epochs": 1},
     )  # fmt: skip
     calls = {"train": 0}
     mix = model.mixing.mix
@@ -129,8 +130,7 @@ def test_soft_labels_train_on_distributions_and_are_scored_on_hard_labels(stripe
     _, labels = next(iter(dm.val_dataloader()))
     assert labels.dtype == torch.long  # validation scores the classes
     model = tk.TransferClassifier(
-        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr=0.02, hidden_dims=[],
-        freeze_schedule={"frozen_epochs": 2},
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": []}, optimizer={"lr": 0.02}, freeze_schedule={"frozen_epochs": 2},
     )  # fmt: skip
     trainer = quiet_trainer(tmp_path, max_epochs=6, callbacks=[tk.FreezeAndCache(feature_cache="clean")])
     trainer.fit(model, dm)  # the frozen epochs train on cached features with the same soft targets

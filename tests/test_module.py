@@ -25,7 +25,9 @@ def test_fit_on_learnable_images_beats_chance_clearly(stripes_folder_large, tmp_
     dm = ImageDataModule(
         source="folder", root=str(stripes_folder_large), num_workers=0, batch_size=32, augment="none", **NORM
     )
-    model = _model(lr=3e-3, layer_decay=1.0, hidden_dims=(64,))  # from scratch: no smaller LR low down
+    model = _model(
+        head={"hidden_dims": (64,)}, optimizer={"lr": 3e-3, "layer_decay": 1.0}
+    )  # from scratch: no smaller LR low down
     trainer = _trainer(tmp_path, max_epochs=12)
     trainer.fit(model, datamodule=dm)
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
@@ -42,7 +44,9 @@ class _RecordLR(Callback):
 
 def test_exponential_decay_per_optimizer_step_in_every_group(stripes_folder, tmp_path):
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
-    model = _model(lr=1e-2, layer_decay=0.5, decay_rate=0.1, decay_steps=4)
+    model = _model(
+        optimizer={"lr": 1e-2, "layer_decay": 0.5}, lr_schedule={"decay_rate": 0.1, "decay_steps": 4}
+    )
     record = _RecordLR()
     trainer = _trainer(tmp_path, max_epochs=2, callbacks=[record], limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
@@ -58,22 +62,24 @@ def test_exponential_decay_per_optimizer_step_in_every_group(stripes_folder, tmp
 
 def test_backbone_lr_sets_the_top_group_and_layer_decay_the_groups_below(stripes_folder, tmp_path):
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
-    model = _model(lr=1e-2, backbone_lr=1e-4, layer_decay=0.5, lr_schedule="none")
+    model = _model(
+        optimizer={"lr": 1e-2, "backbone_lr": 1e-4, "layer_decay": 0.5}, lr_schedule={"name": "none"}
+    )
     record = _RecordLR()
     trainer = _trainer(tmp_path, max_epochs=1, callbacks=[record], limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     head, *backbone = record.lrs[-1]  # head, then backbone top to bottom
     assert head == pytest.approx(1e-2)
     assert backbone == pytest.approx([1e-4 * 0.5**depth for depth in range(len(model.groups))])
-    with pytest.raises(ValueError, match="backbone_lr must be > 0"):
-        _model(backbone_lr=0.0)
+    with pytest.raises(ValueError, match="model.optimizer.backbone_lr must be a number > 0"):
+        _model(optimizer={"backbone_lr": 0.0})
 
 
 def test_progressive_resizing_trains_small_then_full_and_always_validates_at_full_size(
     stripes_folder, tmp_path
 ):
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
-    model = _model(progressive_resizing={"0": 16, 2: 32})  # YAML/CLI keys may arrive as strings
+    model = _model(runtime={"progressive_resizing": {"0": 16, 2: 32}})  # YAML/CLI keys may arrive as strings
     seen: list[tuple[int, bool, tuple[int, int]]] = []  # (epoch, training step?, image size)
     model.backbone.register_forward_pre_hook(
         lambda _, args: seen.append((model.current_epoch, torch.is_grad_enabled(), tuple(args[0].shape[-2:])))
@@ -86,11 +92,11 @@ def test_progressive_resizing_trains_small_then_full_and_always_validates_at_ful
     assert train_sizes == {0: {(16, 16)}, 1: {(16, 16)}, 2: {(32, 32)}}
     assert {size for _, training, size in seen if not training} == {(32, 32)}  # validation: the data's size
     assert trainer.callback_metrics["train_image_side"] == 32
-    assert model.hparams.progressive_resizing == {0: 16, 2: 32}
+    assert model.settings.runtime.progressive_resizing == {0: 16, 2: 32}
     with pytest.raises(ValueError, match="image side in pixels"):
-        _model(progressive_resizing={3: 0})
+        _model(runtime={"progressive_resizing": {3: 0}})
     with pytest.raises(ValueError, match="maps epoch -> image side"):
-        _model(progressive_resizing=[176, 224])
+        _model(runtime={"progressive_resizing": [176, 224]})
 
 
 def test_a_frozen_epoch_leaves_the_backbone_and_its_batchnorm_untouched(stripes_folder, tmp_path):
@@ -109,14 +115,16 @@ def test_a_frozen_epoch_leaves_the_backbone_and_its_batchnorm_untouched(stripes_
 def test_the_checkpoint_loads_safely_and_holds_the_recipe(stripes_folder, tmp_path):
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
     model = _model(
-        class_names=["horizontal", "vertical"], freeze_schedule=FreezeSchedule(frozen_epochs=1), max_norm=3.0
+        class_names=["horizontal", "vertical"],
+        freeze_schedule=FreezeSchedule(frozen_epochs=1),
+        head={"max_norm": 3.0},
     )
     trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)
     trainer.fit(model, datamodule=dm)
     path = trainer.checkpoint_callback.best_model_path
     checkpoint = torch.load(path, weights_only=True)  # plain data, no pickled code
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["backbone"] == TINY_BACKBONE and hparams["max_norm"] == 3.0
+    assert hparams["backbone"] == TINY_BACKBONE and hparams["head"]["max_norm"] == 3.0
     assert hparams["freeze_schedule"]["frozen_epochs"] == 1
     assert checkpoint["transferkit"]["class_names"] == ["horizontal", "vertical"]
     restored = TransferClassifier.load_from_checkpoint(path, weights_only=True)
@@ -127,7 +135,7 @@ def test_the_checkpoint_loads_safely_and_holds_the_recipe(stripes_folder, tmp_pa
 
 def test_max_norm_holds_after_training_steps(stripes_folder, tmp_path):
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
-    model = _model(max_norm=0.2, lr=0.05)
+    model = _model(head={"max_norm": 0.2}, optimizer={"lr": 0.05})
     trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     norms = [
@@ -141,7 +149,7 @@ def test_max_norm_holds_after_training_steps(stripes_folder, tmp_path):
 )
 def test_test_time_augmentation_makes_predictions_invariant(tta, transform):
     torch.manual_seed(0)
-    model = _model(tta=tta).eval()
+    model = _model(prediction={"tta": tta}).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         probs = model.predict_proba(x)
@@ -153,7 +161,7 @@ def test_test_time_augmentation_makes_predictions_invariant(tta, transform):
 
 def test_channels_last_computes_the_same_function():
     torch.manual_seed(0)
-    model = _model(channels_last=False).eval()
+    model = _model(runtime={"channels_last": False}).eval()
     fast = _model().eval()  # channels-last is the default
     fast.load_state_dict(model.state_dict())
     fast.backbone.to(memory_format=torch.channels_last)
@@ -167,7 +175,12 @@ def _fit_penalised(stripes_folder, tmp_path, **kwargs) -> tuple[TransferClassifi
     dm = ImageDataModule(
         source="folder", root=str(stripes_folder), num_workers=0, batch_size=16, augment="none", **NORM
     )
-    model = _model(lr=3e-3, layer_decay=1.0, hidden_dims=(64,), dropout=0.0, lr_schedule="none", **kwargs)
+    model = _model(
+        head={"hidden_dims": (64,), "dropout": 0.0},
+        optimizer={"lr": 3e-3, "layer_decay": 1.0},
+        lr_schedule={"name": "none"},
+        **kwargs,
+    )
     trainer = _trainer(tmp_path, max_epochs=4)
     trainer.fit(model, datamodule=dm)
     return model, {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -177,31 +190,31 @@ def _fit_penalised(stripes_folder, tmp_path, **kwargs) -> tuple[TransferClassifi
 def test_l1_makes_the_penalised_weights_sparse_and_l2_shrinks_them(stripes_folder_large, tmp_path):
     data = stripes_folder_large
     plain, _ = _fit_penalised(data, tmp_path / "plain")
-    sparse, metrics = _fit_penalised(data, tmp_path / "l1", l1=1.0)
-    small, _ = _fit_penalised(data, tmp_path / "l2", l2=1e-2)
-    assert metrics["l1_sparsity"] == pytest.approx(sparse.sparsity())
-    assert sparse.sparsity() > 0.5 and plain.sparsity() < 0.1, (sparse.sparsity(), plain.sparsity())
-    exact_zeros = sum(int((w == 0).sum()) for w in sparse.penalised_weights)
-    assert exact_zeros / sum(w.numel() for w in sparse.penalised_weights) > 0.5  # truly zero, not just small
+    sparse, metrics = _fit_penalised(data, tmp_path / "l1", regularisation={"l1": 1.0})
+    small, _ = _fit_penalised(data, tmp_path / "l2", regularisation={"l2": 1e-2})
+    assert metrics["l1_sparsity"] == pytest.approx(sparse.regularisers.sparsity())
+    assert sparse.regularisers.sparsity() > 0.5 and plain.regularisers.sparsity() < 0.1, (sparse.regularisers.sparsity(), plain.regularisers.sparsity())
+    exact_zeros = sum(int((w == 0).sum()) for w in sparse.regularisers.weights)
+    assert exact_zeros / sum(w.numel() for w in sparse.regularisers.weights) > 0.5  # truly zero, not just small
     assert metrics["val_acc"] >= 0.8, metrics  # still a classifier (chance 0.5)
     # L2 on the head only: head weights shrink, the backbone is not penalised
-    norm = lambda m: sum(w.norm() ** 2 for w in m.penalised_weights).sqrt().item()  # noqa: E731
+    norm = lambda m: sum(w.norm() ** 2 for w in m.regularisers.weights).sqrt().item()  # noqa: E731
     assert norm(small) < 0.7 * norm(plain), (norm(small), norm(plain))
-    assert all(p.ndim >= 2 for p in small.penalised_weights)
-    assert {id(p) for p in small.penalised_weights} <= {id(p) for p in small.head.parameters()}
+    assert all(p.ndim >= 2 for p in small.regularisers.weights)
+    assert {id(p) for p in small.regularisers.weights} <= {id(p) for p in small.head.parameters()}
 
 
 def test_penalty_groups_are_checked_by_name():
-    model = _model(l1=1e-4, penalty_groups=["head", "backbone.99"])
+    model = _model(regularisation={"l1": 1e-4, "penalty_groups": ["head", "backbone.99"]})
     with pytest.raises(ValueError, match="unknown groups.*backbone.99"):
-        _ = model.penalised_weights
-    whole = _model(l2=1e-4, penalty_groups="all")
-    assert len(whole.penalised_weights) > len(_model(l2=1e-4).penalised_weights)
+        _ = model.regularisers.weights
+    whole = _model(regularisation={"l2": 1e-4, "penalty_groups": "all"})
+    assert len(whole.regularisers.weights) > len(_model(regularisation={"l2": 1e-4}).regularisers.weights)
 
 
 def test_mc_dropout_returns_mean_probabilities_and_their_spread():
     torch.manual_seed(0)
-    model = _model(dropout=0.5, mc_dropout=16).eval()
+    model = _model(head={"dropout": 0.5}, prediction={"mc_dropout": 16}).eval()
     x = torch.randn(6, 3, 32, 32)
     out = model.predict_step(x, 0)
     assert set(out) == {"probs", "std", "entropy"}
@@ -216,16 +229,20 @@ def test_mc_dropout_returns_mean_probabilities_and_their_spread():
 
 def test_mc_dropout_without_dropout_is_refused():
     with pytest.raises(ValueError, match="dropout"):
-        _model(dropout=0.0, mc_dropout=10)
+        _model(head={"dropout": 0.0}, prediction={"mc_dropout": 10})
     with pytest.raises(ValueError, match="at least 2"):
-        _model(dropout=0.2).predict_mc_dropout(torch.randn(1, 3, 32, 32), samples=1)
+        _model(head={"dropout": 0.2}).predict_mc_dropout(torch.randn(1, 3, 32, 32), samples=1)
 
 
 @pytest.mark.parametrize("algorithm", ["value", "norm"])
 def test_gradient_clipping_bounds_every_update(stripes_folder, tmp_path, algorithm):
     # plain SGD with lr 1: an update is exactly the (clipped) gradient
     dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
-    model = _model(optimizer="sgd", lr=1.0, layer_decay=1.0, lr_schedule="none", dropout=0.0)
+    model = _model(
+        head={"dropout": 0.0},
+        optimizer={"name": "sgd", "lr": 1.0, "layer_decay": 1.0},
+        lr_schedule={"name": "none"},
+    )
     clip = 1e-4
     before = [p.detach().clone() for p in model.parameters()]
     trainer = _trainer(
@@ -258,7 +275,7 @@ def test_gradient_clipping_bounds_every_update(stripes_folder, tmp_path, algorit
     ],
 )
 def test_optimizer_hyperparameters_reach_every_group(optimizer, settings, expected):
-    model = _model(optimizer=optimizer, **settings)
+    model = _model(optimizer={"name": optimizer, **settings})
     built = model.configure_optimizers()["optimizer"]
     for group in built.param_groups:
         for key, value in expected.items():
@@ -297,10 +314,11 @@ def test_the_step_loss_in_the_progress_bar_is_read_back_every_step_only_when_sho
             enable_checkpointing=False,
         )
         read_back.clear()
-        trainer.fit(_model(progress_bar_step_loss=shown), datamodule=dm)
+        trainer.fit(_model(runtime={"progress_bar_step_loss": shown}), datamodule=dm)
         return len(read_back)
 
     per_step = (reads(12) - reads(4)) / 8
     assert per_step == (1 if shown else 0), f"{per_step} logged values read back per training step"
-    assert _model().hparams.progress_bar_step_loss is None
-    assert _model()._step_loss_in_progress_bar()  # the default on a CPU, where a read-back costs nothing
+    assert _model().settings.runtime.progress_bar_step_loss is None
+    assert _model().settings.runtime.shows_step_loss("cpu")  # the default on a CPU, where a read-back costs nothing
+    assert not _model().settings.runtime.shows_step_loss("cuda")

@@ -127,7 +127,7 @@ def tiny_run(tmp_path_factory) -> Path:
         num_classes=2,
         backbone=TINY_BACKBONE,
         pretrained=False,
-        hidden_dims=(16,),
+        head={"hidden_dims": (16,)},
         freeze_schedule=FreezeSchedule(frozen_epochs=1),
     )
     trainer = quiet_trainer(

@@ -25,9 +25,9 @@ def _fit(root, tmp_path, callbacks, batch_size: int = 8) -> tuple[TransferClassi
         num_classes=2,
         backbone=TINY_BACKBONE,
         pretrained=False,
-        hidden_dims=[16],
-        dropout=0.5,  # dropout masks: a callback that drew random numbers would change the weights
-        lr=3e-2,
+        # dropout masks: a callback that drew random numbers would change the weights
+        head={"hidden_dims": [16], "dropout": 0.5},
+        optimizer={"lr": 3e-2},
         # the backbone's top unfreezes at epoch 1 while its BatchNorm stays on its own statistics
         freeze_schedule=FreezeSchedule(milestones={0: 0, 1: 2}, bn_policy="eval"),
     )

@@ -187,16 +187,20 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
 
     # the model is the recipe's: every model field it sets, the head built from them, its classes
+    settings = model.settings
     for key, value in recipe.get("model", {}).items():
         if key == "freeze_schedule":
-            assert model.hparams.freeze_schedule == FreezeSchedule.coerce(value).to_dict()
+            assert settings.freeze_schedule == FreezeSchedule.coerce(value)
+        elif isinstance(value, dict):  # a group: each field the recipe sets
+            for field, given in value.items():
+                assert plain(getattr(getattr(settings, key), field)) == plain(given), f"model.{key}.{field}"
         else:
-            assert plain(model.hparams[key]) == plain(value), f"model.{key}"
-    hp = model.hparams
+            assert plain(getattr(settings, key)) == plain(value), f"model.{key}"
+    head = settings.head
     head_layers = [type(m) for m in model.head.hidden]
-    if hp.hidden_dims:
-        assert HEAD_ACTIVATIONS[hp.activation] in head_layers, (hp.activation, head_layers)
-    assert (nn.BatchNorm1d in head_layers) == bool(hp.batch_norm and hp.hidden_dims), head_layers
+    if head.hidden_dims:
+        assert HEAD_ACTIVATIONS[head.activation] in head_layers, (head.activation, head_layers)
+    assert (nn.BatchNorm1d in head_layers) == bool(head.batch_norm and head.hidden_dims), head_layers
     for key, value in recipe.get("data", {}).items():
         if key not in OVERRIDDEN_DATA:
             assert plain(data.hparams[key]) == plain(value), f"data.{key}"
@@ -204,15 +208,15 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     (feeding,) = [c for c in trainer.callbacks if isinstance(c, FreezeAndCache)]
     for key, value in recipe.get("caches", {}).items():
         assert getattr(feeding, key) == value, f"caches.{key}"
-    assert hp.num_classes == data.num_classes == model.head.fc.out_features
+    assert settings.num_classes == data.num_classes == model.head.fc.out_features
     if data.hparams.source == "elpv":
-        assert hp.num_classes == {"binary": 2, "4class": 4}[data.hparams.task]
+        assert settings.num_classes == {"binary": 2, "4class": 4}[data.hparams.task]
 
     # it trained, epoch after epoch, on the recipe's freeze schedule, with finite losses
     assert trainer.state.finished and trainer.current_epoch == epochs
     metrics = epoch_metrics(Path(trainer.log_dir) / "metrics.csv")
     assert metrics["epoch"] == list(range(epochs))
-    schedule = FreezeSchedule.coerce(hp.freeze_schedule)
+    schedule = settings.freeze_schedule
     if schedule.active:
         expected = [float(schedule.trainable_groups(e, len(model.groups))) for e in range(epochs)]
         assert metrics["trainable_groups"] == expected

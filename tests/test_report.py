@@ -40,9 +40,8 @@ def _recipe(root: Path, stripes: Path, **trainer: object) -> dict:
         "model": {
             "backbone": TINY_BACKBONE,
             "pretrained": False,
-            "lr": 0.003,
-            "layer_decay": 1.0,
-            "hidden_dims": [64],
+            "head": {"hidden_dims": [64]},
+            "optimizer": {"lr": 0.003, "layer_decay": 1.0},
             "freeze_schedule": {"frozen_epochs": 1},  # head only in epoch 0: one unfreeze point
         },
         "data": {
@@ -101,7 +100,7 @@ def test_finetune_leaves_a_report_with_the_final_figures_and_pictures(run):
     assert metrics["test"]["test_acc"] > 0.6  # learned (chance is 0.5), so the figures mean something
     for name in ("config.yaml", "metrics.csv", "metrics.json", "report.md", "hparams.yaml"):
         assert (run_dir / name).is_file(), name
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["lr"] == 0.003
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["optimizer"]["lr"] == 0.003
     assert Path(metrics["best_checkpoint"]).parent == run_dir / "checkpoints"  # everything in one run dir
 
     curves = _png_size(run_dir / "learning_curves.png")
@@ -206,7 +205,7 @@ def test_finetune_reads_the_test_split_once_and_its_confusion_matrix_matches_the
     assert len(reads) == size, (
         f"{len(reads)} test images read for a test split of {size}: read more than once"
     )
-    truth, predicted = model.test_predictions
+    truth, predicted = model.scoring.test_predictions
     assert len(truth) == size
     accuracy = float((truth == predicted).mean())
     assert accuracy == pytest.approx(results["test"]["test_acc"], abs=1e-6)
@@ -328,7 +327,9 @@ def test_mismatched_checkpoint_says_what_differs_and_what_to_do(run, tmp_path):
     assert "backbone='test_efficientnet', num_classes=2" in message and "from_checkpoint" in message
 
     # resuming a run whose recipe changed the head is refused before any training
-    model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, hidden_dims=(32,))
+    model = tk.TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": (32,)}
+    )
     data = tk.ImageDataModule(**run.recipe["data"])
     with pytest.raises(tk.CheckpointMismatchError, match=r"hidden_dims: checkpoint \[64\], model \[32\]"):
         quiet_trainer(tmp_path, max_epochs=9).fit(model, datamodule=data, ckpt_path=str(run.best))

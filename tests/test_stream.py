@@ -63,7 +63,9 @@ def test_a_pack_trains_on_the_same_splits_and_augmented_images_as_its_folder(pac
     assert sorted(map(digest, val)) == sorted(map(digest, expected))
 
     record = RecordImages()
-    model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, hidden_dims=[])
+    model = tk.TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": []}
+    )
     trainer = quiet_trainer(tmp_path / "run", max_epochs=2, callbacks=[record])
     trainer.fit(model, stream)
     train = folder.datasets["train"]

@@ -86,7 +86,9 @@ def test_early_stopping_can_be_turned_off_from_python_and_from_a_recipe(stripes_
 
 def test_without_validation_the_defaults_keep_the_last_epoch_and_stop_nothing(tmp_path):
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 2, (64,))
-    model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False, hidden_dims=[])
+    model = tk.TransferClassifier(
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": []}
+    )
     trainer = quiet_trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path))
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))  # no validation loader at all
     assert trainer.current_epoch == 2 and not trainer.early_stopping_callbacks

@@ -2,7 +2,8 @@
 
 >>> import transferkit as tk
 >>> backbone = tk.create_backbone("tf_efficientnet_lite0", pretrained="bundled")
->>> model = tk.TransferClassifier(num_classes=2, freeze_schedule=tk.FreezeSchedule(frozen_epochs=2))
+>>> model = tk.TransferClassifier(num_classes=2, freeze_schedule=tk.FreezeSchedule(frozen_epochs=2),
+...                               optimizer=tk.OptimizerSettings(lr=3e-4), head={"dropout": 0.3})
 
 The names below are imported when first used, so ``import transferkit`` itself loads neither torch,
 Lightning nor matplotlib, and ``python -m transferkit --help`` answers at once.
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
         NonFiniteLossError,
         TransferKitError,
     )
+    from transferkit.finetuning.optim import LRScheduleSettings, OptimizerSettings
     from transferkit.finetuning.schedule import FreezeSchedule
     from transferkit.inference.calibrate import calibrate
     from transferkit.inference.export import export_checkpoint
@@ -44,6 +46,14 @@ if TYPE_CHECKING:
     from transferkit.models.calibration import Calibration
     from transferkit.models.classifier import TransferClassifier
     from transferkit.models.heads import ClassifierHead
+    from transferkit.models.settings import (
+        ClassifierSettings,
+        HeadSettings,
+        MixingSettings,
+        PredictionSettings,
+        RegularisationSettings,
+        RuntimeSettings,
+    )
     from transferkit.reporting import plots
     from transferkit.reporting.interpretation import interpret
     from transferkit.reporting.run_report import write_run_report
@@ -81,6 +91,14 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "plan": "transferkit.tuning.planning",
         "probe": "transferkit.tuning.probing",
         "FreezeSchedule": "transferkit.finetuning.schedule",
+        "OptimizerSettings": "transferkit.finetuning.optim",
+        "LRScheduleSettings": "transferkit.finetuning.optim",
+        "ClassifierSettings": "transferkit.models.settings",
+        "HeadSettings": "transferkit.models.settings",
+        "MixingSettings": "transferkit.models.settings",
+        "PredictionSettings": "transferkit.models.settings",
+        "RegularisationSettings": "transferkit.models.settings",
+        "RuntimeSettings": "transferkit.models.settings",
         "calibrate": "transferkit.inference.calibrate",
         "export_checkpoint": "transferkit.inference.export",
         "load_for_inference": "transferkit.inference.loading",

@@ -1,8 +1,9 @@
 """``python -m transferkit``: LightningCLI training commands plus transferkit's own tools.
 
 Training commands (``fit``, ``validate``, ``test``, ``predict``, ``finetune``) take YAML recipes with
-``--config recipes/X.yaml``; every field can be overridden on the command line (``--model.lr 3e-4``) and
-``--print_config`` shows the resolved recipe. Each tool is a module of this package whose
+``--config recipes/X.yaml``; every field can be overridden on the command line
+(``--model.optimizer.lr 3e-4``), the most used ones by a short flag (``--lr 3e-4``, see
+:data:`transferkit.cli.recipes.SHORT_FLAGS`), and ``--print_config`` shows the resolved recipe. Each tool is a module of this package whose
 ``main(argv) -> exit status`` is a thin layer around a plain function of the library (``tk.plan``, ``tk.probe``, ``tk.diagnose`` ...).
 
 An error transferkit raises for a person (bad data, a refused recipe value, an unusable checkpoint) ends
@@ -64,6 +65,8 @@ _TOOL_HELP = {
 
 
 def _overview() -> str:
+    from transferkit.cli.recipes import SHORT_FLAGS  # light: no torch, no Lightning
+
     lines = [
         "usage: python -m transferkit COMMAND [options]",
         "",
@@ -76,6 +79,8 @@ def _overview() -> str:
     lines += [f"  {name:<16}{_TOOL_HELP[name]}" for name in TOOL_COMMANDS]
     lines += [
         "",
+        "short flags (training commands and the recipe tools): "
+        + ", ".join(f"{short} = {full}" for short, full in SHORT_FLAGS.items()),
         "python -m transferkit COMMAND --help shows a command's options.",
         "TRANSFERKIT_TRACEBACK=1 (or --traceback) shows the traceback of an error.",
     ]
@@ -91,8 +96,9 @@ def _run(args: list[str]) -> int:
         print(f"unknown command '{command}'.\n\n{_overview()}", file=sys.stderr)
         return 2
     from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
-    from transferkit.cli.recipes import refuse_code_in_recipes, refuse_moved_keys
+    from transferkit.cli.recipes import expand_short_flags, refuse_code_in_recipes, refuse_moved_keys
 
+    args = expand_short_flags(args)
     refuse_code_in_recipes(args)
     refuse_moved_keys(args)
     with warnings.catch_warnings():

@@ -26,7 +26,7 @@ def main(argv: Sequence[str]) -> int:
             "(oof_predictions.csv). The test split stays the recipe's and is not scored without --ensemble. "
             "Run the same command again to resume a stopped cross-validation."
         ),
-        epilog="The recipe: --config recipes/X.yaml, and any field overridden as for fit (--model.lr 3e-4).",
+        epilog="The recipe: --config recipes/X.yaml, and any field overridden as for fit (--model.optimizer.lr 3e-4, or --lr 3e-4).",
     )
     parser.add_argument(
         "--folds",

@@ -28,7 +28,7 @@ def main(argv: Sequence[str]) -> int:
         prog="python -m transferkit diagnose",
         description=(
             "Gradient health per layer (vanishing, incl. saturated units / exploding / dying) over a few training "
-            "batches of a recipe. Other options are the recipe's, as for fit (--config X, --model.lr ...)."
+            "batches of a recipe. Other options are the recipe's, as for fit (--config X, --lr ...)."
         ),
     )
     parser.add_argument("--batches", type=int, default=5, help="training batches to record (default 5)")

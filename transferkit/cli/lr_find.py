@@ -18,7 +18,7 @@ def main(argv: Sequence[str]) -> int:
             "Range-test the learning rates of a recipe: the head's in the frozen phase (on the feature cache "
             "when it is on) and, for a recipe that unfreezes, the top backbone group's at the first unfreeze "
             "(layer decay kept). Prints each suggestion and why, and writes the curves to a PNG. Give the "
-            "recipe with --config (overrides such as --model.layer_decay 0.5 work as for fit)."
+            "recipe with --config (overrides such as --model.optimizer.layer_decay 0.5 work as for fit)."
         ),
     )
     parser.add_argument(
@@ -43,6 +43,6 @@ def main(argv: Sequence[str]) -> int:
         caches=next((c for c in recipe.trainer.callbacks if isinstance(c, FreezeAndCache)), None),
     )
     print(report)
-    fields = ", ".join(f"model.{name}: {value:.3g}" for name, value in report.values.items())
-    print(f"wrote {report.png}. In the recipe: {fields or 'nothing found (see above)'} (or model.lr: auto).")
+    fields = ", ".join(f"model.optimizer.{name}: {value:.3g}" for name, value in report.values.items())
+    print(f"wrote {report.png}. In the recipe: {fields or 'nothing found (see above)'} (or model.optimizer.lr: auto).")
     return 0 if report.values else 1

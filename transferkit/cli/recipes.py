@@ -13,6 +13,8 @@ from transferkit.errors import ConfigError
 
 __all__ = [
     "MOVED_KEYS",
+    "SHORT_FLAGS",
+    "expand_short_flags",
     "Recipe",
     "config_paths",
     "load_recipe",
@@ -32,6 +34,35 @@ def config_paths(args: Sequence[str]) -> list[str]:
     return paths + [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
 
 
+# the settings changed most, one short flag away on every training command and recipe tool
+SHORT_FLAGS = {
+    "--lr": "--model.optimizer.lr",
+    "--backbone": "--model.backbone",
+    "--dropout": "--model.head.dropout",
+    "--epochs": "--trainer.max_epochs",
+    "--batch_size": "--data.batch_size",
+    "--image_size": "--data.image_size",
+    "--augment": "--data.augment",
+    "--root": "--data.root",
+    "--seed": "--seed_everything",
+}
+
+
+def expand_short_flags(args: Sequence[str]) -> list[str]:
+    """``args`` with each short flag (:data:`SHORT_FLAGS`, as ``--lr 3e-4`` or ``--lr=3e-4``) written as the
+    recipe key it stands for (``--model.optimizer.lr 3e-4``).
+
+    Example:
+        >>> expand_short_flags(["fit", "--config", "r.yaml", "--lr=3e-4", "--epochs", "5"])
+        ['fit', '--config', 'r.yaml', '--model.optimizer.lr=3e-4', '--trainer.max_epochs', '5']
+    """
+    out = []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        out.append(SHORT_FLAGS[flag] + eq + value if flag in SHORT_FLAGS else arg)
+    return out
+
+
 # recipe keys that moved, old -> new: a recipe (or command line) with an old one gets one line naming the new
 MOVED_KEYS = {
     "data.feature_cache": "caches.feature_cache",
@@ -40,35 +71,62 @@ MOVED_KEYS = {
 }
 _WHY_MOVED = {
     "caches": "the FreezeAndCache callback owns what the model is fed while the backbone is frozen",
+    "model": "the model's settings come in typed groups (head, optimizer, lr_schedule, regularisation, "
+    "mixing, prediction, runtime; see transferkit.models.settings)",
 }
 
 
+def _moved_model_keys() -> dict[str, str]:
+    from transferkit.models.settings import FLAT_KEYS
+
+    return {f"model.{old}": f"model.{group}.{name}" for old, (group, name) in FLAT_KEYS.items()}
+
+
+def _is_group(value: Any) -> bool:
+    """Whether a recipe value can be a group: a mapping (or, on the command line, one written inline or a
+    file holding one)."""
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, str) and (value.lstrip().startswith("{") or Path(value).is_file())
+
+
 def refuse_moved_keys(args: Sequence[str]) -> None:
-    """Raise :class:`~transferkit.errors.ConfigError` naming the new place of a recipe key that moved
-    (:data:`MOVED_KEYS`), whether a ``--config`` file or the command line uses it."""
+    """Raise :class:`~transferkit.errors.ConfigError` naming the new place of each recipe key that moved
+    (:data:`MOVED_KEYS`, and the model's flat settings, now in groups: ``model.lr`` is
+    ``model.optimizer.lr``), whether a ``--config`` file or the command line uses it."""
     import yaml
 
-    used: list[tuple[str, str]] = []  # (old key, where)
+    moved = {**MOVED_KEYS, **_moved_model_keys()}
+    used: dict[str, str] = {}  # old key -> where
     for path in config_paths(args):
         try:
             recipe = yaml.safe_load(Path(path).read_text(errors="replace"))
         except (OSError, yaml.YAMLError):
             continue  # the parser reports a missing or broken file in its own words
-        for old in MOVED_KEYS:
+        for old in moved:
             section, key = old.split(".")
-            if isinstance(recipe, dict) and isinstance(recipe.get(section), dict) and key in recipe[section]:
-                used.append((old, f"'{path}'"))
-    for arg in args:
-        name = arg.split("=", 1)[0].removeprefix("--")
-        if name in MOVED_KEYS:
-            used.append((name, "the command line"))
+            values = recipe.get(section) if isinstance(recipe, dict) else None
+            # model.optimizer and model.lr_schedule are groups now; only a name where one goes has moved
+            if (
+                isinstance(values, dict)
+                and key in values
+                and not (key in ("optimizer", "lr_schedule") and _is_group(values[key]))
+            ):
+                used.setdefault(old, f"'{path}'")
+    args = list(args)
+    for arg, following in zip(args, [*args[1:], None], strict=True):
+        name, _, inline = arg.removeprefix("--").partition("=")
+        value = inline if "=" in arg else following
+        if name in moved and not (name in ("model.optimizer", "model.lr_schedule") and _is_group(value)):
+            used.setdefault(name, "the command line")
     if used:
-        old, where = used[0]
-        new = MOVED_KEYS[old]
-        raise ConfigError(
-            f"{old} (in {where}) is now {new}: {_WHY_MOVED[new.split('.')[0]]}. Write {new.split('.')[0]}: "
-            f"{{{new.split('.')[1]}: ...}} in the recipe, or --{new} on the command line."
-        )
+        sections = sorted({moved[old].split(".")[0] for old in used})
+        places = "; ".join(f"{old} (in {where}) is now {moved[old]}" for old, where in used.items())
+        why = ". ".join(_WHY_MOVED[s] for s in sections)
+        new = moved[next(iter(used))]
+        first, *rest = new.split(".")  # model.optimizer.lr -> model: {optimizer: {lr: ...}}
+        nested = f"{first}: " + "".join(f"{{{part}: " for part in rest) + "..." + "}" * len(rest)
+        raise ConfigError(f"{places}: {why}. Write {nested} in the recipe, or --{new} on the command line.")
 
 
 def refuse_code_in_recipes(args: Sequence[str]) -> None:
@@ -105,6 +163,7 @@ def load_recipe(args: Sequence[str], logger: bool = True) -> Recipe:
     running anything. ``logger=False`` builds the Trainer without loggers (a tool that writes no run)."""
     from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
 
+    args = expand_short_flags(args)
     refuse_code_in_recipes(args)
     refuse_moved_keys(args)
     args = list(args) if logger else ["--trainer.logger", "false", *args]

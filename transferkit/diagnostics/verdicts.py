@@ -69,7 +69,7 @@ _SEVERITY = ("exploding", "vanishing", "dying")
 
 _FIXES = {
     "exploding": (
-        "lower the learning rate (model.lr), clip the gradients (trainer.gradient_clip_val, e.g. 1.0), "
+        "lower the learning rate (model.optimizer.lr), clip the gradients (trainer.gradient_clip_val, e.g. 1.0), "
         "and use an init that preserves the variance (He for ReLU/ELU) or BatchNorm"
     ),
     "vanishing": (
@@ -78,7 +78,7 @@ _FIXES = {
         "BatchNorm between the layers, or add residual connections"
     ),
     "dying": (
-        "use leaky ReLU or ELU instead of ReLU, lower the learning rate (model.lr), and He init; "
+        "use leaky ReLU or ELU instead of ReLU, lower the learning rate (model.optimizer.lr), and He init; "
         "BatchNorm before the activation keeps units from settling in the negative part"
     ),
 }

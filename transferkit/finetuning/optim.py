@@ -12,19 +12,22 @@ a resumed run follows exactly the LRs of an uninterrupted one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from transferkit.errors import ConfigError
+from transferkit.settings import SettingsGroup
 
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "LRMultiplier",
-    "check_optimization",
+    "LRScheduleSettings",
+    "OptimizerSettings",
     "create_optimization",
     "create_optimizer",
     "create_scheduler",
@@ -34,31 +37,136 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adam
 SCHEDULES = ("exponential", "piecewise", "performance", "onecycle", "cosine", "none")
 
 
-def check_optimization(
-    optimizer: str,
-    lr: float,
-    lr_schedule: str,
-    backbone_lr: float | None = None,
-    weight_decay: float = 0.0,
-    layer_decay: float = 1.0,
-    decay_rate: float = 0.1,
-) -> None:
-    """Refuse, before any training, settings :func:`create_optimizer` and :func:`create_scheduler` cannot
-    use, with the value seen and the range or the choices."""
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
-    if lr_schedule not in SCHEDULES:
-        raise ConfigError(f"unknown lr_schedule '{lr_schedule}'; choose one of {', '.join(SCHEDULES)}.")
-    if not lr > 0:
-        raise ConfigError(f"lr must be > 0, got {lr}.")
-    if backbone_lr is not None and not backbone_lr > 0:
-        raise ConfigError(f"backbone_lr must be > 0 (or null for lr * layer_decay), got {backbone_lr}.")
-    if weight_decay < 0:
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}.")
-    if not 0 < layer_decay <= 1:
-        raise ConfigError(f"layer_decay must be in (0, 1], got {layer_decay}.")
-    if not 0 < decay_rate <= 1:
-        raise ConfigError(f"decay_rate must be in (0, 1], got {decay_rate}.")
+@dataclass(frozen=True)
+class OptimizerSettings(SettingsGroup):
+    """The optimizer and its learning rates (``model.optimizer`` in a recipe).
+
+    Args:
+        name: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``,
+            ``rmsprop``.
+        lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth`` unless
+            ``backbone_lr`` is set. ``auto``: found by a range test when training starts
+            (:func:`transferkit.training.lr_finder.lr_find`, run by :meth:`transferkit.Trainer.fit`): the
+            head's in the frozen phase and, for a recipe that unfreezes, ``backbone_lr`` at the first
+            unfreeze; the values chosen are logged and stored in the checkpoint.
+        backbone_lr: learning rate of the top backbone group, the groups below it ``layer_decay`` times
+            less each; ``None`` = ``lr * layer_decay``. Well under ``lr``, it keeps more pretrained features.
+        layer_decay: factor between the learning rates of two neighbouring backbone groups (deeper = smaller).
+        weight_decay: L2 weight decay in the optimizer, on every trained parameter (decoupled for ``adamw``).
+        momentum: momentum of ``momentum``/``nesterov``.
+        betas: Adam/AdamW/NAdam's decay rates of the gradient's mean and of its square (beta1, beta2).
+        eps: the term added to the denominator of the adaptive optimizers (AdaGrad, RMSProp, Adam...).
+        rho: RMSProp's decay rate of the squared-gradient average.
+
+    Example:
+        >>> OptimizerSettings(name="adamw", lr=3e-4, weight_decay=0.05).backbone_lr_top
+        0.00024
+        >>> OptimizerSettings(name="adamm")
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.ConfigError: model.optimizer.name must be one of sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw, nadam, got 'adamm'.
+    """
+
+    where = "model.optimizer"
+
+    name: str = "adam"
+    lr: float | Literal["auto"] = 1e-3
+    backbone_lr: float | None = None
+    layer_decay: float = 0.8
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    rho: float = 0.9
+
+    def __post_init__(self) -> None:
+        self.require(self.name in OPTIMIZERS, "name", f"one of {', '.join(OPTIMIZERS)}")
+        self.require(
+            self.lr == "auto" or (_number(self.lr) and self.lr > 0),
+            "lr",
+            "a number > 0 or 'auto' (found by a range test when training starts)",
+        )
+        self.require(
+            self.backbone_lr is None or (_number(self.backbone_lr) and self.backbone_lr > 0),
+            "backbone_lr",
+            "a number > 0, or null for lr * layer_decay",
+        )
+        self.require(_number(self.layer_decay) and 0 < self.layer_decay <= 1, "layer_decay", "in (0, 1]")
+        self.require(_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0")
+        self.require(_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        self.require(_number(self.eps) and self.eps > 0, "eps", "> 0")
+        self.require(_number(self.rho) and 0 < self.rho < 1, "rho", "in (0, 1)")
+        betas = tuple(self.betas)
+        self.require(
+            len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas),
+            "betas",
+            "two decay rates in [0, 1), e.g. [0.9, 0.999]",
+        )
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+
+    @property
+    def backbone_lr_top(self) -> float:
+        """The top backbone group's learning rate: ``backbone_lr``, else ``lr * layer_decay``."""
+        if self.lr == "auto":
+            raise ConfigError("model.optimizer.lr is 'auto' and no range test has set it yet.")
+        return (
+            float(self.backbone_lr) if self.backbone_lr is not None else round(self.lr * self.layer_decay, 12)
+        )
+
+
+@dataclass(frozen=True)
+class LRScheduleSettings(SettingsGroup):
+    """How the learning rate changes over the run (``model.lr_schedule`` in a recipe).
+
+    Args:
+        name: ``exponential`` (default), ``piecewise``, ``performance`` (reduce on plateau of
+            ``val_loss``), ``onecycle``, ``cosine`` or ``none``.
+        decay_rate: exponential decay: ``lr(t) = lr0 * decay_rate ** (t / decay_steps)``; also the factor
+            of each ``piecewise`` milestone and of each ``performance`` reduction.
+        decay_steps: optimizer steps per ``decay_rate`` factor; ``None`` = the whole run.
+        milestones: ``piecewise``: epochs at which the LR is multiplied by ``decay_rate``.
+        plateau_patience: ``performance``: epochs without improvement before the LR drops.
+
+    Example:
+        >>> LRScheduleSettings(name="piecewise", milestones=[5, 8]).to_dict()
+        {'name': 'piecewise', 'decay_rate': 0.1, 'decay_steps': None, 'milestones': [5, 8], 'plateau_patience': 2}
+    """
+
+    where = "model.lr_schedule"
+
+    name: str = "exponential"
+    decay_rate: float = 0.1
+    decay_steps: int | None = None
+    milestones: list[int] | None = None
+    plateau_patience: int = 2
+
+    def __post_init__(self) -> None:
+        self.require(self.name in SCHEDULES, "name", f"one of {', '.join(SCHEDULES)}")
+        self.require(_number(self.decay_rate) and 0 < self.decay_rate <= 1, "decay_rate", "in (0, 1]")
+        self.require(
+            self.decay_steps is None or (isinstance(self.decay_steps, int) and self.decay_steps >= 1),
+            "decay_steps",
+            "an integer >= 1, or null for the whole run",
+        )
+        self.require(
+            self.milestones is None or all(isinstance(m, int) and m >= 0 for m in self.milestones),
+            "milestones",
+            "a list of epochs (integers >= 0)",
+        )
+        if self.milestones is not None:
+            object.__setattr__(self, "milestones", sorted(self.milestones))
+        self.require(
+            self.name != "piecewise" or bool(self.milestones),
+            "milestones",
+            "the epochs at which the LR drops, for name: piecewise (e.g. [5, 8])",
+        )
+        self.require(
+            isinstance(self.plateau_patience, int) and self.plateau_patience >= 0, "plateau_patience", ">= 0"
+        )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def create_optimizer(
@@ -201,7 +309,7 @@ def create_scheduler(
         scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=decay_rate, patience=plateau_patience)
         return {"scheduler": scheduler, "interval": "epoch", "frequency": 1, "monitor": monitor, "name": "lr"}
     if name == "piecewise" and not milestones:
-        raise ConfigError("lr_schedule 'piecewise' needs lr_milestones: the epochs at which the LR drops.")
+        raise ConfigError("lr_schedule 'piecewise' needs milestones: the epochs at which the LR drops.")
     unfreeze = list(unfreeze_steps) if unfreeze_steps is not None else [0] * len(optimizer.param_groups)
     multipliers = [
         LRMultiplier(
@@ -220,7 +328,8 @@ def create_scheduler(
 
 
 def create_optimization(
-    recipe: Mapping[str, Any],
+    optimizer: OptimizerSettings,
+    schedule: LRScheduleSettings,
     param_groups: Iterable[dict[str, Any]],
     total_steps: int,
     steps_per_epoch: int,
@@ -228,29 +337,32 @@ def create_optimization(
     warmup_steps: int = 0,
 ) -> dict[str, Any]:
     """``{"optimizer": ..., "lr_scheduler": ...}`` (what ``configure_optimizers`` returns) from a model's
-    optimisation recipe: the keys ``optimizer``, ``lr``, ``weight_decay``, ``momentum``, ``betas``, ``eps``,
-    ``rho``, ``lr_schedule``, ``decay_rate``, ``decay_steps``, ``lr_milestones`` and ``plateau_patience`` of
-    :class:`~transferkit.TransferClassifier`'s hyperparameters."""
-    optimizer = create_optimizer(
-        recipe["optimizer"],
+    optimizer and learning-rate schedule settings."""
+    if optimizer.lr == "auto":
+        raise ConfigError(
+            "model.optimizer.lr is 'auto' and no range test has set it: transferkit.Trainer.fit runs one; "
+            "with another Trainer, call transferkit.lr_find(model, datamodule) first."
+        )
+    created = create_optimizer(
+        optimizer.name,
         param_groups,
-        lr=recipe["lr"],
-        weight_decay=recipe["weight_decay"],
-        momentum=recipe["momentum"],
-        betas=tuple(recipe["betas"]),
-        eps=recipe["eps"],
-        rho=recipe["rho"],
+        lr=optimizer.lr,
+        weight_decay=optimizer.weight_decay,
+        momentum=optimizer.momentum,
+        betas=optimizer.betas,
+        eps=optimizer.eps,
+        rho=optimizer.rho,
     )
     scheduler = create_scheduler(
-        recipe["lr_schedule"],
-        optimizer,
+        schedule.name,
+        created,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        decay_rate=recipe["decay_rate"],
-        decay_steps=recipe["decay_steps"],
-        milestones=recipe["lr_milestones"] or (),
-        plateau_patience=recipe["plateau_patience"],
+        decay_rate=schedule.decay_rate,
+        decay_steps=schedule.decay_steps,
+        milestones=schedule.milestones or (),
+        plateau_patience=schedule.plateau_patience,
         unfreeze_steps=unfreeze_steps,
         warmup_steps=warmup_steps,
     )
-    return {"optimizer": optimizer, "lr_scheduler": scheduler}
+    return {"optimizer": created, "lr_scheduler": scheduler}

@@ -72,7 +72,7 @@ def calibrate(
         >>> calibration.fitted_on, calibration.nll_after <= calibration.nll_before
         ('val (24 images)', True)
     """
-    threshold = threshold if threshold is not None else model.hparams.get("decision_threshold")
+    threshold = threshold if threshold is not None else model.settings.prediction.decision_threshold
     logits, labels = split_outputs(model, datamodule, split)
     calibration = fit_calibration(logits, labels, threshold=threshold, split=split)
     model.calibration = calibration

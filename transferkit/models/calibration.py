@@ -217,7 +217,7 @@ def fit_calibration(
         if views.shape[-1] != 2:
             raise ConfigError(
                 f"a decision threshold is for two classes; this model has {views.shape[-1]}. "
-                "Leave model.decision_threshold unset."
+                "Leave model.prediction.decision_threshold unset."
             )
         probs = (views / temperature).softmax(dim=-1).mean(dim=0)[:, 1].numpy()
         calibration.threshold, _ = choose_threshold(probs, labels.numpy(), threshold)

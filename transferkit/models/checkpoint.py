@@ -29,6 +29,7 @@ from transferkit.data.augment import build_eval_transform
 from transferkit.errors import CheckpointError, CheckpointMismatchError, warn
 from transferkit.files import atomic_write
 from transferkit.models.calibration import Calibration
+from transferkit.models.settings import GROUPS, from_flat
 
 __all__ = [
     "SECTION",
@@ -39,6 +40,7 @@ __all__ = [
     "checkpoint_preprocessing",
     "checkpoint_section",
     "eval_transform_of",
+    "learning_rates",
     "model_preprocessing",
     "preprocessing_of",
     "read_checkpoint",
@@ -66,7 +68,7 @@ def checkpoint_section(model: Any) -> dict[str, Any]:
         "data_config": plain(model.data_config),
         "preprocessing": checkpoint_preprocessing(model),
         "freeze_schedule": model.freeze_schedule.to_dict(),
-        "trainable_groups": model.trainable_groups,
+        "trainable_groups": model.freezing.trainable_groups,
         "num_groups": len(model.groups),
         "calibration": model.calibration.to_dict(),
     }
@@ -171,13 +173,13 @@ def check_compatible(model: Any, checkpoint: Mapping[str, Any], source: str = "t
     """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` holds weights for ``model``'s shape:
     the same backbone architecture, number of classes and head widths."""
     section = checkpoint.get(SECTION) or {}
-    hparams = checkpoint.get("hyper_parameters") or {}
+    hparams = from_flat(checkpoint.get("hyper_parameters") or {})
     saved_backbone = section.get("backbone", hparams.get("backbone"))
     saved_classes = len(section["class_names"]) if "class_names" in section else hparams.get("num_classes")
-    saved_hidden = hparams.get("hidden_dims")
+    saved_hidden = (hparams.get("head") or {}).get("hidden_dims")
     own_backbone = model.backbone.name
-    own_classes = int(model.hparams.num_classes)
-    own_hidden = list(model.hparams.hidden_dims)
+    own_classes = int(model.settings.num_classes)
+    own_hidden = list(model.settings.head.hidden_dims)
     differences = []
     if saved_backbone is not None and saved_backbone != own_backbone:
         differences.append(f"backbone: checkpoint '{saved_backbone}', model '{own_backbone}'")
@@ -193,7 +195,7 @@ def check_compatible(model: Any, checkpoint: Mapping[str, Any], source: str = "t
             + "; ".join(differences)
             + f". It holds a {_describe(saved_backbone, saved_classes, saved_hidden)}: build the model "
             f"with backbone={saved_backbone!r}, num_classes={saved_classes}"
-            + (f", hidden_dims={list(saved_hidden)}" if saved_hidden is not None else "")
+            + (f", head={{'hidden_dims': {list(saved_hidden)}}}" if saved_hidden is not None else "")
             + " (in a recipe: the model section), or load it with TransferClassifier.from_checkpoint(path), "
             "which rebuilds it as it was saved."
         )
@@ -203,7 +205,7 @@ def _model_kwargs(
     model_class: type, checkpoint: Mapping[str, Any], overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
     accepted = inspect.signature(model_class.__init__).parameters
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams = from_flat(checkpoint.get("hyper_parameters") or {})  # flat: written before the groups
     section = checkpoint[SECTION]
     kwargs = {k: v for k, v in hparams.items() if k in accepted and k != "self"}
     kwargs.setdefault("backbone", section["backbone"])
@@ -220,7 +222,12 @@ def _model_kwargs(
         )
     if "num_classes" in overrides and "class_names" not in overrides:
         kwargs.pop("class_names", None)  # the saved names would contradict the new count
-    kwargs.update(overrides)
+    for name, value in overrides.items():
+        saved = kwargs.get(name)
+        # a group given as a dict changes the fields it names (prediction={"tta": "hflip"}), keeps the rest
+        if isinstance(value, Mapping) and isinstance(saved, Mapping) and name in GROUPS:
+            value = {**saved, **value}
+        kwargs[name] = value
     return kwargs
 
 
@@ -289,7 +296,7 @@ def build_model(
         ) from err
     section = checkpoint[SECTION]
     model.backbone.weights = f"checkpoint:{Path(path).name} (fine-tuned from {section.get('weights')})"
-    model.trainable_groups = section.get("trainable_groups")
+    model.freezing.trainable_groups = section.get("trainable_groups")
     model.calibration = calibration_of(checkpoint)
     model.set_preprocessing(model_preprocessing(checkpoint))
     return model.eval()
@@ -299,6 +306,22 @@ def calibration_of(checkpoint: Mapping[str, Any]) -> Calibration:
     """The temperature and decision threshold stored in a checkpoint (identity for one written before
     calibration existed, or never calibrated)."""
     return Calibration.from_dict(checkpoint.get(SECTION, {}).get("calibration"))
+
+
+def learning_rates(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The learning rates a checkpoint's model was trained with: ``lr``, ``backbone_lr`` and, when a range
+    test chose them, ``found`` (its sweeps), from settings in groups or flat (written before the groups).
+
+    Example:
+        >>> learning_rates({"hyper_parameters": {"optimizer": {"lr": 0.01, "backbone_lr": None}}})
+        {'lr': 0.01, 'backbone_lr': None}
+    """
+    hparams = from_flat(checkpoint.get("hyper_parameters") or {})
+    optimizer = hparams.get("optimizer") or {}
+    rates = {k: optimizer[k] for k in ("lr", "backbone_lr") if k in optimizer}
+    if hparams.get("lr_found") is not None:
+        rates["found"] = hparams["lr_found"]
+    return rates
 
 
 def store_calibration(path: str | os.PathLike, calibration: Calibration) -> Path:

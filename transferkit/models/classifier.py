@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import transferkit.models.checkpoint as checkpoint_format
-import transferkit.models.prediction as prediction
-from transferkit.data.class_groups import group_labels, group_probabilities, resolve_class_groups
+from transferkit.data.class_groups import resolve_class_groups
 from transferkit.errors import ConfigError
 from transferkit.finetuning.freezing import FreezeController, StageKind
-from transferkit.finetuning.optim import check_optimization, create_optimization
-from transferkit.finetuning.resizing import image_side_at, parse_progressive_resizing, resize_shorter_side
+from transferkit.finetuning.optim import LRScheduleSettings, OptimizerSettings, create_optimization
+from transferkit.finetuning.resizing import image_side_at, resize_shorter_side
 from transferkit.finetuning.schedule import FreezeSchedule
 from transferkit.finetuning.trunk import Trunk
 from transferkit.lightning_internals import (
@@ -27,34 +24,33 @@ from transferkit.lightning_internals import (
     set_ddp_find_unused_parameters,
 )
 from transferkit.models.backbones import Pretrained, create_backbone
-from transferkit.models.calibration import THRESHOLD_METRICS, Calibration
+from transferkit.models.calibration import Calibration
 from transferkit.models.heads import ClassifierHead
 from transferkit.models.mixing import BatchMixing, hard_labels, soft_cross_entropy
+from transferkit.models.prediction import Predicting
 from transferkit.models.regularisers import Regularisers
+from transferkit.models.scoring import Scoring
+from transferkit.models.settings import (
+    ClassifierSettings,
+    HeadSettings,
+    MixingSettings,
+    PredictionSettings,
+    RegularisationSettings,
+    RuntimeSettings,
+)
 
 __all__ = ["TransferClassifier"]
 
 
-def _metrics(num_classes: int, prefix: str) -> MetricCollection:
-    # validate_args=False: the argument checks read values back from the device (a sync on every
-    # step); labels are already checked by the data module and the loss.
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
-            "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
-        },
-        prefix=prefix,
-    )
-
-
-class TransferClassifier(L.LightningModule):
+class TransferClassifier(Predicting, L.LightningModule):
     """A pretrained timm backbone with a new classifier head, fine-tuned with Adam and exponential LR decay.
 
-    ``forward(x)`` maps images ``(B, 3, H, W)`` to logits ``(B, num_classes)``. The module holds the
-    network and its optimisation recipe; freezing (:class:`~transferkit.finetuning.freezing.FreezeController`),
-    penalties (:class:`~transferkit.models.regularisers.Regularisers`), TTA and MC dropout
-    (:mod:`~transferkit.models.prediction`) and the checkpoint format (:mod:`~transferkit.models.checkpoint`)
-    are units of their own; exact resumption is the Trainer's :class:`~transferkit.training.resume.ExactResume`.
+    ``forward(x)`` maps images ``(B, 3, H, W)`` to logits ``(B, num_classes)``. Its settings come in typed
+    groups validated at construction (:mod:`transferkit.models.settings`), read back as :attr:`settings`.
+    Freezing (:class:`~transferkit.finetuning.freezing.FreezeController`), penalties
+    (:class:`~transferkit.models.regularisers.Regularisers`), scores (:class:`~transferkit.models.scoring.Scoring`),
+    prediction (:class:`~transferkit.models.prediction.Predicting`) and the checkpoint format
+    (:mod:`~transferkit.models.checkpoint`) are units of their own.
 
     Args:
         num_classes: number of classes (the CLI fills it in from the data).
@@ -65,69 +61,15 @@ class TransferClassifier(L.LightningModule):
             in from ``data.class_groups`` or the source's own): validation and test then also log
             ``val_group_acc``/``val_group_f1`` and ``test_group_acc``/``test_group_f1``, a group's
             probability being the sum of its classes' (see :mod:`transferkit.data.class_groups`).
-        hidden_dims: widths of the head's hidden layers (``[]`` for a linear head).
-        activation: the head's activation (``elu``, ``leaky_relu``, ``relu``, ``selu``, ``tanh``, ``sigmoid``).
-        init: the head's weight init (``he``, ``xavier``, ``lecun``; ``None`` = the one that suits the activation).
-        dropout: dropout rate in the head.
-        batch_norm: BatchNorm between each hidden Linear and its activation.
-        max_norm: max-norm constraint on the head's incoming weight vectors, enforced after every step.
-        optimizer: ``adam`` (default), ``adamw``, ``nadam``, ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``rmsprop``.
-        lr: learning rate of the head; backbone groups get ``lr * layer_decay ** depth`` unless
-            ``backbone_lr`` is set. ``auto``: found by a range test when training starts
-            (:func:`transferkit.training.lr_finder.lr_find`, run by :meth:`transferkit.Trainer.fit`):
-            the head's in the frozen phase and, for a recipe that unfreezes, ``backbone_lr`` at the first
-            unfreeze; the values chosen are logged and stored in the checkpoint.
-        backbone_lr: learning rate of the top backbone group, the groups below it ``layer_decay`` times
-            less each; ``None`` = ``lr * layer_decay``. Well under ``lr``, it keeps more pretrained features.
-        weight_decay: L2 weight decay in the optimizer, on every trained parameter (decoupled for ``adamw``).
-        l1: L1 penalty ``l1 * sum |w|`` on the weights of ``penalty_groups``, applied as its proximal step
-            after every optimizer step, which sets weights exactly to zero (logged: ``l1_sparsity``).
-        l2: L2 penalty ``l2 * sum w^2`` added to the loss, on the weights of ``penalty_groups``.
-        penalty_groups: which weights ``l1``/``l2`` apply to: ``head``, ``backbone``, ``all``, or a list of
-            optimizer group names (``head``, ``backbone.0`` ... ``backbone.N``, top = N); never biases.
-        sparsity_threshold: ``|w|`` below which a penalised weight counts as zero in ``l1_sparsity``.
-        momentum: momentum of ``momentum``/``nesterov``.
-        betas: Adam/AdamW/NAdam's decay rates of the gradient's mean and of its square (beta1, beta2).
-        eps: the term added to the denominator of the adaptive optimizers (AdaGrad, RMSProp, Adam...).
-        rho: RMSProp's decay rate of the squared-gradient average.
-        layer_decay: factor between the learning rates of two neighbouring backbone groups (deeper = smaller).
-        lr_schedule: ``exponential`` (default), ``piecewise``, ``performance`` (reduce on plateau of
-            ``val_loss``), ``onecycle``, ``cosine`` or ``none``.
-        decay_rate: exponential decay: ``lr(t) = lr0 * decay_rate ** (t / decay_steps)``; also the factor
-            of each ``piecewise`` milestone and of each ``performance`` reduction.
-        decay_steps: optimizer steps per ``decay_rate`` factor; ``None`` = the whole run.
-        lr_milestones: ``piecewise``: epochs at which the LR is multiplied by ``decay_rate``.
-        plateau_patience: ``performance``: epochs without improvement before the LR drops.
-        label_smoothing: cross-entropy label smoothing (towards the uniform distribution, also of mixed
-            and soft targets).
-        mixup_alpha: mixup of training batches: each image blended with another of the batch, ``lam ~
-            Beta(a, a)``, the targets blended alike (:class:`~transferkit.models.mixing.BatchMixing`, timm's
-            ``Mixup``); ``0`` = off, 0.2-0.4 is usual. Not with the feature or trunk caches.
-        cutmix_alpha: CutMix of training batches: a box of another image pasted in, ``lam ~ Beta(a, a)``
-            the share kept; ``0`` = off, ``1.0`` is usual.
-        mix_prob: probability that a training batch is mixed at all.
-        mix_switch_prob: with both mixup and CutMix on, probability that a mixed batch uses CutMix.
-        freeze_schedule: which backbone groups train when (default: all of them from the start).
-        drop_path_rate: stochastic depth in the backbone, where the architecture supports it.
-        mc_dropout: Monte Carlo dropout at predict time: this many passes with the head's dropout on;
-            ``predict`` then returns the mean probabilities and their uncertainty. ``0`` = off.
-        tta: test-time augmentation for ``test`` and ``predict``, the views' probabilities averaged:
-            ``none``, ``hflip`` (image + mirror), ``flips`` (+ vertical), ``d4`` (8 flips and rotations).
-        channels_last: run the backbone in channels-last (NHWC) memory layout, which oneDNN and cuDNN
-            convolutions run faster; ``False`` keeps NCHW.
-        compile: compile the backbone with ``torch.compile`` when training starts.
-        progressive_resizing: training image side by epoch, ``{epoch: side}`` (e.g. ``{3: 176, 13: 224}``):
-            training batches are resized to it from each listed epoch on; validation, test and predict
-            always run at the data's size, and cached features are not resized.
-        progress_bar_step_loss: show each step's training loss in the progress bar, which reads it back
-            from the device every step; ``None`` (default): on the CPU only, where that costs nothing.
-        calibrate: after training, fit a temperature on the validation split (temperature scaling: the
-            logits divided by one number so that the validation NLL is lowest; accuracy is unchanged) and
-            store it in the best checkpoint; ``test``, ``predict``, ``predict-images`` and ``export`` then
-            give calibrated probabilities (:class:`~transferkit.models.calibration.Calibration`).
-        decision_threshold: two classes only: after training, choose the threshold on class 1's
-            probability that maximises ``accuracy`` or ``f1`` on the validation split, store it with the
-            temperature, and predict class 1 when its probability reaches it. ``None`` = most probable class.
+        head, optimizer, lr_schedule, freeze_schedule, regularisation, mixing, prediction, runtime: the
+            typed groups of settings (:mod:`transferkit.models.settings`), each given as itself, as a dict of
+            the fields to change (``optimizer={"lr": 3e-4}``) or left out (its defaults).
+
+    Example:
+        >>> model = TransferClassifier(num_classes=3, backbone="test_efficientnet", pretrained=False,
+        ...                            optimizer={"lr": 3e-4}, head={"hidden_dims": [64], "dropout": 0.3})
+        >>> model.settings.optimizer.lr, model(torch.rand(2, 3, 32, 32)).shape
+        (0.0003, torch.Size([2, 3]))
     """
 
     def __init__(
@@ -137,115 +79,60 @@ class TransferClassifier(L.LightningModule):
         pretrained: Pretrained = "bundled",
         class_names: list[str] | None = None,
         class_groups: dict[str, list[str | int]] | None = None,
-        hidden_dims: tuple[int, ...] = (256,),
-        activation: str = "elu",
-        init: str | None = None,
-        dropout: float = 0.2,
-        batch_norm: bool = True,
-        max_norm: float | None = None,
-        optimizer: str = "adam",
-        lr: float | Literal["auto"] = 1e-3,
-        backbone_lr: float | None = None,
-        weight_decay: float = 0.0,
-        l1: float = 0.0,
-        l2: float = 0.0,
-        penalty_groups: str | list[str] = "head",
-        sparsity_threshold: float = 1e-3,
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        rho: float = 0.9,
-        layer_decay: float = 0.8,
-        lr_schedule: str = "exponential",
-        decay_rate: float = 0.1,
-        decay_steps: int | None = None,
-        lr_milestones: list[int] | None = None,
-        plateau_patience: int = 2,
-        label_smoothing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        mix_prob: float = 1.0,
-        mix_switch_prob: float = 0.5,
+        head: HeadSettings = HeadSettings(),  # noqa: B008 (frozen: one shared default is safe)
+        optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008 (frozen: one shared default is safe)
+        lr_schedule: LRScheduleSettings = LRScheduleSettings(),  # noqa: B008 (frozen: one shared default is safe)
         freeze_schedule: FreezeSchedule | None = None,
-        drop_path_rate: float | None = None,
-        mc_dropout: int = 0,
-        tta: str = "none",
-        channels_last: bool = True,
-        compile: bool = False,
-        progressive_resizing: dict[int, int] | None = None,
-        progress_bar_step_loss: bool | None = None,
-        calibrate: bool = False,
-        decision_threshold: Literal["accuracy", "f1"] | None = None,
+        regularisation: RegularisationSettings = RegularisationSettings(),  # noqa: B008 (frozen: one shared default is safe)
+        mixing: MixingSettings = MixingSettings(),  # noqa: B008 (frozen: one shared default is safe)
+        prediction: PredictionSettings = PredictionSettings(),  # noqa: B008 (frozen: one shared default is safe)
+        runtime: RuntimeSettings = RuntimeSettings(),  # noqa: B008 (frozen: one shared default is safe)
     ) -> None:
         super().__init__()
-        schedule = FreezeSchedule.coerce(freeze_schedule)
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ConfigError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
-        if isinstance(lr, str) and lr != "auto":
-            raise ConfigError(f"lr must be a number > 0 or 'auto' (found by a range test), got {lr!r}.")
-        numeric_lr = 1e-3 if lr == "auto" else lr  # checked with a stand-in until the range test runs
-        check_optimization(
-            optimizer, numeric_lr, lr_schedule, backbone_lr, weight_decay, layer_decay, decay_rate
-        )
-        prediction.check_prediction_settings(tta, mc_dropout, dropout)
-        if decision_threshold is not None and (
-            decision_threshold not in THRESHOLD_METRICS or num_classes != 2
-        ):
-            raise ConfigError(
-                f"decision_threshold chooses class 1's threshold for two classes, maximising "
-                f"{' or '.join(THRESHOLD_METRICS)}; got {decision_threshold!r} with num_classes={num_classes}."
-            )
-        progressive_resizing = parse_progressive_resizing(progressive_resizing)
-        self.save_hyperparameters(ignore=["freeze_schedule"])
-        # plain types only, so checkpoints load with weights_only=True
-        self.hparams["freeze_schedule"] = schedule.to_dict()
-        self.hparams["hidden_dims"] = list(hidden_dims)
-        self.hparams["betas"] = [float(b) for b in betas]
-        if progressive_resizing is not None:
-            self.hparams["progressive_resizing"] = progressive_resizing  # int keys, also from YAML
-
+        s = ClassifierSettings.build(
+            num_classes=num_classes, backbone=backbone, pretrained=pretrained, class_names=class_names,
+            class_groups=class_groups, head=head, optimizer=optimizer, lr_schedule=lr_schedule,
+            freeze_schedule=freeze_schedule, regularisation=regularisation, mixing=mixing,
+            prediction=prediction, runtime=runtime,
+        )  # fmt: skip
+        self.settings = s
+        self.save_hyperparameters(s.to_dict())  # plain types only: checkpoints load with weights_only=True
+        reg = s.regularisation
         self.regularisers = Regularisers(
-            l1, l2, penalty_groups, sparsity_threshold, groups=self.parameter_groups
+            reg.l1, reg.l2, reg.penalty_groups, reg.sparsity_threshold, groups=self.parameter_groups
         )
-        self.backbone = create_backbone(backbone, pretrained=pretrained, drop_path_rate=drop_path_rate)
-        self.head = ClassifierHead(
-            self.backbone.num_features,
-            num_classes,
-            hidden_dims=tuple(hidden_dims),
-            activation=activation,
-            init=init,
-            dropout=dropout,
-            batch_norm=batch_norm,
-            max_norm=max_norm,
-        )
-        self.freezing = FreezeController(self.backbone, schedule)
+        self.backbone = create_backbone(backbone, pretrained=pretrained, drop_path_rate=reg.drop_path_rate)
+        self.head = ClassifierHead(self.backbone.num_features, num_classes, **s.head.to_dict())
+        self.freezing = FreezeController(self.backbone, s.freeze_schedule)
         # temperature and decision threshold, fitted after training (calibrate, decision_threshold) or
         # read from a checkpoint; until then the identity (temperature 1, most probable class)
         self.calibration = Calibration()
         self._fed: tuple[StageKind, Any] | None = None  # what forward takes: images (see feed)
         self.preprocessing: dict[str, Any] | None = None  # set_preprocessing: how inputs are prepared
-        self.mixing = BatchMixing(mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, num_classes)
-        self.class_names = (
-            list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-        )
-        # training accuracy is a batch-weighted mean kept on the device by self.log: torchmetrics'
-        # confusion counts (bincount) read the device back on every step
-        self.val_metrics = _metrics(num_classes, "val_")
-        self.test_metrics = _metrics(num_classes, "test_")
+        m = s.mixing
+        self.mixing = BatchMixing(m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, num_classes)
+        self.class_names = list(s.class_names) if s.class_names else [str(i) for i in range(num_classes)]
         self.class_groups = resolve_class_groups(class_groups, self.class_names)  # {group: [class index]}
-        if self.class_groups is not None:
-            self.val_group_metrics = _metrics(len(self.class_groups), "val_group_")
-            self.test_group_metrics = _metrics(len(self.class_groups), "test_group_")
-        # (true labels, predicted labels) of the last test loop on this process, so the run report's
-        # confusion matrix needs no second pass over the test split
-        self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
-        # and its raw logits per test-time view (V, N, C), before any temperature
-        self.test_view_logits: torch.Tensor | None = None
-        self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.scoring = Scoring(num_classes, self.class_groups)
 
-    # --- what the model is -------------------------------------------------------------------------
+    # --- settings ----------------------------------------------------------------------------------
+
+    def set_learning_rates(
+        self, lr: float | None = None, backbone_lr: float | None = None, found: list[dict] | None = None
+    ) -> None:
+        """Set the head's ``lr`` and the top backbone group's ``backbone_lr`` (what a range test found:
+        ``found``, its sweeps as dicts), in :attr:`settings` and in the hyperparameters the loggers and
+        checkpoints record. Call before the optimizers are built."""
+        changes = {k: v for k, v in (("lr", lr), ("backbone_lr", backbone_lr)) if v is not None}
+        self.settings = dataclasses.replace(
+            self.settings, optimizer=self.settings.optimizer.replace(**changes)
+        )
+        self.hparams["optimizer"] = self.settings.optimizer.to_dict()
+        if found is not None:
+            self.hparams["lr_found"] = found
+        self.save_hyperparameters(dict(self.hparams))  # what the loggers record at the start of a fit
+
+    # --- what the model is and what it is fed ------------------------------------------------------
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -270,10 +157,6 @@ class TransferClassifier(L.LightningModule):
         """Backbone groups (from the top) that train in the current epoch; ``None`` before training."""
         return self.freezing.trainable_groups
 
-    @trainable_groups.setter
-    def trainable_groups(self, value: int | None) -> None:
-        self.freezing.trainable_groups = value
-
     def trunk(self, frozen_groups: int) -> Trunk:
         """The bottom ``frozen_groups`` backbone groups as a :class:`~transferkit.finetuning.trunk.Trunk`."""
         return self.freezing.trunk(frozen_groups)
@@ -294,13 +177,12 @@ class TransferClassifier(L.LightningModule):
         self.preprocessing = preprocessing
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(B, num_features)`` of images ``(B, 3, H, W)``, or of what the model
-        is fed instead (see :meth:`feed`): pooled features pass through, a frozen trunk's feature maps go
-        through the trainable top of the backbone."""
+        """Pooled backbone features ``(B, num_features)`` of images, or of what the model is fed instead
+        (see :meth:`feed`): pooled features pass through, a trunk's feature maps go through the top."""
         fed = self._fed
         if fed is not None and fed[0] == "features":
             return x
-        if self.hparams.channels_last:
+        if self.settings.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if fed is None:
             return self.backbone(x)
@@ -310,12 +192,12 @@ class TransferClassifier(L.LightningModule):
         """Logits ``(B, num_classes)`` of images ``(B, 3, H, W)`` (or of what the model is fed, see :meth:`feed`)."""
         return self.head(self.features(x))
 
-    # --- freezing ----------------------------------------------------------------------------------
+    # --- training ----------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if self.hparams.channels_last:
+        if self.settings.runtime.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        if self.hparams.compile and stage == "fit":
+        if self.settings.runtime.compile and stage == "fit":
             self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
         trainer = attached_trainer(self)
         strategy = trainer.strategy if trainer is not None else None
@@ -326,12 +208,9 @@ class TransferClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         if restarted_mid_epoch(self.trainer):
-            self._start_epoch()  # Lightning calls no on_train_epoch_start for an epoch resumed mid-way
+            self.on_train_epoch_start()  # Lightning calls no on_train_epoch_start for an epoch resumed mid-way
 
     def on_train_epoch_start(self) -> None:
-        self._start_epoch()
-
-    def _start_epoch(self) -> None:
         side = self.train_image_side(self.current_epoch)
         if side is not None:
             self.log("train_image_side", float(side), on_step=False, on_epoch=True)
@@ -351,34 +230,7 @@ class TransferClassifier(L.LightningModule):
 
     def train_image_side(self, epoch: int) -> int | None:
         """The shorter image side ``progressive_resizing`` asks for at ``epoch`` (``None``: the data's)."""
-        return image_side_at(self.hparams.get("progressive_resizing"), epoch)
-
-    # --- steps -------------------------------------------------------------------------------------
-
-    def predict_proba(self, images: torch.Tensor, tta: str | None = None) -> torch.Tensor:
-        """Class probabilities ``(B, num_classes)`` for images ``(B, 3, H, W)``, averaged over the
-        test-time augmentation views (``tta``: ``none``, ``hflip``, ``flips``, ``d4``; default: the
-        module's own ``tta``)."""
-        return prediction.predict_proba(self, images, tta or self.hparams.tta, self.calibration.temperature)
-
-    def view_logits(self, images: torch.Tensor, tta: str | None = None) -> torch.Tensor:
-        """Raw logits ``(V, B, C)`` of each test-time augmentation view of images ``(B, 3, H, W)``
-        (``V = 1`` without TTA), before the temperature."""
-        return prediction.view_logits(self, images, tta or self.hparams.tta)
-
-    def predict_labels(self, probs: torch.Tensor) -> torch.Tensor:
-        """Class indices ``(B,)`` from :meth:`predict_proba`'s probabilities: the stored decision threshold
-        for two classes when there is one, else the most probable class."""
-        return self.calibration.predict(probs)
-
-    def predict_mc_dropout(
-        self, images: torch.Tensor, samples: int = 20, tta: str | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Monte Carlo dropout over ``samples`` passes (see :func:`transferkit.models.prediction.predict_mc_dropout`):
-        mean ``probs`` ``(B, C)``, their ``std`` ``(B, C)`` and the predictive ``entropy`` ``(B,)``."""
-        return prediction.predict_mc_dropout(
-            self, images, samples, tta or self.hparams.tta, self.calibration.temperature
-        )
+        return image_side_at(self.settings.runtime.progressive_resizing, epoch)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -389,74 +241,16 @@ class TransferClassifier(L.LightningModule):
             if self._fed is not None:  # told it is fed stored features: there are no images to mix
                 raise ConfigError("mixup/CutMix mix training images; this model is fed stored features.")
             images, labels = self.mixing.mix(images, labels)
-        return self._shared_step(images, labels, None, "train")
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(*batch, self.val_metrics, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(*batch, self.test_metrics, "test")
-
-    def on_test_epoch_start(self) -> None:
-        self._test_batches = []
-
-    def on_test_epoch_end(self) -> None:
-        if self._test_batches:
-            truth, predicted, views = zip(*self._test_batches, strict=True)
-            self.test_predictions = (torch.cat(truth).cpu().numpy(), torch.cat(predicted).cpu().numpy())
-            self.test_view_logits = torch.cat(views, dim=1).float().cpu()
-        self._test_batches = []
-
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation); with
-        ``mc_dropout`` a dict of the mean ``probs``, their ``std`` and the predictive ``entropy``."""
-        images = batch[0] if isinstance(batch, list | tuple) else batch
-        if self.hparams.mc_dropout:
-            return self.predict_mc_dropout(images, self.hparams.mc_dropout)
-        return self.predict_proba(images)
-
-    def _shared_step(
-        self, images: torch.Tensor, labels: torch.Tensor, metrics: MetricCollection | None, stage: str
-    ) -> torch.Tensor:
-        views = None
-        if stage == "test" and images.ndim == 4:
-            views = self.view_logits(images)  # (V, B, C), kept for the report's calibration and top losses
-            if self.hparams.tta != "none" or self.calibration.fitted:
-                # the loss is the NLL of the (calibrated) averaged probabilities, as predict_proba gives them
-                probs = self.calibration.probabilities(views).mean(dim=0)
-                logits = probs.clamp_min(1e-12).log()
-            else:
-                logits = views[0]
-        else:
-            logits = self(images)
+        logits = self(images)
         loss = self.loss(logits, labels)
-        labels = hard_labels(labels)  # what accuracy and the other metrics score
-        # the test split is scored as predict scores it: with the stored decision threshold, if any
-        scored = self.predict_labels(logits.detach().softmax(dim=-1)) if stage == "test" else logits
-        on_step = stage == "train"
-        shown = not on_step or self._step_loss_in_progress_bar()
-        self.log(
-            f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=shown, batch_size=len(labels)
-        )
-        if metrics is None:
-            correct = (logits.detach().argmax(dim=-1) == labels).float().mean()
-            self.log(f"{stage}_acc", correct, on_step=False, on_epoch=True, batch_size=len(labels))
-        else:
-            metrics.update(scored.detach(), labels)
-            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
-        if self.class_groups is not None and stage in ("val", "test"):
-            grouped = getattr(self, f"{stage}_group_metrics")
-            probs = logits.detach().softmax(dim=-1)  # the (calibrated, averaged) probabilities on test
-            grouped.update(
-                group_probabilities(probs, self.class_groups), group_labels(labels, self.class_groups)
-            )
-            self.log_dict(grouped, on_step=False, on_epoch=True)
-        if stage == "test":
-            raw = views.detach() if views is not None else logits.detach()[None]
-            self._test_batches.append((labels.detach(), scored.detach(), raw))
-        if stage == "train" and self.regularisers.active:
+        n = len(labels)
+        shown = self.settings.runtime.shows_step_loss(self.device.type)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=shown, batch_size=n)
+        correct = (logits.detach().argmax(dim=-1) == hard_labels(labels)).float().mean()
+        self.log("train_acc", correct, on_step=False, on_epoch=True, batch_size=n)
+        if self.regularisers.active:
             penalty = self.regularisers.penalty()  # logged; its L2 part is in the loss, L1 is a proximal step
-            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(labels))
+            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=n)
             if self.regularisers.l2:
                 loss = loss + self.regularisers.l2_term()
         return loss
@@ -464,55 +258,85 @@ class TransferClassifier(L.LightningModule):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with the module's label smoothing, against hard labels ``(B,)`` or class
         distributions ``(B, C)`` (mixed batches, soft labels)."""
+        smoothing = self.settings.regularisation.label_smoothing
         if labels.ndim == 2:
-            return soft_cross_entropy(logits, labels, self.hparams.label_smoothing)
-        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-
-    def _step_loss_in_progress_bar(self) -> bool:
-        # Lightning reads progress-bar values back after every batch: a stall per step on a GPU
-        shown = self.hparams.progress_bar_step_loss
-        return self.device.type == "cpu" if shown is None else bool(shown)
-
-    # --- regularisation ----------------------------------------------------------------------------
-
-    @property
-    def penalised_weights(self) -> list[torch.nn.Parameter]:
-        """The weights ``l1``/``l2`` apply to (weight matrices and conv kernels of ``penalty_groups``)."""
-        return self.regularisers.weights
-
-    def sparsity(self) -> float:
-        """Fraction of the penalised weights with ``|w| < sparsity_threshold`` (logged as ``l1_sparsity``)."""
-        return self.regularisers.sparsity()
+            return soft_cross_entropy(logits, labels, smoothing)
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
     def on_train_epoch_end(self) -> None:
-        if self.hparams.l1:
-            self.log("l1_sparsity", self.sparsity(), on_step=False, on_epoch=True)
+        if self.regularisers.l1:
+            self.log("l1_sparsity", self.regularisers.sparsity(), on_step=False, on_epoch=True)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, *args, **kwargs)
         self.regularisers.proximal_step(optimizer)
         self.head.apply_max_norm()  # the constraint holds after every update
 
+    # --- evaluation and prediction -----------------------------------------------------------------
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(*batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(*batch, "test")
+
+    def _evaluate(self, images: torch.Tensor, labels: torch.Tensor, split: str) -> None:
+        views, scored = None, None
+        if split == "test":  # scored as predict scores: TTA views, calibration, stored decision threshold
+            views = self.view_logits(images).detach()  # (V, B, C), kept for the report
+            probs = self.calibration.probabilities(views).mean(dim=0)
+            logits = (
+                views[0]
+                if self.settings.prediction.tta == "none" and not self.calibration.fitted
+                else probs.clamp_min(1e-12).log()
+            )
+            scored = self.predict_labels(logits.softmax(dim=-1))
+        else:
+            logits = self(images)
+        self.log(
+            f"{split}_loss", self.loss(logits, labels), on_epoch=True, prog_bar=True, batch_size=len(labels)
+        )
+        labels = hard_labels(labels)  # what accuracy and the other metrics score
+        for metrics, shown in self.scoring.update(
+            split, logits, labels, logits if scored is None else scored, views
+        ):
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=shown)
+
+    def on_test_epoch_start(self) -> None:
+        self.scoring.start_test()
+
+    def on_test_epoch_end(self) -> None:
+        self.scoring.end_test()
+
     # --- optimisation ------------------------------------------------------------------------------
 
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """Optimizer parameter groups, all built up front: the head, then backbone groups top to bottom."""
-        hp = self.hparams
-        if isinstance(hp.lr, str):
+    def parameter_groups(self, optimizer: OptimizerSettings | None = None) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, all built up front: the head, then backbone groups top to bottom,
+        with the learning rates of ``optimizer`` (default: the model's own settings)."""
+        opt = optimizer or self.settings.optimizer
+        if opt.lr == "auto":
             raise ConfigError(
-                "model.lr is 'auto' and no range test has set it: transferkit.Trainer.fit runs one; with "
-                "another Trainer, call transferkit.lr_find(model, datamodule) first."
+                "model.optimizer.lr is 'auto' and no range test has set it: transferkit.Trainer.fit runs "
+                "one; with another Trainer, call transferkit.lr_find(model, datamodule) first."
             )
-        return self.freezing.parameter_groups(
-            list(self.head.parameters()), hp.lr, hp.layer_decay, hp.backbone_lr
-        )
+        head = list(self.head.parameters())
+        return self.freezing.parameter_groups(head, opt.lr, opt.layer_decay, opt.backbone_lr)
 
-    def optimization(self, total_steps: int, steps_per_epoch: int, max_epochs: int) -> dict[str, Any]:
+    def optimization(
+        self,
+        total_steps: int,
+        steps_per_epoch: int,
+        max_epochs: int,
+        optimizer: OptimizerSettings | None = None,
+    ) -> dict[str, Any]:
         """The optimizer and LR scheduler config for a run of ``max_epochs`` epochs of ``steps_per_epoch``
-        optimizer steps (``total_steps`` in all), as :meth:`configure_optimizers` returns them."""
+        optimizer steps (``total_steps`` in all), as :meth:`configure_optimizers` returns them; built with
+        ``optimizer`` in place of the model's own optimizer settings if given."""
+        optimizer = optimizer or self.settings.optimizer
         return create_optimization(
-            self.hparams,
-            self.parameter_groups(),
+            optimizer,
+            self.settings.lr_schedule,
+            self.parameter_groups(optimizer),
             total_steps,
             steps_per_epoch,
             unfreeze_steps=self.freezing.unfreeze_steps(steps_per_epoch, max_epochs),

@@ -15,7 +15,7 @@ from torch import nn
 
 from transferkit.errors import ConfigError
 
-__all__ = ["ACTIVATIONS", "INITS", "ClassifierHead", "make_activation", "init_linear"]
+__all__ = ["ACTIVATIONS", "INITS", "ClassifierHead", "check_head", "make_activation", "init_linear"]
 
 ACTIVATIONS = ("elu", "leaky_relu", "relu", "selu", "tanh", "sigmoid")
 INITS = ("he", "xavier", "lecun")
@@ -73,6 +73,27 @@ def init_linear(
             layer.bias.zero_()
 
 
+def check_head(
+    hidden_dims: Sequence[int], activation: str, init: str | None, dropout: float, max_norm: float | None
+) -> str:
+    """Refuse head settings :class:`ClassifierHead` cannot build, naming the choices or the range; the
+    init to use (``None``: the one that suits the activation)."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}.")
+    init = init or _RECOMMENDED_INIT[activation]
+    if init not in INITS:
+        raise ConfigError(f"unknown init '{init}'; choose one of {', '.join(INITS)}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}.")
+    if max_norm is not None and max_norm <= 0:
+        raise ConfigError(f"max_norm must be positive (or None to disable it), got {max_norm}.")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in hidden_dims):
+        raise ConfigError(
+            f"hidden_dims must be positive layer widths (or [] for a linear head), got {list(hidden_dims)}."
+        )
+    return init
+
+
 class ClassifierHead(nn.Module):
     """A classifier for pooled backbone features: ``(B, in_features) -> (B, num_classes)`` logits.
 
@@ -109,21 +130,9 @@ class ClassifierHead(nn.Module):
         leaky_relu_slope: float = 0.01,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}.")
-        init = init or _RECOMMENDED_INIT[activation]
-        if init not in INITS:
-            raise ConfigError(f"unknown init '{init}'; choose one of {', '.join(INITS)}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {dropout}.")
-        if max_norm is not None and max_norm <= 0:
-            raise ConfigError(f"max_norm must be positive (or None to disable it), got {max_norm}.")
         if num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {num_classes}.")
-        if any(not isinstance(d, int) or d < 1 for d in hidden_dims):
-            raise ConfigError(
-                f"hidden_dims must be positive layer widths (or [] for a linear head), got {list(hidden_dims)}."
-            )
+        init = check_head(hidden_dims, activation, init, dropout, max_norm)
         self.in_features = in_features
         self.num_classes = num_classes
         self.activation = activation

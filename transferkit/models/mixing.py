@@ -83,7 +83,7 @@ class BatchMixing:
         for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
             if not value >= 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = off; 0.2-1.0 is usual), got {value}.")
-        for name, value in (("mix_prob", prob), ("mix_switch_prob", switch_prob)):
+        for name, value in (("prob", prob), ("switch_prob", switch_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be a probability in [0, 1], got {value}.")
         self.num_classes = num_classes

@@ -13,7 +13,14 @@ import torch
 
 from transferkit.errors import ConfigError
 
-__all__ = ["TTA_VIEWS", "check_prediction_settings", "predict_mc_dropout", "predict_proba", "view_logits"]
+__all__ = [
+    "TTA_VIEWS",
+    "Predicting",
+    "check_prediction_settings",
+    "predict_mc_dropout",
+    "predict_proba",
+    "view_logits",
+]
 
 
 def _hflip(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +55,7 @@ def check_prediction_settings(tta: str, mc_dropout: int, dropout: float) -> None
             f"mc_dropout is the number of stochastic passes (0 = off, >= 2 to measure a spread), got {mc_dropout}."
         )
     if mc_dropout and dropout == 0:
-        raise ConfigError("mc_dropout needs dropout in the head; set model.dropout > 0 (e.g. 0.2).")
+        raise ConfigError("mc_dropout needs dropout in the head; set model.head.dropout > 0 (e.g. 0.2).")
 
 
 def predict_proba(
@@ -97,3 +104,43 @@ def predict_mc_dropout(
     probs = stacked.mean(dim=0)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
     return {"probs": probs, "std": stacked.std(dim=0), "entropy": entropy}
+
+
+class Predicting:
+    """The prediction methods of a classifier module with ``settings.prediction`` (its ``tta`` and
+    ``mc_dropout``, :class:`~transferkit.models.settings.PredictionSettings`) and a ``calibration``
+    (temperature and decision threshold, :class:`~transferkit.models.calibration.Calibration`):
+    ``predict_step`` for Lightning's ``predict``, and the same for a batch of images in hand."""
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation); with
+        ``mc_dropout`` a dict of the mean ``probs``, their ``std`` and the predictive ``entropy``."""
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        if self.settings.prediction.mc_dropout:
+            return self.predict_mc_dropout(images, self.settings.prediction.mc_dropout)
+        return self.predict_proba(images)
+
+    def predict_proba(self, images: torch.Tensor, tta: str | None = None) -> torch.Tensor:
+        """Class probabilities ``(B, num_classes)`` for images ``(B, 3, H, W)``, averaged over the
+        test-time augmentation views (``tta``: ``none``, ``hflip``, ``flips``, ``d4``; default: the
+        module's own), with the calibrated temperature."""
+        tta = tta or self.settings.prediction.tta
+        return predict_proba(self, images, tta, self.calibration.temperature)
+
+    def view_logits(self, images: torch.Tensor, tta: str | None = None) -> torch.Tensor:
+        """Raw logits ``(V, B, C)`` of each test-time augmentation view of images ``(B, 3, H, W)``
+        (``V = 1`` without TTA), before the temperature."""
+        return view_logits(self, images, tta or self.settings.prediction.tta)
+
+    def predict_labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """Class indices ``(B,)`` from :meth:`predict_proba`'s probabilities: the stored decision threshold
+        for two classes when there is one, else the most probable class."""
+        return self.calibration.predict(probs)
+
+    def predict_mc_dropout(
+        self, images: torch.Tensor, samples: int = 20, tta: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Monte Carlo dropout over ``samples`` passes (:func:`predict_mc_dropout`): mean ``probs``
+        ``(B, C)``, their ``std`` ``(B, C)`` and the predictive ``entropy`` ``(B,)``."""
+        tta = tta or self.settings.prediction.tta
+        return predict_mc_dropout(self, images, samples, tta, self.calibration.temperature)

@@ -96,7 +96,9 @@ def _interpret_test_split(model: Any, datamodule: Any, run_dir: Path, problems: 
     if datamodule is None or "test" not in (getattr(datamodule, "datasets", None) or {}):
         problems.append("the interpretation sections were not written: no data module with a test split.")
         return None
-    recorded, logits = getattr(model, "test_predictions", None), getattr(model, "test_view_logits", None)
+    scoring = getattr(model, "scoring", None)  # a TransferClassifier's: what its test loop kept
+    recorded = getattr(scoring, "test_predictions", None)
+    logits = getattr(scoring, "test_view_logits", None)
     outputs = None
     if recorded is not None and logits is not None and len(recorded[0]) == _test_size(datamodule):
         outputs = (logits, torch.as_tensor(recorded[0]))  # all of the split (not one DDP share of it)
@@ -156,7 +158,7 @@ def _test_size(datamodule: Any) -> int | None:
 def _draw_confusion(trainer: Any, model: Any, datamodule: Any, path: Path, out: dict[str, Any]) -> Path:
     if datamodule is None or not hasattr(datamodule, "test_dataloader"):
         raise RuntimeError("no data module with a test split was given to finetune.")
-    recorded = getattr(model, "test_predictions", None)
+    recorded = getattr(getattr(model, "scoring", None), "test_predictions", None)
     if recorded is not None and len(recorded[0]) == _test_size(datamodule):
         truth, predicted = recorded  # what the test loop just predicted, all of the split
     else:  # e.g. each DDP process tested a share of the split: predict it here

@@ -211,9 +211,9 @@ def lr_find(
         if freezing.schedule.active and freezing.trainable_at(0) == 0
         else None
     )
-    auto = isinstance(model.hparams.lr, str)
+    auto = model.settings.optimizer.lr == "auto"
     if auto:
-        model.hparams.lr = 1e-3  # a placeholder while sweeping: every sweep sets the rates it tests
+        model.set_learning_rates(lr=1e-3)  # a placeholder while sweeping: every sweep sets the rates it tests
     report = LRFindReport()
     state = copy.deepcopy(model.state_dict())
     try:
@@ -225,7 +225,7 @@ def lr_find(
             else:  # a head phase of fewer batches than the sweep: ours, held at epoch 0 throughout
                 sweep = _own_sweep(model, datamodule, 0, steps, min_lr, max_lr, swept={"head": 1.0}, fixed={})
                 report.sweeps.append(_named(sweep, "head", 0, "lr"))
-            head_lr = report.sweeps[-1].suggestion or model.hparams.lr
+            head_lr = report.sweeps[-1].suggestion or model.settings.optimizer.lr
             if first_unfreeze is not None:
                 # the frozen epochs train the head before anything unfreezes: so does the finder, at the
                 # head's found rate, for as many steps as a sweep, so the backbone's sweep starts from a
@@ -246,10 +246,10 @@ def lr_find(
         model.load_state_dict(state)
         freezing.trainable_groups = None
     if auto and "lr" not in report.values:
-        raise ConfigError(f"model.lr: auto, but the range test found no rate:\n{report}")
+        model.set_learning_rates(lr="auto")
+        raise ConfigError(f"model.optimizer.lr: auto, but the range test found no rate:\n{report}")
     if apply or auto:
-        for name, value in report.values.items():
-            model.hparams[name] = value
+        model.set_learning_rates(**report.values, found=[sweep.to_dict() for sweep in report.sweeps])
     if out is not None:
         from transferkit.reporting.plots import lr_find_plot
 
@@ -268,11 +268,10 @@ def _backbone_ratios(
 ) -> dict[str, float]:
     """Each trainable backbone group's rate relative to the top group's (``layer_decay`` per group down),
     or to the head's (``relative_to_head``: the recipe's ``backbone_lr / lr`` kept)."""
-    hp = model.hparams
-    lr = float(hp.lr)
-    top = float(hp.backbone_lr) if hp.backbone_lr is not None else lr * hp.layer_decay
-    scale = top / lr if relative_to_head else 1.0
-    return {f"backbone.{groups - 1 - depth}": scale * hp.layer_decay**depth for depth in range(trainable)}
+    opt = model.settings.optimizer
+    top = float(opt.backbone_lr) if opt.backbone_lr is not None else float(opt.lr) * opt.layer_decay
+    scale = top / float(opt.lr) if relative_to_head else 1.0
+    return {f"backbone.{groups - 1 - depth}": scale * opt.layer_decay**depth for depth in range(trainable)}
 
 
 class _WeightsOnlyIO(TorchCheckpointIO):

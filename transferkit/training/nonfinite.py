@@ -186,7 +186,7 @@ def _nonfinite_message(
         f"learning rates: {rate_text or 'no optimizer'}",
         f"likely cause: {cause}.",
         "fixes:",
-        "  - lower the learning rate (model.lr in a recipe, e.g. 10x smaller);",
+        "  - lower the learning rate (model.optimizer.lr in a recipe, or --lr; e.g. 10x smaller);",
         "  - clip the gradients: set trainer.gradient_clip_val (e.g. 1.0);",
         "  - check the inputs for NaN/inf values and the normalisation (mean/std);",
         "  - run `python -m transferkit diagnose --config <recipe>` to see which layers' gradients explode.",

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from transferkit.data.datamodule import ImageDataModule
 from transferkit.errors import CheckpointError, ConfigError, warn
 from transferkit.lightning_internals import strategy_checkpoint_io
-from transferkit.models.checkpoint import refused_pickle
+from transferkit.models.checkpoint import learning_rates, refused_pickle
 from transferkit.models.classifier import TransferClassifier
 from transferkit.runtime import quiet_third_party, tune_allocator
 from transferkit.training.checkpointing import DEFAULT_CHECKPOINT, AtomicCheckpointIO, RunCheckpoint
@@ -148,7 +148,7 @@ class Trainer(L.Trainer):
             self._train_without_validation(model, self.callbacks, announce=True)
         elif not self._validates(model, val_dataloaders, datamodule):
             self._train_without_validation(model, self._added_defaults, announce=False)
-        if getattr(model, "hparams", {}).get("lr") == "auto":
+        if isinstance(model, TransferClassifier) and model.settings.optimizer.lr == "auto":
             given = train_dataloaders if isinstance(train_dataloaders, L.LightningDataModule) else datamodule
             self._find_learning_rates(model, given, ckpt_path)
         named = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
@@ -205,19 +205,16 @@ class Trainer(L.Trainer):
         return super().predict(model, dataloaders, *args, **kwargs)
 
     def _find_learning_rates(self, model: L.LightningModule, datamodule: Any, ckpt_path: Any) -> None:
-        """``model.lr: auto``: a resumed run takes the rates its checkpoint was trained with; a new one runs
+        """``model.optimizer.lr: auto``: a resumed run takes the rates its checkpoint was trained with; a new one runs
         :func:`~transferkit.training.lr_finder.lr_find` (``lr_find.png`` in the run's folder), prints what
         it chose and why, and keeps it in the hyperparameters, which the loggers and checkpoints record."""
         if ckpt_path is not None and Path(str(ckpt_path)).is_file():
-            saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-            if not isinstance(saved.get("lr"), str):
-                for name in ("lr", "backbone_lr", "lr_found"):
-                    if name in saved:
-                        model.hparams[name] = saved[name]
-                model.save_hyperparameters(dict(model.hparams))
+            saved = learning_rates(torch.load(ckpt_path, map_location="cpu", weights_only=True))
+            if saved.get("lr") not in (None, "auto"):
+                model.set_learning_rates(**saved)
                 return
         if datamodule is None:
-            raise ConfigError("model.lr: auto needs the data module (trainer.fit(model, datamodule=...)).")
+            raise ConfigError("model.optimizer.lr: auto needs the data module (trainer.fit(model, datamodule=...)).")
         from transferkit.training.lr_finder import lr_find
 
         folder = Path(self.log_dir or self.default_root_dir)
@@ -225,10 +222,8 @@ class Trainer(L.Trainer):
         report = lr_find(
             model, datamodule, out=folder / "lr_find.png", root_dir=self.default_root_dir, caches=caches
         )
-        model.hparams["lr_found"] = [sweep.to_dict() for sweep in report.sweeps]
-        model.save_hyperparameters(dict(model.hparams))  # the loggers record the rates found, not "auto"
         if self.is_global_zero:
-            print(f"model.lr: auto: learning rates found by a range test ({report.png}):\n{report}")
+            print(f"model.optimizer.lr: auto: learning rates found by a range test ({report.png}):\n{report}")
 
     def _calibrate(self, model: L.LightningModule, datamodule: Any, best: str | None) -> Any:
         """Fit the temperature (and decision threshold) of the best checkpoint's weights on the validation
@@ -262,8 +257,10 @@ class Trainer(L.Trainer):
     ) -> None:
         """Turn off what watches a validation metric among ``callbacks``: early stopping is removed, and
         checkpoint callbacks keep the latest epoch as their best."""
-        hparams = getattr(model, "hparams", {})
-        if announce and hparams.get("lr_schedule") == "performance":
+        performance = (
+            isinstance(model, TransferClassifier) and model.settings.lr_schedule.name == "performance"
+        )
+        if announce and performance:
             raise ConfigError(
                 "lr_schedule 'performance' lowers the LR when val_loss stops improving, but data.val_fraction=0 "
                 "holds out no validation split. Use a schedule that needs no validation (cosine, exponential, "
@@ -368,11 +365,10 @@ def connect(model: Any, datamodule: Any) -> None:
 def _calibration_asked(model: L.LightningModule, datamodule: Any) -> bool:
     """Whether ``finetune`` fits a calibration after training; refused up front (not after a whole run)
     when there is no validation split to fit it on."""
-    hparams = getattr(model, "hparams", {})
-    asked = bool(hparams.get("calibrate")) or hparams.get("decision_threshold") is not None
+    asked = isinstance(model, TransferClassifier) and model.settings.prediction.fitted_after_training
     if asked and datamodule is not None and not getattr(datamodule, "has_validation", True):
         raise ConfigError(
-            "model.calibrate / model.decision_threshold are fitted on the validation split, but "
+            "model.prediction.calibrate / model.prediction.decision_threshold are fitted on the validation split, but "
             "data.val_fraction=0 holds none out. Keep a validation split (e.g. data.val_fraction: 0.15), "
             "or turn calibration off."
         )

@@ -1,7 +1,7 @@
 """Tools that drive a model, data and a Trainer, above the mechanics they use: ``plan`` (the phases of a
 run without training), ``probe`` (a linear probe per backbone depth), ``augment_search`` (candidate
 augmentations ranked on validation) and ``cross_validate`` (k-fold runs). The learning-rate range test
-runs inside ``fit`` for ``model.lr: auto``, so it lives with the Trainer (:mod:`transferkit.training.lr_finder`)."""
+runs inside ``fit`` for ``model.optimizer.lr: auto``, so it lives with the Trainer (:mod:`transferkit.training.lr_finder`)."""
 
 from transferkit._lazy import lazy_exports
 

@@ -294,13 +294,14 @@ def _trial(
             "std": datamodule.std,
         }
     )
-    settings = _init_args(type(model), model.hparams)
-    if isinstance(settings.get("lr"), str):
-        settings["lr"] = 1e-3
-    settings["freeze_schedule"] = {"frozen_epochs": epochs + 1}  # the head alone, on the cached features
-    settings["mixup_alpha"] = settings["cutmix_alpha"] = 0.0  # not on cached features
+    optimizer = model.settings.optimizer
+    settings = model.settings.replace(
+        optimizer=optimizer.replace(lr=1e-3) if optimizer.lr == "auto" else optimizer,
+        freeze_schedule={"frozen_epochs": epochs + 1},  # the head alone, on the cached features
+        mixing=None,  # no mixup or CutMix: nothing to mix in cached features
+    )
     L.seed_everything(seed, verbose=False)
-    trial_model = type(model)(**settings)
+    trial_model = type(model)(**settings.init_args())
     trainer = Trainer(
         max_epochs=epochs,
         accelerator="cpu",

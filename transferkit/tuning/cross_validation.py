@@ -204,10 +204,10 @@ def cross_validate(
             "ensemble=True scores the fold models on the test split, but the data holds none out "
             f"(test_fraction={datamodule.test_fraction}); set data.test_fraction > 0, or leave the ensemble out."
         )
-    hparams = getattr(model, "hparams", {})
-    if hparams.get("calibrate") or hparams.get("decision_threshold") is not None:
+    settings = getattr(model, "settings", None)  # a TransferClassifier's; another module has none
+    if settings is not None and settings.prediction.fitted_after_training:
         warn(
-            "model.calibrate / model.decision_threshold are fitted on the validation split, which "
+            "model.prediction.calibrate / model.prediction.decision_threshold are fitted on the validation split, which "
             "cross-validation scores: the folds are left uncalibrated."
         )
     runs = _FoldRuns(model, datamodule, folds, out, trainer, seed)
@@ -570,7 +570,9 @@ def _fingerprint(
     found: dict[str, Any] = {
         "folds": folds,
         "seed": seed,
-        "model": {k: v for k, v in dict(getattr(model, "hparams", {})).items() if not k.startswith("_")},
+        "model": model.settings.to_dict()
+        if hasattr(model, "settings")
+        else dict(getattr(model, "hparams", {})),
         "data": data,
         "images": _images_digest(datamodule.data),
     }

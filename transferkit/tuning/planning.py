@@ -74,14 +74,12 @@ def plan_phases(model: Any, max_epochs: int, steps_per_epoch: int) -> list[Phase
     head_params = sum(p.numel() for p in model.head.parameters())
     total = head_params + sum(group_sizes)
 
-    auto = model.hparams.get("lr") == "auto"
-    if auto:  # the range test sets the rates when training starts: plan with the head's at 1.0
-        model.hparams["lr"] = 1.0
-    try:
-        optimization = model.optimization(max_epochs * steps_per_epoch, steps_per_epoch, max_epochs)
-    finally:
-        if auto:
-            model.hparams["lr"] = "auto"
+    optimizer = model.settings.optimizer
+    if (
+        optimizer.lr == "auto"
+    ):  # the range test sets the rates when training starts: plan with the head's at 1.0
+        optimizer = optimizer.replace(lr=1.0)
+    optimization = model.optimization(max_epochs * steps_per_epoch, steps_per_epoch, max_epochs, optimizer)
     optimizer = optimization["optimizer"]
     multipliers = getattr(optimization["lr_scheduler"]["scheduler"], "lr_lambdas", None)
     base_lrs = [g["initial_lr"] if "initial_lr" in g else g["lr"] for g in optimizer.param_groups]
@@ -146,7 +144,13 @@ def plan(
         GroupInfo(index, sum(params[n].numel() for n in names), names[0])
         for index, names in enumerate(model.groups)
     ]
-    settings = {k: model.hparams.get(k) for k in ("lr", "lr_schedule", "layer_decay", "backbone_lr")}
+    opt = model.settings.optimizer
+    settings = {
+        "lr": opt.lr,
+        "lr_schedule": model.settings.lr_schedule.name,
+        "layer_decay": opt.layer_decay,
+        "backbone_lr": opt.backbone_lr,
+    }
     return FreezePlan(
         backbone=model.backbone.name,
         phases=plan_phases(model, max_epochs, steps_per_epoch),
