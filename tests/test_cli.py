@@ -63,8 +63,15 @@ def test_print_config_resolves_the_quickstart_recipe_with_overrides():
     config = yaml.safe_load(result.stdout)
     assert config["model"]["optimizer"]["lr"] == 0.0003 and config["data"]["batch_size"] == 7
     # every group shows its fields, the recipe's and the defaults
-    assert config["model"]["optimizer"]["layer_decay"] == 0.75 and config["model"]["optimizer"]["name"] == "adam"
-    assert config["model"]["mixing"] == {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0, "switch_prob": 0.5}
+    assert (
+        config["model"]["optimizer"]["layer_decay"] == 0.75 and config["model"]["optimizer"]["name"] == "adam"
+    )
+    assert config["model"]["mixing"] == {
+        "mixup_alpha": 0.0,
+        "cutmix_alpha": 0.0,
+        "prob": 1.0,
+        "switch_prob": 0.5,
+    }
     assert (
         config["model"]["backbone"] == "tf_efficientnet_lite0" and config["model"]["pretrained"] == "bundled"
     )

@@ -193,9 +193,11 @@ def test_l1_makes_the_penalised_weights_sparse_and_l2_shrinks_them(stripes_folde
     sparse, metrics = _fit_penalised(data, tmp_path / "l1", regularisation={"l1": 1.0})
     small, _ = _fit_penalised(data, tmp_path / "l2", regularisation={"l2": 1e-2})
     assert metrics["l1_sparsity"] == pytest.approx(sparse.regularisers.sparsity())
-    assert sparse.regularisers.sparsity() > 0.5 and plain.regularisers.sparsity() < 0.1, (sparse.regularisers.sparsity(), plain.regularisers.sparsity())
+    sparsity = sparse.regularisers.sparsity(), plain.regularisers.sparsity()
+    assert sparsity[0] > 0.5 and sparsity[1] < 0.1, sparsity
     exact_zeros = sum(int((w == 0).sum()) for w in sparse.regularisers.weights)
-    assert exact_zeros / sum(w.numel() for w in sparse.regularisers.weights) > 0.5  # truly zero, not just small
+    penalised = sum(w.numel() for w in sparse.regularisers.weights)
+    assert exact_zeros / penalised > 0.5  # truly zero, not just small
     assert metrics["val_acc"] >= 0.8, metrics  # still a classifier (chance 0.5)
     # L2 on the head only: head weights shrink, the backbone is not penalised
     norm = lambda m: sum(w.norm() ** 2 for w in m.regularisers.weights).sqrt().item()  # noqa: E731
@@ -320,5 +322,6 @@ def test_the_step_loss_in_the_progress_bar_is_read_back_every_step_only_when_sho
     per_step = (reads(12) - reads(4)) / 8
     assert per_step == (1 if shown else 0), f"{per_step} logged values read back per training step"
     assert _model().settings.runtime.progress_bar_step_loss is None
-    assert _model().settings.runtime.shows_step_loss("cpu")  # the default on a CPU, where a read-back costs nothing
+    # the default on a CPU, where a read-back costs nothing
+    assert _model().settings.runtime.shows_step_loss("cpu")
     assert not _model().settings.runtime.shows_step_loss("cuda")

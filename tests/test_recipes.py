@@ -23,6 +23,7 @@ from torch import nn
 from transferkit import FreezeAndCache, FreezeSchedule
 from transferkit.cli.lightning_cli import TransferKitCLI, cli_kwargs
 from transferkit.containers import plain
+from transferkit.models.settings import ClassifierSettings
 from transferkit.reporting.plots import epoch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,8 +233,9 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     best = Path(trainer.checkpoint_callback.best_model_path)
     checkpoint = torch.load(best, weights_only=True, map_location="cpu")
     assert 0 <= checkpoint["epoch"] < epochs
-    for key in ("activation", "batch_norm", "hidden_dims", "num_classes"):
-        assert checkpoint["hyper_parameters"][key] == hp[key], key
+    saved = checkpoint["hyper_parameters"]
+    assert saved["num_classes"] == settings.num_classes and saved["head"] == settings.head.to_dict()
+    assert ClassifierSettings.build(**saved) == settings  # the checkpoint holds the whole recipe
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 

@@ -44,5 +44,7 @@ def main(argv: Sequence[str]) -> int:
     )
     print(report)
     fields = ", ".join(f"model.optimizer.{name}: {value:.3g}" for name, value in report.values.items())
-    print(f"wrote {report.png}. In the recipe: {fields or 'nothing found (see above)'} (or model.optimizer.lr: auto).")
+    print(
+        f"wrote {report.png}. In the recipe: {fields or 'nothing found (see above)'} (or model.optimizer.lr: auto)."
+    )
     return 0 if report.values else 1

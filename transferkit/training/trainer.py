@@ -214,7 +214,9 @@ class Trainer(L.Trainer):
                 model.set_learning_rates(**saved)
                 return
         if datamodule is None:
-            raise ConfigError("model.optimizer.lr: auto needs the data module (trainer.fit(model, datamodule=...)).")
+            raise ConfigError(
+                "model.optimizer.lr: auto needs the data module (trainer.fit(model, datamodule=...))."
+            )
         from transferkit.training.lr_finder import lr_find
 
         folder = Path(self.log_dir or self.default_root_dir)
