@@ -53,11 +53,9 @@ def group_features(seed: int, backbone_name: str) -> tuple[list[str], dict[str, 
         source="elpv",
         task="4class",  # the same split as task binary (both stratify on level and cell type)
         seed=seed,
-        val_fraction=0.15,
-        image_size=int(config["input_size"][-1]),
-        mean=config["mean"],
-        std=config["std"],
-        num_workers=1,
+        split={"val_fraction": 0.15},
+        pipeline={"image_size": int(config["input_size"][-1]), "mean": config["mean"], "std": config["std"]},
+        loader={"num_workers": 1},
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the 4-class imbalance warning: the heads below weigh nothing

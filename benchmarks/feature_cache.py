@@ -53,11 +53,10 @@ def run(
     L.seed_everything(0)
     data = ImageDataModule(
         source="elpv",
-        batch_size=32,
-        num_workers=args.workers,
-        augment="none",
-        max_samples=args.max_samples,
-        cache_dir=cache_dir,
+        split={"max_samples": args.max_samples},
+        pipeline={"augment": "none"},
+        loader={"batch_size": 32, "num_workers": args.workers},
+        cache={"dir": cache_dir},
     )
     caches = FreezeAndCache(
         **({"trunk_cache": feature_cache} if args.trunk else {"feature_cache": feature_cache})

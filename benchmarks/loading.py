@@ -92,7 +92,9 @@ def _hash_every_file(data, splits) -> None:
 
 
 def _setup_seconds(root: Path, before: bool) -> float:
-    dm = ImageDataModule(source="folder", root=str(root), image_size=SIDE, mean=(0.5,) * 3, std=(0.5,) * 3)
+    dm = ImageDataModule(
+        source="folder", root=str(root), pipeline={"image_size": SIDE, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    )
     start = time.perf_counter()
     if before:  # set-up as it was: every image decoded in full, every file hashed
         decode_all = functools.partial(drop_unreadable, decode=True)
@@ -194,7 +196,7 @@ def main() -> None:
         common = {"source": "folder", "root": str(photos), "image_size": SIDE, "batch_size": 32}
         common.update(mean=(0.5,) * 3, std=(0.5,) * 3, augment="light", cache_dir=str(work / "cache"))
         loader: dict = {}
-        source = ImageDataModule(**common, num_workers=1)
+        source = ImageDataModule(**common, loader={"num_workers": 1})
         start = time.perf_counter()
         packed = pack_stream(source, work / "pack")  # decodes every file once on the way
         loader["pack_seconds"] = round(time.perf_counter() - start, 1)
@@ -202,19 +204,23 @@ def main() -> None:
         stream = {**common, "source": "stream", "root": str(work / "pack")}
         for workers in (1, 2):
             variants = {
-                "full_decode": ImageDataModule(**common, num_workers=workers, jpeg_draft=False),
-                "reduced_decode": ImageDataModule(**common, num_workers=workers),
+                "full_decode": ImageDataModule(
+                    **common, pipeline={"jpeg_draft": False}, loader={"num_workers": workers}
+                ),
+                "reduced_decode": ImageDataModule(**common, loader={"num_workers": workers}),
             }
             for dm in variants.values():
                 dm.setup("fit")
-            cached = ImageDataModule(**common, num_workers=workers, decoded_cache=True)
+            cached = ImageDataModule(
+                **common, loader={"num_workers": workers}, cache={"decoded_images": True}
+            )
             start = time.perf_counter()
             cached.setup("fit")  # builds the cache the first time (1 worker), reads it after
             if workers == 1:
                 loader["decoded_cache_build_seconds"] = round(time.perf_counter() - start, 1)
                 loader["decoded_cache_megabytes"] = round(cached.decoded.nbytes / 2**20, 1)
             variants["decoded_cache"] = cached
-            variants["stream"] = ImageDataModule(**stream, num_workers=workers)
+            variants["stream"] = ImageDataModule(**stream, loader={"num_workers": workers})
             variants["stream"].setup("fit")
             rates: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(args.rounds):

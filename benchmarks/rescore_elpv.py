@@ -6,7 +6,7 @@ protocol's split, rebuilt from ``--config`` and the seed) once per ``--tta`` mod
 training or in the choice of the best checkpoint (validation during training runs without it), so a
 recipe with ``model.tta: X`` would have scored exactly these figures: a paired comparison of the modes,
 on the same weights. Only validation is read; the test split is never touched. Anything after ``--`` is
-passed to the recipe as it was to the runs (``--data.max_samples 400``...), so the split is the one they
+passed to the recipe as it was to the runs (``--data.split.max_samples 400``...), so the split is the one they
 trained on.
 
     python benchmarks/rescore_elpv.py --config recipes/quickstart.yaml \\

@@ -161,12 +161,8 @@ def pipeline_images_per_second(args: argparse.Namespace) -> tuple[float, dict]:
     workers = data_args.get("num_workers", 2)
     dm = ImageDataModule(
         source="elpv",
-        batch_size=args.batch_size,
-        num_workers=workers,
-        augment=augment,
-        image_size=args.image_size,
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
+        pipeline={"augment": augment, "image_size": args.image_size, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        loader={"batch_size": args.batch_size, "num_workers": workers},
     )
     dm.setup("fit")
     loader = dm.train_dataloader()

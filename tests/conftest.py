@@ -12,7 +12,17 @@ import pytest
 from PIL import Image
 
 TINY_BACKBONE = "test_efficientnet"  # a real timm architecture, ~0.1 M parameters
-NORM = {"image_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+NORM = {"image_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # data.pipeline fields
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes``, a group given in both (a dict) merged field by field: a helper's defaults
+    for ``loader`` keep what a test's ``loader={"batch_size": 4}`` does not change."""
+    out = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = {**out[key], **value} if both else value
+    return out
 
 
 def stripes(orientation: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:

@@ -18,8 +18,8 @@ def test_a_label_destroying_candidate_ranks_last_and_the_winner_is_a_usable_reci
     (tmp_path / "candidates.yaml").write_text(yaml.safe_dump(candidates))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "model: {backbone: tf_efficientnet_lite0, pretrained: bundled, hidden_dims: [], lr: 0.01}\n"
-        f"data: {{source: folder, root: {root}, image_size: 64, num_workers: 0, batch_size: 16, augment: none}}\n"
+        "model: {backbone: tf_efficientnet_lite0, pretrained: bundled, head: {hidden_dims: []}, optimizer: {lr: 0.01}}\n"
+        f"data: {{source: folder, root: {root}, pipeline: {{image_size: 64, augment: none}}, loader: {{num_workers: 0, batch_size: 16}}}}\n"
         f"trainer: {{default_root_dir: {tmp_path / 'run'}}}\n"
     )
     out = tmp_path / "search"
@@ -38,7 +38,7 @@ def test_a_label_destroying_candidate_ranks_last_and_the_winner_is_a_usable_reci
     winner = yaml.safe_load((out / "augment_search.yaml").read_text())["data"]["augment"]
     assert "Transpose" not in json.dumps(winner)
     tk.ImageDataModule(
-        source="folder", root=str(root), augment=winner or "none", image_size=32
+        source="folder", root=str(root), pipeline={"augment": winner or "none", "image_size": 32}
     )  # a valid recipe
     # the saved report reads back into the same report: the same ranking, table and snippet
     from transferkit.tuning.augment_search import AugmentSearchReport
@@ -54,8 +54,7 @@ def test_a_label_destroying_candidate_ranks_last_and_the_winner_is_a_usable_reci
 @pytest.mark.slow
 def test_the_budget_stops_the_search_and_bad_candidates_are_refused_before_any_trial(tmp_path):
     dm = tk.ImageDataModule(
-        source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=0, max_samples=200,
-        cache_dir=str(tmp_path),
+        source="digits", split={"max_samples": 200}, pipeline={"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3}, loader={"num_workers": 0}, cache={"dir": str(tmp_path)},
     )  # fmt: skip
     model = tk.TransferClassifier(num_classes=10, backbone=TINY_BACKBONE, pretrained=False)
     with pytest.raises(tk.ConfigError, match="'Warp' is not an Albumentations transform"):

@@ -33,7 +33,13 @@ def _model() -> TransferClassifier:
 
 
 def _data(root) -> ImageDataModule:
-    return ImageDataModule(source="folder", root=str(root), batch_size=16, augment="none", seed=0, **NORM)
+    return ImageDataModule(
+        source="folder",
+        root=str(root),
+        pipeline={"augment": "none", **NORM},
+        loader={"batch_size": 16},
+        seed=0,
+    )
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NORM, TINY_BACKBONE, quiet_trainer
+from conftest import NORM, TINY_BACKBONE, merged, quiet_trainer
 from PIL import Image
 
 import transferkit as tk
@@ -22,7 +22,14 @@ from transferkit.errors import TransferKitWarning
 def _dm(root: Path, **kwargs) -> ImageDataModule:
     return ImageDataModule(
         source="folder",
-        **{"root": str(root), "num_workers": 0, "batch_size": 8, "augment": "none", **NORM, **kwargs},
+        **merged(
+            {
+                "root": str(root),
+                "loader": {"num_workers": 0, "batch_size": 8},
+                "pipeline": {"augment": "none", **NORM},
+            },
+            kwargs,
+        ),
     )
 
 
@@ -132,7 +139,7 @@ def test_setup_lists_the_bad_files_or_skips_them_and_training_goes_on(stripes_fo
 @pytest.mark.slow
 @pytest.mark.parametrize("skip_bad", [False, True])
 def test_a_file_that_breaks_after_setup_is_named_from_a_worker(stripes_folder, skip_bad):
-    dm = _dm(stripes_folder, num_workers=1, skip_bad_images=skip_bad)
+    dm = _dm(stripes_folder, loader={"num_workers": 1}, skip_bad_images=skip_bad)
     dm.setup("fit")
     victim = Path(dm.datasets["train"].items[0])
     victim.write_bytes(b"")  # gone bad between the check at setup and loading
@@ -235,7 +242,8 @@ def _imbalanced(root: Path, large: int = 60, small: int = 5) -> Path:
 def test_severe_imbalance_warns_with_counts_and_the_balanced_sampler_evens_it_out(tmp_path):
     root = _imbalanced(tmp_path / "data")
     with pytest.warns(
-        TransferKitWarning, match=r"severely imbalanced \(common: \d+, rare: \d+;.*data.sampler: balanced"
+        TransferKitWarning,
+        match=r"severely imbalanced \(common: \d+, rare: \d+;.*data.loader.sampler: balanced",
     ) as seen:
         _dm(root).setup("fit")
     # the warning names the transferkit code that raised it, not the library that called set-up
@@ -243,8 +251,8 @@ def test_severe_imbalance_warns_with_counts_and_the_balanced_sampler_evens_it_ou
     for chosen in ("shuffle", "balanced"):  # a sampler the recipe names was chosen knowing the counts
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no imbalance warning
-            _dm(root, sampler=chosen).setup("fit")
-    dm = _dm(root, sampler="balanced")
+            _dm(root, loader={"sampler": chosen}).setup("fit")
+    dm = _dm(root, loader={"sampler": "balanced"})
     dm.setup("fit")
     loader = dm.train_dataloader()
     drawn = {}
@@ -308,11 +316,15 @@ def test_a_freeze_schedule_beyond_the_backbone_groups_is_refused():
 @pytest.mark.parametrize(
     ("backbone", "size", "expected"),
     [
-        (TINY_BACKBONE, 16, "data.image_size=16 is too small for 'test_efficientnet': it downsamples 32x"),
+        (
+            TINY_BACKBONE,
+            16,
+            "data.pipeline.image_size=16 is too small for 'test_efficientnet': it downsamples 32x",
+        ),
         (
             "test_vit",
             40,
-            "'test_vit' cannot take 40x40 inputs (data.image_size=40): AssertionError: Input height (40) should be divisible by patch size",
+            "'test_vit' cannot take 40x40 inputs (data.pipeline.image_size=40): AssertionError: Input height (40) should be divisible by patch size",
         ),
     ],
 )
@@ -322,7 +334,7 @@ def test_an_input_size_the_backbone_cannot_take_is_refused_before_training(
     model = TransferClassifier(num_classes=2, backbone=backbone, pretrained=False)
     trainer = quiet_trainer(tmp_path, max_epochs=1)
     with pytest.raises(ValueError) as info:
-        trainer.fit(model, datamodule=_dm(stripes_folder, image_size=size))
+        trainer.fit(model, datamodule=_dm(stripes_folder, pipeline={"image_size": size}))
     assert expected in str(info.value) and trainer.global_step == 0
 
 
@@ -344,8 +356,8 @@ def test_fit_from_a_checkpoint_with_another_class_count_is_refused(stripes_folde
         "--model.pretrained=false",
         "--data.source=folder",
         f"--data.root={stripes_folder}",
-        "--data.num_workers=0",
-        "--data.image_size=32",
+        "--data.loader.num_workers=0",
+        "--data.pipeline.image_size=32",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
@@ -368,8 +380,8 @@ def _fit_args(root: Path, run: Path) -> list[str]:
         "--model.pretrained=false",
         "--data.source=folder",
         f"--data.root={root}",
-        "--data.num_workers=0",
-        "--data.image_size=32",
+        "--data.loader.num_workers=0",
+        "--data.pipeline.image_size=32",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",

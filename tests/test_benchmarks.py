@@ -346,7 +346,14 @@ def test_time_to_accuracy_pairs_recipes_only_on_the_seeds_both_ran_and_tells_noi
 def test_time_to_accuracy_times_a_fresh_finetune_and_puts_its_test_look_on_the_ledger(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
     out, ledger = tmp_path / "results" / "r.json", tmp_path / "ledger.jsonl"  # a folder not made yet
-    tiny = ["--data.max_samples", "160", "--trainer.max_epochs", "1", "--data.image_size", "64"]
+    tiny = [
+        "--data.split.max_samples",
+        "160",
+        "--trainer.max_epochs",
+        "1",
+        "--data.pipeline.image_size",
+        "64",
+    ]
     base = [sys.executable, str(script), "--recipes", "recipes/quickstart.yaml", "--seeds", "0"]
     base += ["--ledger", str(ledger), "--runs-dir", str(tmp_path / "runs")]
     root = Path(__file__).resolve().parents[1]

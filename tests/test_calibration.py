@@ -88,7 +88,10 @@ def test_decision_threshold_maximises_the_chosen_metric():
 def test_finetune_calibrates_stores_and_every_path_uses_it(stripes_folder, tmp_path, monkeypatch):
     onnxruntime = pytest.importorskip("onnxruntime")
     data = tk.ImageDataModule(
-        source="folder", root=str(stripes_folder), num_workers=0, batch_size=16, augment="none", **NORM
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={"augment": "none", **NORM},
+        loader={"num_workers": 0, "batch_size": 16},
     )
     model = tk.TransferClassifier(
         num_classes=2,
@@ -132,7 +135,11 @@ def test_finetune_calibrates_stores_and_every_path_uses_it(stripes_folder, tmp_p
 
 def test_calibration_without_a_validation_split_is_refused_before_training(stripes_folder, tmp_path):
     data = tk.ImageDataModule(
-        source="folder", root=str(stripes_folder), num_workers=0, val_fraction=0.0, augment="none", **NORM
+        source="folder",
+        root=str(stripes_folder),
+        split={"val_fraction": 0.0},
+        pipeline={"augment": "none", **NORM},
+        loader={"num_workers": 0},
     )
     model = tk.TransferClassifier(
         num_classes=2, backbone=TINY_BACKBONE, pretrained=False, prediction={"calibrate": True}

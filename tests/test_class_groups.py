@@ -63,10 +63,10 @@ def test_group_probabilities_sum_the_classes_and_labels_map_to_their_group():
 
 
 def test_elpv_4class_carries_the_binary_classes_as_its_groups():
-    four = ImageDataModule(source="elpv", task="4class", num_workers=0)
+    four = ImageDataModule(source="elpv", task="4class", loader={"num_workers": 0})
     assert four.class_names == ["0", "1/3", "2/3", "1"]
     assert four.class_groups == {"functional": ["0", "1/3"], "defective": ["2/3", "1"]}
-    assert ImageDataModule(source="elpv", task="binary", num_workers=0).class_groups is None
+    assert ImageDataModule(source="elpv", task="binary", loader={"num_workers": 0}).class_groups is None
 
 
 def test_a_bad_group_fails_when_the_data_is_set_up_not_after_training():
@@ -79,11 +79,9 @@ def test_a_bad_group_fails_when_the_data_is_set_up_not_after_training():
 def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Path):
     data = {
         "source": "digits",
-        "max_samples": 400,
-        "num_workers": 0,
-        "batch_size": 32,
-        "augment": "none",
-        **NORM,
+        "split": {"max_samples": 400},
+        "loader": {"num_workers": 0, "batch_size": 32},
+        "pipeline": {**NORM, "augment": "none"},
     }
     recipe = {
         "seed_everything": 0,
@@ -93,7 +91,11 @@ def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Pa
             "pretrained": False,
             "optimizer": {"lr": 0.003, "layer_decay": 1.0},
         },
-        "data": {**data, "mean": list(NORM["mean"]), "std": list(NORM["std"]), "class_groups": LOW_HIGH},
+        "data": {
+            **data,
+            "pipeline": {"mean": list(NORM["mean"]), "std": list(NORM["std"])},
+            "class_groups": LOW_HIGH,
+        },
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = run_cli(

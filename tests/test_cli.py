@@ -55,13 +55,13 @@ def test_print_config_resolves_the_quickstart_recipe_with_overrides():
         str(ROOT / "recipes" / "quickstart.yaml"),
         "--lr",  # the short flag of --model.optimizer.lr
         "0.0003",
-        "--data.batch_size",
+        "--data.loader.batch_size",
         "7",
         "--print_config",
     )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    assert config["model"]["optimizer"]["lr"] == 0.0003 and config["data"]["batch_size"] == 7
+    assert config["model"]["optimizer"]["lr"] == 0.0003 and config["data"]["loader"]["batch_size"] == 7
     # every group shows its fields, the recipe's and the defaults
     assert (
         config["model"]["optimizer"]["layer_decay"] == 0.75 and config["model"]["optimizer"]["name"] == "adam"
@@ -88,11 +88,8 @@ def _stripes_recipe(stripes_folder: Path, tmp_path: Path, model: dict, data: dic
         "data": {
             "source": "folder",
             "root": str(stripes_folder),
-            "image_size": 32,
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "num_workers": 0,
-            "batch_size": 16,
+            "pipeline": {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+            "loader": {"num_workers": 0, "batch_size": 16},
             **data,
         },
         **more,
@@ -111,7 +108,7 @@ def test_finetune_end_to_end_writes_metrics(stripes_folder_large, tmp_path):
             "head": {"hidden_dims": [64]},
             "optimizer": {"lr": 0.003, "layer_decay": 1.0},
         },
-        data={"augment": "light", "batch_size": 32},
+        data={"pipeline": {"augment": "light"}, "loader": {"batch_size": 32}},
     )
     result = _run("finetune", "--config", recipe, "--trainer.max_epochs", "10")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -159,7 +156,7 @@ def test_finetune_without_validation_trains_on_every_non_test_image_and_tests_th
         stripes_folder,
         tmp_path,
         model={"lr_schedule": {"name": "cosine"}},
-        data={"val_fraction": 0},
+        data={"split": {"val_fraction": 0}},
         # would stop the run after one epoch if it watched a validation loss
         early_stopping={"patience": 0, "min_delta": 100.0},
     )
@@ -191,7 +188,11 @@ def test_a_plateau_schedule_without_validation_is_refused_before_training(stripe
     import transferkit as tk
 
     data = tk.ImageDataModule(
-        source="folder", root=str(stripes_folder), val_fraction=0, num_workers=0, **NORM
+        source="folder",
+        root=str(stripes_folder),
+        split={"val_fraction": 0},
+        pipeline={**NORM},
+        loader={"num_workers": 0},
     )
     model = tk.TransferClassifier(
         num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr_schedule={"name": "performance"}
@@ -223,9 +224,9 @@ def test_the_quickstart_console_holds_only_what_a_user_can_act_on(tmp_path):
         "2",
         "--trainer.log_every_n_steps",
         "1",
-        "--data.max_samples",
+        "--data.split.max_samples",
         "400",
-        "--data.image_size",
+        "--data.pipeline.image_size",
         "64",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_BACKBONE, quiet_trainer, run_cli
+from conftest import TINY_BACKBONE, merged, quiet_trainer, run_cli
 from lightning.pytorch.callbacks import Callback
 
 import transferkit as tk
@@ -19,12 +19,9 @@ from transferkit.tuning.cross_validation import cross_validate
 
 DATA = {
     "source": "digits",
-    "image_size": 32,
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-    "num_workers": 0,
-    "max_samples": 200,
-    "augment": "none",
+    "pipeline": {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "augment": "none"},
+    "loader": {"num_workers": 0},
+    "split": {"max_samples": 200},
 }
 
 
@@ -40,7 +37,7 @@ def test_folds_are_disjoint_stratified_cover_every_non_test_image_once_and_keep_
     expected = np.bincount(recipe.data.labels[non_test], minlength=10) / 5  # images per class per fold
     validated = []
     for fold in range(5):
-        dm = tk.ImageDataModule(**DATA, cv_folds=5, cv_fold=fold)
+        dm = tk.ImageDataModule(**merged(DATA, {"split": {"cv_folds": 5, "cv_fold": fold}}))
         dm.setup("fit")
         train, val = set(dm.split_indices["train"].tolist()), set(dm.split_indices["val"].tolist())
         assert set(dm.split_indices["test"].tolist()) == test  # exactly the recipe's test split
@@ -64,7 +61,7 @@ def test_folds_are_disjoint_stratified_cover_every_non_test_image_once_and_keep_
 )
 def test_bad_cv_settings_are_refused_naming_the_value(folds, fold, message):
     with pytest.raises(tk.ConfigError, match=message):
-        tk.ImageDataModule(**DATA, cv_folds=folds, cv_fold=fold)
+        tk.ImageDataModule(**merged(DATA, {"split": {"cv_folds": folds, "cv_fold": fold}}))
 
 
 def test_cross_validate_refuses_bad_folds_and_classes_too_small_before_writing_anything(tmp_path):
@@ -168,7 +165,7 @@ def test_a_stopped_cross_validation_resumes_in_its_fold_without_retraining_finis
 @pytest.mark.slow
 def test_the_cv_command_prints_the_folds_and_writes_the_summary(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    data = {**DATA, "mean": [0.5] * 3, "std": [0.5] * 3, "max_samples": 120}
+    data = merged(DATA, {"pipeline": {"mean": [0.5] * 3, "std": [0.5] * 3}, "split": {"max_samples": 120}})
     trainer = {
         "max_epochs": 1,
         "accelerator": "cpu",

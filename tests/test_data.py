@@ -6,7 +6,7 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
-from conftest import NORM
+from conftest import NORM, merged
 from PIL import Image
 
 from transferkit.data import DatasetError, ImageDataModule, ImageReadError, load_image
@@ -15,12 +15,13 @@ from transferkit.errors import ConfigError
 
 
 def _datamodule(**kwargs) -> ImageDataModule:
-    kwargs = {"num_workers": 0, **NORM, **kwargs}
-    return ImageDataModule(**kwargs)
+    return ImageDataModule(**merged({"loader": {"num_workers": 0}, "pipeline": NORM}, kwargs))
 
 
 def test_folder_splits_are_stratified_seeded_and_disjoint(stripes_folder):
-    dm = _datamodule(source="folder", root=str(stripes_folder), val_fraction=0.25, test_fraction=0.25, seed=3)
+    dm = _datamodule(
+        source="folder", root=str(stripes_folder), split={"val_fraction": 0.25, "test_fraction": 0.25}, seed=3
+    )
     dm.setup("fit")
     splits = dm.split_indices
     assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(80))
@@ -31,11 +32,11 @@ def test_folder_splits_are_stratified_seeded_and_disjoint(stripes_folder):
     }  # val: 25 % of the rest
     assert dm.summary()["test"] == {"horizontal": 10, "vertical": 10}
     again = _datamodule(
-        source="folder", root=str(stripes_folder), val_fraction=0.25, test_fraction=0.25, seed=3
+        source="folder", root=str(stripes_folder), split={"val_fraction": 0.25, "test_fraction": 0.25}, seed=3
     )
     again.setup("fit")
     other = _datamodule(
-        source="folder", root=str(stripes_folder), val_fraction=0.25, test_fraction=0.25, seed=4
+        source="folder", root=str(stripes_folder), split={"val_fraction": 0.25, "test_fraction": 0.25}, seed=4
     )
     other.setup("fit")
     assert all(np.array_equal(splits[s], again.split_indices[s]) for s in splits)
@@ -45,7 +46,7 @@ def test_folder_splits_are_stratified_seeded_and_disjoint(stripes_folder):
 def test_train_fraction_trains_on_a_stratified_share_and_keeps_validation_and_test():
     whole = _datamodule(source="digits", seed=2)
     whole.setup("fit")
-    half = _datamodule(source="digits", seed=2, train_fraction=0.5)
+    half = _datamodule(source="digits", seed=2, split={"train_fraction": 0.5})
     half.setup("fit")
     full, part = whole.split_indices, half.split_indices
     # a learning curve's points are scored on the same cells: validation and test are untouched
@@ -54,16 +55,21 @@ def test_train_fraction_trains_on_a_stratified_share_and_keeps_validation_and_te
     assert len(half.train_dataloader().dataset) == len(part["train"])  # what trains is the share
     counts, share = (np.bincount(whole.data.labels[i], minlength=10) for i in (full["train"], part["train"]))
     assert np.all(np.abs(share - counts / 2) <= 1)  # every class keeps its share
-    again = _datamodule(source="digits", seed=2, train_fraction=0.5)
+    again = _datamodule(source="digits", seed=2, split={"train_fraction": 0.5})
     again.setup("fit")
     assert np.array_equal(again.split_indices["train"], part["train"])  # seeded
     for bad in (0, 1.5, -0.1):
-        with pytest.raises(ConfigError, match=r"train_fraction is the share of the training split .* Use 1"):
-            _datamodule(source="digits", train_fraction=bad)
+        with pytest.raises(
+            ConfigError,
+            match=r"data\.split\.train_fraction must be the share of the training split .*\(1: the whole split\)",
+        ):
+            _datamodule(source="digits", split={"train_fraction": bad})
 
 
 def test_batches_have_the_network_input_shape(stripes_folder):
-    dm = _datamodule(source="folder", root=str(stripes_folder), batch_size=8, augment="heavy")
+    dm = _datamodule(
+        source="folder", root=str(stripes_folder), pipeline={"augment": "heavy"}, loader={"batch_size": 8}
+    )
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
@@ -158,7 +164,7 @@ def test_csv_source_reads_paths_and_labels(stripes_folder, tmp_path):
 
 
 def test_elpv_follows_the_benchmark_protocol():
-    dm = _datamodule(source="elpv", val_fraction=0.15, seed=0)
+    dm = _datamodule(source="elpv", split={"val_fraction": 0.15}, seed=0)
     dm.setup()
     sizes = {s: len(v) for s, v in dm.split_indices.items()}
     assert sizes["test"] == 656 and sizes["train"] + sizes["val"] == 1968
@@ -177,7 +183,7 @@ def test_elpv_follows_the_benchmark_protocol():
 
 
 def test_digits_source():
-    dm = _datamodule(source="digits", image_size=16)
+    dm = _datamodule(source="digits", pipeline={"image_size": 16})
     dm.setup()
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape[1:] == (3, 16, 16) and dm.num_classes == 10
@@ -203,7 +209,7 @@ def test_inline_augmentations_and_round_trip():
 
 
 def test_eval_pipeline_normalises_with_the_given_mean_and_std(stripes_folder):
-    dm = _datamodule(source="folder", root=str(stripes_folder), augment="none")
+    dm = _datamodule(source="folder", root=str(stripes_folder), pipeline={"augment": "none"})
     dm.setup()
     raw = dm.datasets["val"].read(0)
     image, _ = dm.datasets["val"][0]
@@ -215,6 +221,6 @@ def test_a_bad_augmentation_fails_when_the_data_module_is_built_not_at_fit(strip
     from transferkit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown augmentation preset 'extreme'; choose one of none, light"):
-        _datamodule(source="folder", root=str(stripes_folder), augment="extreme")
+        _datamodule(source="folder", root=str(stripes_folder), pipeline={"augment": "extreme"})
     with pytest.raises(ConfigError, match="'Flipp' is not an Albumentations transform"):
-        _datamodule(source="folder", root=str(stripes_folder), augment=[{"Flipp": {}}])
+        _datamodule(source="folder", root=str(stripes_folder), pipeline={"augment": [{"Flipp": {}}]})

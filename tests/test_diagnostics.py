@@ -288,11 +288,8 @@ def test_diagnose_command_prints_the_table_and_writes_png_and_json(stripes_folde
         "data": {
             "source": "folder",
             "root": str(stripes_folder),
-            "image_size": 32,
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "num_workers": 0,
-            "batch_size": 16,
+            "pipeline": {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+            "loader": {"num_workers": 0, "batch_size": 16},
         },
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))

@@ -31,10 +31,8 @@ def _augmented_dm(root, seed: int, num_workers: int) -> ImageDataModule:
         source="folder",
         root=str(root),
         seed=seed,
-        num_workers=num_workers,
-        batch_size=8,
-        augment="heavy",
-        **NORM,
+        pipeline={"augment": "heavy", **NORM},
+        loader={"num_workers": num_workers, "batch_size": 8},
     )
 
 
@@ -85,7 +83,10 @@ def _tiny_model() -> TransferClassifier:
 
 def _tiny_dm(root: Path) -> ImageDataModule:
     return ImageDataModule(
-        source="folder", root=str(root), num_workers=0, batch_size=16, augment="light", **NORM
+        source="folder",
+        root=str(root),
+        pipeline={"augment": "light", **NORM},
+        loader={"num_workers": 0, "batch_size": 16},
     )
 
 
@@ -139,9 +140,9 @@ def test_a_disk_that_fills_during_a_run_ends_it_with_one_error_block_and_status_
     recipe.write_text(
         f"trainer: {{max_epochs: 3, accelerator: cpu, logger: false, enable_progress_bar: false, "
         f"enable_model_summary: false, default_root_dir: {tmp_path / 'run'}}}\n"
-        f"model: {{backbone: {TINY_BACKBONE}, pretrained: false, hidden_dims: []}}\n"
-        f"data: {{source: folder, root: {stripes_folder}, num_workers: 0, batch_size: 16, image_size: 32, "
-        "mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}\n"
+        f"model: {{backbone: {TINY_BACKBONE}, pretrained: false, head: {{hidden_dims: []}}}}\n"
+        f"data: {{source: folder, root: {stripes_folder}, loader: {{num_workers: 0, batch_size: 16}}, "
+        "pipeline: {image_size: 32, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}\n"
     )
     # the disk fills in epoch 1: epoch 0's checkpoints (best and last) are written, the next one is not
     real_write, started = os.write, []

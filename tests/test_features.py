@@ -6,7 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import NORM, TINY_BACKBONE, quiet_trainer
+from conftest import NORM, TINY_BACKBONE, merged, quiet_trainer
 from PIL import Image
 
 import transferkit.training.feeding as feeding_module
@@ -14,8 +14,12 @@ from transferkit import FreezeAndCache, FreezeSchedule, ImageDataModule, Trainer
 
 
 def _dm(root, tmp_path, **kwargs) -> ImageDataModule:
-    kwargs = {"augment": "none", "cache_dir": str(tmp_path / "cache"), **NORM, **kwargs}
-    return ImageDataModule(source="folder", root=str(root), num_workers=0, batch_size=8, **kwargs)
+    defaults = {
+        "pipeline": {"augment": "none", **NORM},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "loader": {"num_workers": 0, "batch_size": 8},
+    }
+    return ImageDataModule(source="folder", root=str(root), **merged(defaults, kwargs))
 
 
 def _fit(
@@ -75,13 +79,17 @@ def test_the_cache_is_reused_and_never_stale(stripes_folder, tmp_path, monkeypat
     _fit(_dm(stripes_folder, tmp_path), tmp_path, FreezeAndCache(feature_cache="clean"))
     assert counter.calls == 3
     # another input size changes the pipeline, so every feature is recomputed
-    _fit(_dm(stripes_folder, tmp_path, image_size=40), tmp_path, FreezeAndCache(feature_cache="clean"))
+    _fit(
+        _dm(stripes_folder, tmp_path, pipeline={"image_size": 40}),
+        tmp_path,
+        FreezeAndCache(feature_cache="clean"),
+    )
     assert counter.calls == 5
 
 
 @pytest.mark.slow
 def test_augmented_cache_holds_several_views_and_unfrozen_epochs_see_images(stripes_folder, tmp_path):
-    dm = _dm(stripes_folder, tmp_path, augment="heavy")
+    dm = _dm(stripes_folder, tmp_path, pipeline={"augment": "heavy"})
     caches = FreezeAndCache(feature_cache="augmented", cache_views=3)
     model = _fit(dm, tmp_path, caches, epochs=2, frozen_epochs=1)
     train_features = _stored(caches, "train")
@@ -168,7 +176,7 @@ def test_trunk_cache_trains_the_top_exactly_as_without_it(stripes_folder, tmp_pa
 
 @pytest.mark.slow
 def test_augmented_trunk_cache_draws_one_view_per_image_each_epoch(stripes_folder, tmp_path):
-    dm = _dm(stripes_folder, tmp_path, augment="heavy")
+    dm = _dm(stripes_folder, tmp_path, pipeline={"augment": "heavy"})
     caches = FreezeAndCache(trunk_cache="augmented", cache_views=3)
     _fit_top(dm, tmp_path, caches)
     train_features = _stored(caches, "train")

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import NORM, TINY_BACKBONE, quiet_trainer, run_cli
+from conftest import NORM, TINY_BACKBONE, merged, quiet_trainer, run_cli
 from torch.utils.data import DataLoader, TensorDataset
 
 import transferkit as tk
@@ -75,7 +75,9 @@ def test_the_model_trains_with_a_plain_data_module_and_still_describes_itself(tm
 
 
 def test_with_our_data_module_the_checkpoint_holds_its_preprocessing(stripes_folder, tmp_path):
-    data = tk.ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, image_size=40)
+    data = tk.ImageDataModule(
+        source="folder", root=str(stripes_folder), pipeline={"image_size": 40}, loader={"num_workers": 0}
+    )
     model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
     trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(model, datamodule=data)
@@ -115,7 +117,10 @@ def test_the_callback_says_what_each_epoch_is_fed_and_which_see_augmentation():
 
 
 def _digits(**kwargs) -> tk.ImageDataModule:
-    return tk.ImageDataModule(source="digits", max_samples=200, num_workers=0, **{**NORM, **kwargs})
+    return tk.ImageDataModule(
+        source="digits",
+        **merged({"split": {"max_samples": 200}, "loader": {"num_workers": 0}, "pipeline": NORM}, kwargs),
+    )
 
 
 @pytest.mark.slow
@@ -131,11 +136,11 @@ def test_augmentation_that_no_epoch_sees_is_refused_and_one_some_epochs_see_is_s
 
     clean = dict(feature_cache="clean", trunk_cache="clean")
     with pytest.raises(tk.ConfigError, match=r"data.augment is set, but no training epoch sees augmented"):
-        fit(_digits(augment="light"), tk.FreezeAndCache(**clean))
-    fit(_digits(augment="none"), tk.FreezeAndCache(**clean))  # said: no augmentation
+        fit(_digits(pipeline={"augment": "light"}), tk.FreezeAndCache(**clean))
+    fit(_digits(pipeline={"augment": "none"}), tk.FreezeAndCache(**clean))  # said: no augmentation
     fit(_digits(), tk.FreezeAndCache(**clean))  # the default preset, not chosen: no refusal
     capsys.readouterr()
-    fit(_digits(augment="light"), tk.FreezeAndCache(feature_cache="clean"))
+    fit(_digits(pipeline={"augment": "light"}), tk.FreezeAndCache(feature_cache="clean"))
     err = capsys.readouterr().err
     assert (
         "data.augment reaches epochs 1 only: epochs 0 train on outputs stored from the eval pipeline" in err
@@ -166,13 +171,17 @@ def test_an_old_recipe_key_names_its_new_place(tmp_path):
 def test_the_trainer_fills_the_data_modules_sizes_from_the_model_however_the_data_module_is_passed(tmp_path):
     model = tk.TransferClassifier(num_classes=10, backbone=TINY_BACKBONE, pretrained=False)
     size = model.data_config["input_size"][-1]
-    data = tk.ImageDataModule(source="digits", max_samples=100, num_workers=0, batch_size=50)
+    data = tk.ImageDataModule(
+        source="digits", split={"max_samples": 100}, loader={"num_workers": 0, "batch_size": 50}
+    )
     with pytest.raises(tk.ConfigError, match="image_size, mean and std are the backbone's"):
         data.setup("fit")  # on its own it cannot know them
     trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=1, enable_checkpointing=False)
     trainer.fit(model, data)  # passed where the loaders go, as Lightning allows
     assert (data.image_size, data.mean) == (size, tuple(model.data_config["mean"]))
     assert model.preprocessing["image_size"] == size
-    fresh = tk.ImageDataModule(source="digits", max_samples=100, num_workers=0, batch_size=50)
+    fresh = tk.ImageDataModule(
+        source="digits", split={"max_samples": 100}, loader={"num_workers": 0, "batch_size": 50}
+    )
     trainer.test(model, fresh, verbose=False)
     assert fresh.image_size == size

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer, run_cli
+from conftest import NORM, TINY_BACKBONE, make_stripes_folder, merged, quiet_trainer, run_cli
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
@@ -25,7 +25,11 @@ TESTS = Path(__file__).resolve().parent
 
 def _dm(root: Path, **kwargs) -> ImageDataModule:
     return ImageDataModule(
-        source="folder", root=str(root), num_workers=0, batch_size=8, augment="none", **NORM, **kwargs
+        source="folder",
+        root=str(root),
+        **merged(
+            {"pipeline": {"augment": "none", **NORM}, "loader": {"num_workers": 0, "batch_size": 8}}, kwargs
+        ),
     )
 
 
@@ -148,11 +152,9 @@ def test_a_run_resumed_in_the_same_process_with_loader_workers_sees_the_uninterr
         return ImageDataModule(
             source="folder",
             root=str(stripes_folder),
-            num_workers=2,
-            batch_size=8,
-            augment="light",
+            pipeline={"augment": "light", **NORM},
+            loader={"num_workers": 2, "batch_size": 8},
             seed=0,
-            **NORM,
         )
 
     L.seed_everything(0)
@@ -325,10 +327,13 @@ if __name__ == "__main__":
 
     L.seed_everything(0)
     model = tk.TransferClassifier(
-        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, lr=1e-2, layer_decay=1.0,
+        num_classes=2, backbone=TINY_BACKBONE, pretrained=False, optimizer={{"lr": 1e-2, "layer_decay": 1.0}},
         freeze_schedule=tk.FreezeSchedule(frozen_epochs=1),
     )
-    data = tk.ImageDataModule(source="folder", root={root!r}, num_workers=0, batch_size=8, augment="light", **NORM)
+    data = tk.ImageDataModule(
+        source="folder", root={root!r}, loader={{"num_workers": 0, "batch_size": 8}},
+        pipeline={{"augment": "light", **NORM}},
+    )
     trainer = tk.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -397,7 +402,8 @@ if __name__ == "__main__":
     L.seed_everything(0)
     model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
     data = tk.ImageDataModule(
-        source="folder", root={root!r}, num_workers=2, batch_size=8, augment="light", seed=0, **NORM
+        source="folder", root={root!r}, loader={{"num_workers": 2, "batch_size": 8}}, seed=0,
+        pipeline={{"augment": "light", **NORM}},
     )
     callbacks = [
         Record(), KeepEpoch0(), SaveMidEpoch(), ModelCheckpoint(dirpath=OUT / "ckpt", save_last=True)
@@ -447,7 +453,7 @@ def test_plan_prints_one_row_per_phase(tmp_path):
               pretrained: false
               freeze_schedule: {{frozen_epochs: 2, unfreeze_every: 1}}
               runtime: {{progressive_resizing: {{1: 12, 4: 16}}}}
-            data: {{source: digits, image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], num_workers: 0}}
+            data: {{source: digits, pipeline: {{image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}, loader: {{num_workers: 0}}}}
             """
         )
     )
@@ -488,7 +494,7 @@ def test_probe_scores_every_depth_and_suggests_how_deep_to_unfreeze(tmp_path):
             f"""
             trainer: {{max_epochs: 1, accelerator: cpu, default_root_dir: {str(tmp_path)!r}}}
             model: {{backbone: {TINY_BACKBONE}, pretrained: false}}
-            data: {{source: digits, image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], num_workers: 0}}
+            data: {{source: digits, pipeline: {{image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}, loader: {{num_workers: 0}}}}
             """
         )
     )
@@ -507,7 +513,9 @@ def test_probe_and_plan_are_functions_that_write_nothing_to_the_current_folder(t
 
     monkeypatch.chdir(tmp_path)  # where a surprise file would land
     norm = {"image_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3}
-    data = tk.ImageDataModule(source="digits", num_workers=0, max_samples=400, **norm)
+    data = tk.ImageDataModule(
+        source="digits", split={"max_samples": 400}, loader={"num_workers": 0}, pipeline=norm
+    )
     model = tk.TransferClassifier(num_classes=10, backbone=TINY_BACKBONE, pretrained=False)
     report = tk.probe(model, data)
     assert [r.group for r in report.results] == list(range(6)) and report.suggestion
@@ -615,16 +623,13 @@ def test_two_nodes_launched_with_torchrun_train_one_model_on_split_data(tmp_path
         model:
           backbone: {TINY_BACKBONE}
           pretrained: false
-          lr: 0.01
+          optimizer: {{lr: 0.01}}
           freeze_schedule: {{frozen_epochs: 1}}
         data:
           source: folder
           root: {root}
-          num_workers: 0
-          batch_size: 8
-          image_size: 32
-          mean: [0.5, 0.5, 0.5]
-          std: [0.5, 0.5, 0.5]
+          loader: {{num_workers: 0, batch_size: 8}}
+          pipeline: {{image_size: 32, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}
         """)
     )
     with socket.socket() as probe:

@@ -69,19 +69,19 @@ def test_mutated_valid_images_read_as_rgb_or_raise_image_read_error(scratch, fmt
 # --- recipe values ----------------------------------------------------------------------------------
 
 FIELDS = [
-    "model.lr",
-    "model.hidden_dims",
-    "model.activation",
-    "model.dropout",
-    "model.optimizer",
+    "model.optimizer.lr",
+    "model.head.hidden_dims",
+    "model.head.activation",
+    "model.head.dropout",
+    "model.optimizer.name",
     "model.freeze_schedule",
-    "model.layer_decay",
-    "model.tta",
-    "data.batch_size",
-    "data.val_fraction",
-    "data.train_fraction",
-    "data.augment",
-    "data.max_samples",
+    "model.optimizer.layer_decay",
+    "model.prediction.tta",
+    "data.loader.batch_size",
+    "data.split.val_fraction",
+    "data.split.train_fraction",
+    "data.pipeline.augment",
+    "data.split.max_samples",
 ]
 VALUES = st.one_of(
     st.none(),
@@ -104,29 +104,32 @@ def fuzz_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # what each field may answer a bad value with: the error's type and its message, which names the field
 _CHOICE = r"'.*'; choose one of [a-z0-9_, ]+\."
 ACCEPTED: dict[str, list[tuple[type[Exception], str]]] = {
-    "model.lr": [(ConfigError, r"lr must be > 0, got .+\.")],
-    "model.hidden_dims": [
+    "model.optimizer.lr": [
+        (ConfigError, r"model\.optimizer\.lr must be a number > 0 or 'auto' .*, got .+\.")
+    ],
+    "model.head.hidden_dims": [
         (ConfigError, r"hidden_dims must be positive layer widths \(or \[\] for a linear head\), got .+\.")
     ],
-    "model.activation": [(ConfigError, r"unknown activation " + _CHOICE)],
-    "model.dropout": [(ConfigError, r"dropout must be in \[0, 1\), got .+\.")],
-    "model.optimizer": [(ConfigError, r"unknown optimizer " + _CHOICE)],
+    "model.head.activation": [(ConfigError, r"unknown activation " + _CHOICE)],
+    "model.head.dropout": [(ConfigError, r"dropout must be in \[0, 1\), got .+\.")],
+    "model.optimizer.name": [(ConfigError, r"model\.optimizer\.name must be one of [a-z, ]+, got .+\.")],
     "model.freeze_schedule": [
         (ConfigError, r"(frozen_epochs|unfreeze_every|warmup_steps) must be >= [01].*, got .+\."),
         (ConfigError, r"milestones map epoch \(>= 0\) -> trainable groups .*; got .+\."),
         (ConfigError, r"freeze_schedule\.milestones asks for .+ trainable backbone groups.*"),
     ],
-    "model.layer_decay": [(ConfigError, r"layer_decay must be in \(0, 1\], got .+\.")],
-    "model.tta": [(ConfigError, r"unknown tta " + _CHOICE)],
-    "data.batch_size": [(ConfigError, r"batch_size must be >= 1, got .+\.")],
-    "data.val_fraction": [],
-    "data.train_fraction": [
-        (
-            ConfigError,
-            r"data\.train_fraction is the share of the training split that trains, in \(0, 1\]; got .+",
-        )
+    "model.optimizer.layer_decay": [
+        (ConfigError, r"model\.optimizer\.layer_decay must be in \(0, 1\], got .+\.")
     ],
-    "data.augment": [
+    "model.prediction.tta": [(ConfigError, r"model\.prediction\.tta must be one of [a-z0-9, ]+, got .+\.")],
+    "data.loader.batch_size": [
+        (ConfigError, r"data\.loader\.batch_size must be a whole number >= 1, got .+\.")
+    ],
+    "data.split.val_fraction": [(ConfigError, r"data\.split\.val_fraction must be in \[0, 1\) .*, got .+\.")],
+    "data.split.train_fraction": [
+        (ConfigError, r"data\.split\.train_fraction must be the share of the training split .*, got .+\.")
+    ],
+    "data.pipeline.augment": [
         (
             ConfigError,
             r"unknown augmentation preset '.*'; choose one of [a-z0-9_, ]+ or give transforms inline\.",
@@ -141,7 +144,9 @@ ACCEPTED: dict[str, list[tuple[type[Exception], str]]] = {
         (ConfigError, r"invalid parameters for .+: .+"),
         (ConfigError, r"augment must be a preset name, a list of transforms or an A\.to_dict dict, got .+\."),
     ],
-    "data.max_samples": [],
+    "data.split.max_samples": [
+        (ConfigError, r"data\.split\.max_samples must be a whole number >= 1, or null .*, got .+\.")
+    ],
 }
 assert set(ACCEPTED) == set(FIELDS)
 
@@ -171,8 +176,8 @@ def test_random_recipe_values_give_a_clear_error_or_a_working_setup(fuzz_folder,
         "--model.pretrained=false",
         "--data.source=folder",
         f"--data.root={fuzz_folder}",
-        "--data.num_workers=0",
-        "--data.image_size=32",
+        "--data.loader.num_workers=0",
+        "--data.pipeline.image_size=32",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
@@ -186,18 +191,20 @@ def test_random_recipe_values_give_a_clear_error_or_a_working_setup(fuzz_folder,
     except SystemExit as err:  # the parser's refusal: exit status 2, naming the key it refused
         assert err.code == 2
         named = re.findall(r'error: Parser key "([a-z_.]+)"', stderr.getvalue())
-        assert named and named[0] in overrides, stderr.getvalue()[-2000:]
+        # the key given, or the group it is in
+        assert named and any(f == named[0] or f.startswith(named[0] + ".") for f in overrides), (
+            stderr.getvalue()[-2000:]
+        )
         return
     except Exception as err:
         # one of the errors listed for a field that was given a bad value, with its message
         assert _is_accepted(err, sorted(overrides)), f"{type(err).__name__}: {err}"
         return
-    assert cli.model.hparams.num_classes == 2  # a working setup
+    assert cli.model.settings.num_classes == 2  # a working setup
     for field, value in overrides.items():  # holding the value given
-        section, key = field.split(".")
-        obj = cli.model.hparams if section == "model" else cli.datamodule.hparams
-        if key != "freeze_schedule":
-            assert json.dumps(plain(obj[key])) == json.dumps(value) or plain(obj[key]) == value, (
-                field,
-                obj[key],
-            )
+        section, *path = field.split(".")
+        held = cli.model.settings if section == "model" else cli.datamodule.settings
+        for name in path:
+            held = getattr(held, name)
+        if path != ["freeze_schedule"]:
+            assert json.dumps(plain(held)) == json.dumps(value) or plain(held) == value, (field, held)

@@ -47,12 +47,8 @@ def test_gradcam_highlights_a_planted_discriminative_patch(tmp_path):
     data = tk.ImageDataModule(
         source="folder",
         root=str(tmp_path / "patches"),
-        image_size=96,
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
-        num_workers=0,
-        batch_size=16,
-        augment="none",
+        pipeline={"image_size": 96, "mean": (0.5,) * 3, "std": (0.5,) * 3, "augment": "none"},
+        loader={"num_workers": 0, "batch_size": 16},
     )
     L.seed_everything(0)
     model = tk.TransferClassifier(
@@ -108,9 +104,13 @@ def trained(tmp_path_factory):
         "seed_everything": 0,
         "trainer": {"max_epochs": 2, "default_root_dir": str(root / "run"), "enable_progress_bar": False},
         "model": {"backbone": TINY_BACKBONE, "pretrained": False, "prediction": {"tta": "hflip"}},
-        "data": {"source": "folder", "root": str(stripes), "num_workers": 0, "batch_size": 16, **NORM},
+        "data": {
+            "source": "folder",
+            "root": str(stripes),
+            "loader": {"num_workers": 0, "batch_size": 16},
+            "pipeline": {**NORM, "mean": list(NORM["mean"]), "std": list(NORM["std"])},
+        },
     }
-    recipe["data"]["mean"], recipe["data"]["std"] = list(NORM["mean"]), list(NORM["std"])
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = run_cli("finetune", "--config", str(path))

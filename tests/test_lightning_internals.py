@@ -66,7 +66,12 @@ class _ReadEverything(Callback):
 
 
 def test_every_accessor_reads_what_transferkit_expects_on_a_real_run(stripes_folder, tmp_path):
-    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=16, **NORM)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 16},
+    )
     model = TransferClassifier(
         num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": []}
     )

@@ -69,10 +69,11 @@ def test_a_jpeg_decodes_at_the_smallest_scale_that_keeps_what_the_pipeline_uses(
 
 def test_elpv_reads_exactly_as_with_full_decoding():
     # ELPV is PNG: reduced-scale decoding leaves its images, and so its results, unchanged
-    common = dict(
-        source="elpv", num_workers=0, augment="none", image_size=96, mean=(0.5,) * 3, std=(0.5,) * 3
+    pipeline = {"augment": "none", "image_size": 96, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    now = tk.ImageDataModule(source="elpv", loader={"num_workers": 0}, pipeline=pipeline)
+    full = tk.ImageDataModule(
+        source="elpv", loader={"num_workers": 0}, pipeline={**pipeline, "jpeg_draft": False}
     )
-    now, full = tk.ImageDataModule(**common), tk.ImageDataModule(**common, jpeg_draft=False)
     now.setup("fit")
     full.setup("fit")
     for split in ("train", "test"):
@@ -116,14 +117,14 @@ def test_setup_reads_headers_not_pixels_and_hashes_only_files_whose_size_repeats
     digest = checks._file_digest
     monkeypatch.setattr(images, "load_image", no_decoding)
     monkeypatch.setattr(checks, "_file_digest", lambda path: hashed.append(path) or digest(path))
-    dm = tk.ImageDataModule(source="folder", root=str(root), num_workers=0, **NORM)
+    dm = tk.ImageDataModule(source="folder", root=str(root), pipeline={**NORM}, loader={"num_workers": 0})
     dm.setup("fit")
     sizes = [Path(p).stat().st_size for p in dm.data.items]
     assert len(set(sizes)) == len(sizes) and hashed == []  # every size unique: nothing read
     # a copy of a training photo in another split: only same-size files are hashed, and it is named
     train, test = dm.datasets["train"].items, dm.datasets["test"].items
     Path(test[0]).write_bytes(Path(train[0]).read_bytes())
-    dm = tk.ImageDataModule(source="folder", root=str(root), num_workers=0, **NORM)
+    dm = tk.ImageDataModule(source="folder", root=str(root), pipeline={**NORM}, loader={"num_workers": 0})
     with pytest.warns(UserWarning, match="1 images appear in more than one split with identical bytes"):
         dm.setup("fit")
     assert sorted(hashed) == sorted([train[0], test[0]])
@@ -139,7 +140,7 @@ def test_check_data_decodes_every_file_and_lists_each_bad_one(tmp_path, photos):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"model: {{backbone: test_efficientnet, pretrained: false}}\n"
-        f"data: {{source: folder, root: {root}, image_size: 64, num_workers: 0}}\n"
+        f"data: {{source: folder, root: {root}, pipeline: {{image_size: 64}}, loader: {{num_workers: 0}}}}\n"
     )
     result = run_cli("check-data", "--config", str(recipe))
     assert result.returncode == 1, result.stdout + result.stderr
@@ -161,11 +162,13 @@ def _reading_forbidden(monkeypatch) -> None:
 
 def test_the_decoded_cache_decodes_each_photo_once_and_every_later_run_maps_it(tmp_path, photos, monkeypatch):
     root = _photo_folder(tmp_path / "photos", photos[:3])
-    settings = {"source": "folder", "root": str(root), "cache_dir": str(tmp_path / "cache"), **NORM}
-    settings.update(image_size=224, batch_size=4)
-    plain = tk.ImageDataModule(**settings, num_workers=0)
+    settings = {"source": "folder", "root": str(root), "pipeline": {**NORM, "image_size": 224}}
+    cache = {"dir": str(tmp_path / "cache")}
+    plain = tk.ImageDataModule(**settings, loader={"num_workers": 0, "batch_size": 4}, cache=cache)
     plain.setup("fit")
-    cached = tk.ImageDataModule(**settings, num_workers=2, decoded_cache=True)
+    cached = tk.ImageDataModule(
+        **settings, loader={"num_workers": 2, "batch_size": 4}, cache={**cache, "decoded_images": True}
+    )
     cached.setup("fit")
     assert len(cached.decoded) == 12 and cached.decoded.side == 258  # 1.15 x 224
     first = cached.datasets["val"].items[0]
@@ -178,7 +181,9 @@ def test_the_decoded_cache_decodes_each_photo_once_and_every_later_run_maps_it(t
     # a later run (its loader workers too) reads the cache and decodes nothing
     with monkeypatch.context() as patch:
         _reading_forbidden(patch)
-        later = tk.ImageDataModule(**settings, num_workers=2, decoded_cache=True)
+        later = tk.ImageDataModule(
+            **settings, loader={"num_workers": 2, "batch_size": 4}, cache={**cache, "decoded_images": True}
+        )
         later.setup("fit")
         images_seen = sum(len(labels) for _, labels in later.train_dataloader())
     assert images_seen == 4 and len(later.datasets["train"]) == 7  # one full batch (the last dropped)
@@ -188,7 +193,9 @@ def test_the_decoded_cache_decodes_each_photo_once_and_every_later_run_maps_it(t
     make_photo(np.random.default_rng(7), 1600, 1200).save(edited, quality=85)
     cut = Path(cached.datasets["val"].items[1])
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
-    again = tk.ImageDataModule(**settings, num_workers=0, decoded_cache=True)
+    again = tk.ImageDataModule(
+        **settings, loader={"num_workers": 0, "batch_size": 4}, cache={**cache, "decoded_images": True}
+    )
     again.setup("fit")
     assert again.decoded[str(edited)].shape == (258, 344, 3) and str(cut) not in again.decoded
     expected = cv2.resize(load_image(edited, min_side=258), (344, 258), interpolation=cv2.INTER_AREA)

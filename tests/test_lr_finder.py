@@ -5,14 +5,16 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import NORM, TINY_BACKBONE, quiet_trainer, run_cli
+from conftest import NORM, TINY_BACKBONE, merged, quiet_trainer, run_cli
 
 import transferkit as tk
 from transferkit.training.lr_finder import SKIP_BEGIN
 
 
 def digits(**kwargs) -> tk.ImageDataModule:
-    return tk.ImageDataModule(source="digits", num_workers=0, batch_size=32, **{**NORM, **kwargs})
+    return tk.ImageDataModule(
+        source="digits", **merged({"loader": {"num_workers": 0, "batch_size": 32}, "pipeline": NORM}, kwargs)
+    )
 
 
 @pytest.mark.slow
@@ -101,7 +103,7 @@ def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_p
     with pytest.raises(tk.ConfigError, match="model.optimizer.lr is 'auto' and no range test has set it"):
         model.configure_optimizers()
     trainer = quiet_trainer(tmp_path, max_epochs=2, logger=True)
-    trainer.fit(model, digits(max_samples=400))
+    trainer.fit(model, digits(split={"max_samples": 400}))
     lr, backbone_lr = model.settings.optimizer.lr, model.settings.optimizer.backbone_lr
     assert isinstance(lr, float) and isinstance(backbone_lr, float) and backbone_lr < lr
     assert (tmp_path / "lightning_logs" / "version_0" / "lr_find.png").is_file()
@@ -114,8 +116,8 @@ def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_p
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"model: {{backbone: {TINY_BACKBONE}, pretrained: false, freeze_schedule: {{frozen_epochs: 1}}}}\n"
-        "data: {source: digits, image_size: 32, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], num_workers: 0,"
-        " max_samples: 400}\n"
+        "data: {source: digits, pipeline: {image_size: 32, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]},"
+        " loader: {num_workers: 0}, split: {max_samples: 400}}\n"
         f"trainer: {{default_root_dir: {tmp_path / 'cli'}}}\n"
     )
     elsewhere = tmp_path / "elsewhere"

@@ -53,7 +53,12 @@ def test_a_mixed_run_with_a_freeze_schedule_learns_and_evaluates_unmixed_images(
     import lightning as L
 
     L.seed_everything(0)
-    dm = tk.ImageDataModule(source="folder", root=str(stripes_folder), batch_size=8, num_workers=0, **NORM)
+    dm = tk.ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"batch_size": 8, "num_workers": 0},
+    )
     model = tk.TransferClassifier(
         num_classes=2, backbone=TINY_BACKBONE, pretrained=False, head={"hidden_dims": []}, optimizer={"lr": 0.02}, mixing={"mixup_alpha": 0.4, "cutmix_alpha": 1.0}, freeze_schedule={"frozen_epochs": 1},
     )  # fmt: skip
@@ -71,7 +76,12 @@ def test_a_mixed_run_with_a_freeze_schedule_learns_and_evaluates_unmixed_images(
     assert trainer.callback_metrics["val_acc"] >= 0.7  # mixed targets still teach the orientation
     assert model.trainable_groups > 0  # unfroze on schedule
 
-    data = tk.ImageDataModule(source="folder", root=str(stripes_folder), batch_size=8, num_workers=0, **NORM)
+    data = tk.ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"batch_size": 8, "num_workers": 0},
+    )
     cached = tk.FreezeAndCache(feature_cache="clean")
     with pytest.raises(tk.ConfigError, match="mixup/CutMix mix training images, but caches.feature_cache"):
         quiet_trainer(tmp_path, max_epochs=1, callbacks=[cached]).fit(model, data)
@@ -96,7 +106,7 @@ def _soft_csv(folder, path, columns):
 def test_a_csv_gives_class_probabilities_and_bad_ones_are_named(stripes_folder, tmp_path):
     sure = {"horizontal": 0.9, "vertical": 0.2}  # the probability of "horizontal"
     one = _soft_csv(stripes_folder, tmp_path / "one.csv", lambda c: {"label": c, "p_horizontal": sure[c]})
-    data = tk.ImageDataModule(source="csv", csv_path=str(one), **NORM).data
+    data = tk.ImageDataModule(source="csv", csv_path=str(one), pipeline={**NORM}).data
     horizontal = data.labels == data.class_names.index("horizontal")
     assert np.allclose(data.soft[horizontal], [0.9, 0.1]) and np.allclose(data.soft[~horizontal], [0.2, 0.8])
     # one column per class, no label column: each image's class is its most probable one
@@ -104,13 +114,13 @@ def test_a_csv_gives_class_probabilities_and_bad_ones_are_named(stripes_folder, 
         stripes_folder, tmp_path / "both.csv", lambda c: {"p_horizontal": sure[c], "p_vertical": 1 - sure[c]}
     )
     assert np.array_equal(
-        tk.ImageDataModule(source="csv", csv_path=str(both), **NORM).data.labels, data.labels
+        tk.ImageDataModule(source="csv", csv_path=str(both), pipeline={**NORM}).data.labels, data.labels
     )
     bad = _soft_csv(stripes_folder, tmp_path / "bad.csv", lambda c: {"p_horizontal": 0.7, "p_vertical": 0.7})
     with pytest.raises(tk.DatasetError, match="not a distribution .* e.g. row 2: \\[0.7, 0.7\\]"):
-        tk.ImageDataModule(source="csv", csv_path=str(bad), **NORM)
+        tk.ImageDataModule(source="csv", csv_path=str(bad), pipeline={**NORM})
     with pytest.raises(tk.DatasetError, match="gives no class probabilities"):
-        tk.ImageDataModule(source="digits", soft_labels=True, **NORM)
+        tk.ImageDataModule(source="digits", soft_labels=True, pipeline={**NORM})
 
 
 def test_soft_labels_train_on_distributions_and_are_scored_on_hard_labels(stripes_folder, tmp_path):
@@ -120,7 +130,7 @@ def test_soft_labels_train_on_distributions_and_are_scored_on_hard_labels(stripe
     sure = {"horizontal": 0.8, "vertical": 0.2}
     path = _soft_csv(stripes_folder, tmp_path / "soft.csv", lambda c: {"label": c, "p_horizontal": sure[c]})
     dm = tk.ImageDataModule(
-        source="csv", csv_path=str(path), soft_labels=True, batch_size=8, num_workers=0, **NORM,
+        source="csv", csv_path=str(path), soft_labels=True, pipeline={**NORM}, loader={"batch_size": 8, "num_workers": 0},
     )  # fmt: skip
     dm.setup("fit")
     _, targets = next(iter(dm.train_dataloader()))
@@ -138,7 +148,7 @@ def test_soft_labels_train_on_distributions_and_are_scored_on_hard_labels(stripe
 
 
 def test_elpv_trains_on_its_annotated_defect_probability():
-    dm = tk.ImageDataModule(source="elpv", soft_labels=True, num_workers=0, **NORM)
+    dm = tk.ImageDataModule(source="elpv", soft_labels=True, pipeline={**NORM}, loader={"num_workers": 0})
     dm.setup("fit")
     train = dm.datasets["train"]
     probability = dm.data.meta["defect_probability"][dm.split_indices["train"]]
@@ -146,4 +156,4 @@ def test_elpv_trains_on_its_annotated_defect_probability():
     assert np.array_equal(train.labels, (probability >= 0.5).astype(int))  # scored as before
     assert dm.datasets["test"].targets is None
     with pytest.raises(tk.DatasetError, match="ELPV needs task: binary"):
-        tk.ImageDataModule(source="elpv", task="4class", soft_labels=True, **NORM)
+        tk.ImageDataModule(source="elpv", task="4class", soft_labels=True, pipeline={**NORM})

@@ -23,7 +23,10 @@ def _model(**kwargs) -> TransferClassifier:
 def test_fit_on_learnable_images_beats_chance_clearly(stripes_folder_large, tmp_path):
     L.seed_everything(0)
     dm = ImageDataModule(
-        source="folder", root=str(stripes_folder_large), num_workers=0, batch_size=32, augment="none", **NORM
+        source="folder",
+        root=str(stripes_folder_large),
+        pipeline={"augment": "none", **NORM},
+        loader={"num_workers": 0, "batch_size": 32},
     )
     model = _model(
         head={"hidden_dims": (64,)}, optimizer={"lr": 3e-3, "layer_decay": 1.0}
@@ -43,7 +46,12 @@ class _RecordLR(Callback):
 
 
 def test_exponential_decay_per_optimizer_step_in_every_group(stripes_folder, tmp_path):
-    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 8},
+    )
     model = _model(
         optimizer={"lr": 1e-2, "layer_decay": 0.5}, lr_schedule={"decay_rate": 0.1, "decay_steps": 4}
     )
@@ -61,7 +69,12 @@ def test_exponential_decay_per_optimizer_step_in_every_group(stripes_folder, tmp
 
 
 def test_backbone_lr_sets_the_top_group_and_layer_decay_the_groups_below(stripes_folder, tmp_path):
-    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 8},
+    )
     model = _model(
         optimizer={"lr": 1e-2, "backbone_lr": 1e-4, "layer_decay": 0.5}, lr_schedule={"name": "none"}
     )
@@ -78,7 +91,12 @@ def test_backbone_lr_sets_the_top_group_and_layer_decay_the_groups_below(stripes
 def test_progressive_resizing_trains_small_then_full_and_always_validates_at_full_size(
     stripes_folder, tmp_path
 ):
-    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 8},
+    )
     model = _model(runtime={"progressive_resizing": {"0": 16, 2: 32}})  # YAML/CLI keys may arrive as strings
     seen: list[tuple[int, bool, tuple[int, int]]] = []  # (epoch, training step?, image size)
     model.backbone.register_forward_pre_hook(
@@ -100,7 +118,12 @@ def test_progressive_resizing_trains_small_then_full_and_always_validates_at_ful
 
 
 def test_a_frozen_epoch_leaves_the_backbone_and_its_batchnorm_untouched(stripes_folder, tmp_path):
-    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 8},
+    )
     model = _model(freeze_schedule=FreezeSchedule(frozen_epochs=1))
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = model.head.fc.weight.clone()
@@ -113,7 +136,12 @@ def test_a_frozen_epoch_leaves_the_backbone_and_its_batchnorm_untouched(stripes_
 
 
 def test_the_checkpoint_loads_safely_and_holds_the_recipe(stripes_folder, tmp_path):
-    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 8},
+    )
     model = _model(
         class_names=["horizontal", "vertical"],
         freeze_schedule=FreezeSchedule(frozen_epochs=1),
@@ -134,7 +162,12 @@ def test_the_checkpoint_loads_safely_and_holds_the_recipe(stripes_folder, tmp_pa
 
 
 def test_max_norm_holds_after_training_steps(stripes_folder, tmp_path):
-    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 8},
+    )
     model = _model(head={"max_norm": 0.2}, optimizer={"lr": 0.05})
     trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
@@ -173,7 +206,10 @@ def test_channels_last_computes_the_same_function():
 def _fit_penalised(stripes_folder, tmp_path, **kwargs) -> tuple[TransferClassifier, dict]:
     L.seed_everything(0)
     dm = ImageDataModule(
-        source="folder", root=str(stripes_folder), num_workers=0, batch_size=16, augment="none", **NORM
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={"augment": "none", **NORM},
+        loader={"num_workers": 0, "batch_size": 16},
     )
     model = _model(
         head={"hidden_dims": (64,), "dropout": 0.0},
@@ -239,7 +275,12 @@ def test_mc_dropout_without_dropout_is_refused():
 @pytest.mark.parametrize("algorithm", ["value", "norm"])
 def test_gradient_clipping_bounds_every_update(stripes_folder, tmp_path, algorithm):
     # plain SGD with lr 1: an update is exactly the (clipped) gradient
-    dm = ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=8, **NORM)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 8},
+    )
     model = _model(
         head={"dropout": 0.0},
         optimizer={"name": "sgd", "lr": 1.0, "layer_decay": 1.0},
@@ -306,7 +347,10 @@ def test_the_step_loss_in_the_progress_bar_is_read_back_every_step_only_when_sho
     def reads(batches: int) -> int:
         L.seed_everything(0)
         dm = ImageDataModule(
-            source="folder", root=str(stripes_folder), num_workers=0, batch_size=4, augment="none", **NORM
+            source="folder",
+            root=str(stripes_folder),
+            pipeline={"augment": "none", **NORM},
+            loader={"num_workers": 0, "batch_size": 4},
         )
         trainer = _trainer(
             tmp_path,

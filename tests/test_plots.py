@@ -76,7 +76,7 @@ def test_views_are_reproducible_by_seed(stripe_images):
 def test_a_data_modules_own_pipeline_is_shown_as_pixels(stripe_images):
     from transferkit import ImageDataModule
 
-    dm = ImageDataModule(source="digits", augment="medium", **NORM)
+    dm = ImageDataModule(source="digits", pipeline={"augment": "medium", **NORM})
     pipeline = dm.train_transform  # ends with Normalize and ToTensorV2
     views = plots.augmentation_views(pipeline, stripe_images, n_views=2, image_size=48)
     assert views.shape == (3, 3, 48, 48, 3) and views.dtype == np.uint8
@@ -121,7 +121,10 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run")
     data = make_stripes_folder(root / "stripes", per_class=30)
     dm = ImageDataModule(
-        source="folder", root=str(data), batch_size=16, num_workers=0, augment="none", **NORM
+        source="folder",
+        root=str(data),
+        pipeline={"augment": "none", **NORM},
+        loader={"batch_size": 16, "num_workers": 0},
     )
     model = TransferClassifier(
         num_classes=2,

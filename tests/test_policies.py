@@ -83,4 +83,7 @@ def test_policy_settings_are_checked_when_the_recipe_is_read():
         ({"TrivialAugment": {"num_ops": 2}}, "TrivialAugment takes magnitude, ops, p; got num_ops"),
     ):
         with pytest.raises(tk.ConfigError, match=message):
-            tk.ImageDataModule(source="digits", augment=[item], image_size=32, mean=NORM[0], std=NORM[1])
+            tk.ImageDataModule(
+                source="digits",
+                pipeline={"augment": [item], "image_size": 32, "mean": NORM[0], "std": NORM[1]},
+            )

@@ -14,7 +14,11 @@ from transferkit import ConfigError, FreezeSchedule, ImageDataModule, PreciseBN,
 
 def _data(root, batch_size: int) -> ImageDataModule:
     return ImageDataModule(
-        source="folder", root=str(root), batch_size=batch_size, augment="none", seed=0, **NORM
+        source="folder",
+        root=str(root),
+        pipeline={"augment": "none", **NORM},
+        loader={"batch_size": batch_size},
+        seed=0,
     )
 
 

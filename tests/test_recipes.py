@@ -179,7 +179,7 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     for key, value in SMALL.items():
         args += [f"--data.{key}", str(value)]
-    args += ["--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "feature_cache")]
+    args += ["--data.loader.num_workers", "0", "--data.cache.dir", str(tmp_path / "feature_cache")]
     # two batches an epoch give a noisy validation loss, and a recipe whose early stopping may end the
     # head phase (the quick start's) would then stop before the unfreeze this test is here to reach
     args += ["--early_stopping.patience", str(epochs)]
@@ -257,7 +257,7 @@ def test_the_quick_start_pointed_at_a_users_folder_trains_with_no_other_change(t
         "--data.root",
         str(root),
         # tiny limits: small images, and only as many epochs as reach the recipe's first unfreeze
-        "--data.image_size",
+        "--data.pipeline.image_size",
         "64",
         "--trainer.max_epochs",
         str(first_unfreeze + 1),

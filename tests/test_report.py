@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import NORM, TINY_BACKBONE, make_stripes_folder, quiet_trainer
+from conftest import NORM, TINY_BACKBONE, make_stripes_folder, merged, quiet_trainer
 from PIL import Image
 
 import transferkit as tk
@@ -47,13 +47,14 @@ def _recipe(root: Path, stripes: Path, **trainer: object) -> dict:
         "data": {
             "source": "folder",
             "root": str(stripes),
-            "image_size": 32,
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "num_workers": 0,
-            "batch_size": 16,
-            # Albumentations draws from its own unseeded generator: no augmentation keeps the run exact
-            "augment": "none",
+            "pipeline": {
+                "image_size": 32,
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+                # Albumentations draws from its own unseeded generator: no augmentation keeps the run exact
+                "augment": "none",
+            },
+            "loader": {"num_workers": 0, "batch_size": 16},
         },
     }
 
@@ -165,7 +166,10 @@ def test_a_failing_report_never_fails_the_training(tmp_path, stripes_folder, mon
 
     monkeypatch.setattr(transferkit.reporting.run_report, "write_run_report", broken_report)
     data = tk.ImageDataModule(
-        source="folder", root=str(stripes_folder), num_workers=0, augment="none", **NORM
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={"augment": "none", **NORM},
+        loader={"num_workers": 0},
     )
     model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
     with pytest.warns(UserWarning, match="run report could not be written: RuntimeError: matplotlib is gone"):
@@ -179,7 +183,10 @@ def test_finetune_reads_the_test_split_once_and_its_confusion_matrix_matches_the
     tmp_path, stripes_folder
 ):
     data = tk.ImageDataModule(
-        source="folder", root=str(stripes_folder), num_workers=0, augment="none", **NORM
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={"augment": "none", **NORM},
+        loader={"num_workers": 0},
     )
     reads: list[int] = []
     test_dataloader = data.test_dataloader
@@ -245,14 +252,14 @@ def test_augment_preview_draws_one_training_image_through_the_recipe_pipeline(ru
 
     recipe = ["augment-preview", "--config", str(run.recipe_path), "--n", "5", "--index", "3"]
     light, heavy = tmp_path / "light.png", tmp_path / "heavy.png"
-    assert main([*recipe, "--out", str(light), "--data.augment", "light"]) == 0
+    assert main([*recipe, "--out", str(light), "--data.pipeline.augment", "light"]) == 0
     width, height = _png_size(light)
     assert width > 400 and height > 300  # 6 panels in 2 rows of 3, the listing under them
     assert "training image 3 (" in capsys.readouterr().out
-    assert main([*recipe, "--out", str(heavy), "--data.augment", "heavy"]) == 0
+    assert main([*recipe, "--out", str(heavy), "--data.pipeline.augment", "heavy"]) == 0
     assert _png_size(heavy)[1] > height  # the same grid; heavy lists more transforms under it
 
-    data = tk.ImageDataModule(**{**run.recipe["data"], "augment": "light"})
+    data = tk.ImageDataModule(**merged(run.recipe["data"], {"pipeline": {"augment": "light"}}))
     listing = pipeline_text(data.train_transform)
     assert listing.splitlines()[1] == "2. HorizontalFlip(p=0.5)"
     assert "Affine(p=0.5" in listing and "rotate=(-10.0, 10.0)" in listing and "Normalize(" in listing
@@ -441,7 +448,10 @@ def test_onnx_export_of_the_bundled_backbone_matches_pytorch_on_real_images(
     onnx = pytest.importorskip("onnx")
     # a checkpoint of the bundled EfficientNet-Lite0 (one short head-only epoch at 64 px)
     data = tk.ImageDataModule(
-        source="folder", root=str(run.stripes), image_size=64, num_workers=0, batch_size=16, augment="none"
+        source="folder",
+        root=str(run.stripes),
+        pipeline={"image_size": 64, "augment": "none"},
+        loader={"num_workers": 0, "batch_size": 16},
     )
     model = tk.TransferClassifier(
         num_classes=2,

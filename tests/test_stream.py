@@ -32,7 +32,9 @@ def packed(tmp_path: Path) -> tuple[tk.ImageDataModule, Path]:
     for png in sorted((root / "vertical").glob("*.png"))[:4]:
         Image.open(png).save(png.with_suffix(".jpg"), quality=90)
         png.unlink()
-    folder = tk.ImageDataModule(source="folder", root=str(root), batch_size=8, num_workers=0, **NORM)
+    folder = tk.ImageDataModule(
+        source="folder", root=str(root), pipeline={**NORM}, loader={"batch_size": 8, "num_workers": 0}
+    )
     result = tk.pack_stream(folder, tmp_path / "pack")
     files = [Path(p) for p in folder.data.items]
     # the files' bytes as they are, not decoded pixels
@@ -54,7 +56,9 @@ class RecordImages(Callback):
 
 def test_a_pack_trains_on_the_same_splits_and_augmented_images_as_its_folder(packed, tmp_path):
     folder, pack = packed
-    stream = tk.ImageDataModule(source="stream", root=str(pack), batch_size=8, num_workers=2, **NORM)
+    stream = tk.ImageDataModule(
+        source="stream", root=str(pack), pipeline={**NORM}, loader={"batch_size": 8, "num_workers": 2}
+    )
     assert stream.class_names == folder.class_names and stream.summary() == folder.summary()
     stream.setup("fit")
     # evaluation: every image of the split once, decoded as from its file
@@ -81,7 +85,12 @@ def test_a_pack_trains_on_the_same_splits_and_augmented_images_as_its_folder(pac
 
 def _rank_draws(rank: int, pack: str, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    dm = tk.ImageDataModule(source="stream", root=pack, batch_size=4, num_workers=1, augment="none", **NORM)
+    dm = tk.ImageDataModule(
+        source="stream",
+        root=pack,
+        pipeline={"augment": "none", **NORM},
+        loader={"batch_size": 4, "num_workers": 1},
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     epochs = [[digest(image) for x, _ in loader for image in x] for _ in range(2)]
@@ -99,7 +108,9 @@ def test_ddp_ranks_each_stream_their_own_part_of_every_epoch(packed, tmp_path):
         port = probe.getsockname()[1]
     mp.spawn(_rank_draws, args=(str(pack), port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    plain = tk.ImageDataModule(source="folder", root=str(folder.hparams.root), augment="none", **NORM)
+    plain = tk.ImageDataModule(
+        source="folder", root=str(folder.hparams.root), pipeline={"augment": "none", **NORM}
+    )
     plain.setup("fit")
     everything = {digest(plain.datasets["train"][i][0]) for i in range(len(plain.datasets["train"]))}
     for epoch in range(2):
@@ -119,7 +130,7 @@ def test_packing_refuses_bad_files_and_full_folders_and_the_cli_says_what_it_wro
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"model: {{backbone: {TINY_BACKBONE}, pretrained: false}}\n"
-        f"data: {{source: folder, root: {root}, image_size: 32, num_workers: 0}}\n"
+        f"data: {{source: folder, root: {root}, pipeline: {{image_size: 32}}, loader: {{num_workers: 0}}}}\n"
     )
     result = run_cli("pack-data", "--config", str(recipe), "--out", str(tmp_path / "pack"))
     assert result.returncode == 2, result.stdout + result.stderr
@@ -137,7 +148,7 @@ def test_packing_refuses_bad_files_and_full_folders_and_the_cli_says_what_it_wro
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cut.jpg" in result.stdout and "packed train" in result.stdout
-    meta = tk.ImageDataModule(source="stream", root=str(tmp_path / "pack"), **NORM).data
+    meta = tk.ImageDataModule(source="stream", root=str(tmp_path / "pack"), pipeline={**NORM}).data
     assert len(meta) == 25 and meta.class_names == ["horizontal", "vertical"]  # 26 files, 1 left out
 
     again = run_cli("pack-data", "--config", str(recipe), "--out", str(tmp_path / "pack"))
@@ -146,16 +157,15 @@ def test_packing_refuses_bad_files_and_full_folders_and_the_cli_says_what_it_wro
 
 def test_a_pack_refuses_what_needs_every_file_at_hand(tmp_path, packed):
     _, pack = packed
-    for setting in (
-        {"sampler": "balanced"},
-        {"decoded_cache": True},
-        {"train_fraction": 0.5},
+    for named, setting in (
+        ("data.loader.sampler: balanced", {"loader": {"sampler": "balanced"}}),
+        ("data.cache.decoded_images", {"cache": {"decoded_images": True}}),
+        ("data.split.train_fraction", {"split": {"train_fraction": 0.5}}),
+        ("data.split.cv_folds", {"split": {"cv_folds": 3, "cv_fold": 0}}),
     ):
-        with pytest.raises(
-            tk.ConfigError, match=f"source 'stream' cannot be used with {next(iter(setting))}"
-        ):
-            tk.ImageDataModule(source="stream", root=str(pack), **setting, **NORM)
-    stream = tk.ImageDataModule(source="stream", root=str(pack), **NORM)
+        with pytest.raises(tk.ConfigError, match=f"source 'stream' cannot be used with {named}"):
+            tk.ImageDataModule(source="stream", root=str(pack), **setting, pipeline={**NORM})
+    stream = tk.ImageDataModule(source="stream", root=str(pack), pipeline={**NORM})
     model = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
     cached = tk.Trainer(max_epochs=1, logger=False, callbacks=[tk.FreezeAndCache(feature_cache="clean")])
     with pytest.raises(tk.ConfigError, match="source 'stream' cannot be used with caches.feature_cache"):
@@ -163,13 +173,15 @@ def test_a_pack_refuses_what_needs_every_file_at_hand(tmp_path, packed):
     with pytest.raises(tk.ConfigError, match="probe on the folder or CSV it was packed from"):
         tk.probe(model, stream)
     with pytest.raises(tk.DatasetError, match="is not a packed dataset"):
-        tk.ImageDataModule(source="stream", root=str(tmp_path), **NORM)
-    no_val = tk.ImageDataModule(source="digits", val_fraction=0, **NORM)
+        tk.ImageDataModule(source="stream", root=str(tmp_path), pipeline={**NORM})
+    no_val = tk.ImageDataModule(source="digits", split={"val_fraction": 0}, pipeline={**NORM})
     tk.pack_stream(no_val, tmp_path / "no-val")
-    dm = tk.ImageDataModule(source="stream", root=str(tmp_path / "no-val"), **NORM)
+    dm = tk.ImageDataModule(source="stream", root=str(tmp_path / "no-val"), pipeline={**NORM})
     with pytest.raises(tk.DatasetError, match="the pack has no validation split"):
         dm.setup("fit")
-    dm = tk.ImageDataModule(source="stream", root=str(tmp_path / "no-val"), val_fraction=0, **NORM)
+    dm = tk.ImageDataModule(
+        source="stream", root=str(tmp_path / "no-val"), split={"val_fraction": 0}, pipeline={**NORM}
+    )
     dm.setup("fit")
     assert np.array_equal(dm.datasets["test"].labels, no_val.data.labels[no_val.split_indices["test"]])
 
@@ -177,7 +189,11 @@ def test_a_pack_refuses_what_needs_every_file_at_hand(tmp_path, packed):
 def test_a_split_whose_every_image_is_bad_is_refused_not_packed_empty(tmp_path):
     root = make_stripes_folder(tmp_path / "stripes", per_class=10)
     folder = tk.ImageDataModule(
-        source="folder", root=str(root), batch_size=4, num_workers=0, skip_bad_images=True, **NORM
+        source="folder",
+        root=str(root),
+        pipeline={**NORM},
+        loader={"batch_size": 4, "num_workers": 0},
+        skip_bad_images=True,
     )
     folder.setup()
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -213,7 +229,9 @@ def test_a_split_whose_every_image_is_bad_is_refused_not_packed_empty(tmp_path):
     assert isinstance(outcome.get("error"), tk.DatasetError)
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
     # without skip_bad_images, the same files are named one by one
-    strict = tk.ImageDataModule(source="folder", root=str(root), batch_size=4, num_workers=0, **NORM)
+    strict = tk.ImageDataModule(
+        source="folder", root=str(root), pipeline={**NORM}, loader={"batch_size": 4, "num_workers": 0}
+    )
     outcome = pack(strict, tmp_path / "pack")
     assert f"{len(test_files)} image files cannot be decoded" in str(outcome.get("error"))
     assert not (tmp_path / "pack").exists()

@@ -21,11 +21,15 @@ from transferkit.training.early_stopping import PhaseEarlyStopping
 
 
 def _recipe(stripes_folder: Path, tmp_path: Path) -> list[str]:
-    data = {"source": "folder", "root": str(stripes_folder), "num_workers": 0, "image_size": 32}
     recipe = {
         "trainer": {"max_epochs": 3, "accelerator": "cpu", "default_root_dir": str(tmp_path / "cli")},
         "model": {"backbone": TINY_BACKBONE, "pretrained": False},
-        "data": {**data, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "data": {
+            "source": "folder",
+            "root": str(stripes_folder),
+            "loader": {"num_workers": 0},
+            "pipeline": {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -55,7 +59,12 @@ def test_the_python_trainer_has_the_defaults_of_a_recipe(stripes_folder, tmp_pat
 @pytest.mark.slow
 def test_finetune_from_python_tests_the_best_checkpoint_by_validation_loss(stripes_folder, tmp_path):
     L.seed_everything(0)
-    data = tk.ImageDataModule(source="folder", root=str(stripes_folder), num_workers=0, batch_size=16, **NORM)
+    data = tk.ImageDataModule(
+        source="folder",
+        root=str(stripes_folder),
+        pipeline={**NORM},
+        loader={"num_workers": 0, "batch_size": 16},
+    )
     model = tk.TransferClassifier(
         num_classes=data.num_classes, class_names=data.class_names, backbone=TINY_BACKBONE, pretrained=False
     )

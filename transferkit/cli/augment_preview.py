@@ -16,7 +16,7 @@ def main(argv: Sequence[str]) -> int:
         prog="python -m transferkit augment-preview",
         description=(
             "Show one training image of a recipe through its train pipeline N times, in a grid with the "
-            "pipeline listed under it. Give the recipe with --config (overrides such as --data.augment "
+            "pipeline listed under it. Give the recipe with --config (overrides such as --data.pipeline.augment "
             "heavy work as for fit)."
         ),
     )
@@ -43,7 +43,7 @@ def main(argv: Sequence[str]) -> int:
     label = datamodule.class_names[int(train.labels[args.index])]
     item = train.items[args.index]
     where = f" {Path(item).name}," if isinstance(item, str) else ""
-    augment = datamodule.augment
+    augment = datamodule.settings.pipeline.preset
     setting = f"augment: {augment}" if isinstance(augment, str) else "inline augmentation"
     out = augment_preview(
         datamodule.train_transform,

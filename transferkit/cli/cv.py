@@ -32,7 +32,7 @@ def main(argv: Sequence[str]) -> int:
         "--folds",
         type=int,
         default=None,
-        help="number of folds (default: the recipe's data.cv_folds, else 5)",
+        help="number of folds (default: the recipe's data.split.cv_folds, else 5)",
     )
     parser.add_argument(
         "--ensemble",
@@ -50,13 +50,15 @@ def main(argv: Sequence[str]) -> int:
         parser.error("give the recipe with --config recipes/X.yaml.")
     recipe = load_recipe(recipe_args, logger=False)
     out = Path(args.out) if args.out else Path(recipe.trainer.default_root_dir) / "cv"
-    folds = args.folds if args.folds is not None else recipe.datamodule.cv_folds or DEFAULT_FOLDS
+    folds = (
+        args.folds if args.folds is not None else recipe.datamodule.settings.split.cv_folds or DEFAULT_FOLDS
+    )
 
     def fold_trainer(fold: int, folder: Path) -> Any:
         # the recipe's own trainer (loggers, checkpoint and early-stopping sections) writing into the fold's
         # folder; the fold's data settings are given too, so the config.yaml it saves is the fold's recipe
-        fold_args = ["--trainer.default_root_dir", str(folder), "--data.cv_folds", str(folds)]
-        return load_recipe([*recipe_args, *fold_args, "--data.cv_fold", str(fold)]).trainer
+        fold_args = ["--trainer.default_root_dir", str(folder), "--data.split.cv_folds", str(folds)]
+        return load_recipe([*recipe_args, *fold_args, "--data.split.cv_fold", str(fold)]).trainer
 
     report = cross_validate(
         recipe.model,

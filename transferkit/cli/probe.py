@@ -16,7 +16,7 @@ def main(argv: Sequence[str]) -> int:
     recipe = load_recipe(argv, logger=False)
     dm = recipe.datamodule
     # the recipe's cache folder, under its run directory: a second probe of the same data reads it
-    cache_dir = dm.cache_dir or os.path.join(recipe.trainer.default_root_dir, "feature_cache")
+    cache_dir = dm.settings.cache.dir or os.path.join(recipe.trainer.default_root_dir, "feature_cache")
     report = probe(recipe.model, dm, cache_dir)
 
     title = (

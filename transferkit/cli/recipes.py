@@ -40,9 +40,9 @@ SHORT_FLAGS = {
     "--backbone": "--model.backbone",
     "--dropout": "--model.head.dropout",
     "--epochs": "--trainer.max_epochs",
-    "--batch_size": "--data.batch_size",
-    "--image_size": "--data.image_size",
-    "--augment": "--data.augment",
+    "--batch_size": "--data.loader.batch_size",
+    "--image_size": "--data.pipeline.image_size",
+    "--augment": "--data.pipeline.augment",
     "--root": "--data.root",
     "--seed": "--seed_everything",
 }
@@ -73,13 +73,20 @@ _WHY_MOVED = {
     "caches": "the FreezeAndCache callback owns what the model is fed while the backbone is frozen",
     "model": "the model's settings come in typed groups (head, optimizer, lr_schedule, regularisation, "
     "mixing, prediction, runtime; see transferkit.models.settings)",
+    "data": "the data module's settings come in typed groups (split, pipeline, loader, cache; see "
+    "transferkit.data.settings)",
 }
 
 
-def _moved_model_keys() -> dict[str, str]:
+def _moved_keys() -> dict[str, str]:
+    from transferkit.data.settings import FLAT_DATA_KEYS
     from transferkit.models.settings import FLAT_KEYS
 
-    return {f"model.{old}": f"model.{group}.{name}" for old, (group, name) in FLAT_KEYS.items()}
+    return {
+        **MOVED_KEYS,
+        **{f"model.{old}": f"model.{group}.{name}" for old, (group, name) in FLAT_KEYS.items()},
+        **{f"data.{old}": f"data.{group}.{name}" for old, (group, name) in FLAT_DATA_KEYS.items()},
+    }
 
 
 def _is_group(value: Any) -> bool:
@@ -93,10 +100,10 @@ def _is_group(value: Any) -> bool:
 def refuse_moved_keys(args: Sequence[str]) -> None:
     """Raise :class:`~transferkit.errors.ConfigError` naming the new place of each recipe key that moved
     (:data:`MOVED_KEYS`, and the model's flat settings, now in groups: ``model.lr`` is
-    ``model.optimizer.lr``), whether a ``--config`` file or the command line uses it."""
+    ``model.optimizer.lr``, ``data.batch_size`` is ``data.loader.batch_size``), whether a ``--config`` file or the command line uses it."""
     import yaml
 
-    moved = {**MOVED_KEYS, **_moved_model_keys()}
+    moved = _moved_keys()
     used: dict[str, str] = {}  # old key -> where
     for path in config_paths(args):
         try:

@@ -77,7 +77,7 @@ def check_images(
 def warn_imbalance(labels: np.ndarray, class_names: Sequence[str]) -> None:
     """Warn, with the counts per class, when the largest class of ``labels`` (the training split) has
     more than :data:`IMBALANCE_WARNING_RATIO` times the images of the smallest, and say what each choice of
-    ``data.sampler`` does about it."""
+    ``data.loader.sampler`` does about it."""
     counts = np.bincount(labels, minlength=len(class_names))
     if counts.min() * IMBALANCE_WARNING_RATIO > counts.max():
         return
@@ -86,7 +86,7 @@ def warn_imbalance(labels: np.ndarray, class_names: Sequence[str]) -> None:
         f"the training split is severely imbalanced ({listing}; largest/smallest = "
         f"{counts.max() / max(counts.min(), 1):.0f}x). In this order the loss favours the large classes, "
         "which suits accuracy on images in these proportions; if the small classes matter as much (macro-F1, "
-        "recall of a rare defect), set data.sampler: balanced and watch val_f1. Setting data.sampler: "
+        "recall of a rare defect), set data.loader.sampler: balanced and watch val_f1. Setting data.loader.sampler: "
         "shuffle keeps this order and this warning away."
     )
 

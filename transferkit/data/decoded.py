@@ -2,7 +2,7 @@
 loader worker maps into memory.
 
 A 12 MP camera JPEG takes tens of milliseconds to decode even at reduced scale, every epoch, for a model
-that sees 224 pixels. ``data.decoded_cache: true`` decodes each file once, scales it so its shorter side
+that sees 224 pixels. ``data.cache.decoded_images: true`` decodes each file once, scales it so its shorter side
 is :func:`working_side` (1.15x the side the pipeline needs; smaller images are kept as they are, never
 enlarged), and stores the ``uint8`` pixels back to back in ``images.u8`` beside an index under
 ``<cache_dir>/decoded-<side>/``. Each loader worker maps that file (``np.memmap``): the operating system

@@ -130,5 +130,5 @@ class FeatureCache:
             self.path(split, key),
             lambda handle: torch.save(stored, handle),
             what="feature cache",
-            advice="Free disk space, set data.cache_dir to another folder, or turn the cache off.",
+            advice="Free disk space, set data.cache.dir to another folder, or turn the cache off.",
         )

@@ -6,7 +6,7 @@ an ``A.SomeOf`` (``A.OneOf`` for TrivialAugment) of ordinary Albumentations tran
 any pipeline: ``A.to_dict`` writes it, ``A.from_dict`` reads it back, ``augment-preview`` shows it, and
 the draws stay seeded per ``(seed, epoch, sample)``.
 
-In a recipe, as an item of ``data.augment``::
+In a recipe, as an item of ``data.pipeline.augment``::
 
     augment:
       - HorizontalFlip: {p: 0.5}

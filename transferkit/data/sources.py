@@ -351,7 +351,7 @@ def split_indices(
         if "val" not in splits and data.name == "stream" and val_fraction > 0:
             raise DatasetError(
                 "the pack has no validation split (it was packed with val_fraction 0), and a pack's splits "
-                "are fixed: set data.val_fraction: 0, or pack the data again with a validation split."
+                "are fixed: set data.split.val_fraction: 0, or pack the data again with a validation split."
             )
         if "val" not in splits:
             splits["train"], splits["val"] = _split(splits["train"], data, val_fraction, seed, "val")

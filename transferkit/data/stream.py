@@ -101,7 +101,7 @@ def pack_stream(
     data = datamodule.data
     if data.name == "stream":
         raise DatasetError("the data is already packed; pack from the folder, CSV or dataset it came from.")
-    side = decode_side(datamodule.train_transform) if datamodule.jpeg_draft else None
+    side = decode_side(datamodule.train_transform) if datamodule.settings.pipeline.jpeg_draft else None
     labels: dict[str, list[int]] = {}
     skipped: list[ImageReadError] = []
     emptied: list[tuple[str, int]] = []  # splits none of whose images could be decoded, and their sizes
@@ -132,14 +132,14 @@ def pack_stream(
                     labels[split].append(sample["label"])
                 if not labels[split]:
                     emptied.append((split, len(indices)))
-                    if datamodule.skip_bad_images:
+                    if datamodule.settings.skip_bad_images:
                         break  # refused below whatever the other splits hold: no need to decode them
                     continue  # a writer with no sample never finishes its index: done() would wait forever
                 cache.done()
                 cache.merge()
                 total += _folder_bytes(url)
 
-        if skipped and not datamodule.skip_bad_images:
+        if skipped and not datamodule.settings.skip_bad_images:
             listing = "\n".join(f"  {err.path}: {err.reason}" for err in skipped[:20])
             more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
             raise DatasetError(
@@ -151,7 +151,7 @@ def pack_stream(
             advice = (
                 "a model needs training images: fix or replace those files"
                 if split == "train"
-                else "fix or replace those files, or set data.val_fraction / data.test_fraction to 0 for a split "
+                else "fix or replace those files, or set data.split.val_fraction / data.split.test_fraction to 0 for a split "
                 "you do not need"
             )
             raise DatasetError(
@@ -169,7 +169,7 @@ def pack_stream(
             "source": data.name,
             "class_names": list(data.class_names),
             "seed": datamodule.seed,
-            "val_fraction": datamodule.val_fraction,
+            "val_fraction": datamodule.settings.split.val_fraction,
             "test_fraction": datamodule.test_fraction,
             "skipped": [str(err.path) for err in skipped],
             "splits": labels,

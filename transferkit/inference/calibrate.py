@@ -31,7 +31,7 @@ def split_outputs(
     if split not in datasets:
         raise ConfigError(
             f"the data module has no '{split}' split set up (it has {sorted(datasets) or 'none'}); "
-            f"call datamodule.setup('fit') first, or keep a validation split (data.val_fraction > 0)."
+            f"call datamodule.setup('fit') first, or keep a validation split (data.split.val_fraction > 0)."
         )
     loader = torch.utils.data.DataLoader(
         datasets[split], batch_size=batch_size, num_workers=getattr(datamodule, "num_workers", 0)
@@ -64,8 +64,8 @@ def calibrate(
 
     Example:
         >>> import tempfile, transferkit as tk
-        >>> dm = tk.ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
-        ...                         num_workers=0, max_samples=200, cache_dir=tempfile.mkdtemp())
+        >>> dm = tk.ImageDataModule(source="digits", pipeline={"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        ...                         loader={"num_workers": 0}, split={"max_samples": 200}, cache={"dir": tempfile.mkdtemp()})
         >>> dm.setup("fit")
         >>> model = tk.TransferClassifier(num_classes=10, backbone="test_efficientnet", pretrained=False)
         >>> calibration = calibrate(model, dm)

@@ -92,8 +92,8 @@ class Backbone(nn.Module):
         pretrained_size = int(self.data_config["input_size"][-1])
         if side < reduction:
             raise ConfigError(
-                f"data.image_size={side} is too small for '{self.name}': it downsamples {reduction}x, so its last "
-                f"feature map would be under one pixel. Use data.image_size >= {reduction} (its pretrained "
+                f"data.pipeline.image_size={side} is too small for '{self.name}': it downsamples {reduction}x, so its last "
+                f"feature map would be under one pixel. Use data.pipeline.image_size >= {reduction} (its pretrained "
                 f"input size is {pretrained_size})."
             )
         if side == pretrained_size:
@@ -107,8 +107,8 @@ class Backbone(nn.Module):
                 self(probe)
         except Exception as err:
             raise ConfigError(
-                f"'{self.name}' cannot take {side}x{side} inputs (data.image_size={side}): {type(err).__name__}: "
-                f"{err}. Use its pretrained input size, data.image_size={pretrained_size} (or leave it unset)."
+                f"'{self.name}' cannot take {side}x{side} inputs (data.pipeline.image_size={side}): {type(err).__name__}: "
+                f"{err}. Use its pretrained input size, data.pipeline.image_size={pretrained_size} (or leave it unset)."
             ) from err
         finally:
             self.train(was_training)

@@ -237,6 +237,7 @@ def _stored_preprocessing(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         return dict(section["preprocessing"])
     # an older checkpoint: the data module's settings if it saved them, else the backbone's
     data = checkpoint.get("datamodule_hyper_parameters") or {}
+    data = data.get("pipeline") or data  # the data module's settings in groups, or flat (before them)
     config = section["data_config"]
     size = int(data.get("image_size") or config["input_size"][-1])
     mean = list(data.get("mean") or config["mean"])

@@ -259,8 +259,8 @@ def interpret(
 
     Example:
         >>> import tempfile, transferkit as tk
-        >>> dm = tk.ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
-        ...                         num_workers=0, max_samples=200, cache_dir=tempfile.mkdtemp())
+        >>> dm = tk.ImageDataModule(source="digits", pipeline={"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        ...                         loader={"num_workers": 0}, split={"max_samples": 200}, cache={"dir": tempfile.mkdtemp()})
         >>> dm.setup("fit")
         >>> model = tk.TransferClassifier(num_classes=10, backbone="test_efficientnet", pretrained=False)
         >>> report = interpret(model, dm, out=tempfile.mkdtemp(), count=4)

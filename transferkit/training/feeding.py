@@ -152,9 +152,9 @@ class FreezeAndCache(Callback):
     def _check_augmentation_is_seen(
         self, trainer: L.Trainer, model: Any, datamodule: ImageDataModule
     ) -> None:
-        """A chosen ``data.augment`` that no training epoch sees is refused, naming the fix; one that only
+        """A chosen ``data.pipeline.augment`` that no training epoch sees is refused, naming the fix; one that only
         some epochs see is said in one line."""
-        if not datamodule.augment_chosen:
+        if not datamodule.settings.pipeline.augment_chosen:
             return
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1000
         seen = self.augmented_epochs(model, epochs)
@@ -164,14 +164,14 @@ class FreezeAndCache(Callback):
         fed = sorted({f"caches.{self._cache_of(model, e)}: clean" for e in clean})
         if not seen:
             raise ConfigError(
-                f"data.augment is set, but no training epoch sees augmented images: every epoch trains on "
+                f"data.pipeline.augment is set, but no training epoch sees augmented images: every epoch trains on "
                 f"outputs stored from the eval pipeline ({' and '.join(fed)}). Set caches.feature_cache / "
                 "caches.trunk_cache: augmented (stored augmented views, caches.cache_views of them) to train "
-                "on augmented images, or data.augment: none to say that none is used."
+                "on augmented images, or data.pipeline.augment: none to say that none is used."
             )
         if trainer.is_global_zero:
             print(
-                f"data.augment reaches epochs {_ranges(seen)} only: epochs {_ranges(clean)} train on outputs "
+                f"data.pipeline.augment reaches epochs {_ranges(seen)} only: epochs {_ranges(clean)} train on outputs "
                 f"stored from the eval pipeline ({' and '.join(fed)}).",
                 file=sys.stderr,
             )
@@ -249,7 +249,7 @@ class FreezeAndCache(Callback):
         key = FeatureCache.key(extractor, transform, dataset.items, split, views, dm.seed, decoding)
         if (split, key) in self._features:
             return self._features[(split, key)]
-        # the run's folder (or data.cache_dir); outside a Trainer without one, the cache stays in memory
+        # the run's folder (or data.cache.dir); outside a Trainer without one, the cache stays in memory
         root = dm.cache_root()
         cache = FeatureCache(root) if root is not None else None
         stored = cache.load(split, key) if cache is not None else None
@@ -260,7 +260,7 @@ class FreezeAndCache(Callback):
                 loader = DataLoader(
                     dm.image_dataset(dataset.items, dataset.labels, transform, epoch=view),
                     batch_size=max(dm.batch_size, 64),
-                    num_workers=dm.num_workers,
+                    num_workers=dm.settings.loader.num_workers,
                     generator=torch.Generator().manual_seed(dm.seed),
                 )
                 features = extract_features(extractor, loader, dtype)

@@ -189,7 +189,8 @@ def lr_find(
 
     Example:
         >>> import transferkit as tk
-        >>> dm = tk.ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=0)
+        >>> dm = tk.ImageDataModule(source="digits", pipeline={"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        ...                         loader={"num_workers": 0})
         >>> model = tk.TransferClassifier(num_classes=10, backbone="test_efficientnet", pretrained=False)
         >>> report = lr_find(model, dm, steps=30)
         >>> [s.phase for s in report.sweeps], report.values["lr"] > 0

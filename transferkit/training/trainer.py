@@ -264,7 +264,7 @@ class Trainer(L.Trainer):
         )
         if announce and performance:
             raise ConfigError(
-                "lr_schedule 'performance' lowers the LR when val_loss stops improving, but data.val_fraction=0 "
+                "lr_schedule 'performance' lowers the LR when val_loss stops improving, but data.split.val_fraction=0 "
                 "holds out no validation split. Use a schedule that needs no validation (cosine, exponential, "
                 "piecewise, onecycle), or keep a validation split."
             )
@@ -278,7 +278,7 @@ class Trainer(L.Trainer):
                 callback.filename = "{epoch:02d}"
         if announce:
             print(
-                "no validation split (data.val_fraction=0): every non-test image trains; validation and early "
+                "no validation split (data.split.val_fraction=0): every non-test image trains; validation and early "
                 "stopping are off, and the last epoch's checkpoint is the one tested.",
                 file=sys.stderr,
             )
@@ -371,7 +371,7 @@ def _calibration_asked(model: L.LightningModule, datamodule: Any) -> bool:
     if asked and datamodule is not None and not getattr(datamodule, "has_validation", True):
         raise ConfigError(
             "model.prediction.calibrate / model.prediction.decision_threshold are fitted on the validation split, but "
-            "data.val_fraction=0 holds none out. Keep a validation split (e.g. data.val_fraction: 0.15), "
+            "data.split.val_fraction=0 holds none out. Keep a validation split (e.g. data.split.val_fraction: 0.15), "
             "or turn calibration off."
         )
     return asked

@@ -18,8 +18,6 @@ once the backbone trains; check a winner with a full run on validation before ad
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import math
 import os
@@ -102,7 +100,7 @@ class AugmentSearchReport:
     trials: list[Trial]
     baseline: Trial
     skipped: list[str]
-    snippet: str  # the winning pipeline as a recipe's data.augment, in YAML
+    snippet: str  # the winning pipeline as a recipe's data.pipeline.augment, in YAML
     noise: float  # the spread (max - min) of the baseline's validation loss over the seeds
     png: Path | None = None
     in_recipe: list[str] = field(default_factory=list)  # candidates whose transform the recipe already has
@@ -192,8 +190,9 @@ def augment_search(
 
     Example:
         >>> import tempfile, transferkit as tk
-        >>> dm = tk.ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
-        ...                         num_workers=0, max_samples=300, augment="none", cache_dir=tempfile.mkdtemp())
+        >>> dm = tk.ImageDataModule(source="digits", loader={"num_workers": 0}, split={"max_samples": 300},
+        ...                         pipeline={"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "augment": "none"},
+        ...                         cache={"dir": tempfile.mkdtemp()})
         >>> model = tk.TransferClassifier(num_classes=10, backbone="test_efficientnet", pretrained=False)
         >>> report = augment_search(model, dm, budget="5m", candidates=[{"HorizontalFlip": {"p": 0.5}}],
         ...                         epochs=1, repeats=1)
@@ -209,7 +208,9 @@ def augment_search(
     for candidate in candidates:
         if candidate != "none":
             augmentations([candidate])  # a bad candidate fails here, before any trial
-    base_augment = datamodule.augment  # the pipeline the recipe trains with (its preset when none is named)
+    base_augment = (
+        datamodule.settings.pipeline.preset
+    )  # the pipeline the recipe trains with (its preset when none is named)
     base_items = _items(base_augment)
     described = base_augment if isinstance(base_augment, str) else f"{len(base_items)} inline transforms"
     pipelines: list[tuple[str, Any, Any]] = [(f"baseline (the recipe: {described})", "baseline", base_items)]
@@ -223,7 +224,9 @@ def augment_search(
             (_name(candidate), candidate, [] if candidate == "none" else [*base_items, candidate])
         )
     start = time.perf_counter()
-    root = Path(cache_dir or datamodule.cache_dir or os.path.join(os.getcwd(), "runs", "augment_search"))
+    root = Path(
+        cache_dir or datamodule.settings.cache.dir or os.path.join(os.getcwd(), "runs", "augment_search")
+    )
     trials: list[Trial] = []
     skipped: list[str] = []
     slowest = 0.0
@@ -249,7 +252,7 @@ def augment_search(
         if winner.candidate == "baseline"
         else pipelines[[p[0] for p in pipelines].index(winner.name)][2]
     )
-    snippet = yaml.safe_dump({"data": {"augment": winning_items}}, sort_keys=False)
+    snippet = yaml.safe_dump({"data": {"pipeline": {"augment": winning_items}}}, sort_keys=False)
     noise = float(np.ptp(baseline.val_loss)) if len(baseline.val_loss) > 1 else math.nan
     report = AugmentSearchReport(ranked, baseline, skipped, snippet, noise, in_recipe=in_recipe)
     if out is not None:
@@ -265,12 +268,6 @@ def augment_search(
     return report
 
 
-def _init_args(cls: type, hparams: Any) -> dict[str, Any]:
-    """The saved hyperparameters ``cls`` takes (the CLI adds some of its own to them)."""
-    accepted = inspect.signature(cls.__init__).parameters
-    return {k: copy.deepcopy(v) for k, v in hparams.items() if k in accepted}
-
-
 def _trial(
     model: Any, datamodule: Any, items: list[Any], seed: int, epochs: int, views: int, root: Path
 ) -> tuple[float, float]:
@@ -282,26 +279,18 @@ def _trial(
     from transferkit.training.feeding import FreezeAndCache
     from transferkit.training.trainer import Trainer
 
-    hparams = _init_args(ImageDataModule, datamodule.hparams)
     augment: Any = A.to_dict(A.Compose(augmentations(items))) if items else "none"
-    data = ImageDataModule(
-        **{
-            **hparams,
-            "augment": augment,
-            "cache_dir": str(root),
-            "image_size": datamodule.image_size,
-            "mean": datamodule.mean,
-            "std": datamodule.std,
-        }
-    )
+    # the recipe's data (its image size, mean and std as filled in), through the trial's pipeline
+    settings = datamodule.settings.replace(pipeline={"augment": augment}, cache={"dir": str(root)})
+    data = ImageDataModule(**settings.init_args())
     optimizer = model.settings.optimizer
-    settings = model.settings.replace(
+    model_settings = model.settings.replace(
         optimizer=optimizer.replace(lr=1e-3) if optimizer.lr == "auto" else optimizer,
         freeze_schedule={"frozen_epochs": epochs + 1},  # the head alone, on the cached features
         mixing=None,  # no mixup or CutMix: nothing to mix in cached features
     )
     L.seed_everything(seed, verbose=False)
-    trial_model = type(model)(**settings.init_args())
+    trial_model = type(model)(**model_settings.init_args())
     trainer = Trainer(
         max_epochs=epochs,
         accelerator="cpu",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -58,7 +57,6 @@ FIGURES = ("val_acc", "val_f1", "val_loss")
 TEST_FIGURES = ("test_acc", "test_f1", "test_loss")
 # settings that change how images are read or where files go, not what a fold learns: a resumed
 # cross-validation may change them
-_DATA_HOW = ("num_workers", "cache_dir", "cv_folds", "cv_fold")
 _TRAINER_HOW = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "logger")
 
 
@@ -183,8 +181,8 @@ def cross_validate(
 
     Example:
         >>> import tempfile, transferkit as tk
-        >>> dm = tk.ImageDataModule(source="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
-        ...                         num_workers=0, max_samples=120, augment="none")
+        >>> dm = tk.ImageDataModule(source="digits", loader={"num_workers": 0}, split={"max_samples": 120},
+        ...                         pipeline={"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "augment": "none"})
         >>> model = tk.TransferClassifier(num_classes=10, backbone="test_efficientnet", pretrained=False)
         >>> quiet = dict(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
         ...              enable_model_summary=False)
@@ -194,7 +192,7 @@ def cross_validate(
         >>> sorted(report.mean), report.oof_csv.name
         (['val_acc', 'val_f1', 'val_loss'], 'oof_predictions.csv')
     """
-    folds = folds if folds is not None else datamodule.cv_folds or DEFAULT_FOLDS
+    folds = folds if folds is not None else datamodule.settings.split.cv_folds or DEFAULT_FOLDS
     seed = datamodule.seed if seed is None else int(seed)
     out = Path(out)
     # bad folds, and classes too small for them, are refused before anything is written or trained
@@ -202,7 +200,7 @@ def cross_validate(
     if ensemble and len(first["test"]) == 0:
         raise ConfigError(
             "ensemble=True scores the fold models on the test split, but the data holds none out "
-            f"(test_fraction={datamodule.test_fraction}); set data.test_fraction > 0, or leave the ensemble out."
+            f"(test_fraction={datamodule.test_fraction}); set data.split.test_fraction > 0, or leave the ensemble out."
         )
     settings = getattr(model, "settings", None)  # a TransferClassifier's; another module has none
     if settings is not None and settings.prediction.fitted_after_training:
@@ -249,13 +247,13 @@ class _FoldRuns:
         return self.out / f"fold_{fold}"
 
     def data(self, fold: int) -> ImageDataModule:
-        accepted = inspect.signature(type(self.datamodule).__init__).parameters
-        # hparams may hold more than the arguments (LightningCLI records its '_instantiator')
-        settings = {k: v for k, v in self.datamodule.hparams.items() if k in accepted}
-        settings |= {"cv_folds": self.folds, "cv_fold": fold}
+        settings = self.datamodule.settings
         # the folds share one cache folder: decoded images are the same files in every fold
-        settings["cache_dir"] = settings.get("cache_dir") or str(self.out / "cache")
-        return type(self.datamodule)(**settings)
+        settings = settings.replace(
+            split={"cv_folds": self.folds, "cv_fold": fold},
+            cache={"dir": settings.cache.dir or str(self.out / "cache")},
+        )
+        return type(self.datamodule)(**settings.init_args())
 
     def build_trainer(self, fold: int) -> L.Trainer:
         folder = self.folder(fold)
@@ -566,7 +564,10 @@ def _fingerprint(
 ) -> dict[str, Any]:
     """What makes two cross-validations the same run, as plain JSON values."""
     # '_instantiator' and the like: how an object was built (from Python or a recipe), not what it is
-    data = {k: v for k, v in dict(datamodule.hparams).items() if k not in _DATA_HOW and not k.startswith("_")}
+    data = datamodule.settings.to_dict()
+    del data["cache"]  # where it is stored and how many workers load it: not what the data is
+    data["loader"].pop("num_workers")
+    data["split"] = {k: v for k, v in data["split"].items() if k not in ("cv_folds", "cv_fold")}
     found: dict[str, Any] = {
         "folds": folds,
         "seed": seed,

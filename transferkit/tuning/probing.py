@@ -101,7 +101,7 @@ def _split_features(
         if hasattr(dm, "image_dataset")
         else ImageDataset(dataset.items, dataset.labels, dm.eval_transform),
         batch_size=64,
-        num_workers=dm.num_workers,
+        num_workers=dm.settings.loader.num_workers if hasattr(dm, "settings") else 0,
     )
     names, features = group_outputs(backbone, loader)
     if cache is not None:

@@ -1,0 +1,107 @@
+"""Sources and splits: which images train, validate and test, seeded and stratified."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from transferkit.data.checks import stratified_sample
+from transferkit.data.settings import SplitSettings, check_folds
+from transferkit.data.sources import DataSource, split_indices
+from transferkit.errors import DatasetError
+
+__all__ = ["cv_split_indices", "make_splits"]
+
+
+def make_splits(data: DataSource, split: SplitSettings, seed: int) -> dict[str, np.ndarray]:
+    """Indices of ``data``'s images in each split (``train``, ``test``, and ``val`` when held out) as
+    ``split`` says: a stratified ``val_fraction``/``test_fraction`` split, or fold ``cv_fold`` of a
+    ``cv_folds``-fold cross-validation; then the ``train_fraction`` subset of the training split. An empty
+    training (or, when held out, validation) split is refused with what to change.
+
+    Example:
+        >>> from transferkit.data.sources import load_source
+        >>> splits = make_splits(load_source("digits"), SplitSettings(val_fraction=0.1, test_fraction=0.2), 0)
+        >>> {name: len(indices) for name, indices in splits.items()}
+        {'train': 1293, 'val': 144, 'test': 360}
+    """
+    if split.cv_folds is None:
+        splits = split_indices(data, split.val_fraction, _test_fraction(data, split), seed)
+    else:
+        splits = cv_split_indices(data, split.cv_folds, split.cv_fold, _test_fraction(data, split), seed)
+    if split.train_fraction < 1:
+        train = splits["train"]
+        size = max(1, round(len(train) * split.train_fraction))
+        splits["train"] = stratified_sample(train, size, data.stratify, seed)
+    held_out = (
+        split.cv_folds is not None
+        or split.val_fraction > 0
+        or (data.splits is not None and "val" in data.splits)
+    )
+    for name in ("train", "val") if held_out else ("train",):
+        if len(splits.get(name, [])) == 0:
+            raise DatasetError(
+                f"the {name} split is empty ({len(data)} images, val_fraction={split.val_fraction}, "
+                f"test_fraction={_test_fraction(data, split)}); add images or change the fractions "
+                "(data.split)."
+            )
+    return splits
+
+
+def _test_fraction(data: DataSource, split: SplitSettings) -> float:
+    return data.test_fraction if split.test_fraction is None else split.test_fraction
+
+
+def cv_split_indices(
+    data: DataSource, folds: int, fold: int, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Train/val/test indices of fold ``fold`` (0-based) of a stratified ``folds``-fold cross-validation.
+
+    The test split is exactly the one :func:`~transferkit.data.sources.split_indices` holds out (the same
+    ``test_fraction`` and ``seed``, or the source's own test split); the other images (train and any
+    validation split the source defines) are split by scikit-learn's ``StratifiedKFold(folds, shuffle=True,
+    random_state=seed)`` on ``data.stratify`` (the hard labels, or the finer strata the data is split on),
+    and part ``fold`` validates while the rest train. Across the folds every non-test image validates
+    exactly once.
+
+    Raises:
+        ConfigError: ``folds < 2``, or ``fold`` outside ``0 .. folds - 1``.
+        DatasetError: a class has fewer non-test images than ``folds``.
+
+    Example:
+        >>> from transferkit.data.sources import load_source
+        >>> data = load_source("digits")
+        >>> splits = [cv_split_indices(data, 5, fold, 0.2, seed=0) for fold in range(5)]
+        >>> sum(len(s["val"]) for s in splits) == len(splits[0]["train"]) + len(splits[0]["val"])
+        True
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    check_folds(folds, fold)
+    held = split_indices(data, 0.0, test_fraction, seed)  # validation 0: the test split alone is carved
+    empty = np.asarray([], dtype=np.int64)
+    rest = np.sort(np.concatenate([held["train"], held.get("val", empty)]))
+    present = np.unique(data.labels)
+    counts = np.bincount(data.labels[rest], minlength=len(data.class_names))
+    rare = {data.class_names[c]: int(counts[c]) for c in present if counts[c] < folds}
+    if rare:
+        found = ", ".join(f"'{name}' ({n})" for name, n in rare.items())
+        smallest = min(rare.values())
+        fix = (
+            f"use at most cv_folds={smallest}"
+            if smallest >= 2
+            else "a class needs 2 non-test images at least"
+        )
+        raise DatasetError(
+            f"cv_folds={folds} needs at least {folds} non-test images of every class, so that each part "
+            f"holds some of it and every fold trains on it; too few: {found}. Add images or merge rare "
+            f"classes ({fix})."
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    try:
+        train, val = list(splitter.split(rest, data.stratify[rest]))[fold]
+    except ValueError as err:
+        raise DatasetError(
+            f"cannot split {len(rest)} non-test images into {folds} stratified folds: {err}. "
+            "Use fewer folds or add images."
+        ) from err
+    return {"train": np.sort(rest[train]), "val": np.sort(rest[val]), "test": held["test"]}
