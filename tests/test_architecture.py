@@ -188,3 +188,48 @@ def test_lightning_private_attributes_are_read_in_one_module_only():
             if isinstance(node, ast.Constant) and node.value in private:
                 found.append(f"{module}:{node.lineno} '{node.value}'")
     assert not found, found
+
+
+# the modules that own a LightningModule's or LightningDataModule's hparams: they write them from their
+# typed settings; every other module reads the settings (model.settings, dm.settings), never the dict
+HPARAMS_OWNERS = {"transferkit/models/classifier.py", "transferkit/data/datamodule.py"}
+
+
+def _is_hparams(node: ast.AST) -> bool:
+    """``x.hparams`` or ``getattr(x, "hparams", ...)``."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "hparams"
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "getattr"
+        and len(node.args) > 1
+        and isinstance(node.args[1], ast.Constant)
+        and node.args[1].value == "hparams"
+    )
+
+
+def test_no_module_outside_the_owners_reads_or_writes_hparams_by_key():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = str(path.relative_to(PACKAGE.parent))
+        if name in HPARAMS_OWNERS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            # x.hparams["lr"], x.hparams.get("lr"), x.hparams.lr (a read or a write by key); the whole dict
+            # of any LightningModule (a fingerprint of another module's recipe) is not a key
+            by_key = (isinstance(node, ast.Subscript) and _is_hparams(node.value)) or (
+                isinstance(node, ast.Attribute) and _is_hparams(node.value)
+            )
+            if by_key:
+                found.append(f"{name}:{node.lineno}")
+    assert not found, f"hparams read by key outside their owners (use .settings): {found}"
+    # the check finds what it looks for
+    sample = ast.parse('model.hparams["lr"] = 1; getattr(model, "hparams", {}).get("tta"); m.hparams.lr')
+    hits = [
+        n
+        for n in ast.walk(sample)
+        if (isinstance(n, ast.Subscript) and _is_hparams(n.value))
+        or (isinstance(n, ast.Attribute) and _is_hparams(n.value))
+    ]
+    assert len(hits) == 3

@@ -44,3 +44,19 @@ def test_a_checkpoint_of_flat_settings_loads_and_predicts_as_it_did(flat_checkpo
     assert tuple(transform(image=image)["image"].shape) == (3, 32, 32)  # the stored eval pipeline
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict_proba(_probe_images()), probs)
+
+
+def test_a_flat_checkpoint_rebuilds_its_settings_in_groups_and_takes_grouped_overrides(flat_checkpoint):
+    saved = torch.load(flat_checkpoint, weights_only=True)["hyper_parameters"]
+    assert (
+        "lr" in saved and "optimizer" not in saved or isinstance(saved["optimizer"], str)
+    )  # flat as written
+    model = tk.TransferClassifier.from_checkpoint(str(flat_checkpoint))
+    s = model.settings
+    assert s.optimizer.lr == saved["lr"] and s.head.hidden_dims == tuple(saved["hidden_dims"])
+    assert s.prediction.tta == saved["tta"] and s.head.dropout == saved["dropout"]
+    # a group given as a dict changes the fields it names; the rest stay as the checkpoint has them
+    changed = tk.TransferClassifier.from_checkpoint(str(flat_checkpoint), prediction={"tta": "none"})
+    assert changed.settings.prediction.tta == "none"
+    assert changed.settings.prediction.replace(tta=s.prediction.tta) == s.prediction
+    assert changed.settings.head == s.head

@@ -281,10 +281,12 @@ def build_model(
 ) -> Any:
     """The model in an already read checkpoint (:func:`read_checkpoint`), in eval mode on the CPU.
 
-    Rebuilt as ``model_class(**the checkpoint's hyperparameters)`` with ``pretrained=False`` (every weight
-    comes from the checkpoint: no bundle, file or network is touched). ``overrides`` change arguments
-    that do not alter the weights' shapes (``tta``, ``mc_dropout``, ``dropout``); changing ``backbone``,
-    ``num_classes`` or ``hidden_dims`` raises :class:`~transferkit.errors.CheckpointMismatchError`.
+    Rebuilt as ``model_class(**the checkpoint's hyperparameters)`` (settings in groups, or flat as
+    checkpoints stored them before the groups: :func:`~transferkit.models.settings.from_flat`) with
+    ``pretrained=False`` (every weight comes from the checkpoint: no bundle, file or network is touched).
+    ``overrides`` change arguments that do not alter the weights' shapes; a group given as a dict changes
+    the fields it names (``prediction={"tta": "hflip"}``). Changing ``backbone``, ``num_classes`` or the
+    head's ``hidden_dims`` raises :class:`~transferkit.errors.CheckpointMismatchError`.
     ``path`` names the checkpoint in messages and in ``backbone.weights``.
     """
     model = model_class(**_model_kwargs(model_class, checkpoint, overrides))

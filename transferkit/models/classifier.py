@@ -372,6 +372,6 @@ class TransferClassifier(Predicting, L.LightningModule):
     def from_checkpoint(cls, path: str, **overrides: Any) -> TransferClassifier:
         """The model saved in the checkpoint ``path``, in eval mode on the CPU, without its recipe: every
         weight comes from the checkpoint (read with ``weights_only=True``), none from a bundle, a file or
-        the hub. ``overrides`` change what does not alter the weights' shapes (e.g. ``tta="hflip"``).
+        the hub. ``overrides`` change what does not alter the weights' shapes (a group given as a dict changes the fields it names: ``prediction={"tta": "hflip"}``).
         :func:`transferkit.load_for_inference` also returns the eval pipeline it was tested with."""
         return checkpoint_format.build_model(cls, checkpoint_format.read_checkpoint(path), path, **overrides)
