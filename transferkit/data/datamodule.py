@@ -97,10 +97,10 @@ class ImageDataModule(L.LightningDataModule):
         class_groups: dict[str, list[str | int]] | None = None,
         soft_labels: bool = False,
         skip_bad_images: bool = False,
-        split: SplitSettings = SplitSettings(),  # noqa: B008 (frozen: one shared default is safe)
-        pipeline: PipelineSettings = PipelineSettings(),  # noqa: B008
-        loader: LoaderSettings = LoaderSettings(),  # noqa: B008
-        cache: CacheSettings = CacheSettings(),  # noqa: B008
+        split: SplitSettings = SplitSettings(),
+        pipeline: PipelineSettings = PipelineSettings(),
+        loader: LoaderSettings = LoaderSettings(),
+        cache: CacheSettings = CacheSettings(),
     ) -> None:
         super().__init__()
         self.settings = DataSettings.build(

@@ -31,6 +31,7 @@ __all__ = [
     "create_optimization",
     "create_optimizer",
     "create_scheduler",
+    "run_length",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam")
@@ -366,3 +367,14 @@ def create_optimization(
         warmup_steps=warmup_steps,
     )
     return {"optimizer": created, "lr_scheduler": scheduler}
+
+
+def run_length(trainer: Any) -> tuple[int, int, int]:
+    """``(total_steps, steps_per_epoch, max_epochs)`` of the run a Lightning ``trainer`` is about to make
+    (``(1, 1, 1)`` without one; a run without ``max_epochs`` counts as 10 000 epochs)."""
+    if trainer is None:
+        return 1, 1, 1
+    total_steps = int(trainer.estimated_stepping_batches)
+    max_epochs = trainer.max_epochs or 0
+    steps_per_epoch = max(total_steps // max_epochs, 1) if max_epochs > 0 else total_steps
+    return total_steps, steps_per_epoch, max_epochs if max_epochs > 0 else 10_000

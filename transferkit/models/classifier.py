@@ -14,7 +14,12 @@ import transferkit.models.checkpoint as checkpoint_format
 from transferkit.data.class_groups import resolve_class_groups
 from transferkit.errors import ConfigError
 from transferkit.finetuning.freezing import FreezeController, StageKind
-from transferkit.finetuning.optim import LRScheduleSettings, OptimizerSettings, create_optimization
+from transferkit.finetuning.optim import (
+    LRScheduleSettings,
+    OptimizerSettings,
+    create_optimization,
+    run_length,
+)
 from transferkit.finetuning.resizing import image_side_at, resize_shorter_side
 from transferkit.finetuning.schedule import FreezeSchedule
 from transferkit.finetuning.trunk import Trunk
@@ -46,11 +51,10 @@ class TransferClassifier(Predicting, L.LightningModule):
     """A pretrained timm backbone with a new classifier head, fine-tuned with Adam and exponential LR decay.
 
     ``forward(x)`` maps images ``(B, 3, H, W)`` to logits ``(B, num_classes)``. Its settings come in typed
-    groups validated at construction (:mod:`transferkit.models.settings`), read back as :attr:`settings`.
-    Freezing (:class:`~transferkit.finetuning.freezing.FreezeController`), penalties
-    (:class:`~transferkit.models.regularisers.Regularisers`), scores (:class:`~transferkit.models.scoring.Scoring`),
-    prediction (:class:`~transferkit.models.prediction.Predicting`) and the checkpoint format
-    (:mod:`~transferkit.models.checkpoint`) are units of their own.
+    groups validated at construction (:mod:`transferkit.models.settings`), read back as :attr:`settings`;
+    freezing, penalties, scores, prediction and the checkpoint format are units of their own
+    (``self.freezing``, ``self.regularisers``, ``self.scoring``, :class:`~transferkit.models.prediction.Predicting`,
+    :mod:`~transferkit.models.checkpoint`).
 
     Args:
         num_classes: number of classes (the CLI fills it in from the data).
@@ -58,9 +62,8 @@ class TransferClassifier(Predicting, L.LightningModule):
         pretrained: where the backbone's weights come from: ``bundled``, ``hub``, a file path, or ``False``.
         class_names: names of the classes, in label order (the CLI fills them in from the data).
         class_groups: coarser classes the classes refine, ``{group: [class names]}`` (the CLI fills them
-            in from ``data.class_groups`` or the source's own): validation and test then also log
-            ``val_group_acc``/``val_group_f1`` and ``test_group_acc``/``test_group_f1``, a group's
-            probability being the sum of its classes' (see :mod:`transferkit.data.class_groups`).
+            in from the data): validation and test also score the groups (``val_group_acc`` ...), a group's
+            probability being the sum of its classes' (:mod:`transferkit.data.class_groups`).
         head, optimizer, lr_schedule, freeze_schedule, regularisation, mixing, prediction, runtime: the
             typed groups of settings (:mod:`transferkit.models.settings`), each given as itself, as a dict of
             the fields to change (``optimizer={"lr": 3e-4}``) or left out (its defaults).
@@ -79,14 +82,14 @@ class TransferClassifier(Predicting, L.LightningModule):
         pretrained: Pretrained = "bundled",
         class_names: list[str] | None = None,
         class_groups: dict[str, list[str | int]] | None = None,
-        head: HeadSettings = HeadSettings(),  # noqa: B008 (frozen: one shared default is safe)
-        optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008 (frozen: one shared default is safe)
-        lr_schedule: LRScheduleSettings = LRScheduleSettings(),  # noqa: B008 (frozen: one shared default is safe)
+        head: HeadSettings = HeadSettings(),
+        optimizer: OptimizerSettings = OptimizerSettings(),
+        lr_schedule: LRScheduleSettings = LRScheduleSettings(),
         freeze_schedule: FreezeSchedule | None = None,
-        regularisation: RegularisationSettings = RegularisationSettings(),  # noqa: B008 (frozen: one shared default is safe)
-        mixing: MixingSettings = MixingSettings(),  # noqa: B008 (frozen: one shared default is safe)
-        prediction: PredictionSettings = PredictionSettings(),  # noqa: B008 (frozen: one shared default is safe)
-        runtime: RuntimeSettings = RuntimeSettings(),  # noqa: B008 (frozen: one shared default is safe)
+        regularisation: RegularisationSettings = RegularisationSettings(),
+        mixing: MixingSettings = MixingSettings(),
+        prediction: PredictionSettings = PredictionSettings(),
+        runtime: RuntimeSettings = RuntimeSettings(),
     ) -> None:
         super().__init__()
         s = ClassifierSettings.build(
@@ -344,14 +347,7 @@ class TransferClassifier(Predicting, L.LightningModule):
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        total_steps, steps_per_epoch, max_epochs = 1, 1, 1
-        trainer = attached_trainer(self)
-        if trainer is not None:
-            total_steps = int(trainer.estimated_stepping_batches)
-            max_epochs = trainer.max_epochs or 0
-            steps_per_epoch = max(total_steps // max_epochs, 1) if max_epochs > 0 else total_steps
-            max_epochs = max_epochs if max_epochs > 0 else 10_000
-        return self.optimization(total_steps, steps_per_epoch, max_epochs)
+        return self.optimization(*run_length(attached_trainer(self)))
 
     # --- checkpoints -------------------------------------------------------------------------------
 
