@@ -70,7 +70,7 @@ def _scores(probs, labels, task: str, cell_type, defect_probability) -> dict[str
     # cells are the annotators' uncertain ones, on either side of the 0.5 boundary.
     for level, suffix in _LEVELS.items():
         mask = np.isclose(np.asarray(defect_probability), level)
-        if mask.any():  # a subsample (data.max_samples) may hold no cell of a level
+        if mask.any():  # a subsample (data.split.max_samples) may hold no cell of a level
             out[f"acc_binary_{suffix}"] = float((binary_pred[mask] == binary_true[mask]).mean())
     return out
 
@@ -81,7 +81,7 @@ def score_split(model, data, split: str, ttas: list[str], device) -> tuple[dict,
     import torch
 
     dataset = data.datasets[split]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=data.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=data.settings.loader.num_workers)
     probs: dict[str, list] = {name: [] for name in dict.fromkeys(ttas)}
     with torch.no_grad():
         for images, _ in loader:

@@ -193,10 +193,14 @@ def main() -> None:
         files = sorted(str(p) for p in photos.rglob("*.jpg"))
         report["plain_pillow_one_core_images_per_second"] = plain_pillow(files)
 
-        common = {"source": "folder", "root": str(photos), "image_size": SIDE, "batch_size": 32}
-        common.update(mean=(0.5,) * 3, std=(0.5,) * 3, augment="light", cache_dir=str(work / "cache"))
+        pipeline = {"image_size": SIDE, "mean": (0.5,) * 3, "std": (0.5,) * 3, "augment": "light"}
+        common = {"source": "folder", "root": str(photos), "cache": {"dir": str(work / "cache")}}
+
+        def workers_of(n: int) -> dict:
+            return {"loader": {"num_workers": n, "batch_size": 32}}
+
         loader: dict = {}
-        source = ImageDataModule(**common, loader={"num_workers": 1})
+        source = ImageDataModule(**common, pipeline=pipeline, **workers_of(1))
         start = time.perf_counter()
         packed = pack_stream(source, work / "pack")  # decodes every file once on the way
         loader["pack_seconds"] = round(time.perf_counter() - start, 1)
@@ -205,14 +209,18 @@ def main() -> None:
         for workers in (1, 2):
             variants = {
                 "full_decode": ImageDataModule(
-                    **common, pipeline={"jpeg_draft": False}, loader={"num_workers": workers}
+                    **common, pipeline={**pipeline, "jpeg_draft": False}, **workers_of(workers)
                 ),
-                "reduced_decode": ImageDataModule(**common, loader={"num_workers": workers}),
+                "reduced_decode": ImageDataModule(**common, pipeline=pipeline, **workers_of(workers)),
             }
             for dm in variants.values():
                 dm.setup("fit")
             cached = ImageDataModule(
-                **common, loader={"num_workers": workers}, cache={"decoded_images": True}
+                source="folder",
+                root=str(photos),
+                pipeline=pipeline,
+                cache={**common["cache"], "decoded_images": True},
+                **workers_of(workers),
             )
             start = time.perf_counter()
             cached.setup("fit")  # builds the cache the first time (1 worker), reads it after
@@ -220,7 +228,7 @@ def main() -> None:
                 loader["decoded_cache_build_seconds"] = round(time.perf_counter() - start, 1)
                 loader["decoded_cache_megabytes"] = round(cached.decoded.nbytes / 2**20, 1)
             variants["decoded_cache"] = cached
-            variants["stream"] = ImageDataModule(**stream, loader={"num_workers": workers})
+            variants["stream"] = ImageDataModule(**stream, pipeline=pipeline, **workers_of(workers))
             variants["stream"].setup("fit")
             rates: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(args.rounds):

@@ -4,7 +4,7 @@ For each seed, the best checkpoint under ``RUNS/seed<N>`` (as ``benchmarks/elpv.
 ``benchmarks/time_to_accuracy.py`` lay their runs out) is scored on that seed's validation split (the
 protocol's split, rebuilt from ``--config`` and the seed) once per ``--tta`` mode. TTA changes nothing in
 training or in the choice of the best checkpoint (validation during training runs without it), so a
-recipe with ``model.tta: X`` would have scored exactly these figures: a paired comparison of the modes,
+recipe with ``model.prediction.tta: X`` would have scored exactly these figures: a paired comparison of the modes,
 on the same weights. Only validation is read; the test split is never touched. Anything after ``--`` is
 passed to the recipe as it was to the runs (``--data.split.max_samples 400``...), so the split is the one they
 trained on.

@@ -101,7 +101,7 @@ def score_test(recipe: str, seed: int, root: Path, extra: list[str], checkpoint:
     data.use_data_config(best.data_config)
     data.setup("test")
     dataset = data.datasets["test"]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=data.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=data.settings.loader.num_workers)
     with torch.no_grad():
         probs = torch.cat([best.predict_proba(images) for images, _ in loader])
     labels = torch.as_tensor(dataset.labels)

@@ -35,7 +35,7 @@ def test_a_label_destroying_candidate_ranks_last_and_the_winner_is_a_usable_reci
     assert max(transpose["val_acc"]) < 0.5 < min(found["trials"][0]["val_acc"])  # it teaches the wrong label
     assert all(len(t["val_loss"]) == 2 for t in found["trials"])  # two seeds each, paired
     assert "baseline seeds spread" in result.stdout and (out / "augment_search.png").is_file()
-    winner = yaml.safe_load((out / "augment_search.yaml").read_text())["data"]["augment"]
+    winner = yaml.safe_load((out / "augment_search.yaml").read_text())["data"]["pipeline"]["augment"]
     assert "Transpose" not in json.dumps(winner)
     tk.ImageDataModule(
         source="folder", root=str(root), pipeline={"augment": winner or "none", "image_size": 32}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NORM, TINY_BACKBONE, run_cli
+from conftest import NORM, TINY_BACKBONE, merged, run_cli
 
 from transferkit import ImageDataModule, TransferClassifier
 from transferkit.data.class_groups import group_labels, group_probabilities, resolve_class_groups
@@ -91,11 +91,10 @@ def test_finetune_scores_the_groups_as_the_checkpoint_predicts_them(tmp_path: Pa
             "pretrained": False,
             "optimizer": {"lr": 0.003, "layer_decay": 1.0},
         },
-        "data": {
-            **data,
-            "pipeline": {"mean": list(NORM["mean"]), "std": list(NORM["std"])},
-            "class_groups": LOW_HIGH,
-        },
+        "data": merged(
+            data,
+            {"pipeline": {"mean": list(NORM["mean"]), "std": list(NORM["std"])}, "class_groups": LOW_HIGH},
+        ),
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = run_cli(

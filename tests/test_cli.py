@@ -162,7 +162,7 @@ def test_finetune_without_validation_trains_on_every_non_test_image_and_tests_th
     )
     result = run_cli("finetune", "--config", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "no validation split (data.val_fraction=0)" in result.stderr
+    assert "no validation split (data.split.val_fraction=0)" in result.stderr
     (metrics_file,) = (tmp_path / "run").rglob("metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["split_sizes"] == {"train": 64, "val": 0, "test": 16}

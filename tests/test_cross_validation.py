@@ -158,7 +158,9 @@ def test_a_stopped_cross_validation_resumes_in_its_fold_without_retraining_finis
         assert metrics["cross_validation"]["fold"] == fold and metrics["test"]["test_acc"] == tested[fold]
         assert "## Cross-validation" in (out / f"fold_{fold}" / "report.md").read_text()
 
-    with pytest.raises(tk.ConfigError, match=r"another recipe \(model\.lr: 0\.001 then, 0\.01 now"):
+    with pytest.raises(
+        tk.ConfigError, match=r"another recipe \(model\.optimizer\.lr: 0\.001 then, 0\.01 now"
+    ):
         cross_validate(_model(optimizer={"lr": 0.01}), dm, folds=3, out=out, trainer=trainer)
 
 
@@ -191,4 +193,5 @@ def test_the_cv_command_prints_the_folds_and_writes_the_summary(tmp_path):
     with open(out / "oof_predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == 96  # 120 images, 24 held out for the test
     fold_config = yaml.safe_load((out / "fold_1" / "config.yaml").read_text())
-    assert (fold_config["data"]["cv_folds"], fold_config["data"]["cv_fold"]) == (2, 1)  # the fold's recipe
+    split = fold_config["data"]["split"]
+    assert (split["cv_folds"], split["cv_fold"]) == (2, 1)  # the fold's recipe

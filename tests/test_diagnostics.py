@@ -232,7 +232,7 @@ def test_a_learning_rate_blow_up_stops_training_and_keeps_the_last_good_checkpoi
     assert f"at epoch 1, step {error.step}" in message and "1.00e+05" in message
     assert "learning rate too high" in message
     for hint in (
-        "model.lr",
+        "model.optimizer.lr",
         "trainer.gradient_clip_val",
         "check the inputs",
         "python -m transferkit diagnose",

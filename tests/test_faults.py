@@ -221,12 +221,15 @@ torch.set_num_threads(1)
 for out, mode in runs:
     os.makedirs(out, exist_ok=True)
     L.seed_everything(0)
-    model = TransferClassifier(num_classes=2, backbone="{backbone}", pretrained=False, hidden_dims=[], lr=1e-2,
+    model = TransferClassifier(num_classes=2, backbone="{backbone}", pretrained=False,
+                               head={{"hidden_dims": []}}, optimizer={{"lr": 1e-2}},
                                freeze_schedule=FREEZE.get(os.environ.get("FREEZE", "")),
-                               lr_schedule=os.environ.get("SCHEDULE", "exponential"), plateau_patience=0)
-    dm = ImageDataModule(source="folder", root="{root}", num_workers=int(os.environ.get("WORKERS", "0")),
-                         batch_size=16, augment=os.environ.get("AUGMENT", "light"), image_size=32,
-                         mean=(0.5,) * 3, std=(0.5,) * 3, decoded_cache=os.environ.get("DECODED") == "1")
+                               lr_schedule={{"name": os.environ.get("SCHEDULE", "exponential"), "plateau_patience": 0}})
+    dm = ImageDataModule(source="folder", root="{root}",
+                         loader={{"num_workers": int(os.environ.get("WORKERS", "0")), "batch_size": 16}},
+                         pipeline={{"augment": os.environ.get("AUGMENT", "light"), "image_size": 32,
+                                   "mean": (0.5,) * 3, "std": (0.5,) * 3}},
+                         cache={{"decoded_images": os.environ.get("DECODED") == "1"}})
     feeding = FreezeAndCache(feature_cache=os.environ.get("FEATURE_CACHE", "off"),
                              trunk_cache=os.environ.get("TRUNK_CACHE", "off"), cache_views=2)
     trainer = Trainer(

@@ -135,7 +135,9 @@ def test_augmentation_that_no_epoch_sees_is_refused_and_one_some_epochs_see_is_s
         quiet_trainer(tmp_path, max_epochs=2, callbacks=[caches]).fit(model, datamodule=data)
 
     clean = dict(feature_cache="clean", trunk_cache="clean")
-    with pytest.raises(tk.ConfigError, match=r"data.augment is set, but no training epoch sees augmented"):
+    with pytest.raises(
+        tk.ConfigError, match=r"data\.pipeline\.augment is set, but no training epoch sees augmented"
+    ):
         fit(_digits(pipeline={"augment": "light"}), tk.FreezeAndCache(**clean))
     fit(_digits(pipeline={"augment": "none"}), tk.FreezeAndCache(**clean))  # said: no augmentation
     fit(_digits(), tk.FreezeAndCache(**clean))  # the default preset, not chosen: no refusal
@@ -143,7 +145,7 @@ def test_augmentation_that_no_epoch_sees_is_refused_and_one_some_epochs_see_is_s
     fit(_digits(pipeline={"augment": "light"}), tk.FreezeAndCache(feature_cache="clean"))
     err = capsys.readouterr().err
     assert (
-        "data.augment reaches epochs 1 only: epochs 0 train on outputs stored from the eval pipeline" in err
+        "data.pipeline.augment reaches epochs 1 only: epochs 0 train on outputs stored from the eval pipeline" in err
     )
 
 

@@ -131,7 +131,7 @@ def test_lr_auto_is_found_at_fit_logged_and_kept_in_the_checkpoint_and_lr_find_p
     )
     # the picture goes beside the recipe's runs, and the command says where
     assert (
-        "In the recipe: model.lr: " in result.stdout
+        "In the recipe: model.optimizer.lr: " in result.stdout
         and f"wrote {tmp_path / 'cli' / 'lr_find.png'}." in result.stdout
     )
     assert (tmp_path / "cli" / "lr_find.png").is_file() and list(elsewhere.iterdir()) == []

@@ -34,8 +34,9 @@ PURPOSE = re.compile(r"^(?P<name>[^:]+):\s+(?P<purpose>\S.{20,})$")
 MEASURED = re.compile(r"\breaches:?\s+(?:about\s+)?\d*\.?\d+", re.IGNORECASE)
 
 # the data settings the runs below override to stay small
-OVERRIDDEN_DATA = {"max_samples", "image_size", "batch_size", "num_workers", "cache_dir"}
-SMALL = {"max_samples": 160, "image_size": 64, "batch_size": 8}  # 160: every ELPV stratum in every split
+# data fields the test sets small (160 images: every ELPV stratum in every split), as group.field
+SMALL = {"split.max_samples": 160, "pipeline.image_size": 64, "loader.batch_size": 8}
+OVERRIDDEN_DATA = {*SMALL, "loader.num_workers", "cache.dir"}
 
 HEAD_ACTIVATIONS = {
     "elu": nn.ELU,
@@ -202,9 +203,15 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
     if head.hidden_dims:
         assert HEAD_ACTIVATIONS[head.activation] in head_layers, (head.activation, head_layers)
     assert (nn.BatchNorm1d in head_layers) == bool(head.batch_norm and head.hidden_dims), head_layers
-    for key, value in recipe.get("data", {}).items():
-        if key not in OVERRIDDEN_DATA:
-            assert plain(data.hparams[key]) == plain(value), f"data.{key}"
+    for key, value in recipe.get("data", {}).items():  # every data field the recipe sets
+        fields = value.items() if isinstance(value, dict) and key != "class_groups" else [(None, value)]
+        for field, given in fields:
+            name = key if field is None else f"{key}.{field}"
+            held = (
+                getattr(data.settings, key) if field is None else getattr(getattr(data.settings, key), field)
+            )
+            if name not in OVERRIDDEN_DATA:
+                assert plain(held) == plain(given), f"data.{name}"
     # the caches are the recipe's, on the callback that feeds the model
     (feeding,) = [c for c in trainer.callbacks if isinstance(c, FreezeAndCache)]
     for key, value in recipe.get("caches", {}).items():
