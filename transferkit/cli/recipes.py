@@ -129,7 +129,7 @@ def refuse_moved_keys(args: Sequence[str]) -> None:
     if used:
         sections = sorted({moved[old].split(".")[0] for old in used})
         places = "; ".join(f"{old} (in {where}) is now {moved[old]}" for old, where in used.items())
-        why = ". ".join(_WHY_MOVED[s] for s in sections)
+        why = "; ".join(_WHY_MOVED[s] for s in sections)
         new = moved[next(iter(used))]
         first, *rest = new.split(".")  # model.optimizer.lr -> model: {optimizer: {lr: ...}}
         nested = f"{first}: " + "".join(f"{{{part}: " for part in rest) + "..." + "}" * len(rest)
