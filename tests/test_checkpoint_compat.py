@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import run_cli
 
 import transferkit as tk
 
@@ -60,3 +62,40 @@ def test_a_flat_checkpoint_rebuilds_its_settings_in_groups_and_takes_grouped_ove
     assert changed.settings.prediction.tta == "none"
     assert changed.settings.prediction.replace(tta=s.prediction.tta) == s.prediction
     assert changed.settings.head == s.head
+
+
+def test_a_flat_checkpoint_loads_through_lightning_and_the_command_line_too(flat_checkpoint, tmp_path):
+    expected = json.loads((FIXTURES / "flat_settings.json").read_text())
+    # Lightning's own loader: the flat optimizer: adam and lr_schedule: cosine do not stand for the groups
+    model = tk.TransferClassifier.load_from_checkpoint(str(flat_checkpoint), weights_only=True).eval()
+    assert model.settings.optimizer.name == "adam" and model.settings.lr_schedule.name == "cosine"
+    assert model.settings.head.hidden_dims == (16,) and model.settings.regularisation.label_smoothing == 0.1
+    with torch.no_grad():  # the stored temperature comes with it, as from_checkpoint's
+        torch.testing.assert_close(
+            model.predict_proba(_probe_images()),
+            torch.tensor(expected["probabilities"]),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    # the command line rebuilds the model from the checkpoint's settings (LightningCLI reads them back)
+    data = {
+        "source": "digits",
+        "split": {"max_samples": 300},
+        "loader": {"num_workers": 0},
+        "pipeline": {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "augment": "none"},
+        "class_groups": {"low": ["0", "1", "2", "3", "4"], "high": ["5", "6", "7", "8", "9"]},
+    }
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"model": {"backbone": "test_efficientnet", "pretrained": False}, "data": data})
+    )
+    result = run_cli(
+        "validate", "--config", str(recipe), "--ckpt_path", str(flat_checkpoint), "--trainer.logger", "false"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val_group_acc" in result.stdout
+    # an override in the flat form says where it goes now
+    with pytest.raises(
+        TypeError, match=r"tta is a field of the prediction group now: give prediction=\{'tta': \.\.\.\}"
+    ):
+        tk.TransferClassifier.from_checkpoint(str(flat_checkpoint), tta="none")

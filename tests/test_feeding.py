@@ -145,7 +145,8 @@ def test_augmentation_that_no_epoch_sees_is_refused_and_one_some_epochs_see_is_s
     fit(_digits(pipeline={"augment": "light"}), tk.FreezeAndCache(feature_cache="clean"))
     err = capsys.readouterr().err
     assert (
-        "data.pipeline.augment reaches epochs 1 only: epochs 0 train on outputs stored from the eval pipeline" in err
+        "data.pipeline.augment reaches epochs 1 only: epochs 0 train on outputs stored from the eval pipeline"
+        in err
     )
 
 

@@ -101,7 +101,11 @@ def test_every_accessor_reads_what_transferkit_expects_on_a_real_run(stripes_fol
     assert read["saves_on_train_epoch_end"] == [True, True]
     assert read["last_saved_step"] == [(trainer.global_step, trainer.global_step)]
     assert "answer" in read["callback_state_key"][0]
-    readers = {name for name in internals.__all__ if name not in ("SUPPORTED", "USED")} | {"epoch_sampler"}
+    # CheckpointHyperparameters is a LightningCLI mixin: the test below and tests/test_checkpoint_compat.py
+    readers = {
+        name for name in internals.__all__ if name not in ("SUPPORTED", "USED", "CheckpointHyperparameters")
+    }
+    readers |= {"epoch_sampler"}
     writers = {"save_last_checkpoint", "set_ddp_find_unused_parameters", "set_latest_update_step"}
     writers |= {"rewind_epoch_not_started"}  # run by tests/test_faults.py's Ctrl+C as an epoch starts
     assert set(read) == readers - writers
@@ -130,3 +134,17 @@ def test_pyproject_allows_exactly_the_lightning_versions_the_suite_passed_on():
     (requirement,) = [d for d in project["dependencies"] if re.match(r"lightning\b", d)]
     assert requirement.replace(" ", "") == f"lightning{internals.SUPPORTED}"
     assert lightning.__version__ in SpecifierSet(internals.SUPPORTED)  # the one installed is one of them
+
+
+def test_the_command_line_reads_a_checkpoints_settings_back_through_transferkits_conversion():
+    from lightning.pytorch.cli import LightningCLI
+
+    from transferkit.cli.lightning_cli import TransferKitCLI
+
+    # the Lightning method the mixin replaces still exists, and the CLI uses the mixin's
+    assert callable(getattr(LightningCLI, "_parse_ckpt_path", None))
+    assert TransferKitCLI._parse_ckpt_path is internals.CheckpointHyperparameters._parse_ckpt_path
+    converted = TransferKitCLI.checkpoint_hparams(
+        None, {"num_classes": 2, "lr": 0.1, "lr_found": [], "tta": "d4"}
+    )
+    assert converted == {"num_classes": 2, "optimizer": {"lr": 0.1}, "prediction": {"tta": "d4"}}

@@ -172,3 +172,19 @@ def test_the_most_used_settings_are_one_short_flag_away_and_print_config_shows_e
         "--root",
         "--seed",
     }
+
+
+def test_values_the_flat_settings_took_are_still_taken():
+    import numpy as np
+
+    model = _model()
+    top = f"backbone.{len(model.groups) - 1}"  # one optimizer group's name, not in a list
+    named = _model(regularisation={"l2": 1e-4, "penalty_groups": top})
+    assert named.regularisers.weights and all(w.ndim >= 2 for w in named.regularisers.weights)
+    assert tk.OptimizerSettings(lr=np.float32(1e-3), momentum=0.0, eps=0.0).lr == pytest.approx(1e-3)
+    assert tk.RegularisationSettings(label_smoothing=1.0).label_smoothing == 1.0
+    data = tk.ImageDataModule(source="digits", pipeline={"image_size": 32.0})  # as a YAML float gives it
+    assert data.settings.pipeline.image_size == 32 and isinstance(data.image_size, int)
+    # what the data module was given stays as given when the backbone's mean and std fill the unset ones
+    data.use_data_config(model.data_config)
+    assert data.settings.pipeline.mean is not None and data.given_settings.pipeline.mean is None

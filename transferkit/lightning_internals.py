@@ -23,6 +23,7 @@ from transferkit.errors import LightningInternalsError
 __all__ = [
     "SUPPORTED",
     "USED",
+    "CheckpointHyperparameters",
     "attached_trainer",
     "averaged_model",
     "batches_done_in_epoch",
@@ -63,6 +64,7 @@ USED = {
     "WeightAveraging": ["_average_model", "_latest_update_step"],
     "_DatasetSamplerWrapper": ["_sampler"],
     "Callback": ["_generate_state_key"],
+    "LightningCLI": ["_parse_ckpt_path"],
 }
 
 
@@ -213,3 +215,48 @@ def callback_state_key(callback: Callback, **kwargs: Any) -> str:
     """A callback's ``state_key`` made of its class and ``kwargs``: the helper Lightning's docs of
     ``Callback.state_key`` tell subclasses to use."""
     return _private(callback, "_generate_state_key")(**kwargs)
+
+
+# --- the command line -------------------------------------------------------------------------------
+
+
+class CheckpointHyperparameters:
+    """A LightningCLI mixin for ``--ckpt_path``: LightningCLI reads the checkpoint's ``hyper_parameters``
+    back into the model's config (``LightningCLI._parse_ckpt_path``, which is private) and stops the run
+    when one is not an argument of the model: the flat settings of a checkpoint an earlier transferkit
+    wrote, or the range test's ``lr_found``. The subclass's :meth:`checkpoint_hparams` says what to read
+    back instead; the rest is Lightning's own logic.
+    """
+
+    def checkpoint_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        """The model's arguments among a checkpoint's ``hyper_parameters`` (default: all of them)."""
+        return hparams
+
+    def _parse_ckpt_path(self) -> None:
+        import sys
+        from pathlib import Path
+
+        import torch
+        from lightning.pytorch.cli import LightningCLI
+
+        _private(LightningCLI, "_parse_ckpt_path")  # the method this one replaces must still exist
+        config = self.config  # type: ignore[attr-defined]
+        if not config.get("subcommand"):
+            return
+        ckpt_path = config[config.subcommand].get("ckpt_path")
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" in hparams:
+            class_path = hparams.pop("_class_path")
+            model = {"class_path": class_path, "dict_kwargs": self.checkpoint_hparams(hparams)}
+        else:
+            model = self.checkpoint_hparams(hparams)
+        if not model:
+            return
+        try:
+            self.config = self.parser.parse_object({config.subcommand: {"model": model}}, config)  # type: ignore[attr-defined]
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise

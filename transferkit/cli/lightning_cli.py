@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from transferkit.data.datamodule import ImageDataModule
+from transferkit.lightning_internals import CheckpointHyperparameters
 from transferkit.models.classifier import TransferClassifier
+from transferkit.models.settings import from_flat
 from transferkit.training.checkpointing import DEFAULT_CHECKPOINT, RunCheckpoint
 from transferkit.training.early_stopping import DEFAULT_EARLY_STOPPING, PhaseEarlyStopping
 from transferkit.training.feeding import FreezeAndCache
@@ -17,13 +20,18 @@ from transferkit.training.trainer import Trainer
 __all__ = ["TransferKitCLI", "cli_kwargs"]
 
 
-class TransferKitCLI(LightningCLI):
+class TransferKitCLI(CheckpointHyperparameters, LightningCLI):
     """LightningCLI for :class:`TransferClassifier` on an :class:`ImageDataModule`, with ``finetune``.
 
     The checkpoint, early-stopping and feeding callbacks every run gets are configured under their own
     keys, ``checkpoint.*``, ``early_stopping.*`` and ``caches.*``, starting from the Trainer's defaults;
-    ``trainer.logger: true`` (the default) means CSV plus TensorBoard when installed.
+    ``trainer.logger: true`` (the default) means CSV plus TensorBoard when installed. A ``--ckpt_path``
+    rebuilds the model its checkpoint holds, from settings in groups or flat (an earlier version's).
     """
+
+    def checkpoint_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        accepted = inspect.signature(TransferClassifier.__init__).parameters
+        return {k: v for k, v in from_flat(hparams).items() if k in accepted and k != "self"}
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -111,6 +111,8 @@ class ImageDataModule(L.LightningDataModule):
         # class_groups: the model's hyperparameters hold them as resolved here (the source's own filled in);
         # Lightning merges the two modules' hyperparameters for the logger and refuses a key they differ on
         self.save_hyperparameters({k: v for k, v in self.settings.to_dict().items() if k != "class_groups"})
+        # as given, before use_data_config fills the unset size, mean and std: what makes two runs the same
+        self.given_settings = self.settings
         self.decoded: DecodedImages | None = None
         # what serves a split instead of its images this epoch (stored backbone outputs), set by the
         # FreezeAndCache callback of a fit; None: images

@@ -40,7 +40,12 @@ __all__ = [
 
 
 def _whole(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    """A whole number (``224``, NumPy's, or ``224.0`` as a YAML file may give it), not a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | np.integer) or (
+        isinstance(value, float | np.floating) and float(value).is_integer()
+    )
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,8 @@ class PipelineSettings(SettingsGroup):
             "image_size",
             "a side in pixels >= 1, or null for the backbone's",
         )
+        if self.image_size is not None:
+            object.__setattr__(self, "image_size", int(self.image_size))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:

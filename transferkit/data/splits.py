@@ -7,7 +7,7 @@ import numpy as np
 from transferkit.data.checks import stratified_sample
 from transferkit.data.settings import SplitSettings, check_folds
 from transferkit.data.sources import DataSource, split_indices
-from transferkit.errors import DatasetError
+from transferkit.errors import ConfigError, DatasetError
 
 __all__ = ["cv_split_indices", "make_splits"]
 
@@ -77,6 +77,11 @@ def cv_split_indices(
     from sklearn.model_selection import StratifiedKFold
 
     check_folds(folds, fold)
+    if data.name == "stream":
+        raise ConfigError(
+            "source 'stream' cannot be cross-validated: a pack's splits are fixed when it is packed. "
+            "Cross-validate the folder or CSV it was packed from."
+        )
     held = split_indices(data, 0.0, test_fraction, seed)  # validation 0: the test split alone is carved
     empty = np.asarray([], dtype=np.int64)
     rest = np.sort(np.concatenate([held["train"], held.get("val", empty)]))

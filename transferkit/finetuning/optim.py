@@ -12,6 +12,7 @@ a resumed run follows exactly the LRs of an uninterrupted one.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -94,9 +95,9 @@ class OptimizerSettings(SettingsGroup):
         )
         self.require(_number(self.layer_decay) and 0 < self.layer_decay <= 1, "layer_decay", "in (0, 1]")
         self.require(_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0")
-        self.require(_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
-        self.require(_number(self.eps) and self.eps > 0, "eps", "> 0")
-        self.require(_number(self.rho) and 0 < self.rho < 1, "rho", "in (0, 1)")
+        self.require(_number(self.momentum) and self.momentum >= 0, "momentum", ">= 0")
+        self.require(_number(self.eps) and self.eps >= 0, "eps", ">= 0")
+        self.require(_number(self.rho) and 0 <= self.rho <= 1, "rho", "in [0, 1]")
         betas = tuple(self.betas)
         self.require(
             len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas),
@@ -167,7 +168,8 @@ class LRScheduleSettings(SettingsGroup):
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A real number (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def create_optimizer(

@@ -34,7 +34,7 @@ def split_outputs(
             f"call datamodule.setup('fit') first, or keep a validation split (data.split.val_fraction > 0)."
         )
     loader = torch.utils.data.DataLoader(
-        datasets[split], batch_size=batch_size, num_workers=getattr(datamodule, "num_workers", 0)
+        datasets[split], batch_size=batch_size, num_workers=_workers(datamodule)
     )
     was_training = model.training
     original = next(model.parameters()).device
@@ -77,3 +77,9 @@ def calibrate(
     calibration = fit_calibration(logits, labels, threshold=threshold, split=split)
     model.calibration = calibration
     return calibration
+
+
+def _workers(datamodule: Any) -> int:
+    """The data module's loader workers (an :class:`~transferkit.ImageDataModule`'s ``loader.num_workers``)."""
+    settings = getattr(datamodule, "settings", None)
+    return settings.loader.num_workers if hasattr(settings, "loader") else 0

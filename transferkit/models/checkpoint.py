@@ -29,7 +29,7 @@ from transferkit.data.augment import build_eval_transform
 from transferkit.errors import CheckpointError, CheckpointMismatchError, warn
 from transferkit.files import atomic_write
 from transferkit.models.calibration import Calibration
-from transferkit.models.settings import GROUPS, from_flat
+from transferkit.models.settings import FLAT_KEYS, GROUPS, from_flat, is_flat
 
 __all__ = [
     "SECTION",
@@ -40,6 +40,7 @@ __all__ = [
     "checkpoint_preprocessing",
     "checkpoint_section",
     "eval_transform_of",
+    "grouped_settings",
     "learning_rates",
     "model_preprocessing",
     "preprocessing_of",
@@ -216,6 +217,13 @@ def _model_kwargs(
     # the checkpoint holds every weight: nothing to fetch from a bundle, a file or the hub
     kwargs["pretrained"] = False
     unknown = set(overrides) - set(accepted)
+    moved = sorted(k for k in unknown if k in FLAT_KEYS)
+    if moved:
+        group, name = FLAT_KEYS[moved[0]]
+        raise TypeError(
+            f"{moved[0]} is a field of the {group} group now: give {group}={{{name!r}: ...}} "
+            f"(e.g. TransferClassifier.from_checkpoint(path, {group}={{{name!r}: ...}}))."
+        )
     if unknown:
         raise TypeError(
             f"unknown {model_class.__name__} arguments {sorted(unknown)}; choose from {sorted(set(accepted) - {'self'})}."
@@ -309,6 +317,16 @@ def calibration_of(checkpoint: Mapping[str, Any]) -> Calibration:
     """The temperature and decision threshold stored in a checkpoint (identity for one written before
     calibration existed, or never calibrated)."""
     return Calibration.from_dict(checkpoint.get(SECTION, {}).get("calibration"))
+
+
+def grouped_settings(path: Any) -> dict[str, Any]:
+    """The settings groups of a checkpoint file whose settings an earlier version stored flat (``{}`` for
+    one in groups, or for what is not a local file): what ``load_from_checkpoint`` passes so that the flat
+    ``optimizer: adam`` and ``lr_schedule: cosine`` do not stand for the groups of the same names."""
+    if not isinstance(path, str | os.PathLike) or not Path(path).is_file():
+        return {}
+    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    return {k: v for k, v in from_flat(hparams).items() if k in GROUPS} if is_flat(hparams) else {}
 
 
 def learning_rates(checkpoint: Mapping[str, Any]) -> dict[str, Any]:

@@ -285,7 +285,9 @@ class TransferClassifier(Predicting, L.LightningModule):
 
     def _evaluate(self, images: torch.Tensor, labels: torch.Tensor, split: str) -> None:
         views, scored = None, None
-        if split == "test":  # scored as predict scores: TTA views, calibration, stored decision threshold
+        if (
+            split == "test" and images.ndim == 4
+        ):  # scored as predict scores: TTA views, calibration, stored decision threshold
             views = self.view_logits(images).detach()  # (V, B, C), kept for the report
             probs = self.calibration.probabilities(views).mean(dim=0)
             logits = (
@@ -363,6 +365,13 @@ class TransferClassifier(Predicting, L.LightningModule):
             self.calibration = checkpoint_format.calibration_of(checkpoint)
             if self.preprocessing is None:  # a model rebuilt from its checkpoint describes itself as before
                 self.preprocessing = checkpoint_format.model_preprocessing(checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> TransferClassifier:
+        """Lightning's ``load_from_checkpoint``, also of a checkpoint whose settings an earlier version
+        stored flat (:func:`~transferkit.models.settings.from_flat`); ``kwargs`` override as in Lightning."""
+        kwargs = {**checkpoint_format.grouped_settings(checkpoint_path), **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides: Any) -> TransferClassifier:

@@ -115,17 +115,15 @@ class RegularisationSettings(SettingsGroup):
     def __post_init__(self) -> None:
         self.require(self.l1 >= 0, "l1", ">= 0")
         self.require(self.l2 >= 0, "l2", ">= 0")
+        groups = self.penalty_groups  # the names themselves are checked against the model's groups
         self.require(
-            self.penalty_groups in ("head", "backbone", "all")
-            or (
-                isinstance(self.penalty_groups, list | tuple)
-                and all(isinstance(g, str) for g in self.penalty_groups)
-            ),
+            isinstance(groups, str)
+            or (isinstance(groups, list | tuple) and all(isinstance(g, str) for g in groups)),
             "penalty_groups",
-            "head, backbone, all, or a list of optimizer group names (head, backbone.0 ... backbone.N)",
+            "head, backbone, all, an optimizer group's name (backbone.0 ... backbone.N) or a list of them",
         )
-        self.require(self.sparsity_threshold > 0, "sparsity_threshold", "> 0")
-        self.require(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        self.require(self.sparsity_threshold >= 0, "sparsity_threshold", ">= 0")
+        self.require(0 <= self.label_smoothing <= 1, "label_smoothing", "in [0, 1]")
         self.require(
             self.drop_path_rate is None or 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1) or null"
         )

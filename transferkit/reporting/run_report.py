@@ -195,7 +195,8 @@ def _draw_augmentation(datamodule: Any, path: Path) -> Path:
     indices = _preview_indices(np.asarray(train.labels), PREVIEW_IMAGES)
     names = list(getattr(datamodule, "class_names", []))
     labels = [names[int(train.labels[i])] if names else str(int(train.labels[i])) for i in indices]
-    augment = getattr(datamodule, "augment", None)
+    settings = getattr(datamodule, "settings", None)  # an ImageDataModule's: the pipeline it trains with
+    augment = settings.pipeline.preset if hasattr(settings, "pipeline") else None
     setting = f"augment: {augment}" if isinstance(augment, str) else "inline augmentation"
     return plots.augmentation_grid(
         datamodule.train_transform,

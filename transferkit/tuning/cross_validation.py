@@ -44,6 +44,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from transferkit.data.datamodule import ImageDataModule, cv_split_indices
+from transferkit.data.settings import FLAT_DATA_KEYS
 from transferkit.errors import ConfigError, warn
 from transferkit.files import atomic_write
 from transferkit.training.trainer import Trainer
@@ -564,8 +565,8 @@ def _fingerprint(
 ) -> dict[str, Any]:
     """What makes two cross-validations the same run, as plain JSON values."""
     # '_instantiator' and the like: how an object was built (from Python or a recipe), not what it is
-    data = datamodule.settings.to_dict()
-    del data["cache"]  # where it is stored and how many workers load it: not what the data is
+    data = datamodule.given_settings.to_dict()
+    data["cache"].pop("dir")  # where it is stored and how many workers load it: not what the data is
     data["loader"].pop("num_workers")
     data["split"] = {k: v for k, v in data["split"].items() if k not in ("cv_folds", "cv_fold")}
     found: dict[str, Any] = {
@@ -610,6 +611,13 @@ def _load_or_start(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         # nothing finished and no checkpoint to resume from (e.g. the first fold failed at set-up): a
         # changed recipe has nothing to conflict with, and starts over
         untouched = not state.get("finished") and not any(out.glob("fold_*/checkpoints/*.ckpt"))
+        stored_data = (state.get("recipe") or {}).get("data") or {}
+        if not untouched and any(key in stored_data for key in FLAT_DATA_KEYS):
+            raise ConfigError(
+                f"'{out}' holds a cross-validation started by an earlier transferkit, which recorded its recipe "
+                "with flat settings; this version cannot tell whether the recipe is the same, so it does not "
+                f"resume it. Give another out folder (--out), or delete '{out}' to start over."
+            )
         if state.get("recipe") != fingerprint and not untouched:
             changes = _differences(state.get("recipe") or {}, fingerprint)
             raise ConfigError(
