@@ -33,6 +33,7 @@ from transferkit.models.settings import FLAT_KEYS, GROUPS, from_flat, is_flat
 
 __all__ = [
     "SECTION",
+    "SelfDescribing",
     "SECTION_FORMAT",
     "build_model",
     "calibration_of",
@@ -351,3 +352,38 @@ def store_calibration(path: str | os.PathLike, calibration: Calibration) -> Path
     checkpoint = read_checkpoint(path)
     checkpoint[SECTION] = {**checkpoint[SECTION], "calibration": calibration.to_dict()}
     return atomic_write(path, lambda handle: torch.save(checkpoint, handle), what="checkpoint")
+
+
+class SelfDescribing:
+    """The checkpoint hooks and loaders of a classifier module: its checkpoints describe themselves
+    (:func:`checkpoint_section`), refuse a model of another shape (:func:`check_compatible`), bring back the
+    calibration and the preprocessing, and load whether their settings are in groups or flat."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint self-describing (:func:`checkpoint_section`)."""
+        checkpoint[SECTION] = checkpoint_section(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head;
+        take its calibration (temperature, decision threshold)."""
+        if SECTION in checkpoint:
+            check_compatible(self, checkpoint)
+            self.calibration = calibration_of(checkpoint)
+            if self.preprocessing is None:  # a model rebuilt from its checkpoint describes itself as before
+                self.preprocessing = model_preprocessing(checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, also of a checkpoint whose settings an earlier version
+        stored flat (:func:`~transferkit.models.settings.from_flat`); ``kwargs`` override as in Lightning."""
+        kwargs = {**grouped_settings(checkpoint_path), **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides: Any) -> Any:
+        """The model saved in the checkpoint ``path``, in eval mode on the CPU, without its recipe: every
+        weight comes from the checkpoint (read with ``weights_only=True``), none from a bundle, a file or
+        the hub. ``overrides`` change what does not alter the weights' shapes; a group given as a dict
+        changes the fields it names (``prediction={"tta": "hflip"}``). :func:`transferkit.load_for_inference`
+        also returns the eval pipeline it was tested with."""
+        return build_model(cls, read_checkpoint(path), path, **overrides)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 
-import transferkit.models.checkpoint as checkpoint_format
 from transferkit.data.class_groups import resolve_class_groups
 from transferkit.errors import ConfigError
 from transferkit.finetuning.freezing import FreezeController, StageKind
@@ -30,6 +29,7 @@ from transferkit.lightning_internals import (
 )
 from transferkit.models.backbones import Pretrained, create_backbone
 from transferkit.models.calibration import Calibration
+from transferkit.models.checkpoint import SelfDescribing
 from transferkit.models.heads import ClassifierHead
 from transferkit.models.mixing import BatchMixing, hard_labels, soft_cross_entropy
 from transferkit.models.prediction import Predicting
@@ -47,7 +47,7 @@ from transferkit.models.settings import (
 __all__ = ["TransferClassifier"]
 
 
-class TransferClassifier(Predicting, L.LightningModule):
+class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
     """A pretrained timm backbone with a new classifier head, fine-tuned with Adam and exponential LR decay.
 
     ``forward(x)`` maps images ``(B, 3, H, W)`` to logits ``(B, num_classes)``. Its settings come in typed
@@ -350,33 +350,3 @@ class TransferClassifier(Predicting, L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.optimization(*run_length(attached_trainer(self)))
-
-    # --- checkpoints -------------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Make the checkpoint self-describing (:func:`transferkit.models.checkpoint.checkpoint_section`)."""
-        checkpoint[checkpoint_format.SECTION] = checkpoint_format.checkpoint_section(self)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with what differs and what to do, a checkpoint of another backbone, class count or head;
-        take its calibration (temperature, decision threshold)."""
-        if checkpoint_format.SECTION in checkpoint:
-            checkpoint_format.check_compatible(self, checkpoint)
-            self.calibration = checkpoint_format.calibration_of(checkpoint)
-            if self.preprocessing is None:  # a model rebuilt from its checkpoint describes itself as before
-                self.preprocessing = checkpoint_format.model_preprocessing(checkpoint)
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> TransferClassifier:
-        """Lightning's ``load_from_checkpoint``, also of a checkpoint whose settings an earlier version
-        stored flat (:func:`~transferkit.models.settings.from_flat`); ``kwargs`` override as in Lightning."""
-        kwargs = {**checkpoint_format.grouped_settings(checkpoint_path), **kwargs}
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    @classmethod
-    def from_checkpoint(cls, path: str, **overrides: Any) -> TransferClassifier:
-        """The model saved in the checkpoint ``path``, in eval mode on the CPU, without its recipe: every
-        weight comes from the checkpoint (read with ``weights_only=True``), none from a bundle, a file or
-        the hub. ``overrides`` change what does not alter the weights' shapes (a group given as a dict changes the fields it names: ``prediction={"tta": "hflip"}``).
-        :func:`transferkit.load_for_inference` also returns the eval pipeline it was tested with."""
-        return checkpoint_format.build_model(cls, checkpoint_format.read_checkpoint(path), path, **overrides)
