@@ -528,3 +528,32 @@ def test_ensemble_elpv_scores_the_averaged_probabilities_of_members_on_the_same_
     Path(json.loads(Path(b).read_text())["seeds"][0]["probabilities_file"]).unlink()
     gone = subprocess.run(script, capture_output=True, text=True, cwd=root)
     assert gone.returncode != 0 and "is gone" in gone.stderr
+
+
+def test_the_selection_protocol_tests_allow_for_folds_that_share_training_images():
+    from scipy import stats
+
+    paired = _benchmark("paired")
+    diffs = [0.02, 0.01, 0.03, 0.00, 0.02, 0.01, 0.02, 0.03, 0.01, 0.02]  # 5 folds x 2 seeds
+    corrected = paired.corrected_t(diffs, n_train=1574, n_test=394)  # ELPV's non-test cells in 5 folds
+    plain = stats.ttest_1samp(diffs, 0.0)
+    # the same differences are weaker evidence once the folds' overlap is allowed for
+    assert corrected["p"] > plain.pvalue and corrected["t"] < plain.statistic
+    assert corrected["p"] == pytest.approx(0.014, abs=0.001) and corrected["df"] == 9
+    with pytest.raises(ValueError, match="at least 2 paired differences"):
+        paired.corrected_t([0.01], 100, 25)
+    # an A/A comparison's spread gives the smallest gain the design resolves; more runs resolve less
+    aa = [0.01, -0.01, 0.005, -0.005, 0.0, 0.01]
+    assert paired.smallest_resolved_gain(aa * 3, 1574, 394) < paired.smallest_resolved_gain(aa, 1574, 394)
+
+    # McNemar over the pooled out-of-fold cells: only the cells the two disagree on count
+    same = paired.mcnemar([True] * 50 + [False] * 10, [True] * 50 + [False] * 10)
+    assert same["p"] == 1.0 and same["difference"] == 0.0
+    better = paired.mcnemar([False] * 30 + [True] * 70, [True] * 28 + [False] * 2 + [True] * 70)
+    assert better["variant_only"] == 28 and better["base_only"] == 0 and better["p"] < 1e-6
+
+    # several knobs judged at once: Holm's adjustment never lowers a p-value and keeps their order
+    raw = {"cosine": 0.01, "smoothing": 0.04, "bn_eval": 0.30}
+    adjusted = paired.holm(raw)
+    assert adjusted == {"cosine": 0.03, "smoothing": 0.08, "bn_eval": 0.3}
+    assert all(adjusted[k] >= raw[k] for k in raw)
