@@ -557,3 +557,48 @@ def test_the_selection_protocol_tests_allow_for_folds_that_share_training_images
     adjusted = paired.holm(raw)
     assert adjusted == {"cosine": 0.03, "smoothing": 0.08, "bn_eval": 0.3}
     assert all(adjusted[k] >= raw[k] for k in raw)
+
+
+def _cv_folder(root, predictions: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    """A cross-validation output folder as `transferkit cv` writes it: fold_<k>/cv_predictions.npz."""
+    for k, (index, labels, probs) in enumerate(predictions):
+        (root / f"fold_{k}").mkdir(parents=True)
+        np.savez(
+            root / f"fold_{k}" / "cv_predictions.npz",
+            val_index=index, val_label=labels, val_probs=probs, val_pred=probs.argmax(1),
+        )  # fmt: skip
+    return str(root)
+
+
+def test_cross_validated_comparison_pairs_folds_by_their_cells_and_scores_groups(tmp_path):
+    compare_cv = _benchmark("compare_cv")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 60)
+    folds = [np.arange(k * 20, (k + 1) * 20) for k in range(3)]
+
+    def run(name: str, right: float) -> str:  # a run that gets about `right` of the classes right
+        probs = np.full((60, 4), 0.05)
+        hit = rng.random(60) < right
+        chosen = np.where(hit, labels, (labels + 1) % 4)
+        probs[np.arange(60), chosen] = 0.85
+        return _cv_folder(tmp_path / name, [(i, labels[i], probs[i]) for i in folds])
+
+    base = [run("base0", 0.6), run("base1", 0.6)]
+    variant = [run("var0", 0.95), run("var1", 0.95)]
+    report = compare_cv.compare(base, variant)
+    assert report["design"] == {"folds": 3, "seeds": 2, "cells_per_seed": 60}
+    assert len(report["seeds"]) == 2 and len(report["seeds"][0]["per_fold_difference"]) == 3
+    assert report["corrected_t"]["mean"] > 0.2 and report["corrected_t"]["p"] < 0.05
+    assert report["seeds"][0]["mcnemar"]["variant_only"] > report["seeds"][0]["mcnemar"]["base_only"]
+    # the same runs against themselves: an A/A comparison finds nothing
+    same = compare_cv.compare(base, base)
+    assert same["corrected_t"]["mean"] == 0 and same["corrected_t"]["p"] == 1.0
+    # scored by groups of classes (ELPV's defective = levels 2 and 3)
+    grouped = compare_cv.compare(base, variant, positive=[2, 3])
+    assert grouped["scored"] == "group of classes [2, 3]" and grouped["seeds"][0]["variant_accuracy"] > 0.9
+    # folds that validate on other cells are not paired
+    shuffled = _cv_folder(
+        tmp_path / "other", [(i[::-1], labels[i[::-1]], np.full((20, 4), 0.25)) for i in folds]
+    )
+    with pytest.raises(SystemExit, match="validate on other cells"):
+        compare_cv.compare([base[0]], [shuffled])
