@@ -1,7 +1,9 @@
 """Two recipes compared by cross-validation, paired by fold and seed: the selection protocol's comparison.
 
-    python -m transferkit cv --config BASE.yaml --folds 5 --out runs/cv/base-s0 --seed_everything 0 --data.seed 0
-    python -m transferkit cv --config VARIANT.yaml --folds 5 --out runs/cv/variant-s0 --seed_everything 0 --data.seed 0
+    python -m transferkit cv --config BASE.yaml --folds 5 --checkpoint last --out runs/cv/base-s0 \
+        --seed_everything 0 --data.seed 0
+    python -m transferkit cv --config VARIANT.yaml --folds 5 --checkpoint last --out runs/cv/variant-s0 \
+        --seed_everything 0 --data.seed 0
     ... (the same for seed 1, ...)
     python benchmarks/compare_cv.py --base runs/cv/base-s0 runs/cv/base-s1 \\
         --variant runs/cv/variant-s0 runs/cv/variant-s1 --positive 2 3 --out benchmarks/results/X.json
@@ -16,7 +18,8 @@ gain the design resolves (:func:`paired.smallest_resolved_gain`).
 
 ``--positive`` scores a grouping of the classes as well: the classes whose summed probability reaches 0.5
 predict the positive group (ELPV's 4 defect levels: ``--positive 2 3``, defective = 2/3 and 1). No test
-split is read: the cross-validations are run without ``--ensemble``.
+split is read: the cross-validations are run without ``--ensemble``. ``--checkpoint last`` (fixed epochs, no
+early stopping) keeps the epoch from being chosen on the cells that judge the recipes.
 """
 
 from __future__ import annotations

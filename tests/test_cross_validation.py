@@ -195,3 +195,29 @@ def test_the_cv_command_prints_the_folds_and_writes_the_summary(tmp_path):
     fold_config = yaml.safe_load((out / "fold_1" / "config.yaml").read_text())
     split = fold_config["data"]["split"]
     assert (split["cv_folds"], split["cv_fold"]) == (2, 1)  # the fold's recipe
+
+
+@pytest.mark.slow
+def test_a_fixed_epochs_cross_validation_scores_each_folds_last_epoch_and_never_stops_early(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    dm = tk.ImageDataModule(**merged(DATA, {"split": {"max_samples": 120}}))
+    trainer = {
+        "max_epochs": 3,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        # would end every fold after its first epoch if it were kept
+        "callbacks": [EarlyStopping(monitor="val_loss", patience=0, min_delta=100.0)],
+    }
+    report = cross_validate(_model(), dm, folds=2, out=tmp_path / "cv", trainer=trainer, checkpoint="last")
+    for fold in report.folds:
+        metrics = json.loads(next((tmp_path / "cv" / f"fold_{fold.fold}").rglob("metrics.json")).read_text())
+        assert metrics["epochs"] == 3 and Path(fold.best_checkpoint).name == "last.ckpt"
+    # the same out with the best checkpoint is another run, not a resume of this one
+    with pytest.raises(tk.ConfigError, match="another recipe"):
+        cross_validate(_model(), dm, folds=2, out=tmp_path / "cv", trainer=trainer)
+    with pytest.raises(tk.ConfigError, match="checkpoint is 'best' or 'last'"):
+        cross_validate(_model(), dm, folds=2, out=tmp_path / "cv2", trainer=trainer, checkpoint="first")

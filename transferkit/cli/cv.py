@@ -40,6 +40,13 @@ def main(argv: Sequence[str]) -> int:
         help="also score the fold models on the test split, alone and as an ensemble (averaged probabilities)",
     )
     parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="the fold model scored on its validation part: the best by the recipe's monitor (default), or "
+        "the last epoch's, every fold training all its epochs (no early stopping), to compare recipes",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         metavar="DIR",
@@ -67,6 +74,7 @@ def main(argv: Sequence[str]) -> int:
         out=out,
         ensemble=args.ensemble,
         trainer=fold_trainer,
+        checkpoint=args.checkpoint,
         # the recipe's seed_everything, which Lightning keeps in PL_GLOBAL_SEED; the data's seed without one
         seed=int(os.environ.get("PL_GLOBAL_SEED", recipe.datamodule.seed)),
         recipe={

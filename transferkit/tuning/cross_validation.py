@@ -36,11 +36,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
 
 from transferkit.data.datamodule import ImageDataModule, cv_split_indices
@@ -145,6 +146,7 @@ def cross_validate(
     trainer: Mapping[str, Any] | Callable[[int, Path], L.Trainer] | None = None,
     seed: int | None = None,
     recipe: Mapping[str, Any] | None = None,
+    checkpoint: Literal["best", "last"] = "best",
 ) -> CrossValidationReport:
     """Stratified k-fold cross-validation of ``model`` on the non-test images of ``datamodule``.
 
@@ -171,6 +173,10 @@ def cross_validate(
         recipe: more settings that identify the run for resuming (the command line passes the recipe's
             trainer section); the model's and data module's hyperparameters, the images, ``folds`` and
             ``seed`` always count. A different one in ``out`` is refused.
+        checkpoint: which of a fold's models is scored on its validation part: ``best``, the checkpoint
+            callback's best (chosen on those very cells, so its score is biased upwards), or ``last``: every
+            fold trains all its epochs (early stopping is taken out) and the last epoch's model is scored,
+            which a comparison of recipes on the folds needs (nothing is chosen on the cells that judge).
 
     Returns:
         The :class:`CrossValidationReport` (also written as ``cv.json``).
@@ -209,8 +215,15 @@ def cross_validate(
             "model.prediction.calibrate / model.prediction.decision_threshold are fitted on the validation split, which "
             "cross-validation scores: the folds are left uncalibrated."
         )
-    runs = _FoldRuns(model, datamodule, folds, out, trainer, seed)
-    state = _load_or_start(out, _fingerprint(model, datamodule, trainer, folds, seed, recipe))
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(
+            f"checkpoint is 'best' or 'last' (the last epoch's model, fixed epochs), got {checkpoint!r}."
+        )
+    runs = _FoldRuns(model, datamodule, folds, out, trainer, seed, checkpoint)
+    fingerprint = _fingerprint(model, datamodule, trainer, folds, seed, recipe)
+    if checkpoint != "best":
+        fingerprint["checkpoint"] = checkpoint
+    state = _load_or_start(out, fingerprint)
     results: list[FoldResult] = []
     for fold in range(folds):
         done = state["finished"].get(str(fold))
@@ -240,9 +253,10 @@ class _FoldRuns:
         out: Path,
         trainer: Mapping[str, Any] | Callable[[int, Path], L.Trainer] | None,
         seed: int,
+        checkpoint: str = "best",
     ) -> None:
         self.model, self.datamodule, self.folds, self.out = model, datamodule, folds, out
-        self.trainer, self.seed = trainer, seed
+        self.trainer, self.seed, self.checkpoint = trainer, seed, checkpoint
 
     def folder(self, fold: int) -> Path:
         return self.out / f"fold_{fold}"
@@ -265,6 +279,8 @@ class _FoldRuns:
             # callbacks hold state (a checkpoint's best, early stopping's patience): one set per fold
             kwargs["callbacks"] = copy.deepcopy(kwargs.get("callbacks"))
             made = Trainer(**{**kwargs, "default_root_dir": str(folder)})
+        if self.checkpoint == "last":  # fixed epochs: nothing stops a fold on the cells that score it
+            made.callbacks = [c for c in made.callbacks if not isinstance(c, EarlyStopping)]
         if made.checkpoint_callback is not None:
             # one folder per fold that every attempt writes to: a resumed fit finds its checkpoints there
             # and the callback restores its best (Lightning drops the best when the folder changes)
@@ -287,7 +303,10 @@ class _FoldRuns:
                 "to resume from this fold's last checkpoint."
             )
         callback = trainer.checkpoint_callback
-        best = getattr(callback, "best_model_path", "") or _latest_checkpoint(folder / "checkpoints")
+        if self.checkpoint == "last":
+            best = getattr(callback, "last_model_path", "") or _latest_checkpoint(folder / "checkpoints")
+        else:
+            best = getattr(callback, "best_model_path", "") or _latest_checkpoint(folder / "checkpoints")
         validated = trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
         figures = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
         missing = [name for name in FIGURES if name not in figures]
