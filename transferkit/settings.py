@@ -32,9 +32,10 @@ from typing import Any, ClassVar, TypeVar
 from transferkit.containers import plain
 from transferkit.errors import ConfigError
 
-__all__ = ["SettingsGroup"]
+__all__ = ["GroupedSettings", "SettingsGroup"]
 
 G = TypeVar("G", bound="SettingsGroup")
+S = TypeVar("S", bound="GroupedSettings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,3 +81,48 @@ class SettingsGroup:
     def replace(self: G, **changes: Any) -> G:
         """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+class GroupedSettings:
+    """Base of the frozen dataclass of everything a module is built from: plain top-level fields and the
+    groups named in :attr:`groups` (``{field: group class}``). The model's and the data module's settings
+    (:class:`~transferkit.models.settings.ClassifierSettings`, :class:`~transferkit.data.settings.DataSettings`)
+    are its subclasses."""
+
+    #: the fields that are groups, and their classes (any dataclass with a ``coerce``)
+    groups: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def build(cls: type[S], **kwargs: Any) -> S:
+        """The settings from constructor arguments, each group as itself, its dict form or ``None`` (its
+        defaults); then :meth:`check`, the checks that span groups."""
+        for name, group in cls.groups.items():
+            kwargs[name] = group.coerce(kwargs.get(name))
+        settings = cls(**kwargs)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse settings whose groups do not go together (none here)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (groups as dicts), so a checkpoint holding it loads with ``weights_only=True``."""
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if f.name in self.groups else plain(value)
+        return out
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments that build a module with these settings."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with ``changes``, checked again: a group given as a dict changes the fields it names, as
+        an instance (or ``None``, its defaults) it is replaced whole."""
+        args = self.init_args()
+        for name, value in changes.items():
+            if name in self.groups and isinstance(value, Mapping):
+                value = dataclasses.replace(args[name], **value)
+            args[name] = value
+        return type(self).build(**args)

@@ -17,7 +17,6 @@ all; :data:`FLAT_DATA_KEYS` names the new place of each flat key of recipes from
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ import numpy as np
 from transferkit.data.augment import Augment, augmentations
 from transferkit.data.sources import SourceName
 from transferkit.errors import ConfigError
-from transferkit.settings import SettingsGroup
+from transferkit.settings import GroupedSettings, SettingsGroup
 
 __all__ = [
     "FLAT_DATA_KEYS",
@@ -227,8 +226,15 @@ class CacheSettings(SettingsGroup):
 
 
 @dataclass(frozen=True)
-class DataSettings:
+class DataSettings(GroupedSettings):
     """Everything an :class:`~transferkit.ImageDataModule` is built from, its groups validated."""
+
+    groups = {
+        "split": SplitSettings,
+        "pipeline": PipelineSettings,
+        "loader": LoaderSettings,
+        "cache": CacheSettings,
+    }
 
     source: SourceName = "folder"
     root: str | None = None
@@ -242,16 +248,6 @@ class DataSettings:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
-
-    @classmethod
-    def build(cls, **kwargs: Any) -> DataSettings:
-        """The settings from constructor arguments, each group as itself, its dict form or ``None``; then
-        the checks that span groups."""
-        for name, group in _GROUPS.items():
-            kwargs[name] = group.coerce(kwargs.get(name))
-        settings = cls(**kwargs)
-        settings.check()
-        return settings
 
     def check(self) -> None:
         if self.source == "stream":  # settings that need every file at hand: a pack is read chunk by chunk
@@ -270,34 +266,6 @@ class DataSettings:
                     "order, not by file. Turn them off, or use the folder or CSV it was packed from."
                 )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (groups as dicts)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if isinstance(value, SettingsGroup) else value
-        return out
-
-    def init_args(self) -> dict[str, Any]:
-        """The constructor arguments that build a data module with these settings."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def replace(self, **changes: Any) -> DataSettings:
-        """A copy with ``changes`` (a group as a group, or a dict of the fields to change), checked again."""
-        args = self.init_args()
-        for name, value in changes.items():
-            if name in _GROUPS and isinstance(value, dict):
-                value = args[name].replace(**value)
-            args[name] = value
-        return DataSettings.build(**args)
-
-
-_GROUPS: dict[str, type[SettingsGroup]] = {
-    "split": SplitSettings,
-    "pipeline": PipelineSettings,
-    "loader": LoaderSettings,
-    "cache": CacheSettings,
-}
 
 # the flat data settings of recipes from before the groups: old name -> (group, field)
 FLAT_DATA_KEYS: dict[str, tuple[str, str]] = {

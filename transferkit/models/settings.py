@@ -28,7 +28,6 @@ Checkpoints written before the groups stored the settings flat (``lr``, ``dropou
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,7 +39,7 @@ from transferkit.finetuning.schedule import FreezeSchedule
 from transferkit.models.calibration import THRESHOLD_METRICS
 from transferkit.models.heads import check_head
 from transferkit.models.prediction import TTA_VIEWS
-from transferkit.settings import SettingsGroup
+from transferkit.settings import GroupedSettings, SettingsGroup
 
 __all__ = [
     "FLAT_KEYS",
@@ -252,7 +251,7 @@ GROUPS: dict[str, type[SettingsGroup]] = {
 
 
 @dataclass(frozen=True)
-class ClassifierSettings:
+class ClassifierSettings(GroupedSettings):
     """Everything a :class:`~transferkit.TransferClassifier` is built from, its groups validated.
 
     Example:
@@ -264,6 +263,8 @@ class ClassifierSettings:
         ...
         transferkit.errors.ConfigError: model.optimizer.lr must be a number > 0 or 'auto' (found by a range test when training starts), got 0.
     """
+
+    groups = {**GROUPS, "freeze_schedule": FreezeSchedule}
 
     num_classes: int
     backbone: str = "tf_efficientnet_lite0"
@@ -278,17 +279,6 @@ class ClassifierSettings:
     mixing: MixingSettings = field(default_factory=MixingSettings)
     prediction: PredictionSettings = field(default_factory=PredictionSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
-
-    @classmethod
-    def build(cls, **kwargs: Any) -> ClassifierSettings:
-        """The settings from constructor arguments: each group as itself, its dict form or ``None``
-        (its defaults); then the checks that span groups."""
-        for name, group in GROUPS.items():
-            kwargs[name] = group.coerce(kwargs.get(name))
-        kwargs["freeze_schedule"] = FreezeSchedule.coerce(kwargs.get("freeze_schedule"))
-        settings = cls(**kwargs)
-        settings.check()
-        return settings
 
     def check(self) -> None:
         n = self.num_classes
@@ -305,23 +295,6 @@ class ClassifierSettings:
                 f"model.prediction.decision_threshold chooses class 1's threshold for two classes; this "
                 f"model has num_classes={n}. Leave it null."
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (groups as dicts), so a checkpoint holding it loads with ``weights_only=True``."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
-        out["class_names"] = None if self.class_names is None else list(self.class_names)
-        return out
-
-    def init_args(self) -> dict[str, Any]:
-        """The constructor arguments that build a model with these settings."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def replace(self, **changes: Any) -> ClassifierSettings:
-        """A copy with ``changes`` (groups as groups or dicts of the whole group), checked again."""
-        return ClassifierSettings.build(**{**self.init_args(), **changes})
 
 
 # the flat settings of checkpoints and recipes from before the groups: old name -> (group, field)

@@ -276,6 +276,7 @@ def _trial(
     import lightning as L
 
     from transferkit.data.datamodule import ImageDataModule
+    from transferkit.finetuning.schedule import FreezeSchedule
     from transferkit.training.feeding import FreezeAndCache
     from transferkit.training.trainer import Trainer
 
@@ -286,7 +287,7 @@ def _trial(
     optimizer = model.settings.optimizer
     model_settings = model.settings.replace(
         optimizer=optimizer.replace(lr=1e-3) if optimizer.lr == "auto" else optimizer,
-        freeze_schedule={"frozen_epochs": epochs + 1},  # the head alone, on the cached features
+        freeze_schedule=FreezeSchedule(frozen_epochs=epochs + 1),  # the head alone, on the cached features
         mixing=None,  # no mixup or CutMix: nothing to mix in cached features
     )
     L.seed_everything(seed, verbose=False)
