@@ -1,0 +1,394 @@
+"""Every figure in README.md, docs/*.md and the recipe headers, traced to a results file and a key.
+
+    python benchmarks/figures.py check       # every figure equals the value at its key (a test runs this)
+    python benchmarks/figures.py annotate    # resolve new figures into docs/figures.yaml, keep the rest
+    python benchmarks/figures.py where 0.876 # the entries of one figure: document, line, file, key
+
+A figure is a measured number as the prose quotes it: a decimal with three or more places (an accuracy, a
+spread, a paired difference), a time in seconds (``162 s``, ``162-172 s``, ``172, 163, 164 s``), a ratio
+(``1.4x``), a percentage with decimals (``88.42 %``) or a memory size (``6.4 GB``). Settings are not figures:
+the documents write them as code (``lr: 0.001``), and code is not read.
+
+The index ``docs/figures.yaml`` lists, per document and in the order they appear, every figure with its
+results file and the key of its value there (``a.b[2].c``: dotted keys, ``[i]`` for a list's item, and for a
+``.jsonl`` file ``[i]`` first for its i-th record). ``check`` fails when a document's figures and its index
+differ (a figure added, removed or changed) or when a figure is not the value at its key, rounded to the
+figure's own places. A figure worked out from others (a difference of two means) has the file ``derived``
+and an expression for key: ``{a.json:x} - {b.json:y}`` (:func:`derive`). ``annotate`` keeps the entry of every figure whose text and line did not change and
+resolves the others among the results files named on the figure's line, then its paragraph, then its
+section, then the sections the line links to: the first key (in the file's order) whose value matches. The index shows the key chosen; set
+another by hand where another is meant, and ``annotate`` keeps it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+INDEX = ROOT / "docs" / "figures.yaml"
+
+_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+# order matters: a span taken by an earlier pattern is not read again by a later one
+PATTERNS = (
+    ("seconds", re.compile(rf"(?<![\w.,/])((?:{_NUM})(?:(?:, |-)(?:{_NUM}))*) ?s\b")),
+    ("percent", re.compile(r"(?<![\w.])(\d+\.\d+) ?%")),
+    ("memory", re.compile(rf"(?<![\w.,])({_NUM}) ?(?:GB|GiB|MB|MiB)\b")),
+    ("ratio", re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)x\b")),
+    ("decimal", re.compile(r"(?<![\w.])([+-]?\d+\.\d{3,})(?!\d)")),
+)
+RESULTS_FILE = re.compile(r"([\w.+-]+\.jsonl?)\b")
+_CODE_SPAN = re.compile(r"`[^`]*`")
+_LINK_TARGET = re.compile(r"\]\([^)]*\)")
+_COMMENT = re.compile(r"<!--.*?-->")
+
+
+@dataclass
+class Figure:
+    document: str
+    line: int  # 1-based
+    text: str  # as quoted: "0.876", "1,059", "+0.029"
+    kind: str
+    context: str  # the quoted line, stripped
+    files: list[list[str]]  # results files named on the line, in the paragraph, in the section
+
+    @property
+    def value(self) -> float:
+        return float(self.text.replace(",", ""))
+
+    @property
+    def places(self) -> int:
+        return len(self.text.split(".")[1]) if "." in self.text else 0
+
+
+def documents() -> list[Path]:
+    """README.md, docs/*.md and recipes/*.yaml: the texts whose figures are checked."""
+    return [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "recipes").glob("*.yaml")),
+    ]
+
+
+def _lines(path: Path) -> list[str]:
+    """The readable lines: a markdown file without its code blocks, a recipe's header comment (blanked
+    elsewhere, so line numbers hold)."""
+    raw = path.read_text().splitlines()
+    out, fenced, header = [], False, True
+    for line in raw:
+        if path.suffix == ".yaml":
+            header = header and line.startswith("#")
+            out.append(line[1:].strip() if header and not line[1:].strip().startswith("python ") else "")
+            continue
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            out.append("")
+            continue
+        out.append("" if fenced else line)
+    return out
+
+
+def _blocks(lines: list[str]) -> tuple[list[int], list[int]]:
+    """Per line, the number of its paragraph (blank-line separated) and of its section (between headings)."""
+    paragraph, section, p, s = [], [], 0, 0
+    for line in lines:
+        if not line.strip():
+            p += 1
+        if line.startswith("#"):
+            s += 1
+            p += 1
+        paragraph.append(p)
+        section.append(s)
+    return paragraph, section
+
+
+def figures_in(path: Path) -> list[Figure]:
+    """The figures of one document, in order."""
+    lines = _lines(path)
+    paragraph, section = _blocks(lines)
+    # a results file named in a command of a code block names it for its section too
+    raw = path.read_text().splitlines() if path.suffix == ".md" else lines
+    named = [RESULTS_FILE.findall(_COMMENT.sub("", line)) for line in raw]
+    anchors = {_slug(line): section[i] for i, line in enumerate(lines) if line.startswith("#")}
+
+    def files(indices: Iterator[int]) -> list[str]:
+        return list(dict.fromkeys(f for i in indices for f in named[i]))
+
+    found = []
+    for i, line in enumerate(lines):
+        readable = _COMMENT.sub(" ", _LINK_TARGET.sub("]", _CODE_SPAN.sub(" ", line)))
+        readable = RESULTS_FILE.sub(" ", readable)
+        taken: list[tuple[int, int]] = []
+        hits = []
+        for kind, pattern in PATTERNS:
+            for match in pattern.finditer(readable):
+                start, end = match.span(1)
+                if any(start < b and a < end for a, b in taken):
+                    continue
+                taken.append((start, end))
+                parts = re.split(r", |-(?=\d)", match.group(1)) if kind == "seconds" else [match.group(1)]
+                offset = start
+                for part in parts:
+                    at = readable.index(part, offset)
+                    hits.append((at, part, kind))
+                    offset = at + len(part)
+        if not hits:
+            continue
+        context = [
+            named[i],
+            files(j for j in range(len(lines)) if paragraph[j] == paragraph[i]),
+            files(j for j in range(len(lines)) if section[j] == section[i]),
+            files(
+                j
+                for anchor in re.findall(r"\]\(#([^)]+)\)", line)
+                for j in range(len(lines))
+                if section[j] == anchors.get(anchor)
+            ),
+        ]
+        for _, text, kind in sorted(hits):
+            found.append(Figure(_relative(path), i + 1, text, kind, line.strip(), context))
+    return found
+
+
+def _slug(heading: str) -> str:
+    """A markdown heading's anchor, as GitHub makes it."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+# --- results files ---------------------------------------------------------------------------------
+
+
+_loaded: dict[str, Any] = {}
+
+
+def load(name: str) -> Any:
+    """A results file's JSON; a ``.jsonl`` (one or several JSON records, however laid out) as a list."""
+    if name not in _loaded:
+        path = RESULTS / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{name} is not in benchmarks/results")
+        text = path.read_text()
+        if name.endswith(".jsonl"):
+            decoder, records, at = json.JSONDecoder(), [], 0
+            while at < len(text):
+                while at < len(text) and text[at].isspace():
+                    at += 1
+                if at < len(text):
+                    record, at = decoder.raw_decode(text, at)
+                    records.append(record)
+            _loaded[name] = records
+        else:
+            _loaded[name] = json.loads(text)
+    return _loaded[name]
+
+
+def leaves(value: Any, key: str = "") -> Iterator[tuple[str, float]]:
+    """(key, number) for every number in ``value``, in order."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield key, float(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            k = str(k)
+            part = f"[{json.dumps(k)}]" if re.search(r"[.\[\]\s]", k) or not k else (f".{k}" if key else k)
+            yield from leaves(v, key + part)
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            yield from leaves(v, f"{key}[{n}]")
+
+
+def lookup(name: str, key: str) -> Any:
+    """The value at ``key`` in results file ``name``."""
+    value = load(name)
+    for index, quoted, field in re.findall(r'\[(\d+)\]|\[("(?:[^"\\]|\\.)*")\]|([^.\[\]]+)', key):
+        value = value[int(index)] if index else value[json.loads(quoted) if quoted else field]
+    return value
+
+
+_REFERENCE = re.compile(r"\{([\w.+-]+\.jsonl?):([^}]+)\}")
+_FUNCTIONS = {"abs": abs, "min": min, "max": max}
+
+
+def derive(expression: str) -> float:
+    """The value of a figure worked out from others: an arithmetic expression over ``{file:key}``
+    references (``+ - * /``, parentheses, ``abs``, ``min``, ``max``), e.g. ``{a.json:x} - {b.json:y}``."""
+    import ast
+
+    names: dict[str, float] = {}
+
+    def substitute(match: re.Match) -> str:
+        name = f"v{len(names)}"
+        names[name] = float(lookup(match.group(1), match.group(2)))
+        return name
+
+    tree = ast.parse(_REFERENCE.sub(substitute, expression), mode="eval")
+    allowed = (
+        ast.Expression,
+        ast.BinOp,
+        ast.UnaryOp,
+        ast.Add,
+        ast.Sub,
+        ast.Mult,
+        ast.Div,
+        ast.USub,
+        ast.UAdd,
+        ast.Name,
+        ast.Load,
+        ast.Constant,
+        ast.Call,
+    )
+    for node in ast.walk(tree):
+        if not isinstance(node, allowed) or (
+            isinstance(node, ast.Name) and node.id not in {*names, *_FUNCTIONS}
+        ):
+            raise ValueError(f"not an arithmetic expression over {{file:key}} references: {expression!r}")
+    return float(eval(compile(tree, "<figure>", "eval"), {"__builtins__": {}}, {**_FUNCTIONS, **names}))
+
+
+def matches(figure: Figure, value: Any) -> bool:
+    """``value`` is ``figure`` as quoted, to the figure's own places (a percentage may be stored as a
+    fraction)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    candidates = [float(value)]
+    if figure.kind == "percent":
+        candidates.append(float(value) * 100)
+    tolerance = 0.5 * 10**-figure.places + 1e-9
+    return any(abs(c - figure.value) <= tolerance for c in candidates)
+
+
+def resolve(figure: Figure) -> tuple[str, str] | None:
+    """The first (file, key) among the files near the figure whose value matches it."""
+    for level in figure.files:
+        for name in level:
+            try:
+                for key, value in leaves(load(name)):
+                    if matches(figure, value):
+                        return name, key
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+    return None
+
+
+# --- the index ----------------------------------------------------------------------------------------
+
+
+def read_index(path: Path = INDEX) -> dict[str, list[list[Any]]]:
+    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+
+
+def annotate(path: Path = INDEX) -> dict[str, int]:
+    """Rebuild the index: entries of unchanged figures kept, the others resolved anew."""
+    old = read_index(path)
+    new: dict[str, list[list[Any]]] = {}
+    counts = {"kept": 0, "resolved": 0, "unresolved": 0}
+    for document in documents():
+        figures = figures_in(document)
+        if not figures:
+            continue
+        kept = {(e[0], e[3]): e for e in old.get(_relative(document), [])}
+        entries = []
+        for figure in figures:
+            entry = kept.get((figure.text, _context(figure)))
+            if entry is not None and entry[1]:
+                counts["kept"] += 1
+                entries.append(entry)
+                continue
+            found = resolve(figure)
+            counts["resolved" if found else "unresolved"] += 1
+            entries.append([figure.text, *(found or (None, None)), _context(figure)])
+        new[_relative(document)] = entries
+    lines = [
+        "# Every figure of README.md, docs/*.md and the recipe headers: [figure, results file, key, line]",
+        "# in order per document. Checked by tests/test_figures.py; rebuilt by benchmarks/figures.py annotate.",
+    ]
+    for document, entries in new.items():
+        lines.append(f"{document}:")
+        lines += [f"  - {json.dumps(entry, ensure_ascii=False)}" for entry in entries]
+    path.write_text("\n".join(lines) + "\n")
+    return counts
+
+
+def _context(figure: Figure) -> str:
+    return figure.context[:100]
+
+
+def problems(path: Path = INDEX) -> list[str]:
+    """What is wrong between the documents and the index: empty when every figure equals its key's value."""
+    index = read_index(path)
+    out = []
+    seen = set()
+    for document in documents():
+        name = _relative(document)
+        figures = figures_in(document)
+        entries = index.get(name, [])
+        seen.add(name)
+        for n, figure in enumerate(figures):
+            where = f"{name}:{figure.line}: {figure.text}"
+            if n >= len(entries) or entries[n][0] != figure.text or entries[n][3] != _context(figure):
+                out.append(
+                    f"{where} is not the index's figure {n + 1} of {name}: run benchmarks/figures.py annotate"
+                )
+                break
+            _, file, key, _ = entries[n]
+            if not file or not key:
+                out.append(
+                    f"{where} names no results file and key: name the file on its line or paragraph, "
+                    "or set the entry's file and key in docs/figures.yaml"
+                )
+                continue
+            try:
+                value = derive(key) if file == "derived" else lookup(file, key)
+            except (FileNotFoundError, KeyError, IndexError, TypeError, ValueError, SyntaxError) as err:
+                out.append(f"{where}: {file} has no key {key} ({err})")
+                continue
+            if not matches(figure, value):
+                out.append(f"{where} is {value} at {file}:{key}")
+        else:
+            if len(entries) > len(figures):
+                out.append(
+                    f"{name}: the index has {len(entries) - len(figures)} figures more than the text: "
+                    "run benchmarks/figures.py annotate"
+                )
+    for name in set(index) - seen:
+        out.append(f"docs/figures.yaml lists {name}, which is not a checked document")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check")
+    sub.add_parser("annotate")
+    where = sub.add_parser("where")
+    where.add_argument("figure")
+    args = parser.parse_args()
+    if args.command == "annotate":
+        print(json.dumps(annotate()))
+    elif args.command == "where":
+        for document, entries in read_index().items():
+            for entry in entries:
+                if entry[0] == args.figure:
+                    print(document, entry)
+    found = problems()
+    print("\n".join(found) or "every figure equals the value at its key")
+    sys.exit(1 if found and args.command == "check" else 0)
+
+
+if __name__ == "__main__":
+    main()
