@@ -246,6 +246,9 @@ def record_test_look(
         "seed": seed,
         "rerun": rerun,  # this seed's test split had been scored before
         "test_acc_binary": test_acc_binary,
+        "command": record.get("command"),
+        "uncommitted_changes": record.get("uncommitted_changes"),
+        "machine": (record.get("machine") or {}).get("cpu"),
     }
     with (ledger or LEDGER).open("a") as handle:
         handle.write(json.dumps(entry) + "\n")
