@@ -113,21 +113,47 @@ def test_a_recipes_test_split_is_scored_once_unless_rerun_is_asked(tmp_path):
     assert refused.returncode != 0 and "drop --checkpoint" in refused.stderr
 
 
-RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json"))
+RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json*"))
 PROVENANCE = ("commit", "command", "date_utc", "machine", "versions")
 
 
-@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.stem)
+def _provenances(path: Path) -> list[tuple[str, dict]]:
+    """(where, provenance) in a results file: its ``provenance``, or for a ``.jsonl`` each record's (the test
+    ledger's lines carry theirs at the top level)."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        return [(path.name, json.loads(text)["provenance"])]
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [(f"{path.name} record {i}", r.get("provenance", r)) for i, r in enumerate(records)]
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
 def test_every_results_file_says_where_it_comes_from(path):
-    record = json.loads(path.read_text())["provenance"]
-    assert all(key in record for key in PROVENANCE), sorted(record)
-    assert len(record["commit"]) == 40 and record["date_utc"].startswith("20")
-    if record.get("recorded", True):  # written by benchmarks/provenance.py when the figures were measured
-        assert record["command"].startswith("python benchmarks/")
-        assert record["machine"]["cpu"] and record["machine"]["cores"] >= 1
-        assert record["versions"]["torch"] and record["versions"]["lightning"]
-    else:  # an older file, its provenance reconstructed from git history and marked so
-        assert "reconstructed" in record["how"] and record["machine"]["description"]
+    for where, record in _provenances(path):
+        if path.name == "elpv-test-ledger.jsonl":  # one line per look at a test split
+            assert record["config"] and (record["commit"] or "commit" in record.get("not_recorded", [])), where
+            if "not_recorded" in record:  # written before the ledger kept these: said, not guessed
+                assert all(record[key] is None for key in record["not_recorded"]), where
+            else:
+                assert record["command"].startswith("python benchmarks/") and record["machine"], where
+                assert isinstance(record["uncommitted_changes"], bool), where
+            continue
+        if path.name == "published-anchors.json":  # figures copied from papers, each with its citation
+            assert record.get("published") and record.get("source"), where
+            continue
+        assert all(key in record for key in PROVENANCE), (where, sorted(record))
+        assert len(record["commit"]) == 40, where
+        assert "uncommitted_changes" in record, f"{where} does not say whether the tree was clean"
+        if record.get("reconstructed"):  # rebuilt afterwards, and it says how
+            assert record["how"] and (record["machine"].get("description") or record["machine"].get("gpu")), (
+                where
+            )
+        else:  # written by benchmarks/provenance.py when the figures were measured
+            assert record["date_utc"].startswith("20"), where
+            assert record["command"].startswith("python benchmarks/"), where
+            assert record["machine"]["cpu"] and record["machine"]["cores"] >= 1, where
+            assert record["versions"]["torch"] and record["versions"]["lightning"], where
+            assert isinstance(record["uncommitted_changes"], bool), where
 
 
 def test_provenance_records_this_checkout_and_the_command():
