@@ -131,7 +131,9 @@ def _provenances(path: Path) -> list[tuple[str, dict]]:
 def test_every_results_file_says_where_it_comes_from(path):
     for where, record in _provenances(path):
         if path.name == "elpv-test-ledger.jsonl":  # one line per look at a test split
-            assert record["config"] and (record["commit"] or "commit" in record.get("not_recorded", [])), where
+            assert record["config"] and (record["commit"] or "commit" in record.get("not_recorded", [])), (
+                where
+            )
             if "not_recorded" in record:  # written before the ledger kept these: said, not guessed
                 assert all(record[key] is None for key in record["not_recorded"]), where
             else:
@@ -628,3 +630,61 @@ def test_cross_validated_comparison_pairs_folds_by_their_cells_and_scores_groups
     )
     with pytest.raises(SystemExit, match="validate on other cells"):
         compare_cv.compare([base[0]], [shuffled])
+
+
+def test_selection_judges_several_knobs_at_once_with_holms_adjustment_and_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    selection = _benchmark("selection")
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 200)
+    folds = [np.arange(k * 40, (k + 1) * 40) for k in range(5)]
+
+    def finished_run(name: str, right: float) -> None:  # a cross-validation already run
+        probs = np.full((200, 4), 0.05)
+        chosen = np.where(rng.random(200) < right, labels, (labels + 1) % 4)
+        probs[np.arange(200), chosen] = 0.85
+        folder = Path(_cv_folder(tmp_path / "runs" / name, [(i, labels[i], probs[i]) for i in folds]))
+        (folder / "cv.json").write_text("{}")
+
+    for seed in (0, 1):
+        finished_run(f"base-s{seed}", 0.6)
+        finished_run(f"a-a-s{seed}", 0.6)
+        finished_run(f"better-s{seed}", 0.95)
+        finished_run(f"same-s{seed}", 0.6)
+    ran, real_run = [], subprocess.run
+
+    def no_training(command, *args, **kwargs):  # git (for the provenance) runs; cross-validation must not
+        if "transferkit" in command:
+            ran.append(command)
+            return None
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(selection.subprocess, "run", no_training)
+    out = tmp_path / "report.json"
+    argv = ["selection.py", "--config", "recipes/quickstart.yaml", "--folds", "5", "--seeds", "0", "1",
+            "--variant", "better", "model.x=1", "--variant", "same", "model.y=2",
+            "--runs", str(tmp_path / "runs"), "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    selection.main()
+    assert ran == []  # every run was finished: nothing trains again
+    report = json.loads(out.read_text())
+    assert report["design"] == {"folds": 5, "seeds": 2, "cells_per_seed": 200}
+    better, same = report["variants"]["better"], report["variants"]["same"]
+    assert better["judged"] == "gain" and better["holm_p"] >= better["corrected_t"]["p"]
+    assert same["judged"] == "no difference"
+    assert report["a_a"]["smallest_resolved_gain"] > 0
+    # runs made before their record was kept say so
+    assert report["runs"]["base-s0"]["reconstructed"] is True
+    # an unfinished run is run with the variant's settings, its seed as training and data seed
+    command = selection.cv_command("r.yaml", 5, tmp_path / "x", 1, 1, ["model.lr_schedule.name=exponential"])
+    assert command[-6:] == [
+        "--seed_everything",
+        "1",
+        "--data.seed",
+        "1",
+        "--model.lr_schedule.name",
+        "exponential",
+    ]
+    with pytest.raises(SystemExit, match="key=value"):
+        selection.cv_command("r.yaml", 5, tmp_path / "x", 0, 0, ["model.lr"])
