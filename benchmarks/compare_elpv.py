@@ -5,6 +5,12 @@ recipe. For each metric, the JSON holds both recipes' per-seed scores, the per-s
 minus base) and their mean +- std: a difference inside the spread is no difference. Validation by default;
 ``--split test`` compares the test scores of adopted recipes.
 
+Choices are no longer made with it: one validation split of 296 cells per seed cannot tell the gains that
+matter here from noise. The selection protocol (``benchmarks/selection.py`` and ``benchmarks/compare_cv.py``:
+every non-test cell validates once, paired by fold and seed, Nadeau and Bengio's corrected t, Holm's
+adjustment across knobs) decides; this script re-reads the earlier comparisons and compares adopted recipes
+on test.
+
     python benchmarks/compare_elpv.py \\
         --base benchmarks/results/elpv-quickstart-long-head-val-5seeds-2core-cpu.json \\
         --variant benchmarks/results/elpv-quickstart-trunk-4class-val-*.json \\
