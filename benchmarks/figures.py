@@ -60,6 +60,8 @@ class Figure:
     kind: str
     context: str  # the quoted line, stripped
     files: list[list[str]]  # results files named on the line, in the paragraph, in the section
+    before: str = ""  # the few characters before it on its line, and after it
+    after: str = ""
 
     @property
     def value(self) -> float:
@@ -139,7 +141,7 @@ def figures_in(path: Path) -> list[Figure]:
                 offset = start
                 for part in parts:
                     at = readable.index(part, offset)
-                    hits.append((at, part, kind))
+                    hits.append((at, part, kind, readable[max(0, at - 6) : at], readable[at + len(part) :][:6]))
                     offset = at + len(part)
         if not hits:
             continue
@@ -154,8 +156,8 @@ def figures_in(path: Path) -> list[Figure]:
                 if section[j] == anchors.get(anchor)
             ),
         ]
-        for _, text, kind in sorted(hits):
-            found.append(Figure(_relative(path), i + 1, text, kind, line.strip(), context))
+        for _, text, kind, before, after in sorted(hits):
+            found.append(Figure(_relative(path), i + 1, text, kind, line.strip(), context, before, after))
     return found
 
 
@@ -166,7 +168,7 @@ def _slug(heading: str) -> str:
 
 
 def _relative(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
 # --- results files ---------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ _loaded: dict[str, Any] = {}
 def load(name: str) -> Any:
     """A results file's JSON; a ``.jsonl`` (one or several JSON records, however laid out) as a list."""
     if name not in _loaded:
-        path = RESULTS / name
+        path = RESULTS / name  # read at call time: a test points RESULTS elsewhere
         if not path.is_file():
             raise FileNotFoundError(f"{name} is not in benchmarks/results")
         text = path.read_text()
@@ -272,16 +274,63 @@ def matches(figure: Figure, value: Any) -> bool:
     return any(abs(c - figure.value) <= tolerance for c in candidates)
 
 
-def resolve(figure: Figure) -> tuple[str, str] | None:
-    """The first (file, key) among the files near the figure whose value matches it."""
+def _candidates(value: Any, key: str = "", strings: tuple[str, ...] = ()) -> Iterator[tuple[str, float, tuple]]:
+    """(key, number, the strings of every record around it) for every number in ``value``."""
+    if isinstance(value, dict):
+        strings = strings + tuple(v for v in value.values() if isinstance(v, str))
+        for k, v in value.items():
+            k = str(k)
+            part = f"[{json.dumps(k)}]" if re.search(r"[.\[\]\s]", k) or not k else (f".{k}" if key else k)
+            yield from _candidates(v, key + part, strings)
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            yield from _candidates(v, f"{key}[{n}]", strings)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield key, float(value), strings
+
+
+def _parent(key: str) -> str:
+    return re.sub(r"(\.[^.\[\]]+|\[[^\]]+\])$", "", key)
+
+
+def score(figure: Figure, key: str, strings: tuple[str, ...], previous: str | None) -> float:
+    """How well ``key`` fits ``figure``'s line: the line names its record (a recipe, a variant), the key's
+    words are the line's words (test, binary, wall), ``x +- y`` reads a mean and a spread, and figures of
+    one line come from one record."""
+    line = figure.context
+    words = set(re.findall(r"[a-z]+", line.lower()))
+    points = 3.0 * sum(1 for text in set(strings) if len(text) >= 4 and text in line)
+    points += 0.5 * sum(1 for word in re.findall(r"[a-z]{3,}", key.lower()) if word in words)
+    last = re.split(r"[.\[]", key)[-1].lower()
+    if figure.before.rstrip().endswith(("+-", "±")):
+        points += 2.0 * any(w in last for w in ("std", "spread", "sd", "se"))
+    elif figure.after.lstrip().startswith(("+-", "±")):
+        points += 2.0 * ("mean" in last or "difference" in last)
+    if figure.kind == "seconds":
+        points += 1.0 * any(w in key.lower() for w in ("second", "wall", "_s", "time"))
+    if previous is not None:
+        points += 2.0 * (_parent(previous) == _parent(key))
+    return points
+
+
+def resolve(figure: Figure, previous: tuple[str, str] | None = None) -> tuple[str, str] | None:
+    """The (file, key) whose value matches the figure, among the files nearest it (its line, paragraph,
+    section, linked sections), the best :func:`score` first and the file's order after."""
     for level in figure.files:
+        best, best_points = None, -1.0
         for name in level:
             try:
-                for key, value in leaves(load(name)):
-                    if matches(figure, value):
-                        return name, key
+                candidates = list(_candidates(load(name)))
             except (FileNotFoundError, json.JSONDecodeError):
                 continue
+            for key, value, strings in candidates:
+                if matches(figure, value):
+                    same_file = previous[1] if previous and previous[0] == name else None
+                    points = score(figure, key, strings, same_file)
+                    if points > best_points:
+                        best, best_points = (name, key), points
+        if best is not None:
+            return best
     return None
 
 
@@ -292,24 +341,29 @@ def read_index(path: Path = INDEX) -> dict[str, list[list[Any]]]:
     return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
 
 
-def annotate(path: Path = INDEX) -> dict[str, int]:
+def annotate(path: Path = INDEX, docs: list[Path] | None = None) -> dict[str, int]:
     """Rebuild the index: entries of unchanged figures kept, the others resolved anew."""
     old = read_index(path)
     new: dict[str, list[list[Any]]] = {}
     counts = {"kept": 0, "resolved": 0, "unresolved": 0}
-    for document in documents():
+    for document in documents() if docs is None else docs:
         figures = figures_in(document)
         if not figures:
             continue
         kept = {(e[0], e[3]): e for e in old.get(_relative(document), [])}
         entries = []
-        for figure in figures:
+        previous: tuple[str, str] | None = None
+        for n, figure in enumerate(figures):
+            if n == 0 or figures[n - 1].line != figure.line:
+                previous = None
             entry = kept.get((figure.text, _context(figure)))
             if entry is not None and entry[1]:
                 counts["kept"] += 1
                 entries.append(entry)
+                previous = (entry[1], entry[2])
                 continue
-            found = resolve(figure)
+            found = resolve(figure, previous)
+            previous = found or previous
             counts["resolved" if found else "unresolved"] += 1
             entries.append([figure.text, *(found or (None, None)), _context(figure)])
         new[_relative(document)] = entries
@@ -328,12 +382,12 @@ def _context(figure: Figure) -> str:
     return figure.context[:100]
 
 
-def problems(path: Path = INDEX) -> list[str]:
+def problems(path: Path = INDEX, docs: list[Path] | None = None) -> list[str]:
     """What is wrong between the documents and the index: empty when every figure equals its key's value."""
     index = read_index(path)
     out = []
     seen = set()
-    for document in documents():
+    for document in documents() if docs is None else docs:
         name = _relative(document)
         figures = figures_in(document)
         entries = index.get(name, [])
