@@ -25,6 +25,7 @@ it, corrected it where another key is meant, and deleted the mark.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -359,7 +360,8 @@ def annotate(path: Path = INDEX, docs: list[Path] | None = None) -> dict[str, in
             continue
         # an entry is known by its figure, its line and which of that line's equal figures it is
         kept, seen = {}, Counter()
-        for e in old.get(_relative(document), []):
+        previous_entries = old.get(_relative(document), [])
+        for e in previous_entries:
             seen[e[0], e[3]] += 1
             kept[e[0], e[3], seen[e[0], e[3]]] = e
         seen = Counter()
@@ -370,6 +372,13 @@ def annotate(path: Path = INDEX, docs: list[Path] | None = None) -> dict[str, in
                 previous = None
             seen[figure.text, _context(figure)] += 1
             entry = kept.get((figure.text, _context(figure), seen[figure.text, _context(figure)]))
+            if (
+                entry is None
+                and len(previous_entries) == len(figures)
+                and previous_entries[n][0] == figure.text
+            ):
+                # its line was reworded, the document's figures are the same ones in the same order
+                entry = [*previous_entries[n][:3], _context(figure), *previous_entries[n][4:]]
             if entry is not None and entry[1]:
                 counts["kept"] += 1
                 entries.append(entry)
@@ -462,7 +471,8 @@ def main() -> None:
                 if entry[0] == args.figure:
                     print(document, entry)
     found = problems()
-    print("\n".join(found) or "every figure equals the value at its key")
+    with contextlib.suppress(BrokenPipeError):  # the output piped into head
+        print("\n".join(found) or "every figure equals the value at its key")
     sys.exit(1 if found and args.command == "check" else 0)
 
 

@@ -144,6 +144,18 @@ def test_equal_figures_on_one_line_keep_their_own_keys(results: Path, tmp_path: 
     assert figures.problems(index, docs=[doc]) == []
 
 
+def test_a_reworded_line_keeps_the_keys_its_figures_had(results: Path, tmp_path: Path):
+    doc, index = tmp_path / "doc.md", tmp_path / "figures.yaml"
+    doc.write_text(DOC)
+    figures.annotate(index, docs=[doc])
+    _confirm(index)
+    keys = [e[2] for e in figures.read_index(index)["doc.md"]]
+    doc.write_text(DOC.replace("reaches 0.876 +- 0.007", "scores 0.876 +- 0.007 on a 2-core Intel Xeon"))
+    assert figures.annotate(index, docs=[doc])["kept"] == 8
+    assert [e[2] for e in figures.read_index(index)["doc.md"]] == keys
+    assert figures.problems(index, docs=[doc]) == []
+
+
 def test_the_check_fails_when_a_figure_or_its_file_changes(results: Path, tmp_path: Path):
     doc, index = tmp_path / "doc.md", tmp_path / "figures.yaml"
     doc.write_text(DOC)
