@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -188,3 +189,13 @@ def test_derived_figures_are_worked_out_from_keys_and_nothing_else(results: Path
     assert figures.derive("{gpu.jsonl:[1].step_ms} / {gpu.jsonl:[0].step_ms}") == pytest.approx(1.62)
     with pytest.raises(ValueError, match="not an arithmetic expression"):
         figures.derive("__import__('os').getcwd()")
+
+
+def test_the_documents_name_the_cpu_model_of_their_figures_not_just_a_2_core_cpu():
+    # the same recipe takes other times on an Intel Xeon and an AMD EPYC, both 2-core: "a 2-core CPU" is
+    # not a machine; a figure whose CPU was not recorded says so
+    vague = re.compile(r"\b2-core CPU\b|\bthis (?:2-core )?CPU\b|\bthis machine\b")
+    for document in figures.documents():
+        for n, line in enumerate(document.read_text().splitlines(), 1):
+            if vague.search(line) and "not recorded" not in line:
+                raise AssertionError(f"{document.name}:{n} names no CPU model: {line.strip()}")
