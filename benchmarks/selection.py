@@ -85,7 +85,7 @@ def run(command: list[str], out: Path) -> dict:
             "command": " ".join(command[1:]),
             "note": "run before its record was kept",
         }
-    record = provenance(["python", *command[1:]])
+    record = provenance(command[1:])  # recorded as "python -m transferkit cv ..."
     start, cpu0 = time.perf_counter(), _children_cpu_s()
     print(f"[selection] {' '.join(command[1:])}", file=sys.stderr, flush=True)
     subprocess.run(command, check=True)

@@ -688,3 +688,8 @@ def test_selection_judges_several_knobs_at_once_with_holms_adjustment_and_resume
     ]
     with pytest.raises(SystemExit, match="key=value"):
         selection.cv_command("r.yaml", 5, tmp_path / "x", 0, 0, ["model.lr"])
+    # a run that does train keeps its record beside it: the command as typed, the time it took
+    record = selection.run(command, tmp_path / "x")
+    assert ran[-1] == command
+    assert record["command"].startswith("python -m transferkit cv --config r.yaml --folds 5")
+    assert record["wall_s"] >= 0 and json.loads((tmp_path / "x" / "provenance.json").read_text()) == record
