@@ -9,6 +9,7 @@ from conftest import NORM, TINY_BACKBONE, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
 from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
+from transferkit.errors import ConfigError
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
@@ -369,3 +370,41 @@ def test_the_step_loss_in_the_progress_bar_is_read_back_every_step_only_when_sho
     # the default on a CPU, where a read-back costs nothing
     assert _model().settings.runtime.shows_step_loss("cpu")
     assert not _model().settings.runtime.shows_step_loss("cuda")
+
+
+def test_class_weights_auto_count_the_training_split_and_weight_the_loss(stripes_folder, tmp_path):
+    # 30 vertical images against 40 horizontal: the smaller class counts more per image
+    for extra in sorted((stripes_folder / "vertical").iterdir())[30:]:
+        extra.unlink()
+    dm = ImageDataModule(
+        source="folder", root=str(stripes_folder), pipeline={"augment": "none", **NORM},
+        loader={"num_workers": 0, "batch_size": 16, "sampler": "shuffle"},
+    )  # fmt: skip
+    model = _model(loss={"class_weights": "auto"})
+    assert model.class_weights is None  # counted when a fit starts, on its training split
+    _trainer(tmp_path, max_epochs=1).fit(model, datamodule=dm)
+    horizontal, vertical = dm.class_counts("train")
+    assert vertical < horizontal
+    w = model.class_weights
+    assert w[1] / w[0] == pytest.approx(horizontal / vertical, rel=1e-4) and sum(w) / 2 == pytest.approx(1.0)
+    # the loss is the weighted mean over the batch, as torch's weighted cross-entropy
+    logits, labels = torch.randn(6, 2), torch.tensor([0, 0, 0, 0, 1, 1])
+    expected = torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor(w))
+    assert model.loss(logits, labels) == pytest.approx(expected.item(), rel=1e-5)
+    assert model.loss(logits, labels) != pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item()
+    )
+    # soft targets (mixup, soft labels) are weighted alike: one-hot ones give the same loss
+    one_hot = torch.nn.functional.one_hot(labels, 2).float()
+    assert model.loss(logits, one_hot) == pytest.approx(expected.item(), rel=1e-5)
+    # the setting, not the counted weights, is what the checkpoint holds: a resumed fit counts again
+    assert model.hparams["loss"] == {"class_weights": "auto"}
+
+
+def test_class_weights_given_per_class_are_checked_against_the_classes():
+    model = _model(loss={"class_weights": [1, 3]})
+    assert model.class_weights == [1.0, 3.0]
+    with pytest.raises(ConfigError, match=r"class_weights gives 3 weights for num_classes=2"):
+        _model(loss={"class_weights": [1, 2, 3]})
+    with pytest.raises(ConfigError, match=r"model.loss.class_weights must be null, auto, or a list"):
+        _model(loss={"class_weights": [1, -1]})

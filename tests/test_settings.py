@@ -83,7 +83,8 @@ def test_the_learning_rates_a_range_test_finds_reach_the_settings_and_the_logged
 def test_flat_settings_of_an_old_checkpoint_map_to_every_group():
     flat = {"num_classes": 2, "backbone": TINY_BACKBONE, **{key: None for key in FLAT_KEYS}}
     grouped = from_flat(flat)
-    assert set(grouped) == {"num_classes", "backbone", *GROUPS}
+    newer = {"loss"}  # groups that came after the flat form: an old checkpoint has none of their keys
+    assert set(grouped) == {"num_classes", "backbone", *(set(GROUPS) - newer)}
     assert sum(len(fields) for fields in grouped.values() if isinstance(fields, dict)) == len(FLAT_KEYS)
     assert from_flat({"optimizer": {"lr": 0.1}}) == {"optimizer": {"lr": 0.1}}  # grouped: as it is
 

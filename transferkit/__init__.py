@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from transferkit.models.settings import (
         ClassifierSettings,
         HeadSettings,
+        LossSettings,
         MixingSettings,
         PredictionSettings,
         RegularisationSettings,
@@ -95,6 +96,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "LRScheduleSettings": "transferkit.finetuning.optim",
         "ClassifierSettings": "transferkit.models.settings",
         "HeadSettings": "transferkit.models.settings",
+        "LossSettings": "transferkit.models.settings",
         "MixingSettings": "transferkit.models.settings",
         "PredictionSettings": "transferkit.models.settings",
         "RegularisationSettings": "transferkit.models.settings",

@@ -86,8 +86,9 @@ def warn_imbalance(labels: np.ndarray, class_names: Sequence[str]) -> None:
         f"the training split is severely imbalanced ({listing}; largest/smallest = "
         f"{counts.max() / max(counts.min(), 1):.0f}x). In this order the loss favours the large classes, "
         "which suits accuracy on images in these proportions; if the small classes matter as much (macro-F1, "
-        "recall of a rare defect), set data.loader.sampler: balanced and watch val_f1. Setting data.loader.sampler: "
-        "shuffle keeps this order and this warning away."
+        "recall of a rare defect), set data.loader.sampler: balanced (the small classes shown more often) or "
+        "model.loss.class_weights: auto (each image of a small class counting more in the loss) and watch "
+        "val_f1. Setting data.loader.sampler: shuffle keeps this order and this warning away."
     )
 
 

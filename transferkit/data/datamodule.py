@@ -147,6 +147,15 @@ class ImageDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         return list(self.data.class_names)
 
+    def class_counts(self, split: str = "train") -> np.ndarray:
+        """Images per class in ``split`` (after :meth:`setup`), in the order of :attr:`class_names`."""
+        if self.split_indices is None:
+            self.setup("fit")
+        if split not in self.split_indices:
+            raise ConfigError(f"the data has no {split} split (it has {', '.join(self.split_indices)}).")
+        labels = np.asarray(self.data.labels)[self.split_indices[split]]
+        return np.bincount(labels, minlength=self.num_classes)
+
     @property
     def class_groups(self) -> dict[str, list[str]] | None:
         """Coarser classes the labels refine, ``{group: [class names]}``: ``data.class_groups``, else the

@@ -38,10 +38,12 @@ from transferkit.models.scoring import Scoring
 from transferkit.models.settings import (
     ClassifierSettings,
     HeadSettings,
+    LossSettings,
     MixingSettings,
     PredictionSettings,
     RegularisationSettings,
     RuntimeSettings,
+    inverse_frequency_weights,
 )
 
 __all__ = ["TransferClassifier"]
@@ -87,6 +89,7 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         lr_schedule: LRScheduleSettings = LRScheduleSettings(),
         freeze_schedule: FreezeSchedule | None = None,
         regularisation: RegularisationSettings = RegularisationSettings(),
+        loss: LossSettings = LossSettings(),
         mixing: MixingSettings = MixingSettings(),
         prediction: PredictionSettings = PredictionSettings(),
         runtime: RuntimeSettings = RuntimeSettings(),
@@ -95,7 +98,7 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         s = ClassifierSettings.build(
             num_classes=num_classes, backbone=backbone, pretrained=pretrained, class_names=class_names,
             class_groups=class_groups, head=head, optimizer=optimizer, lr_schedule=lr_schedule,
-            freeze_schedule=freeze_schedule, regularisation=regularisation, mixing=mixing,
+            freeze_schedule=freeze_schedule, regularisation=regularisation, loss=loss, mixing=mixing,
             prediction=prediction, runtime=runtime,
         )  # fmt: skip
         self.settings = s
@@ -117,6 +120,9 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         self.class_names = list(s.class_names) if s.class_names else [str(i) for i in range(num_classes)]
         self.class_groups = resolve_class_groups(class_groups, self.class_names)  # {group: [class index]}
         self.scoring = Scoring(num_classes, self.class_groups)
+        # the loss's class weights: given, or counted on the training split when a fit starts (auto)
+        weights = s.loss.class_weights
+        self.class_weights: list[float] | None = list(weights) if isinstance(weights, tuple) else None
 
     # --- settings ----------------------------------------------------------------------------------
 
@@ -203,6 +209,10 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         if self.settings.runtime.compile and stage == "fit":
             self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
         trainer = attached_trainer(self)
+        if stage == "fit" and self.settings.loss.class_weights == "auto":
+            self.class_weights = inverse_frequency_weights(
+                training_class_counts(trainer, self.settings.num_classes)
+            )
         strategy = trainer.strategy if trainer is not None else None
         if stage == "fit" and self.freeze_schedule.active and isinstance(strategy, DDPStrategy):
             # frozen groups get no gradients, and unfrozen ones start getting them mid-run: DDP must look
@@ -259,12 +269,15 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         return loss
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy with the module's label smoothing, against hard labels ``(B,)`` or class
-        distributions ``(B, C)`` (mixed batches, soft labels)."""
+        """Cross-entropy with the module's label smoothing and class weights, against hard labels ``(B,)`` or
+        class distributions ``(B, C)`` (mixed batches, soft labels)."""
         smoothing = self.settings.regularisation.label_smoothing
+        weight = None
+        if self.class_weights is not None:
+            weight = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device)
         if labels.ndim == 2:
-            return soft_cross_entropy(logits, labels, smoothing)
-        return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+            return soft_cross_entropy(logits, labels, smoothing, weight)
+        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
 
     def on_train_epoch_end(self) -> None:
         if self.regularisers.l1:
@@ -350,3 +363,19 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.optimization(*run_length(attached_trainer(self)))
+
+
+def training_class_counts(trainer: Any, num_classes: int) -> list[int]:
+    """Images per class in the training split of the fit ``trainer`` runs (``class_weights: auto``)."""
+    counts = getattr(getattr(trainer, "datamodule", None), "class_counts", None)
+    if counts is None:
+        raise ConfigError(
+            "model.loss.class_weights: auto counts the classes of the training split, which this fit's data "
+            "does not give (a transferkit.ImageDataModule does): give the weights as a list, one per class."
+        )
+    found = [int(c) for c in counts("train")]
+    if len(found) != num_classes:
+        raise ConfigError(
+            f"the data has {len(found)} classes and the model {num_classes}: give them the same."
+        )
+    return found

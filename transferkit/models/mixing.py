@@ -41,14 +41,22 @@ def hard_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def soft_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``logits`` against class distributions ``targets`` ``(B, C)``, the mean over the batch;
     with ``label_smoothing`` ``e`` the targets become ``(1 - e) * targets + e / C`` (as ``F.cross_entropy``
-    does for hard labels, to which it is equal for one-hot targets)."""
+    does for hard labels, to which it is equal for one-hot targets). With class weights ``weight`` ``(C,)``
+    each class's term is weighted and the sum divided by the batch's total weight, which for one-hot targets
+    without smoothing is ``F.cross_entropy(weight=...)``."""
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
-    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    terms = -(targets * F.log_softmax(logits, dim=-1))
+    if weight is None:
+        return terms.sum(dim=-1).mean()
+    return (terms * weight).sum() / (targets * weight).sum()
 
 
 class BatchMixing:

@@ -15,7 +15,7 @@ A recipe's ``model`` section names the backbone and the classes, then one group 
 
 and every field is one flag on the command line (``--model.optimizer.lr 3e-4``; the most used ones have
 short forms, see :data:`transferkit.cli.SHORT_FLAGS`). :class:`HeadSettings`, :class:`RegularisationSettings`,
-:class:`MixingSettings`, :class:`PredictionSettings` and :class:`RuntimeSettings` are here;
+:class:`LossSettings`, :class:`MixingSettings`, :class:`PredictionSettings` and :class:`RuntimeSettings` are here;
 :class:`~transferkit.finetuning.optim.OptimizerSettings`,
 :class:`~transferkit.finetuning.optim.LRScheduleSettings` and
 :class:`~transferkit.finetuning.schedule.FreezeSchedule` sit beside the mechanics they drive.
@@ -28,7 +28,8 @@ Checkpoints written before the groups stored the settings flat (``lr``, ``dropou
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,11 +47,13 @@ __all__ = [
     "GROUPS",
     "ClassifierSettings",
     "HeadSettings",
+    "LossSettings",
     "MixingSettings",
     "PredictionSettings",
     "RegularisationSettings",
     "RuntimeSettings",
     "from_flat",
+    "inverse_frequency_weights",
     "is_flat",
 ]
 
@@ -126,6 +129,59 @@ class RegularisationSettings(SettingsGroup):
         self.require(
             self.drop_path_rate is None or 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1) or null"
         )
+
+
+@dataclass(frozen=True)
+class LossSettings(SettingsGroup):
+    """The training loss (``model.loss``): cross-entropy, with the classes weighted on request.
+
+    Args:
+        class_weights: ``None`` (every image counts the same), ``auto`` (each class weighted by the inverse
+            of its share of the training split, the weights normalised to a mean of 1, so a class with half
+            the images counts twice as much per image), or one weight per class, in the order of the
+            classes. For a training split whose classes matter equally but are unequally many (macro-F1,
+            recall of a rare defect): the other fix is ``data.loader.sampler: balanced``, which shows the
+            small classes more often instead.
+
+    Example:
+        >>> LossSettings(class_weights="auto").class_weights
+        'auto'
+        >>> inverse_frequency_weights([30, 10])
+        [0.5, 1.5]
+    """
+
+    where = "model.loss"
+
+    class_weights: str | tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        weights = self.class_weights
+        if isinstance(weights, list):
+            object.__setattr__(self, "class_weights", weights := tuple(weights))
+        self.require(
+            weights is None
+            or weights == "auto"
+            or (
+                isinstance(weights, tuple)
+                and all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights)
+                and all(math.isfinite(w) and w > 0 for w in weights)
+            ),
+            "class_weights",
+            "null, auto, or a list of one number > 0 per class",
+        )
+
+
+def inverse_frequency_weights(counts: Sequence[int]) -> list[float]:
+    """``class_weights: auto`` for a training split with ``counts`` images per class: ``1 / count``,
+    normalised to a mean of 1. A class with no training image gets the largest weight of the others (it
+    adds nothing to the loss, and a weight of infinity would say otherwise)."""
+    counts = [int(c) for c in counts]
+    present = [c for c in counts if c > 0]
+    if not present:
+        raise ConfigError("model.loss.class_weights: auto found no training images to count.")
+    raw = [1.0 / c if c > 0 else 1.0 / min(present) for c in counts]
+    mean = sum(raw) / len(raw)
+    return [round(w / mean, 6) for w in raw]
 
 
 @dataclass(frozen=True)
@@ -244,6 +300,7 @@ GROUPS: dict[str, type[SettingsGroup]] = {
     "optimizer": OptimizerSettings,
     "lr_schedule": LRScheduleSettings,
     "regularisation": RegularisationSettings,
+    "loss": LossSettings,
     "mixing": MixingSettings,
     "prediction": PredictionSettings,
     "runtime": RuntimeSettings,
@@ -276,6 +333,7 @@ class ClassifierSettings(GroupedSettings):
     lr_schedule: LRScheduleSettings = field(default_factory=LRScheduleSettings)
     freeze_schedule: FreezeSchedule = field(default_factory=FreezeSchedule)
     regularisation: RegularisationSettings = field(default_factory=RegularisationSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
     mixing: MixingSettings = field(default_factory=MixingSettings)
     prediction: PredictionSettings = field(default_factory=PredictionSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
@@ -286,6 +344,12 @@ class ClassifierSettings(GroupedSettings):
             raise ConfigError(f"num_classes must be an integer >= 2, got {n!r}.")
         if self.class_names is not None and len(self.class_names) != n:
             raise ConfigError(f"{len(self.class_names)} class_names given for num_classes={n}.")
+        weights = self.loss.class_weights
+        if isinstance(weights, tuple) and len(weights) != n:
+            raise ConfigError(
+                f"model.loss.class_weights gives {len(weights)} weights for num_classes={n}: give one per class, "
+                "in the order of the classes, or auto."
+            )
         if self.prediction.mc_dropout and self.head.dropout == 0:
             raise ConfigError(
                 "model.prediction.mc_dropout needs dropout in the head; set model.head.dropout > 0 (e.g. 0.2)."
