@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from transferkit import FreezeSchedule, ImageDataModule, Trainer, TransferClassifier
 from transferkit.errors import ConfigError
+from transferkit.models.mixing import soft_cross_entropy
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
@@ -397,6 +398,14 @@ def test_class_weights_auto_count_the_training_split_and_weight_the_loss(stripes
     # soft targets (mixup, soft labels) are weighted alike: one-hot ones give the same loss
     one_hot = torch.nn.functional.one_hot(labels, 2).float()
     assert model.loss(logits, one_hot) == pytest.approx(expected.item(), rel=1e-5)
+    smoothed = torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor(w), label_smoothing=0.1)
+    assert soft_cross_entropy(logits, one_hot, 0.1, torch.tensor(w)) == pytest.approx(
+        smoothed.item(), rel=1e-5
+    )
+    # validation and test weigh the loss the same way: a validate run alone counts the training split too
+    fresh = _model(loss={"class_weights": "auto"})
+    _trainer(tmp_path, max_epochs=1).validate(fresh, datamodule=dm, verbose=False)
+    assert fresh.class_weights == w
     # the setting, not the counted weights, is what the checkpoint holds: a resumed fit counts again
     assert model.hparams["loss"] == {"class_weights": "auto"}
 

@@ -209,7 +209,9 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         if self.settings.runtime.compile and stage == "fit":
             self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
         trainer = attached_trainer(self)
-        if stage == "fit" and self.settings.loss.class_weights == "auto":
+        if stage in ("fit", "validate", "test") and self.settings.loss.class_weights == "auto":
+            # counted on the training split for every stage that computes the loss, so val_loss and
+            # test_loss weigh the classes as training did (and as a checkpoint's monitor did)
             self.class_weights = inverse_frequency_weights(
                 training_class_counts(trainer, self.settings.num_classes)
             )

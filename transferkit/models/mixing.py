@@ -49,14 +49,16 @@ def soft_cross_entropy(
     """Cross-entropy of ``logits`` against class distributions ``targets`` ``(B, C)``, the mean over the batch;
     with ``label_smoothing`` ``e`` the targets become ``(1 - e) * targets + e / C`` (as ``F.cross_entropy``
     does for hard labels, to which it is equal for one-hot targets). With class weights ``weight`` ``(C,)``
-    each class's term is weighted and the sum divided by the batch's total weight, which for one-hot targets
-    without smoothing is ``F.cross_entropy(weight=...)``."""
+    each class's term is weighted and the sum divided by the batch's total weight under the targets as given:
+    for one-hot targets, with or without smoothing, ``F.cross_entropy(weight=..., label_smoothing=...)``."""
+    given = targets
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
     terms = -(targets * F.log_softmax(logits, dim=-1))
     if weight is None:
         return terms.sum(dim=-1).mean()
-    return (terms * weight).sum() / (targets * weight).sum()
+    # divided by the batch's weight under the unsmoothed targets, as torch divides by its labels' weights
+    return (terms * weight).sum() / (given * weight).sum()
 
 
 class BatchMixing:

@@ -141,7 +141,9 @@ class LossSettings(SettingsGroup):
             the images counts twice as much per image), or one weight per class, in the order of the
             classes. For a training split whose classes matter equally but are unequally many (macro-F1,
             recall of a rare defect): the other fix is ``data.loader.sampler: balanced``, which shows the
-            small classes more often instead.
+            small classes more often instead. ``val_loss`` and ``test_loss`` weigh the classes the same way
+            (``auto`` counts the training split for them too), so early stopping and the best checkpoint
+            follow the weighted loss.
 
     Example:
         >>> LossSettings(class_weights="auto").class_weights
