@@ -4,10 +4,11 @@
     python benchmarks/figures.py annotate    # resolve new figures into docs/figures.yaml, keep the rest
     python benchmarks/figures.py where 0.876 # the entries of one figure: document, line, file, key
 
-A figure is a measured number as the prose quotes it: a decimal with three or more places (an accuracy, a
-spread, a paired difference), a time in seconds (``162 s``, ``162-172 s``, ``172, 163, 164 s``), a ratio
-(``1.4x``), a percentage with decimals (``88.42 %``) or a memory size (``6.4 GB``). Settings are not figures:
-the documents write them as code (``lr: 0.001``), and code is not read.
+A figure is a measured number as the prose quotes it: any number with a decimal point (an accuracy, a
+spread, a paired difference, a ratio, a rate), and a whole number with a unit of time, rate, memory or
+ratio: ``162 s``, ``162-172 s``, ``172, 163, 164 s``, ``590 ms``, ``15-21 minutes``, ``154 img/s``,
+``6 GB``, ``2x``. Settings are not figures: the documents write them as code (``lr: 0.001``,
+``CC BY-NC-SA 4.0``), and code is not read.
 
 The index ``docs/figures.yaml`` lists, per document and in the order they appear, every figure with its
 results file and the key of its value there (``a.b[2].c``: dotted keys, ``[i]`` for a list's item, and for a
@@ -43,13 +44,19 @@ INDEX = ROOT / "docs" / "figures.yaml"
 
 _NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
 # order matters: a span taken by an earlier pattern is not read again by a later one
+_LIST = rf"((?:{_NUM})(?:(?:, |-)(?:{_NUM}))*)"  # one number, a range (162-172) or a list (172, 163, 164)
 PATTERNS = (
-    ("seconds", re.compile(rf"(?<![\w.,/])((?:{_NUM})(?:(?:, |-)(?:{_NUM}))*) ?s\b")),
-    ("percent", re.compile(r"(?<![\w.])(\d+\.\d+) ?%")),
-    ("memory", re.compile(rf"(?<![\w.,])({_NUM}) ?(?:GB|GiB|MB|MiB)\b")),
+    ("seconds", re.compile(rf"(?<![\w.,/]){_LIST} ?s\b")),
+    ("milliseconds", re.compile(rf"(?<![\w.,/]){_LIST} ?ms\b")),
+    ("minutes", re.compile(rf"(?<![\w.,/]){_LIST} ?min(?:utes)?\b")),
+    ("rate", re.compile(rf"(?<![\w.,/]){_LIST} ?(?:img|images|files|steps|it)/s\b")),
+    ("percent", re.compile(r"(?<![\w.])([+-]?\d+\.\d+) ?%")),
+    ("memory", re.compile(rf"(?<![\w.,]){_LIST} ?(?:GB|GiB|MB|MiB)\b")),
     ("ratio", re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)x\b")),
-    ("decimal", re.compile(r"(?<![\w.])([+-]?\d+\.\d{3,})(?!\d)")),
+    # any other number with a decimal point: an accuracy, a spread, a difference, a ratio in a range
+    ("decimal", re.compile(r"(?<![\w.,])([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)\.\d+)(?!\d|\.\d)")),
 )
+LISTS = ("seconds", "milliseconds", "minutes", "rate", "memory")  # kinds read as ranges and lists too
 RESULTS_FILE = re.compile(r"([\w.+-]+\.jsonl?)\b")
 _CODE_SPAN = re.compile(r"`[^`]*`")
 _LINK_TARGET = re.compile(r"\]\([^)]*\)")
@@ -132,7 +139,7 @@ def figures_in(path: Path) -> list[Figure]:
     found = []
     for i, line in enumerate(lines):
         readable = _COMMENT.sub(" ", _LINK_TARGET.sub("]", _CODE_SPAN.sub(" ", line)))
-        readable = RESULTS_FILE.sub(" ", readable)
+        readable = RESULTS_FILE.sub(" ", readable).replace("\u2212", "-")  # a typeset minus reads as one
         taken: list[tuple[int, int]] = []
         hits = []
         for kind, pattern in PATTERNS:
@@ -141,7 +148,8 @@ def figures_in(path: Path) -> list[Figure]:
                 if any(start < b and a < end for a, b in taken):
                     continue
                 taken.append((start, end))
-                parts = re.split(r", |-(?=\d)", match.group(1)) if kind == "seconds" else [match.group(1)]
+                text = match.group(1)
+                parts = re.split(r", |-(?=\d)", text) if kind in LISTS else [text]
                 offset = start
                 for part in parts:
                     at = readable.index(part, offset)
@@ -202,22 +210,6 @@ def load(name: str) -> Any:
         else:
             _loaded[name] = json.loads(text)
     return _loaded[name]
-
-
-def leaves(value: Any, key: str = "") -> Iterator[tuple[str, float]]:
-    """(key, number) for every number in ``value``, in order."""
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int | float):
-        yield key, float(value)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            k = str(k)
-            part = f"[{json.dumps(k)}]" if re.search(r"[.\[\]\s]", k) or not k else (f".{k}" if key else k)
-            yield from leaves(v, key + part)
-    elif isinstance(value, list):
-        for n, v in enumerate(value):
-            yield from leaves(v, f"{key}[{n}]")
 
 
 def lookup(name: str, key: str) -> Any:
@@ -346,7 +338,9 @@ def resolve(figure: Figure, previous: tuple[str, str] | None = None) -> tuple[st
 
 
 def read_index(path: Path = INDEX) -> dict[str, list[list[Any]]]:
-    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def annotate(path: Path = INDEX, docs: list[Path] | None = None) -> dict[str, int]:
@@ -377,8 +371,11 @@ def annotate(path: Path = INDEX, docs: list[Path] | None = None) -> dict[str, in
                 and len(previous_entries) == len(figures)
                 and previous_entries[n][0] == figure.text
             ):
-                # its line was reworded, the document's figures are the same ones in the same order
-                entry = [*previous_entries[n][:3], _context(figure), *previous_entries[n][4:]]
+                # its line was reworded, the document's figures are the same ones in the same order: the
+                # key carries over, a guess again unless the line still points to it
+                entry = [*previous_entries[n][:3], _context(figure)]
+                if resolve(figure, previous) != (entry[1], entry[2]):
+                    entry.append("guessed")
             if entry is not None and entry[1]:
                 counts["kept"] += 1
                 entries.append(entry)
@@ -470,6 +467,7 @@ def main() -> None:
             for entry in entries:
                 if entry[0] == args.figure:
                     print(document, entry)
+        return
     found = problems()
     with contextlib.suppress(BrokenPipeError):  # the output piped into head
         print("\n".join(found) or "every figure equals the value at its key")

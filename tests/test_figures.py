@@ -84,7 +84,7 @@ Recipe `recipes/b.yaml` reaches 0.888 +- 0.007 in 491-568 s (`runs.json`), again
 python run.py --lr 0.0003 --out benchmarks/results/runs.json
 ```
 
-A setting written in prose, 0.5, is not a figure.
+A setting is written as code, `dropout: 0.5`, and is not a figure; neither are seeds 0-4.
 """
 
 
@@ -102,6 +102,27 @@ def test_the_reader_finds_figures_in_prose_and_leaves_code_and_settings_alone(re
         (4, "0.007", "decimal"),
         (4, "1.42", "ratio"),
     ]
+
+
+def test_the_reader_knows_units_ranges_lists_signs_and_thousands(tmp_path: Path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "# T\n\n| head only | 0.65 | 3.52x (3.50-3.77) | 27.4 ms | 2,144.5 files/s | 15-21 minutes |\n"
+        "Seeds took 172, 163 s and 1,059-1,111 s; \u22120.0051 and -1.25 % apart; peak 5,752 MB; `lr 3e-4`.\n"
+    )
+    found = [(f.text, f.kind) for f in figures.figures_in(doc)]
+    assert found == [
+        ("0.65", "decimal"), ("3.52", "ratio"), ("3.50", "decimal"), ("3.77", "decimal"),
+        ("27.4", "milliseconds"), ("2,144.5", "rate"), ("15", "minutes"), ("21", "minutes"),
+        ("172", "seconds"), ("163", "seconds"), ("1,059", "seconds"), ("1,111", "seconds"),
+        ("-0.0051", "decimal"), ("-1.25", "percent"), ("5,752", "memory"),
+    ]  # fmt: skip
+    percent = next(f for f in figures.figures_in(doc) if f.kind == "percent")
+    assert (
+        figures.matches(percent, -0.0125)
+        and figures.matches(percent, -1.251)
+        and not figures.matches(percent, -0.013)
+    )
 
 
 def test_annotate_picks_the_record_the_line_names_and_check_then_passes(results: Path, tmp_path: Path):
