@@ -9,13 +9,16 @@
 For every seed ``s`` it runs ``transferkit cv --checkpoint last`` (fixed epochs: no epoch is chosen on the
 cells that judge) of the base recipe (``seed_everything s``, ``data.seed s``), of an A/A arm (the base again
 with ``seed_everything s + 1``, the same folds) and of each variant (the base with the variant's settings,
-``seed_everything s``, ``data.seed s``). A run whose folder already holds a finished cross-validation
-(``cv.json``) is not run again, so a stopped protocol resumes where it stopped.
+``seed_everything s``, ``data.seed s``). Each run's folder keeps its command: a finished run of the same
+command is taken as it is, a folder of another command is refused, and an unfinished one resumes
+(``transferkit cv`` reads finished folds back), so a stopped protocol resumes where it stopped.
 
 Each variant is compared with the base by :func:`compare_cv.compare` (paired by fold and seed, Nadeau and
 Bengio's corrected t), and the variants' p-values are adjusted together by Holm's method
 (:func:`paired.holm`): a knob is judged a difference only when its adjusted p-value is below 0.05. The A/A
-arm against the base gives the smallest gain the design resolves. Each run's folder keeps a
+arm against the base gives the smallest gain the design resolves. Its arms differ in the training seed,
+while a variant shares the base's: the A/A spread holds the seed-to-seed noise in full, so the gain it
+resolves is, if anything, larger than a variant comparison needs. Each run's folder keeps a
 ``provenance.json`` (commit, clean tree, command, machine, wall and CPU seconds of that run); the report
 carries every run's record, so runs made at different commits say so. A run with no record (made before
 this script) is listed as ``reconstructed``. No test split is read.
@@ -74,23 +77,46 @@ def cv_command(
     return command
 
 
+def _typed(command: list[str]) -> str:
+    """A cv command as the record keeps it: ``python -m transferkit cv ...``."""
+    return " ".join(["python", *command[1:]])
+
+
+def _same(recorded: str, command: list[str]) -> bool:
+    # the first records of this script wrote "python python -m ...": the same command
+    return recorded.replace("python python -m ", "python -m ", 1) == _typed(command)
+
+
 def run(command: list[str], out: Path) -> dict:
-    """Run one cross-validation unless ``out`` holds a finished one; its provenance record either way."""
+    """Run one cross-validation in ``out``, or take the finished one there if it is of this command; its
+    provenance record either way. A folder of another command is refused, not reused."""
     record_path = out / RECORD
-    if (out / "cv.json").exists():
-        if record_path.exists():
-            return json.loads(record_path.read_text())
-        return {
-            "reconstructed": True,
-            "command": " ".join(command[1:]),
-            "note": "run before its record was kept",
-        }
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if not _same(record["command"], command):
+            raise SystemExit(
+                f"'{out}' holds a cross-validation of another command ({record['command']}), not of "
+                f"{_typed(command)}: give another --runs folder, or delete '{out}' to run it again"
+            )
+        return record
+    finished = (out / "cv.json").exists()
     record = provenance(command[1:])  # recorded as "python -m transferkit cv ..."
     start, cpu0 = time.perf_counter(), _children_cpu_s()
-    print(f"[selection] {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    print(f"[selection] {_typed(command)}", file=sys.stderr, flush=True)
+    # transferkit cv resumes: finished folds are read back, not trained again, and a folder of another
+    # recipe is refused, so a run made before its record was kept is checked here as well
     subprocess.run(command, check=True)
-    record["wall_s"] = round(time.perf_counter() - start, 1)
-    record["cpu_s"] = round(_children_cpu_s() - cpu0, 1)
+    if finished:
+        record = {
+            "reconstructed": True,
+            "how": "run before its record was kept; transferkit cv then checked that its folds are of this "
+            "command's recipe and read them back",
+            "command": _typed(command),
+            "checked_at_commit": record["commit"],
+        }
+    else:
+        record["wall_s"] = round(time.perf_counter() - start, 1)
+        record["cpu_s"] = round(_children_cpu_s() - cpu0, 1)
     out.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -115,6 +141,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     runs = Path(args.runs)
+    names = [v[0] for v in args.variant]
+    clash = sorted({n for n in names if names.count(n) > 1 or n in ("base", "a-a")})
+    if clash:
+        raise SystemExit(
+            f"variant names must differ from each other and from base and a-a: {', '.join(clash)}"
+        )
     variants = {v[0]: v[1:] for v in args.variant}
     arms = {"base": [], "a-a": [], **{name: [] for name in variants}}
     records = {}

@@ -667,15 +667,33 @@ def test_selection_judges_several_knobs_at_once_with_holms_adjustment_and_resume
             "--runs", str(tmp_path / "runs"), "--out", str(out)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     selection.main()
-    assert ran == []  # every run was finished: nothing trains again
+    # runs made before their records were kept are checked once by transferkit cv (it reads finished
+    # folds back and refuses another recipe), and say they are reconstructed
+    assert len(ran) == 8 and all("--folds" in command for command in ran)
+    report = json.loads(out.read_text())
+    assert report["runs"]["base-s0"]["reconstructed"] is True
+    ran.clear()
+    selection.main()
+    assert ran == []  # now every folder holds a record of its own command: nothing runs again
     report = json.loads(out.read_text())
     assert report["design"] == {"folds": 5, "seeds": 2, "cells_per_seed": 200}
     better, same = report["variants"]["better"], report["variants"]["same"]
-    assert better["judged"] == "gain" and better["holm_p"] >= better["corrected_t"]["p"]
-    assert same["judged"] == "no difference"
+    assert better["judged"] == "gain" and same["judged"] == "no difference"
+    # Holm: the smaller p-value of two is doubled, the larger is at least that
+    p = sorted([better["corrected_t"]["p"], same["corrected_t"]["p"]])
+    assert better["holm_p"] == pytest.approx(min(1.0, 2 * p[0]), abs=1e-6)
+    assert same["holm_p"] == pytest.approx(max(min(1.0, 2 * p[0]), p[1]), abs=1e-6)
     assert report["a_a"]["smallest_resolved_gain"] > 0
-    # runs made before their record was kept say so
-    assert report["runs"]["base-s0"]["reconstructed"] is True
+    # a folder of another command is refused, not reused
+    argv[argv.index("model.x=1")] = "model.x=2"
+    with pytest.raises(SystemExit, match="holds a cross-validation of another command"):
+        selection.main()
+    # reserved and repeated variant names are refused
+    monkeypatch.setattr(
+        sys, "argv", [*argv[:7], "--variant", "base", "model.z=1", "--runs", str(tmp_path / "r")]
+    )
+    with pytest.raises(SystemExit, match="variant names must differ"):
+        selection.main()
     # an unfinished run is run with the variant's settings, its seed as training and data seed
     command = selection.cv_command("r.yaml", 5, tmp_path / "x", 1, 1, ["model.lr_schedule.name=exponential"])
     assert command[-6:] == [
