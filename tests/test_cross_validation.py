@@ -221,3 +221,19 @@ def test_a_fixed_epochs_cross_validation_scores_each_folds_last_epoch_and_never_
         cross_validate(_model(), dm, folds=2, out=tmp_path / "cv", trainer=trainer)
     with pytest.raises(tk.ConfigError, match="checkpoint is 'best' or 'last'"):
         cross_validate(_model(), dm, folds=2, out=tmp_path / "cv2", trainer=trainer, checkpoint="first")
+
+
+def test_a_cross_validation_started_before_a_setting_existed_resumes_while_it_is_at_its_default(tmp_path):
+    from transferkit.tuning.cross_validation import _default_settings, _load_or_start
+
+    model = _model()
+    defaults = _default_settings(model)
+    now = {"folds": 5, "model": {"loss": {"class_weights": None}, "head": {"dropout": 0.2}}}
+    before = {"folds": 5, "model": {"head": {"dropout": 0.2}}}  # written before model.loss existed
+    (tmp_path / "fold_0" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "fold_0" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "cv_state.json").write_text(json.dumps({"recipe": before, "finished": {"0": {}}}))
+    assert _load_or_start(tmp_path, now, defaults)["finished"] == {"0": {}}  # resumed, nothing lost
+    weighted = {**now, "model": {**now["model"], "loss": {"class_weights": "auto"}}}
+    with pytest.raises(tk.ConfigError, match=r"model\.loss\.class_weights: '<unset>' then, 'auto' now"):
+        _load_or_start(tmp_path, weighted, defaults)

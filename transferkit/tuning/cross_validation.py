@@ -223,7 +223,7 @@ def cross_validate(
     fingerprint = _fingerprint(model, datamodule, trainer, folds, seed, recipe)
     if checkpoint != "best":
         fingerprint["checkpoint"] = checkpoint
-    state = _load_or_start(out, fingerprint)
+    state = _load_or_start(out, fingerprint, _default_settings(model))
     results: list[FoldResult] = []
     for fold in range(folds):
         done = state["finished"].get(str(fold))
@@ -621,9 +621,21 @@ def _images_digest(data: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_or_start(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def _default_settings(model: Any) -> dict[str, Any]:
+    """The model's settings at their defaults, flat as in a fingerprint (``model.loss.class_weights`` ...)."""
+    settings = getattr(model, "settings", None)
+    if settings is None:
+        return {}
+    defaults = type(settings).build(num_classes=settings.num_classes).to_dict()
+    return _flatten({"model": json.loads(json.dumps(defaults, default=_plain, sort_keys=True))})
+
+
+def _load_or_start(
+    out: Path, fingerprint: dict[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The stored state of the cross-validation in ``out``, or a new one (written at once, so that an
-    unfinished first fold is protected too); refuses a state written for another recipe."""
+    unfinished first fold is protected too); refuses a state written for another recipe. A setting the
+    stored recipe lacks (added to transferkit since) matches when it is at its default (``defaults``)."""
     path = out / STATE_FILE
     if path.is_file():
         state = json.loads(path.read_text())
@@ -637,14 +649,15 @@ def _load_or_start(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
                 "with flat settings; this version cannot tell whether the recipe is the same, so it does not "
                 f"resume it. Give another out folder (--out), or delete '{out}' to start over."
             )
-        if state.get("recipe") != fingerprint and not untouched:
-            changes = _differences(state.get("recipe") or {}, fingerprint)
+        same = not _differences(state.get("recipe") or {}, fingerprint, defaults=defaults)
+        if not same and not untouched:
+            changes = _differences(state.get("recipe") or {}, fingerprint, defaults=defaults)
             raise ConfigError(
                 f"'{out}' holds a cross-validation of another recipe ({'; '.join(changes)}), so its folds cannot "
                 "be resumed with this one. Run with the recipe it was started with to resume it, give another "
                 f"out folder (--out), or delete '{out}' to start over."
             )
-        if state.get("recipe") == fingerprint:
+        if same:
             return state
     state = {"recipe": fingerprint, "finished": {}}
     if _is_global_zero():
@@ -652,8 +665,13 @@ def _load_or_start(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _differences(stored: dict[str, Any], now: dict[str, Any], shown: int = 4) -> list[str]:
+def _differences(
+    stored: dict[str, Any], now: dict[str, Any], shown: int = 4, defaults: Mapping[str, Any] | None = None
+) -> list[str]:
     flat_stored, flat_now = _flatten(stored), _flatten(now)
+    for key, value in (defaults or {}).items():  # a setting added since, at its default, is no change
+        if key not in flat_stored and flat_now.get(key, "<unset>") == value:
+            flat_stored[key] = value
     keys = sorted(set(flat_stored) | set(flat_now))
     changed = [
         f"{key}: {flat_stored.get(key, '<unset>')!r} then, {flat_now.get(key, '<unset>')!r} now"
