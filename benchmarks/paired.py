@@ -124,3 +124,20 @@ def smallest_resolved_gain(
 
     spread = corrected_t(aa_differences, n_train, n_test)["se"]
     return float(stats.t.ppf(1 - alpha / 2, len(aa_differences) - 1) * spread)
+
+
+def resolved_gain_floor(
+    aa_differences: Sequence[float], n_train: int, n_test: int, alpha: float = 0.05
+) -> float:
+    """The smallest gain k-fold cross-validation on these images could resolve with any number of seeds: as
+    the seeds grow, the corrected variance ``s^2 * (1/J + n_test/n_train)`` falls to ``s^2 * n_test/n_train``
+    and ``t`` to the normal quantile, so more seeds buy less and less. Below this gain more images, not more
+    seeds, are what helps.
+
+    >>> round(resolved_gain_floor([0.01, -0.01, 0.005, -0.005, 0.0, 0.01], n_train=1574, n_test=394), 4)
+    0.008
+    """
+    from scipy import stats
+
+    spread = statistics.stdev(aa_differences)
+    return float(stats.norm.ppf(1 - alpha / 2) * spread * math.sqrt(n_test / n_train))
