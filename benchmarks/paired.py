@@ -122,8 +122,10 @@ def smallest_resolved_gain(
     """
     from scipy import stats
 
-    spread = corrected_t(aa_differences, n_train, n_test)["se"]
-    return float(stats.t.ppf(1 - alpha / 2, len(aa_differences) - 1) * spread)
+    diffs = list(aa_differences)
+    corrected_t(diffs, n_train, n_test)  # the same checks of its input
+    spread = math.sqrt((1 / len(diffs) + n_test / n_train) * statistics.variance(diffs))  # unrounded
+    return float(stats.t.ppf(1 - alpha / 2, len(diffs) - 1) * spread)
 
 
 def resolved_gain_floor(
