@@ -604,7 +604,7 @@ class SaveRank(Callback):
 
 @pytest.mark.slow
 def test_two_nodes_launched_with_torchrun_train_one_model_on_split_data(tmp_path):
-    """The README's multi-node launch, on one machine: two torchrun node ranks over gloo, one process each."""
+    """The multi-node launch of docs/guide.md, on one machine: two torchrun node ranks over gloo, one process each."""
     import socket
 
     root = make_stripes_folder(tmp_path / "data", per_class=24)
