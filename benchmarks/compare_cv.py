@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired import corrected_t, mcnemar, smallest_resolved_gain  # noqa: E402
+from paired import corrected_t, mcnemar, resolved_gain_floor, smallest_resolved_gain  # noqa: E402
 from provenance import provenance, save  # noqa: E402
 
 PREDICTIONS_FILE = "cv_predictions.npz"  # transferkit.tuning.cross_validation's, in each fold's folder
@@ -103,6 +103,7 @@ def compare(base: list[str], variant: list[str], positive: list[int] | None = No
         "smallest_resolved_gain_if_a_a": round(
             smallest_resolved_gain(differences, cells - n_test, n_test), 4
         ),
+        "resolved_gain_floor_if_a_a": round(resolved_gain_floor(differences, cells - n_test, n_test), 4),
     }
 
 
