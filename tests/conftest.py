@@ -114,3 +114,37 @@ def run_cli(*args: str, env: dict[str, str] | None = None):
             else:
                 os.environ[key] = value
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def squares_image(red: bool, blue: bool, level: float, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A grey image of brightness ``level`` (0..1) with noise, holding a red and/or a blue square where asked."""
+    image = np.full((size, size, 3), 40 + 150 * level, dtype=np.float64)
+    image += rng.normal(0, 8, image.shape)
+    side = size // 4
+    for present, colour in ((red, (230, 20, 20)), (blue, (20, 20, 230))):
+        if present:
+            y, x = rng.integers(0, size - side, 2)
+            image[y : y + side, x : x + side] = colour
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_squares_csv(root: Path, count: int = 160, seed: int = 0, size: int = 32) -> Path:
+    """``root/images/*.png`` and ``root/targets.csv``: each image holds a red square, a blue one, both or
+    neither (``labels`` as names separated by ';', and ``red``/``blue`` 0/1 columns), on a background whose
+    brightness is the number ``level`` in [0, 1]: multi-label and regression targets a small network learns."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = ["path,labels,red,blue,level"]
+    for i in range(count):
+        red, blue = bool(i % 2), bool((i // 2) % 2)
+        level = float(rng.uniform(0, 1))
+        Image.fromarray(squares_image(red, blue, level, rng, size)).save(root / "images" / f"{i:04d}.png")
+        names = ";".join(n for n, on in (("red", red), ("blue", blue)) if on)
+        lines.append(f"images/{i:04d}.png,{names},{int(red)},{int(blue)},{level:.4f}")
+    (root / "targets.csv").write_text("\n".join(lines) + "\n")
+    return root / "targets.csv"
+
+
+@pytest.fixture(scope="session")
+def squares_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_squares_csv(tmp_path_factory.mktemp("data") / "squares", count=200)

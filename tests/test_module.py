@@ -407,7 +407,7 @@ def test_class_weights_auto_count_the_training_split_and_weight_the_loss(stripes
     _trainer(tmp_path, max_epochs=1).validate(fresh, datamodule=dm, verbose=False)
     assert fresh.class_weights == w
     # the setting, not the counted weights, is what the checkpoint holds: a resumed fit counts again
-    assert model.hparams["loss"] == {"class_weights": "auto"}
+    assert model.hparams["loss"]["class_weights"] == "auto"
 
 
 def test_class_weights_given_per_class_are_checked_against_the_classes():

@@ -43,6 +43,7 @@ class TransferKitCLI(CheckpointHyperparameters, LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.class_groups", "model.class_groups", apply_on="instantiate")
+        parser.link_arguments("data.target_kind", "model.target", apply_on="instantiate")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in DEFAULT_CHECKPOINT.items()})
         parser.add_lightning_class_args(PhaseEarlyStopping, "early_stopping")

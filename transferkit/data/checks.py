@@ -143,23 +143,32 @@ def select(data: DataSource, keep: np.ndarray) -> DataSource:
         [data.items[i] for i in keep],
         data.labels[keep],
         data.class_names,
-        data.stratify[keep],
+        data.stratify[keep] if data.stratify is not None else None,
         {k: v[keep] for k, v in data.meta.items()},
         remap,
         data.verified,
         data.test_fraction,
         data.soft[keep] if data.soft is not None else None,
         data.groups,
+        data.kind,
     )
 
 
-def stratified_sample(indices: np.ndarray, size: int, stratify: np.ndarray, seed: int) -> np.ndarray:
+def stratified_sample(
+    indices: np.ndarray, size: int, stratify: np.ndarray | None, seed: int, labels: np.ndarray | None = None
+) -> np.ndarray:
     """``size`` of ``indices``, sorted: stratified on ``stratify[indices]`` where every stratum is large
-    enough, else drawn at random; seeded. All of them when ``size`` is not smaller."""
+    enough, else drawn at random; by iterative stratification on the 0/1 ``labels`` where ``stratify`` is
+    ``None`` (multi-label data); seeded. All of them when ``size`` is not smaller."""
     from sklearn.model_selection import train_test_split
 
     if size >= len(indices):
         return np.sort(indices)
+    if stratify is None:
+        from transferkit.data.sources import multilabel_split
+
+        _, keep = multilabel_split(indices, labels, size / len(indices), seed, "subset")
+        return np.sort(keep)
     try:
         keep, _ = train_test_split(indices, train_size=size, stratify=stratify[indices], random_state=seed)
     except ValueError:  # strata too small for a stratified sample of this size
@@ -169,4 +178,6 @@ def stratified_sample(indices: np.ndarray, size: int, stratify: np.ndarray, seed
 
 def subset(data: DataSource, max_samples: int, seed: int) -> DataSource:
     """A stratified subset of at most ``max_samples`` samples (random where strata are too small)."""
-    return select(data, stratified_sample(np.arange(len(data)), max_samples, data.stratify, seed))
+    return select(
+        data, stratified_sample(np.arange(len(data)), max_samples, data.stratify, seed, data.labels)
+    )

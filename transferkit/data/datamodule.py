@@ -23,6 +23,7 @@ from transferkit.data.settings import (
     LoaderSettings,
     PipelineSettings,
     SplitSettings,
+    TargetSettings,
 )
 from transferkit.data.sources import DataSource, SourceName, load_source
 from transferkit.data.splits import cv_split_indices, make_splits
@@ -57,7 +58,10 @@ class ImageDataModule(L.LightningDataModule):
         root: the image folder (``folder``), the folder CSV paths are relative to (``csv``), or the pack's
             folder or URL (``stream``, e.g. ``s3://bucket/packed``).
         csv_path: the CSV file (``csv``).
-        task: ELPV only: ``binary`` (defective = defect probability >= 0.5) or ``4class``.
+        task: ELPV only, which of its label sets: ``binary`` (defective = defect probability >= 0.5) or
+            ``4class`` (single label), ``defective_polycrystalline`` (two labels per cell: defective, and
+            polycrystalline rather than monocrystalline; multi-label) or ``defect_probability`` (the annotated
+            0, 1/3, 2/3 or 1 as a number; regression). ``target.kind`` must match.
         seed: seed of the stratified splits, the augmentation draws and the training order.
         class_groups: coarser classes the labels refine, ``{group: [class names]}``, every class in one
             group; the model then also scores the groups (``val_group_acc``, ``test_group_acc``: a group's
@@ -74,6 +78,9 @@ class ImageDataModule(L.LightningDataModule):
             (:class:`~transferkit.data.settings.PipelineSettings`).
         loader: batch size, workers, sampler (:class:`~transferkit.data.settings.LoaderSettings`).
         cache: the cache folder and the decoded-image cache (:class:`~transferkit.data.settings.CacheSettings`).
+        target: the kind of target and, for a CSV, where it is (:class:`~transferkit.data.targets.TargetSettings`):
+            one class per image (the default), several labels, or numbers. The model must be of the same kind
+            (``TransferClassifier(target=...)``; the CLI hands it over).
 
     Image size, mean and std left ``None`` are the backbone's: :class:`transferkit.Trainer` fills them in
     from the model before any data is read (``use_data_config``). While part of the backbone is frozen,
@@ -92,7 +99,7 @@ class ImageDataModule(L.LightningDataModule):
         source: SourceName = "folder",
         root: str | None = None,
         csv_path: str | None = None,
-        task: Literal["binary", "4class"] = "binary",
+        task: Literal["binary", "4class", "defective_polycrystalline", "defect_probability"] = "binary",
         seed: int = 0,
         class_groups: dict[str, list[str | int]] | None = None,
         soft_labels: bool = False,
@@ -101,16 +108,20 @@ class ImageDataModule(L.LightningDataModule):
         pipeline: PipelineSettings = PipelineSettings(),
         loader: LoaderSettings = LoaderSettings(),
         cache: CacheSettings = CacheSettings(),
+        target: TargetSettings = TargetSettings(),
     ) -> None:
         super().__init__()
         self.settings = DataSettings.build(
             source=source, root=root, csv_path=csv_path, task=task, seed=seed, class_groups=class_groups,
             soft_labels=soft_labels, skip_bad_images=skip_bad_images, split=split, pipeline=pipeline,
-            loader=loader, cache=cache,
+            loader=loader, cache=cache, target=target,
         )  # fmt: skip
         # class_groups: the model's hyperparameters hold them as resolved here (the source's own filled in);
-        # Lightning merges the two modules' hyperparameters for the logger and refuses a key they differ on
-        self.save_hyperparameters({k: v for k, v in self.settings.to_dict().items() if k != "class_groups"})
+        # target: the model's is its kind alone. Lightning merges the two modules' hyperparameters for the
+        # logger and refuses a key they differ on, so the data's target settings are kept as data_target
+        given = self.settings.to_dict()
+        given["data_target"] = given.pop("target")
+        self.save_hyperparameters({k: v for k, v in given.items() if k != "class_groups"})
         # as given, before use_data_config fills the unset size, mean and std: what makes two runs the same
         self.given_settings = self.settings
         self.decoded: DecodedImages | None = None
@@ -118,7 +129,9 @@ class ImageDataModule(L.LightningDataModule):
         # FreezeAndCache callback of a fit; None: images
         self.feed: FeatureFeed | None = None
         # listing is cheap and finds missing paths and empty classes before any training starts
-        self.data: DataSource = load_source(source, root=root, csv_path=csv_path, task=task)
+        self.data: DataSource = load_source(
+            source, root=root, csv_path=csv_path, task=task, target=self.settings.target
+        )
         if soft_labels and self.data.soft is None:
             raise DatasetError(
                 f"soft_labels is on, but the '{source}' data gives no class probabilities: a CSV needs "
@@ -140,21 +153,38 @@ class ImageDataModule(L.LightningDataModule):
     # --- what the model needs to know --------------------------------------------------------------
 
     @property
+    def target_kind(self) -> str:
+        """The kind of target: ``single_label``, ``multi_label`` or ``regression`` (``target.kind``)."""
+        return self.data.kind
+
+    @property
     def num_classes(self) -> int:
+        """Classes, labels (multi-label) or targets (regression): the model's head width."""
         return len(self.data.class_names)
 
     @property
     def class_names(self) -> list[str]:
+        """The classes, labels or targets, in output order."""
         return list(self.data.class_names)
 
-    def class_counts(self, split: str = "train") -> np.ndarray:
-        """Images per class in ``split`` (after :meth:`setup`), in the order of :attr:`class_names`."""
+    def split_targets(self, split: str = "train") -> np.ndarray:
+        """The targets of ``split`` (after :meth:`setup`), as the source holds them: class indices ``(N,)``,
+        0/1 labels ``(N, L)`` or numbers ``(N, T)``."""
         if self.split_indices is None:
             self.setup("fit")
         if split not in self.split_indices:
             raise ConfigError(f"the data has no {split} split (it has {', '.join(self.split_indices)}).")
-        labels = np.asarray(self.data.labels)[self.split_indices[split]]
-        return np.bincount(labels, minlength=self.num_classes)
+        return np.asarray(self.data.labels)[self.split_indices[split]]
+
+    def class_counts(self, split: str = "train") -> np.ndarray:
+        """Images per class in ``split`` (after :meth:`setup`), in the order of :attr:`class_names`; for
+        multi-label data, each label's positives; regression data has no classes to count."""
+        targets = self.split_targets(split)
+        if self.target_kind == "regression":
+            raise ConfigError("regression targets are numbers: there are no classes to count.")
+        if self.target_kind == "multi_label":
+            return (targets >= 0.5).sum(axis=0).astype(np.int64)
+        return np.bincount(targets, minlength=self.num_classes)
 
     @property
     def class_groups(self) -> dict[str, list[str]] | None:
@@ -218,7 +248,8 @@ class ImageDataModule(L.LightningDataModule):
             if files:
                 self.data, self.skipped_images = drop_unreadable(self.data, self.settings.skip_bad_images)
             self.split_indices = make_splits(self.data, self.settings.split, self.seed)
-            if self.settings.loader.sampler is None:  # a sampler named was chosen knowing the proportions
+            single = self.target_kind == "single_label"
+            if single and self.settings.loader.sampler is None:  # a sampler named was chosen knowing them
                 warn_imbalance(self.data.labels[self.split_indices["train"]], self.class_names)
             if files:
                 warn_duplicates_across_splits(self.data, self.split_indices)
@@ -388,11 +419,21 @@ class ImageDataModule(L.LightningDataModule):
         return make_loader(dataset, dataset.labels, settings, self.seed, shuffle, self.trainer, workers=False)
 
     def summary(self) -> dict[str, dict[str, int]]:
-        """Images per class in each split: ``{split: {class name: count}}``."""
+        """Images per class in each split: ``{split: {class name: count}}``; for multi-label data the images
+        holding each label, for regression data the images (``{split: {"images": count}}``)."""
         if self.split_indices is None:
             self.setup()
         out = {}
         for split, indices in self.split_indices.items():
-            counts = np.bincount(self.data.labels[indices], minlength=self.num_classes)
+            if self.target_kind == "regression":
+                out[split] = {"images": len(indices)}
+                continue
+            counts = self.class_counts(split)
             out[split] = {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
         return out
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images in each split."""
+        if self.split_indices is None:
+            self.setup()
+        return {split: len(indices) for split, indices in self.split_indices.items()}

@@ -13,7 +13,20 @@ from transferkit.data.decoded import DecodedImages
 from transferkit.data.images import load_image, to_rgb
 from transferkit.errors import ImageReadError, warn
 
-__all__ = ["CachedFeatures", "ImageDataset", "sample_seed"]
+__all__ = ["CachedFeatures", "ImageDataset", "sample_seed", "target_tensor"]
+
+
+def target_tensor(labels: np.ndarray | np.generic) -> torch.Tensor:
+    """Labels as the loss takes them: class indices as int64, 0/1 labels and numbers as float32.
+
+    Example:
+        >>> target_tensor(np.int64(2)).dtype, target_tensor(np.asarray([0.0, 1.0], dtype=np.float32)).dtype
+        (torch.int64, torch.float32)
+    """
+    array = np.asarray(labels)
+    if np.issubdtype(array.dtype, np.floating):
+        return torch.as_tensor(array, dtype=torch.float32)
+    return torch.as_tensor(array, dtype=torch.long)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -89,7 +102,7 @@ class ImageDataset(Dataset):
         image = self.transform(image=image)["image"]
         if self.targets is not None:
             return image, torch.as_tensor(self.targets[index], dtype=torch.float32)
-        return image, torch.as_tensor(self.labels[index], dtype=torch.long)
+        return image, target_tensor(self.labels[index])
 
     def _read_or_stand_in(self, index: int) -> tuple[np.ndarray, int]:
         try:
@@ -129,7 +142,7 @@ class CachedFeatures(Dataset):
             else torch.zeros(count, dtype=torch.long)
         )
         self.features = features
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.labels = target_tensor(labels)
         # soft labels: the class distributions are what training sees (``labels`` stay the classes)
         self.targets = torch.as_tensor(targets, dtype=torch.float32) if targets is not None else self.labels
 

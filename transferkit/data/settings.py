@@ -24,6 +24,7 @@ import numpy as np
 
 from transferkit.data.augment import Augment, augmentations
 from transferkit.data.sources import SourceName
+from transferkit.data.targets import TargetSettings
 from transferkit.errors import ConfigError
 from transferkit.settings import GroupedSettings, SettingsGroup
 
@@ -34,6 +35,7 @@ __all__ = [
     "LoaderSettings",
     "PipelineSettings",
     "SplitSettings",
+    "TargetSettings",
     "check_folds",
 ]
 
@@ -234,12 +236,13 @@ class DataSettings(GroupedSettings):
         "pipeline": PipelineSettings,
         "loader": LoaderSettings,
         "cache": CacheSettings,
+        "target": TargetSettings,
     }
 
     source: SourceName = "folder"
     root: str | None = None
     csv_path: str | None = None
-    task: Literal["binary", "4class"] = "binary"
+    task: Literal["binary", "4class", "defective_polycrystalline", "defect_probability"] = "binary"
     seed: int = 0
     class_groups: dict[str, list[str | int]] | None = None
     soft_labels: bool = False
@@ -248,8 +251,28 @@ class DataSettings(GroupedSettings):
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    target: TargetSettings = field(default_factory=TargetSettings)
 
     def check(self) -> None:
+        kind = self.target.kind
+        if kind != "single_label":
+            refused = {
+                "data.loader.sampler: balanced": (
+                    self.loader.sampler == "balanced",
+                    "it draws classes equally often, and an image of several labels (or of a number) has no one class",
+                ),
+                "data.soft_labels": (
+                    self.soft_labels,
+                    "soft labels are distributions over classes that exclude each other",
+                ),
+                "data.class_groups": (
+                    bool(self.class_groups),
+                    "a group's probability is the sum of its classes', which holds for classes that exclude each other",
+                ),
+            }
+            for name, (on, why) in refused.items():
+                if on:
+                    raise ConfigError(f"{name} does not apply to data.target.kind: {kind}: {why}.")
         if self.source == "stream":  # settings that need every file at hand: a pack is read chunk by chunk
             refused = {
                 "cache.decoded_images": self.cache.decoded_images,

@@ -18,9 +18,19 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from transferkit.data.images import IMAGE_SUFFIXES
+from transferkit.data.targets import TargetSettings
 from transferkit.errors import DatasetError
 
-__all__ = ["DataSource", "DatasetError", "SOURCES", "load_source", "split_indices"]
+__all__ = [
+    "ELPV_TASKS",
+    "DataSource",
+    "DatasetError",
+    "SOURCES",
+    "load_source",
+    "multilabel_split",
+    "regression_strata",
+    "split_indices",
+]
 
 SourceName = Literal["folder", "csv", "stream", "elpv", "digits"]
 SOURCES = ("folder", "csv", "stream", "elpv", "digits")
@@ -35,10 +45,14 @@ class DataSource:
         name: the source (``folder``, ``csv``, ``stream``, ``elpv``, ``digits``).
         items: one per sample: a file path, an in-memory ``(H, W[, C])`` uint8 array, or (``stream``) the
             sample's position in its split of the pack.
-        labels: ``(N,)`` int64 class indices into ``class_names``.
-        class_names: the classes, in label order.
-        stratify: ``(N,)`` the key splits are stratified on (the label, or finer strata such as ELPV's
-            defect probability x cell type).
+        labels: the targets, as ``kind`` says: ``(N,)`` int64 class indices into ``class_names``
+            (``single_label``), ``(N, L)`` float32 0/1 per label (``multi_label``) or ``(N, T)`` float32 numbers
+            (``regression``).
+        class_names: the classes, labels or targets, in output order.
+        stratify: ``(N,)`` the key splits are stratified on (the label, finer strata such as ELPV's defect
+            probability x cell type, or a numeric target's bins); ``None`` for multi-label data without strata
+            of its own: splits are then drawn by iterative stratification on the label matrix
+            (:func:`multilabel_split`).
         meta: per-sample extras (``(N,)`` arrays), e.g. ELPV's defect probability.
         splits: the source's own train/val/test indices, where it defines them.
         verified: the files are known to read (a packaged dataset): set-up skips scanning them.
@@ -47,39 +61,82 @@ class DataSource:
             columns, ELPV's defect probability); ``labels`` are then the classes scored.
         groups: coarser classes the labels refine, ``{group: [class names]}``, where the source knows them
             (ELPV's 4-class task: its binary classes); see :mod:`transferkit.data.class_groups`.
+        kind: the kind of target (``single_label``, ``multi_label``, ``regression``), as set, never read from
+            the labels' shape.
     """
 
     name: str
     items: list[str | np.ndarray]
     labels: np.ndarray
     class_names: list[str]
-    stratify: np.ndarray
+    stratify: np.ndarray | None
     meta: dict[str, np.ndarray] = field(default_factory=dict)
     splits: dict[str, np.ndarray] | None = None
     verified: bool = False
     test_fraction: float = 0.2
     soft: np.ndarray | None = None
     groups: dict[str, list[str]] | None = None
+    kind: str = "single_label"
 
     def __len__(self) -> int:
         return len(self.items)
 
     def stratum_name(self, key: str) -> str:
         """A stratification key as a person knows it: the class name where strata are the labels."""
-        if key.lstrip("-").isdigit() and np.array_equal(self.stratify, self.labels.astype(str)):
+        if (
+            key.lstrip("-").isdigit()
+            and self.stratify is not None
+            and self.labels.ndim == 1
+            and np.array_equal(self.stratify, self.labels.astype(str))
+        ):
             index = int(key)
             if 0 <= index < len(self.class_names):
                 return self.class_names[index]
         return key
 
 
+ELPV_TASKS = {
+    "binary": "single_label",
+    "4class": "single_label",
+    "defective_polycrystalline": "multi_label",
+    "defect_probability": "regression",
+}
+
+
 def load_source(
     source: SourceName,
     root: str | os.PathLike | None = None,
     csv_path: str | os.PathLike | None = None,
-    task: Literal["binary", "4class"] = "binary",
+    task: str = "binary",
+    target: TargetSettings | None = None,
 ) -> DataSource:
-    """List the samples of ``source`` (images are read later, when the dataset is indexed)."""
+    """List the samples of ``source`` (images are read later, when the dataset is indexed), with targets of
+    the kind ``target`` says (:class:`~transferkit.data.settings.TargetSettings`; default: single label)."""
+    target = target or TargetSettings()
+    if target.kind != "single_label" and source in ("folder", "stream", "digits"):
+        why = {
+            "folder": "a folder's sub-folders give one class per image",
+            "stream": "a pack stores one class per image",
+            "digits": "scikit-learn's digits have one class per image",
+        }[source]
+        raise DatasetError(
+            f"data.target.kind: {target.kind} needs a CSV (or ELPV's {_elpv_task_for(target.kind)} task): "
+            f"source '{source}' cannot give it ({why}). List the images and their targets in a CSV "
+            "(source: csv)."
+        )
+    if source == "csv" and target.kind != "single_label":
+        if csv_path is None:
+            raise DatasetError("source 'csv' needs csv_path=<file with a 'path' column and the targets>.")
+        return _csv_targets_source(
+            Path(csv_path).expanduser(), Path(root).expanduser() if root else None, target
+        )
+    if source == "elpv":
+        kind = ELPV_TASKS.get(task)
+        if kind is not None and kind != target.kind:
+            raise DatasetError(
+                f"ELPV's '{task}' task is {kind}, but data.target.kind is {target.kind}: set "
+                f"data.target.kind: {kind}, or data.task: {_elpv_task_for(target.kind)}."
+            )
     if source == "folder":
         if root is None:
             raise DatasetError("source 'folder' needs root=<folder holding one sub-folder per class>.")
@@ -250,6 +307,175 @@ def _csv_soft_labels(
     return soft
 
 
+def _elpv_task_for(kind: str) -> str:
+    return next(task for task, k in ELPV_TASKS.items() if k == kind)
+
+
+def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if not csv_path.is_file():
+        raise DatasetError(f"CSV file '{csv_path}' does not exist.")
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]
+    if not rows:
+        raise DatasetError(f"CSV '{csv_path}' has no rows.")
+    return columns, rows
+
+
+def _csv_paths(csv_path: Path, root: Path | None, rows: list[dict[str, str]]) -> list[str]:
+    base = root or csv_path.parent
+    paths = [str(p if (p := Path(r["path"].strip())).is_absolute() else base / p) for r in rows]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(paths)} files listed in '{csv_path}' do not exist, e.g. {missing[:3]}; "
+            f"relative paths are read from '{base}' (set data.root to change that)."
+        )
+    return paths
+
+
+def _csv_splits(
+    csv_path: Path, columns: list[str], rows: list[dict[str, str]]
+) -> dict[str, np.ndarray] | None:
+    if "split" not in columns:
+        return None
+    where = np.asarray([r["split"].strip().lower() for r in rows])
+    unknown = sorted(set(where) - set(SPLITS))
+    if unknown:
+        raise DatasetError(f"CSV '{csv_path}' has split values {unknown}; use train, val or test.")
+    return {s: np.flatnonzero(where == s) for s in SPLITS if (where == s).any()}
+
+
+def _refuse_rows(csv_path: Path, bad: list[tuple[int, str]], what: str, fix: str) -> None:
+    """One error naming the file, the first bad rows (as numbered in the file, the header being row 1) and why."""
+    if not bad:
+        return
+    listing = "; ".join(f"row {row + 2}: {why}" for row, why in bad[:5])
+    more = f" (and {len(bad) - 5} more rows)" if len(bad) > 5 else ""
+    raise DatasetError(f"CSV '{csv_path}': {len(bad)} rows have {what}: {listing}{more}. {fix}")
+
+
+def _csv_targets_source(csv_path: Path, root: Path | None, target: TargetSettings) -> DataSource:
+    """A CSV of multi-label or regression targets (see :class:`~transferkit.data.targets.TargetSettings`)."""
+    columns, rows = _read_csv(csv_path)
+    if "path" not in columns:
+        raise DatasetError(f"CSV '{csv_path}' must have a 'path' column; it has {columns}.")
+    default = {"multi_label": ("labels",), "regression": ("target",)}[target.kind]
+    wanted = target.columns or default
+    absent = [c for c in wanted if c not in columns]
+    if absent:
+        how = (
+            "name its 0/1 label columns in data.target.columns, or give a 'labels' column of names separated by "
+            f"'{target.separator}'"
+            if target.kind == "multi_label"
+            else "name its numeric target columns in data.target.columns, or give a 'target' column"
+        )
+        raise DatasetError(f"CSV '{csv_path}' has no column {absent}; it has {columns}: {how}.")
+    paths = _csv_paths(csv_path, root, rows)
+    if target.kind == "multi_label" and target.columns is None:
+        labels, names = _label_lists(csv_path, rows, target)
+    elif target.kind == "multi_label":
+        labels, names = _label_columns(csv_path, rows, target.columns), list(target.columns)
+    else:
+        labels, names = _numeric_columns(csv_path, rows, wanted), list(wanted)
+    if target.kind == "multi_label" and not target.allow_empty:
+        empty = [(i, "no label") for i in np.flatnonzero(labels.sum(axis=1) == 0)]
+        _refuse_rows(
+            csv_path, empty, "an empty list of labels",
+            "Give each image at least one label, or set data.target.allow_empty: true (images without labels "
+            "are then negatives of every label).",
+        )  # fmt: skip
+    stratify = None if target.kind == "multi_label" else regression_strata(labels[:, 0])
+    return DataSource(
+        "csv",
+        list(paths),
+        labels,
+        names,
+        stratify,
+        splits=_csv_splits(csv_path, columns, rows),
+        kind=target.kind,
+    )
+
+
+def _label_lists(
+    csv_path: Path, rows: list[dict[str, str]], target: TargetSettings
+) -> tuple[np.ndarray, list[str]]:
+    lists = [[n.strip() for n in r["labels"].split(target.separator) if n.strip()] for r in rows]
+    found = sorted({n for names in lists for n in names})
+    if target.names is not None:
+        known = set(target.names)
+        bad = [(i, f"{sorted(set(names) - known)}") for i, names in enumerate(lists) if set(names) - known]
+        _refuse_rows(
+            csv_path, bad, f"labels not among data.target.names {list(target.names)}",
+            "Correct the labels, or add them to data.target.names.",
+        )  # fmt: skip
+        names = list(target.names)
+    else:
+        names = sorted(found, key=int) if found and all(n.lstrip("-").isdigit() for n in found) else found
+    if not names:
+        raise DatasetError(
+            f"CSV '{csv_path}': no row names a label in its 'labels' column (names separated by "
+            f"'{target.separator}'); a multi-label model needs at least one label."
+        )
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.zeros((len(rows), len(names)), dtype=np.float32)
+    for i, names_of_row in enumerate(lists):
+        labels[i, [index[n] for n in names_of_row]] = 1.0
+    return labels, names
+
+
+def _label_columns(csv_path: Path, rows: list[dict[str, str]], columns: tuple[str, ...]) -> np.ndarray:
+    labels = np.zeros((len(rows), len(columns)), dtype=np.float32)
+    bad: list[tuple[int, str]] = []
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            value = row[column].strip().lower()
+            if value in ("1", "1.0", "true", "yes"):
+                labels[i, j] = 1.0
+            elif value not in ("0", "0.0", "false", "no"):
+                bad.append((i, f"{column}={row[column]!r}"))
+    _refuse_rows(csv_path, bad, "label values that are not 0 or 1", "Give every label column 0 or 1.")
+    return labels
+
+
+def _numeric_columns(csv_path: Path, rows: list[dict[str, str]], columns: tuple[str, ...]) -> np.ndarray:
+    values = np.zeros((len(rows), len(columns)), dtype=np.float32)
+    bad: list[tuple[int, str]] = []
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            text = row[column].strip()
+            try:
+                value = float(text)
+            except ValueError:
+                bad.append((i, f"{column}={text!r} is " + ("missing" if not text else "not a number")))
+                continue
+            if not np.isfinite(value):
+                bad.append((i, f"{column}={text!r} is not a finite number"))
+            values[i, j] = value
+    _refuse_rows(
+        csv_path, bad, "targets that are missing, not numbers, NaN or infinite",
+        "Give every target column a number in every row, or leave those images out of the CSV.",
+    )  # fmt: skip
+    return values
+
+
+def regression_strata(values: np.ndarray, bins: int = 5) -> np.ndarray:
+    """Stratification keys for a numeric target: its values where it takes at most ``2 * bins`` distinct
+    ones (ELPV's 0, 1/3, 2/3, 1), else ``bins`` quantile bins, so that every split spans the range.
+
+    Example:
+        >>> regression_strata(np.arange(10.0), bins=2).tolist()
+        ['0', '0', '0', '0', '0', '1', '1', '1', '1', '1']
+    """
+    values = np.asarray(values, dtype=np.float64)
+    levels = np.unique(values)
+    if len(levels) <= 2 * bins:
+        return np.asarray([f"{v:.6g}" for v in values])
+    edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.digitize(values, edges, right=True).astype(str)
+
+
 # --- stream ----------------------------------------------------------------------------------------
 
 
@@ -290,7 +516,14 @@ def _elpv_source(task: str) -> DataSource:
     probs = data["probability"].astype(np.float64)
     types = np.char.decode(data["type"])
     groups = None
-    if task == "binary":
+    kind = ELPV_TASKS.get(task, "single_label")
+    if task == "defective_polycrystalline":  # two labels per cell, each present or not
+        labels = np.stack([probs >= 0.5, types == "poly"], axis=1).astype(np.float32)
+        class_names = ["defective", "polycrystalline"]
+    elif task == "defect_probability":  # the annotated probability as a number
+        labels = probs.astype(np.float32)[:, None]
+        class_names = ["defect_probability"]
+    elif task == "binary":
         labels = (probs >= 0.5).astype(np.int64)
         class_names = ["functional", "defective"]
     elif task == "4class":
@@ -298,7 +531,7 @@ def _elpv_source(task: str) -> DataSource:
         class_names = ["0", "1/3", "2/3", "1"]
         groups = {"functional": ["0", "1/3"], "defective": ["2/3", "1"]}  # the binary task's rule, >= 0.5
     else:
-        raise DatasetError(f"unknown ELPV task '{task}'; choose 'binary' or '4class'.")
+        raise DatasetError(f"unknown ELPV task '{task}'; choose one of {', '.join(ELPV_TASKS)}.")
     stratify = np.asarray([f"{p:.2f}_{t}" for p, t in zip(probs, types, strict=True)])
     meta = {"defect_probability": probs, "cell_type": types}
     # binary: the annotated defect probability as a distribution over (functional, defective)
@@ -315,6 +548,7 @@ def _elpv_source(task: str) -> DataSource:
         test_fraction=0.25,
         soft=soft,
         groups=groups,
+        kind=kind,
     )
 
 
@@ -364,7 +598,21 @@ def split_indices(
 
 
 def _check_classes_are_trained(data: DataSource, splits: dict[str, np.ndarray]) -> None:
-    """A class with images in val/test but none in train can never be predicted: refuse it."""
+    """A class (or label) with images in val/test but none in train can never be predicted: refuse it."""
+    if data.kind == "regression":
+        return
+    if data.kind == "multi_label":
+        trained = data.labels[splits["train"]].sum(axis=0) > 0
+        for split in ("val", "test"):
+            held = data.labels[splits.get(split, np.asarray([], dtype=np.int64))].sum(axis=0)
+            missing = [i for i in np.flatnonzero((held > 0) & ~trained)]
+            if missing:
+                found = ", ".join(f"'{data.class_names[i]}' ({int(held[i])} images)" for i in missing)
+                raise DatasetError(
+                    f"labels appear in the {split} split but on no training image: {found}. The model cannot "
+                    f"learn a label it never sees; add training images of them, or remove them from the {split} split."
+                )
+        return
     trained = set(data.labels[splits["train"]].tolist())
     for split in ("val", "test"):
         labels = data.labels[splits.get(split, np.asarray([], dtype=np.int64))]
@@ -383,6 +631,8 @@ def _split(
 ) -> tuple[np.ndarray, np.ndarray]:
     if fraction == 0:
         return indices, np.asarray([], dtype=np.int64)
+    if data.stratify is None:
+        return multilabel_split(indices, data.labels, fraction, seed, what)
     keys = data.stratify[indices]
     try:
         kept, held = train_test_split(indices, test_size=fraction, stratify=keys, random_state=seed)
@@ -395,3 +645,27 @@ def _split(
             f"or lower data.{what}_fraction."
         ) from err
     return np.sort(kept), np.sort(held)
+
+
+def multilabel_split(
+    indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int, what: str = "val"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``indices`` split into kept and held-out (``fraction`` of them) by iterative stratification on the
+    0/1 label matrix ``labels`` (Sechidis et al., 2011, as the ``iterative-stratification`` package draws
+    it), so that every label's positives are shared out in proportion, rare labels first.
+
+    Example:
+        >>> labels = np.eye(4, dtype=np.float32)[np.arange(40) % 4]
+        >>> kept, held = multilabel_split(np.arange(40), labels, 0.25, seed=0)
+        >>> len(held), labels[held].sum(axis=0).tolist()
+        (9, [2.0, 2.0, 3.0, 2.0])
+    """
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    if len(indices) < 2:
+        raise DatasetError(
+            f"cannot carve a {what} split of {fraction:.0%} from {len(indices)} images; add images."
+        )
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    kept, held = next(splitter.split(indices, labels[indices] >= 0.5))
+    return np.sort(indices[kept]), np.sort(indices[held])

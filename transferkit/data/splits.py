@@ -31,7 +31,7 @@ def make_splits(data: DataSource, split: SplitSettings, seed: int) -> dict[str, 
     if split.train_fraction < 1:
         train = splits["train"]
         size = max(1, round(len(train) * split.train_fraction))
-        splits["train"] = stratified_sample(train, size, data.stratify, seed)
+        splits["train"] = stratified_sample(train, size, data.stratify, seed, labels=data.labels)
     held_out = (
         split.cv_folds is not None
         or split.val_fraction > 0
@@ -74,8 +74,6 @@ def cv_split_indices(
         >>> sum(len(s["val"]) for s in splits) == len(splits[0]["train"]) + len(splits[0]["val"])
         True
     """
-    from sklearn.model_selection import StratifiedKFold
-
     check_folds(folds, fold)
     if data.name == "stream":
         raise ConfigError(
@@ -85,6 +83,10 @@ def cv_split_indices(
     held = split_indices(data, 0.0, test_fraction, seed)  # validation 0: the test split alone is carved
     empty = np.asarray([], dtype=np.int64)
     rest = np.sort(np.concatenate([held["train"], held.get("val", empty)]))
+    if data.stratify is None:  # multi-label without strata of its own: iterative stratification
+        return {**_multilabel_fold(data, rest, folds, fold, seed), "test": held["test"]}
+    if data.kind != "single_label":  # strata of a regression's bins or ELPV's cells: every fold spans them
+        return {**_stratified_fold(data, rest, folds, fold, seed), "test": held["test"]}
     present = np.unique(data.labels)
     counts = np.bincount(data.labels[rest], minlength=len(data.class_names))
     rare = {data.class_names[c]: int(counts[c]) for c in present if counts[c] < folds}
@@ -101,6 +103,14 @@ def cv_split_indices(
             f"holds some of it and every fold trains on it; too few: {found}. Add images or merge rare "
             f"classes ({fix})."
         )
+    return {**_stratified_fold(data, rest, folds, fold, seed), "test": held["test"]}
+
+
+def _stratified_fold(
+    data: DataSource, rest: np.ndarray, folds: int, fold: int, seed: int
+) -> dict[str, np.ndarray]:
+    from sklearn.model_selection import StratifiedKFold
+
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     try:
         train, val = list(splitter.split(rest, data.stratify[rest]))[fold]
@@ -109,4 +119,23 @@ def cv_split_indices(
             f"cannot split {len(rest)} non-test images into {folds} stratified folds: {err}. "
             "Use fewer folds or add images."
         ) from err
-    return {"train": np.sort(rest[train]), "val": np.sort(rest[val]), "test": held["test"]}
+    return {"train": np.sort(rest[train]), "val": np.sort(rest[val])}
+
+
+def _multilabel_fold(
+    data: DataSource, rest: np.ndarray, folds: int, fold: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Fold ``fold`` of ``MultilabelStratifiedKFold`` (iterative stratification) over the non-test images."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    positives = (data.labels[rest] >= 0.5).sum(axis=0)
+    rare = {data.class_names[i]: int(positives[i]) for i in np.flatnonzero(positives < folds)}
+    if rare:
+        found = ", ".join(f"'{name}' ({n})" for name, n in rare.items())
+        raise DatasetError(
+            f"cv_folds={folds} needs at least {folds} non-test images of every label, so that each part holds "
+            f"some of it and every fold trains on it; too few: {found}. Add images, or use fewer folds."
+        )
+    splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train, val = list(splitter.split(rest, data.labels[rest] >= 0.5))[fold]
+    return {"train": np.sort(rest[train]), "val": np.sort(rest[val])}

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from transferkit.errors import ConfigError
-from transferkit.models.calibration import Calibration, ThresholdMetric, fit_calibration
-from transferkit.models.mixing import hard_labels
+from transferkit.models.calibration import Calibration, ThresholdMetric
 
 __all__ = ["calibrate", "split_outputs"]
 
@@ -25,7 +24,8 @@ def split_outputs(
     model: Any, datamodule: Any, split: str = "val", device: Any = None, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw logits ``(V, N, C)`` (one slice per view of the model's test-time augmentation, no temperature)
-    and hard labels ``(N,)`` of ``split`` (``val`` or ``test``), in the split's order, through the eval
+    and what they are scored against (hard labels ``(N,)``; 0/1 labels or numbers ``(N, K)`` for the other
+    kinds of target) of ``split`` (``val`` or ``test``), in the split's order, through the eval
     pipeline. The data module must be set up; the model is left as it was found."""
     datasets = getattr(datamodule, "datasets", None) or {}
     if split not in datasets:
@@ -46,7 +46,7 @@ def split_outputs(
         for images, targets in loader:
             images = images.to(device)
             logits.append(model.view_logits(images).float().cpu())
-            labels.append(hard_labels(targets).cpu())
+            labels.append(model.task.truth(targets).cpu())
     finally:
         model.to(original).train(was_training)
     if not logits:
@@ -60,7 +60,8 @@ def calibrate(
     """Fit ``model``'s temperature (and, for two classes with ``threshold`` = ``accuracy`` or ``f1``, or the
     model's own ``decision_threshold``, the decision threshold) on ``split``, set it as
     ``model.calibration`` and return it. Accuracy without a threshold is unchanged; probabilities become
-    as sure as the model is right on that split.
+    as sure as the model is right on that split. A multi-label model fits one threshold per label instead
+    (each maximising the label's F1, :func:`~transferkit.models.calibration.fit_label_thresholds`).
 
     Example:
         >>> import tempfile, transferkit as tk
@@ -72,9 +73,11 @@ def calibrate(
         >>> calibration.fitted_on, calibration.nll_after <= calibration.nll_before
         ('val (24 images)', True)
     """
-    threshold = threshold if threshold is not None else model.settings.prediction.decision_threshold
+    prediction = model.settings.prediction
+    if threshold is not None:
+        prediction = prediction.replace(decision_threshold=threshold)
     logits, labels = split_outputs(model, datamodule, split)
-    calibration = fit_calibration(logits, labels, threshold=threshold, split=split)
+    calibration = model.task.fit_calibration(logits, labels, prediction, split)
     model.calibration = calibration
     return calibration
 

@@ -29,7 +29,9 @@ __all__ = [
     "Calibration",
     "choose_threshold",
     "expected_calibration_error",
+    "MIN_THRESHOLD_POSITIVES",
     "fit_calibration",
+    "fit_label_thresholds",
     "fit_temperature",
     "negative_log_likelihood",
     "reliability_bins",
@@ -51,6 +53,12 @@ class Calibration:
         threshold_metric: what the threshold maximised on validation (``accuracy`` or ``f1``).
         fitted_on: where it was fitted, e.g. ``val (296 images)``; ``None`` = not fitted.
         nll_before / nll_after: the validation negative log-likelihood at ``T = 1`` and at ``temperature``.
+        label_thresholds: multi-label only: label ``i`` is predicted when its probability is
+            ``>= label_thresholds[i]``, each fitted on validation to maximise that label's F1
+            (:func:`fit_label_thresholds`); ``None`` = 0.5 for every label.
+        label_positives: multi-label only: each label's positives in the split the thresholds were fitted on.
+        label_fitted: multi-label only: whether each label's threshold was fitted; a label with fewer than
+            :data:`MIN_THRESHOLD_POSITIVES` positives (or as few negatives) there keeps 0.5.
     """
 
     temperature: float = 1.0
@@ -59,12 +67,17 @@ class Calibration:
     fitted_on: str | None = None
     nll_before: float | None = None
     nll_after: float | None = None
+    label_thresholds: list[float] | None = None
+    label_positives: list[int] | None = None
+    label_fitted: list[bool] | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature!r}.")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"the decision threshold must lie in (0, 1), got {self.threshold!r}.")
+        if self.label_thresholds is not None and not all(0.0 < t < 1.0 for t in self.label_thresholds):
+            raise ConfigError(f"per-label thresholds must lie in (0, 1), got {self.label_thresholds!r}.")
 
     @property
     def fitted(self) -> bool:
@@ -90,6 +103,12 @@ class Calibration:
         return probs.argmax(dim=-1)
 
     def describe(self) -> str:
+        if self.label_thresholds is not None:
+            return f"per-label thresholds fitted on {self.fitted_on} (F1 of each label): " + ", ".join(
+                f"{t:.3f}"
+                + ("" if self.label_kept(i) else " (0.5 kept: too few validation positives or negatives)")
+                for i, t in enumerate(self.label_thresholds)
+            )
         if not self.fitted:
             return "not calibrated (temperature 1, most probable class)"
         text = f"temperature {self.temperature:.3f} fitted on {self.fitted_on}"
@@ -98,6 +117,46 @@ class Calibration:
         if self.threshold is not None:
             text += f"; class 1 when p >= {self.threshold:.3f} (maximises validation {self.threshold_metric})"
         return text
+
+    def label_kept(self, label: int) -> bool:
+        """Multi-label: whether label ``label``'s threshold was fitted (``False``: it kept 0.5 for want of
+        validation positives or negatives)."""
+        return self.label_fitted is None or bool(self.label_fitted[label])
+
+
+# a multi-label threshold is fitted only on a label with at least this many validation positives and negatives
+MIN_THRESHOLD_POSITIVES = 5
+
+
+def fit_label_thresholds(probs: np.ndarray, truth: np.ndarray, split: str = "val") -> Calibration:
+    """Multi-label: one threshold per label on its probability, each maximising that label's F1 on this
+    split (:func:`choose_threshold`); a label with fewer than :data:`MIN_THRESHOLD_POSITIVES` positives or
+    negatives here keeps 0.5 (a threshold fitted on two positives says more about them than about the label).
+
+    Example:
+        >>> p = np.array([[0.1, 0.9]] * 5 + [[0.3, 0.2]] * 5)
+        >>> y = np.array([[0, 1]] * 5 + [[1, 0]] * 5)
+        >>> fit_label_thresholds(p, y).label_thresholds
+        [0.2, 0.55]
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    truth = (np.asarray(truth) >= 0.5).astype(int)
+    if probs.ndim != 2 or probs.shape != truth.shape:
+        raise ValueError(f"probs and truth must both be (N, labels), got {probs.shape} and {truth.shape}.")
+    thresholds, positives, fitted = [], [], []
+    for label in range(probs.shape[1]):
+        y = truth[:, label]
+        found = int(y.sum())
+        enough = min(found, len(y) - found) >= MIN_THRESHOLD_POSITIVES
+        positives.append(found)
+        fitted.append(enough)
+        thresholds.append(choose_threshold(probs[:, label], y, "f1")[0] if enough else 0.5)
+    return Calibration(
+        fitted_on=f"{split} ({len(probs)} images)",
+        label_thresholds=[float(t) for t in thresholds],
+        label_positives=positives,
+        label_fitted=fitted,
+    )
 
 
 def _views(logits: torch.Tensor) -> torch.Tensor:

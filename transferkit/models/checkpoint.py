@@ -73,6 +73,8 @@ def checkpoint_section(model: Any) -> dict[str, Any]:
         "trainable_groups": model.freezing.trainable_groups,
         "num_groups": len(model.groups),
         "calibration": model.calibration.to_dict(),
+        # the kind of target, its names and (regression) the training split's scaling; the weights hold it too
+        "target": model.task.describe(),
     }
 
 
@@ -179,6 +181,8 @@ def check_compatible(model: Any, checkpoint: Mapping[str, Any], source: str = "t
     saved_backbone = section.get("backbone", hparams.get("backbone"))
     saved_classes = len(section["class_names"]) if "class_names" in section else hparams.get("num_classes")
     saved_hidden = (hparams.get("head") or {}).get("hidden_dims")
+    saved_kind = (section.get("target") or {}).get("kind", hparams.get("target", "single_label"))
+    own_kind = model.settings.target
     own_backbone = model.backbone.name
     own_classes = int(model.settings.num_classes)
     own_hidden = list(model.settings.head.hidden_dims)
@@ -191,12 +195,15 @@ def check_compatible(model: Any, checkpoint: Mapping[str, Any], source: str = "t
         differences.append(f"num_classes: checkpoint {saved_classes}{listed}, model {own_classes}")
     if saved_hidden is not None and list(saved_hidden) != own_hidden:
         differences.append(f"hidden_dims: checkpoint {list(saved_hidden)}, model {own_hidden}")
+    if saved_kind != own_kind:
+        differences.append(f"target: checkpoint {saved_kind}, model {own_kind}")
     if differences:
         raise CheckpointMismatchError(
             f"{source} does not fit this model: "
             + "; ".join(differences)
             + f". It holds a {_describe(saved_backbone, saved_classes, saved_hidden)}: build the model "
             f"with backbone={saved_backbone!r}, num_classes={saved_classes}"
+            + (f", target={saved_kind!r}" if saved_kind != "single_label" else "")
             + (f", head={{'hidden_dims': {list(saved_hidden)}}}" if saved_hidden is not None else "")
             + " (in a recipe: the model section), or load it with TransferClassifier.from_checkpoint(path), "
             "which rebuilds it as it was saved."
@@ -276,6 +283,9 @@ def preprocessing_of(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     preprocessing = _stored_preprocessing(checkpoint)
     return {
         "class_names": list(section["class_names"]),
+        "target": dict(
+            section.get("target") or {"kind": "single_label", "names": list(section["class_names"])}
+        ),
         "input_size": list(preprocessing["input_size"]),
         "mean": list(preprocessing["mean"]),
         "std": list(preprocessing["std"]),

@@ -6,8 +6,8 @@ import dataclasses
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 
 from transferkit.data.class_groups import resolve_class_groups
@@ -31,7 +31,7 @@ from transferkit.models.backbones import Pretrained, create_backbone
 from transferkit.models.calibration import Calibration
 from transferkit.models.checkpoint import SelfDescribing
 from transferkit.models.heads import ClassifierHead
-from transferkit.models.mixing import BatchMixing, hard_labels, soft_cross_entropy
+from transferkit.models.mixing import BatchMixing
 from transferkit.models.prediction import Predicting
 from transferkit.models.regularisers import Regularisers
 from transferkit.models.scoring import Scoring
@@ -43,29 +43,37 @@ from transferkit.models.settings import (
     PredictionSettings,
     RegularisationSettings,
     RuntimeSettings,
-    inverse_frequency_weights,
 )
+from transferkit.models.tasks import TargetKind, create_task
 
 __all__ = ["TransferClassifier"]
 
 
 class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
-    """A pretrained timm backbone with a new classifier head, fine-tuned with Adam and exponential LR decay.
+    """A pretrained timm backbone with a new head, fine-tuned with Adam and exponential LR decay.
 
-    ``forward(x)`` maps images ``(B, 3, H, W)`` to logits ``(B, num_classes)``. Its settings come in typed
+    ``forward(x)`` maps images ``(B, 3, H, W)`` to the head's outputs ``(B, num_classes)``: the logits of the
+    classes, of each label, or the standardised targets, as the model's ``target`` says; its :attr:`task`
+    (:mod:`~transferkit.models.tasks`) turns them into the loss, the metrics and what a user reads. Its settings come in typed
     groups validated at construction (:mod:`transferkit.models.settings`), read back as :attr:`settings`;
     freezing, penalties, scores, prediction and the checkpoint format are units of their own
     (``self.freezing``, ``self.regularisers``, ``self.scoring``, :class:`~transferkit.models.prediction.Predicting`,
     :mod:`~transferkit.models.checkpoint`).
 
     Args:
-        num_classes: number of classes (the CLI fills it in from the data).
+        num_classes: number of classes, labels (multi-label) or targets (regression): the head's width (the
+            CLI fills it in from the data).
         backbone: timm architecture name.
         pretrained: where the backbone's weights come from: ``bundled``, ``hub``, a file path, or ``False``.
-        class_names: names of the classes, in label order (the CLI fills them in from the data).
+        class_names: names of the classes, labels or targets, in output order (the CLI fills them in from
+            the data).
         class_groups: coarser classes the classes refine, ``{group: [class names]}`` (the CLI fills them
             in from the data): validation and test also score the groups (``val_group_acc`` ...), a group's
             probability being the sum of its classes' (:mod:`transferkit.data.class_groups`).
+        target: the kind of target: ``single_label`` (one class per image, softmax and cross-entropy),
+            ``multi_label`` (labels each present or not, a sigmoid per label and binary cross-entropy, per-label
+            thresholds fitted on validation) or ``regression`` (numbers, MSE or Huber on standardised targets);
+            the CLI fills it in from ``data.target.kind``. Stored in the checkpoint, never read from the labels.
         head, optimizer, lr_schedule, freeze_schedule, regularisation, mixing, prediction, runtime: the
             typed groups of settings (:mod:`transferkit.models.settings`), each given as itself, as a dict of
             the fields to change (``optimizer={"lr": 3e-4}``) or left out (its defaults).
@@ -84,6 +92,7 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         pretrained: Pretrained = "bundled",
         class_names: list[str] | None = None,
         class_groups: dict[str, list[str | int]] | None = None,
+        target: TargetKind = "single_label",
         head: HeadSettings = HeadSettings(),
         optimizer: OptimizerSettings = OptimizerSettings(),
         lr_schedule: LRScheduleSettings = LRScheduleSettings(),
@@ -96,7 +105,7 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
     ) -> None:
         super().__init__()
         s = ClassifierSettings.build(
-            num_classes=num_classes, backbone=backbone, pretrained=pretrained, class_names=class_names,
+            num_classes=num_classes, target=target, backbone=backbone, pretrained=pretrained, class_names=class_names,
             class_groups=class_groups, head=head, optimizer=optimizer, lr_schedule=lr_schedule,
             freeze_schedule=freeze_schedule, regularisation=regularisation, loss=loss, mixing=mixing,
             prediction=prediction, runtime=runtime,
@@ -119,10 +128,15 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         self.mixing = BatchMixing(m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, num_classes)
         self.class_names = list(s.class_names) if s.class_names else [str(i) for i in range(num_classes)]
         self.class_groups = resolve_class_groups(class_groups, self.class_names)  # {group: [class index]}
-        self.scoring = Scoring(num_classes, self.class_groups)
-        # the loss's class weights: given, or counted on the training split when a fit starts (auto)
-        weights = s.loss.class_weights
-        self.class_weights: list[float] | None = list(weights) if isinstance(weights, tuple) else None
+        # the loss, the metrics and what outputs mean; its class or label weights set to auto, and a
+        # regression's target scaling, are counted on the training split when a run starts (setup)
+        self.task = create_task(target, self.class_names, s.loss, s.regularisation.label_smoothing)
+        self.scoring = Scoring(self.task, self.class_groups)
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        """The single-label loss's class weights (given, or counted when a run starts: ``auto``)."""
+        return getattr(self.task, "class_weights", None)
 
     # --- settings ----------------------------------------------------------------------------------
 
@@ -209,12 +223,8 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         if self.settings.runtime.compile and stage == "fit":
             self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
         trainer = attached_trainer(self)
-        if stage in ("fit", "validate", "test") and self.settings.loss.class_weights == "auto":
-            # counted on the training split for every stage that computes the loss, so val_loss and
-            # test_loss weigh the classes as training did (and as a checkpoint's monitor did)
-            self.class_weights = inverse_frequency_weights(
-                training_class_counts(trainer, self.settings.num_classes)
-            )
+        if stage in ("fit", "validate", "test") and self.task.wants_training_targets(stage):
+            self.task.prepare(training_targets(trainer, self.settings))
         strategy = trainer.strategy if trainer is not None else None
         if stage == "fit" and self.freeze_schedule.active and isinstance(strategy, DDPStrategy):
             # frozen groups get no gradients, and unfrozen ones start getting them mid-run: DDP must look
@@ -261,8 +271,8 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         n = len(labels)
         shown = self.settings.runtime.shows_step_loss(self.device.type)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=shown, batch_size=n)
-        correct = (logits.detach().argmax(dim=-1) == hard_labels(labels)).float().mean()
-        self.log("train_acc", correct, on_step=False, on_epoch=True, batch_size=n)
+        score = self.task.training_score(logits, labels)
+        self.log(self.task.train_metric, score, on_step=False, on_epoch=True, batch_size=n)
         if self.regularisers.active:
             penalty = self.regularisers.penalty()  # logged; its L2 part is in the loss, L1 is a proximal step
             self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=n)
@@ -271,15 +281,11 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         return loss
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy with the module's label smoothing and class weights, against hard labels ``(B,)`` or
-        class distributions ``(B, C)`` (mixed batches, soft labels)."""
-        smoothing = self.settings.regularisation.label_smoothing
-        weight = None
-        if self.class_weights is not None:
-            weight = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device)
-        if labels.ndim == 2:
-            return soft_cross_entropy(logits, labels, smoothing, weight)
-        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
+        """The task's loss (:mod:`~transferkit.models.tasks`): cross-entropy with the module's label smoothing
+        and class weights against hard labels ``(B,)`` or class distributions ``(B, C)`` (mixed batches, soft
+        labels); binary cross-entropy against 0/1 labels ``(B, L)``; MSE or Huber against standardised
+        targets ``(B, T)``."""
+        return self.task.loss(logits, labels)
 
     def on_train_epoch_end(self) -> None:
         if self.regularisers.l1:
@@ -299,27 +305,21 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         self._evaluate(*batch, "test")
 
     def _evaluate(self, images: torch.Tensor, labels: torch.Tensor, split: str) -> None:
-        views, scored = None, None
-        if (
-            split == "test" and images.ndim == 4
-        ):  # scored as predict scores: TTA views, calibration, stored decision threshold
-            views = self.view_logits(images).detach()  # (V, B, C), kept for the report
-            probs = self.calibration.probabilities(views).mean(dim=0)
-            logits = (
-                views[0]
-                if self.settings.prediction.tta == "none" and not self.calibration.fitted
-                else probs.clamp_min(1e-12).log()
-            )
-            scored = self.predict_labels(logits.softmax(dim=-1))
+        views = scores = decided = None
+        logits = None
+        if split == "test" and images.ndim == 4:
+            # scored as predict scores: TTA views, calibration, stored thresholds
+            views = self.view_logits(images).detach()  # (V, B, K), kept for the report
+            scores = self.task.scores(views, self.calibration.temperature)
+            decided = self.task.decide(scores, self.calibration)
+            logits = self.task.scored_outputs(views, scores, self.calibration.fitted)
         else:
             logits = self(images)
         self.log(
             f"{split}_loss", self.loss(logits, labels), on_epoch=True, prog_bar=True, batch_size=len(labels)
         )
-        labels = hard_labels(labels)  # what accuracy and the other metrics score
-        for metrics, shown in self.scoring.update(
-            split, logits, labels, logits if scored is None else scored, views
-        ):
+        logged = self.scoring.update(split, logits, labels, decided, views, scores, task=self.task)
+        for metrics, shown in logged:
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=shown)
 
     def on_test_epoch_start(self) -> None:
@@ -367,17 +367,27 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         return self.optimization(*run_length(attached_trainer(self)))
 
 
-def training_class_counts(trainer: Any, num_classes: int) -> list[int]:
-    """Images per class in the training split of the fit ``trainer`` runs (``class_weights: auto``)."""
-    counts = getattr(getattr(trainer, "datamodule", None), "class_counts", None)
-    if counts is None:
+def training_targets(trainer: Any, settings: ClassifierSettings) -> np.ndarray:
+    """The training split's targets of the run ``trainer`` runs, for what the task counts on them
+    (``class_weights: auto``, ``pos_weight: auto``, a regression's target scaling)."""
+    targets = getattr(getattr(trainer, "datamodule", None), "split_targets", None)
+    if targets is None:
         raise ConfigError(
-            "model.loss.class_weights: auto counts the classes of the training split, which this fit's data "
-            "does not give (a transferkit.ImageDataModule does): give the weights as a list, one per class."
+            "the model counts its training split's targets when a run starts (model.loss.class_weights or "
+            "pos_weight: auto, a regression's target scaling), which this run's data does not give (a "
+            "transferkit.ImageDataModule does): give the weights as a list, or train with an ImageDataModule."
         )
-    found = [int(c) for c in counts("train")]
-    if len(found) != num_classes:
+    found = np.asarray(targets("train"))
+    width = 1 if found.ndim == 1 and settings.target == "single_label" else found.shape[-1]
+    expected = 1 if settings.target == "single_label" else settings.num_classes
+    if width != expected or (settings.target == "single_label" and found.ndim != 1):
         raise ConfigError(
-            f"the data has {len(found)} classes and the model {num_classes}: give them the same."
+            f"the data's targets ({found.shape[1:] or 'one class index'} per image) do not fit a "
+            f"{settings.target} model of {settings.num_classes} outputs: give the model and the data the same "
+            "target kind (data.target.kind) and count."
+        )
+    if settings.target == "single_label" and len(found) and found.max() >= settings.num_classes:
+        raise ConfigError(
+            f"the data has more classes than the model's {settings.num_classes}: give them the same."
         )
     return found

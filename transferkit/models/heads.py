@@ -130,8 +130,8 @@ class ClassifierHead(nn.Module):
         leaky_relu_slope: float = 0.01,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ConfigError(f"num_classes must be at least 2, got {num_classes}.")
+        if num_classes < 1:  # one output: a regression of one number, or a single label
+            raise ConfigError(f"the head needs at least one output (num_classes), got {num_classes}.")
         init = check_head(hidden_dims, activation, init, dropout, max_norm)
         self.in_features = in_features
         self.num_classes = num_classes

@@ -106,6 +106,33 @@ def predict_mc_dropout(
     return {"probs": probs, "std": stacked.std(dim=0), "entropy": entropy}
 
 
+@torch.no_grad()
+def task_mc_dropout(
+    model: Any, images: torch.Tensor, samples: int, tta: str, temperature: float
+) -> dict[str, torch.Tensor]:
+    """:func:`predict_mc_dropout` for a model with a ``task`` (:mod:`~transferkit.models.tasks`): each pass's
+    scores (class or label probabilities, or values) from the task, and its uncertainty (the entropy of the
+    mean class distribution, or the mean spread of label probabilities or values)."""
+    if samples < 2:
+        raise ConfigError(f"MC dropout needs at least 2 samples, got {samples}.")
+    check_prediction_settings(tta, 0, 0.0)
+    dropouts = [m for m in model.head.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if not dropouts:
+        raise ConfigError("MC dropout needs dropout in the head; this model was built with dropout=0.")
+    was_training = model.training
+    model.eval()
+    try:
+        for m in dropouts:
+            m.train()
+        draws = []
+        for view in TTA_VIEWS[tta]:
+            features = model.features(view(images))
+            draws += [model.task.scores(model.head(features)[None], temperature) for _ in range(samples)]
+    finally:
+        model.train(was_training)
+    return model.task.uncertainty(torch.stack(draws))
+
+
 class Predicting:
     """The prediction methods of a classifier module with ``settings.prediction`` (its ``tta`` and
     ``mc_dropout``, :class:`~transferkit.models.settings.PredictionSettings`) and a ``calibration``
@@ -113,8 +140,10 @@ class Predicting:
     ``predict_step`` for Lightning's ``predict``, and the same for a batch of images in hand."""
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation); with
-        ``mc_dropout`` a dict of the mean ``probs``, their ``std`` and the predictive ``entropy``."""
+        """Class probabilities ``(B, num_classes)`` (with the module's test-time augmentation), label
+        probabilities ``(B, L)`` or values ``(B, T)`` in the targets' units, as the model's task gives them;
+        with ``mc_dropout`` a dict of the mean ``probs``, their ``std`` and an uncertainty per image
+        (``entropy``)."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
         if self.settings.prediction.mc_dropout:
             return self.predict_mc_dropout(images, self.settings.prediction.mc_dropout)
@@ -125,7 +154,7 @@ class Predicting:
         test-time augmentation views (``tta``: ``none``, ``hflip``, ``flips``, ``d4``; default: the
         module's own), with the calibrated temperature."""
         tta = tta or self.settings.prediction.tta
-        return predict_proba(self, images, tta, self.calibration.temperature)
+        return self.task.scores(view_logits(self, images, tta), self.calibration.temperature)
 
     def view_logits(self, images: torch.Tensor, tta: str | None = None) -> torch.Tensor:
         """Raw logits ``(V, B, C)`` of each test-time augmentation view of images ``(B, 3, H, W)``
@@ -133,9 +162,10 @@ class Predicting:
         return view_logits(self, images, tta or self.settings.prediction.tta)
 
     def predict_labels(self, probs: torch.Tensor) -> torch.Tensor:
-        """Class indices ``(B,)`` from :meth:`predict_proba`'s probabilities: the stored decision threshold
-        for two classes when there is one, else the most probable class."""
-        return self.calibration.predict(probs)
+        """The prediction from :meth:`predict_proba`'s scores: class indices ``(B,)`` (the stored decision
+        threshold for two classes when there is one, else the most probable class), 0/1 labels ``(B, L)``
+        (each label's stored threshold), or the values themselves."""
+        return self.task.decide(probs, self.calibration)
 
     def predict_mc_dropout(
         self, images: torch.Tensor, samples: int = 20, tta: str | None = None
@@ -143,4 +173,4 @@ class Predicting:
         """Monte Carlo dropout over ``samples`` passes (:func:`predict_mc_dropout`): mean ``probs``
         ``(B, C)``, their ``std`` ``(B, C)`` and the predictive ``entropy`` ``(B,)``."""
         tta = tta or self.settings.prediction.tta
-        return predict_mc_dropout(self, images, samples, tta, self.calibration.temperature)
+        return task_mc_dropout(self, images, samples, tta, self.calibration.temperature)

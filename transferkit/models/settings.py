@@ -29,7 +29,7 @@ Checkpoints written before the groups stored the settings flat (``lr``, ``dropou
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from transferkit.finetuning.schedule import FreezeSchedule
 from transferkit.models.calibration import THRESHOLD_METRICS
 from transferkit.models.heads import check_head
 from transferkit.models.prediction import TTA_VIEWS
+from transferkit.models.tasks import TARGET_KINDS, TargetKind, inverse_frequency_weights
 from transferkit.settings import GroupedSettings, SettingsGroup
 
 __all__ = [
@@ -131,19 +132,32 @@ class RegularisationSettings(SettingsGroup):
         )
 
 
+def _weights(value: Any) -> bool:
+    """A list of numbers > 0 (one per class or label)."""
+    return isinstance(value, tuple) and all(
+        isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in value
+    )
+
+
 @dataclass(frozen=True)
 class LossSettings(SettingsGroup):
-    """The training loss (``model.loss``): cross-entropy, with the classes weighted on request.
+    """The training loss (``model.loss``): what it weighs, for the model's kind of target (``target``).
 
     Args:
-        class_weights: ``None`` (every image counts the same), ``auto`` (each class weighted by the inverse
-            of its share of the training split, the weights normalised to a mean of 1, so a class with half
-            the images counts twice as much per image), or one weight per class, in the order of the
-            classes. For a training split whose classes matter equally but are unequally many (macro-F1,
-            recall of a rare defect): the other fix is ``data.loader.sampler: balanced``, which shows the
-            small classes more often instead. ``val_loss`` and ``test_loss`` weigh the classes the same way
-            (``auto`` counts the training split for them too), so early stopping and the best checkpoint
-            follow the weighted loss.
+        class_weights: single label: ``None`` (every image counts the same), ``auto`` (each class weighted
+            by the inverse of its share of the training split, the weights normalised to a mean of 1, so a
+            class with half the images counts twice as much per image), or one weight per class, in the
+            order of the classes. For a training split whose classes matter equally but are unequally many
+            (macro-F1, recall of a rare defect): the other fix is ``data.loader.sampler: balanced``, which
+            shows the small classes more often instead. ``val_loss`` and ``test_loss`` weigh the classes the
+            same way (``auto`` counts the training split for them too), so early stopping and the best
+            checkpoint follow the weighted loss.
+        pos_weight: multi-label: ``None``, ``auto`` (each label's negatives / positives on the training
+            split, so a rare label's positives weigh as much as its negatives) or one weight per label: the
+            weight of a label's positive term in the binary cross-entropy (PyTorch's ``pos_weight``).
+        regression: regression: ``mse`` (mean squared error) or ``huber`` (squared near zero, linear beyond
+            ``huber_delta``, for targets with outliers), on targets standardised on the training split.
+        huber_delta: where Huber's loss turns linear, in standard deviations of the target.
 
     Example:
         >>> LossSettings(class_weights="auto").class_weights
@@ -155,35 +169,29 @@ class LossSettings(SettingsGroup):
     where = "model.loss"
 
     class_weights: str | tuple[float, ...] | None = None
+    pos_weight: str | tuple[float, ...] | None = None
+    regression: Literal["mse", "huber"] = "mse"
+    huber_delta: float = 1.0
 
     def __post_init__(self) -> None:
-        weights = self.class_weights
-        if isinstance(weights, list):
-            object.__setattr__(self, "class_weights", weights := tuple(weights))
+        for name in ("class_weights", "pos_weight"):
+            weights = getattr(self, name)
+            if isinstance(weights, list):
+                object.__setattr__(self, name, weights := tuple(weights))
+            what = "class" if name == "class_weights" else "label"
+            self.require(
+                weights is None or weights == "auto" or _weights(weights),
+                name,
+                f"null, auto, or a list of one number > 0 per {what}",
+            )
+        self.require(self.regression in ("mse", "huber"), "regression", "'mse' or 'huber'")
         self.require(
-            weights is None
-            or weights == "auto"
-            or (
-                isinstance(weights, tuple)
-                and all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights)
-                and all(math.isfinite(w) and w > 0 for w in weights)
-            ),
-            "class_weights",
-            "null, auto, or a list of one number > 0 per class",
+            isinstance(self.huber_delta, int | float)
+            and not isinstance(self.huber_delta, bool)
+            and self.huber_delta > 0,
+            "huber_delta",
+            "a number > 0",
         )
-
-
-def inverse_frequency_weights(counts: Sequence[int]) -> list[float]:
-    """``class_weights: auto`` for a training split with ``counts`` images per class: ``1 / count``,
-    normalised to a mean of 1. A class with no training image gets the largest weight of the others (it
-    adds nothing to the loss, and a weight of infinity would say otherwise)."""
-    counts = [int(c) for c in counts]
-    present = [c for c in counts if c > 0]
-    if not present:
-        raise ConfigError("model.loss.class_weights: auto found no training images to count.")
-    raw = [1.0 / c if c > 0 else 1.0 / min(present) for c in counts]
-    mean = sum(raw) / len(raw)
-    return [round(w / mean, 6) for w in raw]
 
 
 @dataclass(frozen=True)
@@ -326,6 +334,7 @@ class ClassifierSettings(GroupedSettings):
     groups = {**GROUPS, "freeze_schedule": FreezeSchedule}
 
     num_classes: int
+    target: TargetKind = "single_label"
     backbone: str = "tf_efficientnet_lite0"
     pretrained: Any = "bundled"
     class_names: list[str] | None = None
@@ -341,26 +350,71 @@ class ClassifierSettings(GroupedSettings):
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def check(self) -> None:
-        n = self.num_classes
-        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-            raise ConfigError(f"num_classes must be an integer >= 2, got {n!r}.")
+        n, kind = self.num_classes, self.target
+        if kind not in TARGET_KINDS:
+            raise ConfigError(f"model.target must be one of {', '.join(TARGET_KINDS)}, got {kind!r}.")
+        smallest = 2 if kind == "single_label" else 1
+        what = {"single_label": "classes", "multi_label": "labels", "regression": "targets"}[kind]
+        if not isinstance(n, int) or isinstance(n, bool) or n < smallest:
+            raise ConfigError(
+                f"num_classes (the number of {what} of a {kind} model) must be an integer >= {smallest}, "
+                f"got {n!r}."
+            )
         if self.class_names is not None and len(self.class_names) != n:
             raise ConfigError(f"{len(self.class_names)} class_names given for num_classes={n}.")
-        weights = self.loss.class_weights
-        if isinstance(weights, tuple) and len(weights) != n:
-            raise ConfigError(
-                f"model.loss.class_weights gives {len(weights)} weights for num_classes={n}: give one per class, "
-                "in the order of the classes, or auto."
-            )
+        for name, weights in (
+            ("class_weights", self.loss.class_weights),
+            ("pos_weight", self.loss.pos_weight),
+        ):
+            if isinstance(weights, tuple) and len(weights) != n:
+                one = "class" if name == "class_weights" else "label"
+                raise ConfigError(
+                    f"model.loss.{name} gives {len(weights)} weights for num_classes={n}: give one per "
+                    f"{one}, in their order, or auto."
+                )
         if self.prediction.mc_dropout and self.head.dropout == 0:
             raise ConfigError(
                 "model.prediction.mc_dropout needs dropout in the head; set model.head.dropout > 0 (e.g. 0.2)."
             )
-        if self.prediction.decision_threshold is not None and n != 2:
+        if self.prediction.decision_threshold is not None and (n != 2 or kind != "single_label"):
+            own = (
+                ": a multi-label model fits one threshold per label on validation by itself"
+                if kind == "multi_label"
+                else ""
+            )
             raise ConfigError(
                 f"model.prediction.decision_threshold chooses class 1's threshold for two classes; this "
-                f"model has num_classes={n}. Leave it null."
+                f"model has num_classes={n} ({kind}). Leave it null{own}."
             )
+        for name, on, why in self._refused_for_kind():
+            if on:
+                raise ConfigError(f"{name} does not apply to a {kind} model: {why}")
+
+    def _refused_for_kind(self) -> list[tuple[str, bool, str]]:
+        """(setting, whether it is set, why a model of this kind refuses it)."""
+        kind = self.target
+        single, multi, regression = (kind == k for k in ("single_label", "multi_label", "regression"))
+        return [
+            ("model.loss.class_weights", not single and self.loss.class_weights is not None,
+             "it weighs the classes of one label per image; a multi-label model takes model.loss.pos_weight."),
+            ("model.loss.pos_weight", not multi and self.loss.pos_weight is not None,
+             "it weighs each label's positives in a multi-label model's binary cross-entropy."),
+            ("model.loss.regression", not regression and self.loss.regression != "mse",
+             "it chooses a regression model's loss; classes are trained with cross-entropy."),
+            ("model.class_groups", not single and bool(self.class_groups),
+             "a group's probability is the sum of its classes', which holds for classes that exclude each other."),
+            ("model.regularisation.label_smoothing", not single and self.regularisation.label_smoothing > 0,
+             "it smooths a distribution over classes that exclude each other; set it to 0."),
+            ("model.mixing", multi and self.mixing.active,
+             "a CutMix box can cut out the only object of a positive label, which its target would still "
+             "count; turn mixup and CutMix off."),
+            ("model.mixing", regression and self.mixing.active,
+             "a blend of two images has no known target (their targets' blend is a guess); turn mixup and "
+             "CutMix off."),
+            ("model.prediction.calibrate", not single and self.prediction.calibrate,
+             "temperature scaling calibrates a softmax over classes; a multi-label model fits per-label "
+             "thresholds on validation instead, and a regression model gives numbers, not probabilities."),
+        ]  # fmt: skip
 
 
 # the flat settings of checkpoints and recipes from before the groups: old name -> (group, field)

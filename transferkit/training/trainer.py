@@ -328,6 +328,7 @@ class Trainer(L.Trainer):
         }
         if calibration is not None:
             results["calibration"] = calibration.to_dict()
+        results["target"] = model.task.describe() if isinstance(model, TransferClassifier) else None
         skipped = getattr(datamodule, "skipped_images", None)
         if skipped is not None:
             results["skipped_images"] = [f"{e.path}: {e.reason}" for e in skipped]
@@ -335,7 +336,7 @@ class Trainer(L.Trainer):
             results["class_names"] = list(getattr(datamodule, "class_names", []))
             if getattr(datamodule, "class_groups", None):
                 results["class_groups"] = datamodule.class_groups
-            results["split_sizes"] = {s: sum(c.values()) for s, c in datamodule.summary().items()}
+            results["split_sizes"] = datamodule.split_sizes()
         if self.is_global_zero:
             run_dir = Path(self.log_dir or self.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -359,6 +360,12 @@ def connect(model: Any, datamodule: Any) -> None:
     preprocessing its checkpoints describe. Any other model or data module is left as it is."""
     if not isinstance(model, TransferClassifier) or not isinstance(datamodule, ImageDataModule):
         return
+    kind = getattr(datamodule, "target_kind", "single_label")
+    if kind != model.settings.target:
+        raise ConfigError(
+            f"the data's targets are {kind} (data.target.kind) and the model is {model.settings.target} "
+            f"(its target): build the model with target={kind!r}, or load data of its kind."
+        )
     datamodule.use_data_config(model.data_config)
     model.check_input_size(int(datamodule.image_size))  # before training, not at the first batch
     model.set_preprocessing(datamodule.preprocessing())
@@ -367,8 +374,18 @@ def connect(model: Any, datamodule: Any) -> None:
 def _calibration_asked(model: L.LightningModule, datamodule: Any) -> bool:
     """Whether ``finetune`` fits a calibration after training; refused up front (not after a whole run)
     when there is no validation split to fit it on."""
-    asked = isinstance(model, TransferClassifier) and model.settings.prediction.fitted_after_training
-    if asked and datamodule is not None and not getattr(datamodule, "has_validation", True):
+    asked = isinstance(model, TransferClassifier) and model.task.fits_after_training(
+        model.settings.prediction
+    )
+    if not asked or datamodule is None or getattr(datamodule, "has_validation", True):
+        return asked
+    if not model.settings.prediction.fitted_after_training:  # asked by the task itself (per-label thresholds)
+        warn(
+            "data.split.val_fraction=0 holds out no validation split, so the multi-label model's per-label "
+            "thresholds are not fitted: every label is predicted at probability >= 0.5."
+        )
+        return False
+    if asked:
         raise ConfigError(
             "model.prediction.calibrate / model.prediction.decision_threshold are fitted on the validation split, but "
             "data.split.val_fraction=0 holds none out. Keep a validation split (e.g. data.split.val_fraction: 0.15), "
