@@ -59,7 +59,7 @@ class ImageDataModule(L.LightningDataModule):
             folder or URL (``stream``, e.g. ``s3://bucket/packed``).
         csv_path: the CSV file (``csv``).
         task: ELPV only, which of its label sets: ``binary`` (defective = defect probability >= 0.5) or
-            ``4class`` (single label), ``defective_polycrystalline`` (two labels per cell: defective, and
+            ``4class``, ``cell_type`` (monocrystalline or polycrystalline; single label), ``defective_polycrystalline`` (two labels per cell: defective, and
             polycrystalline rather than monocrystalline; multi-label) or ``defect_probability`` (the annotated
             0, 1/3, 2/3 or 1 as a number; regression). ``target.kind`` must match.
         seed: seed of the stratified splits, the augmentation draws and the training order.
@@ -99,7 +99,7 @@ class ImageDataModule(L.LightningDataModule):
         source: SourceName = "folder",
         root: str | None = None,
         csv_path: str | None = None,
-        task: Literal["binary", "4class", "defective_polycrystalline", "defect_probability"] = "binary",
+        task: Literal["binary", "4class", "cell_type", "defective_polycrystalline", "defect_probability"] = "binary",
         seed: int = 0,
         class_groups: dict[str, list[str | int]] | None = None,
         soft_labels: bool = False,

@@ -98,6 +98,7 @@ class DataSource:
 ELPV_TASKS = {
     "binary": "single_label",
     "4class": "single_label",
+    "cell_type": "single_label",
     "defective_polycrystalline": "multi_label",
     "defect_probability": "regression",
 }
@@ -523,6 +524,9 @@ def _elpv_source(task: str) -> DataSource:
     elif task == "defect_probability":  # the annotated probability as a number
         labels = probs.astype(np.float32)[:, None]
         class_names = ["defect_probability"]
+    elif task == "cell_type":  # the other real label: which kind of cell
+        labels = (types == "poly").astype(np.int64)
+        class_names = ["monocrystalline", "polycrystalline"]
     elif task == "binary":
         labels = (probs >= 0.5).astype(np.int64)
         class_names = ["functional", "defective"]
