@@ -62,10 +62,20 @@ def compare(base: list[str], variant: list[str], positive: list[int] | None = No
     """The protocol's figures for runs ``base[i]`` and ``variant[i]`` (seed ``i`` each)."""
     if len(base) != len(variant):
         raise SystemExit(f"give one base and one variant run per seed, got {len(base)} and {len(variant)}")
+    runs = [
+        (b_dir, v_dir, fold_outcomes(b_dir, positive), fold_outcomes(v_dir, positive))
+        for b_dir, v_dir in zip(base, variant, strict=True)
+    ]
+    return {**compare_outcomes(runs), "scored": "group of classes " + str(positive) if positive else "class"}
+
+
+def compare_outcomes(runs: list[tuple[str, str, list[dict], list[dict]]]) -> dict:
+    """The protocol's figures from per-fold outcomes: ``runs`` holds, per seed, the base's and the variant's
+    folder and their :func:`fold_outcomes` (``index`` and ``correct`` per fold), however each run's cells
+    were judged right (a class, a group of classes, one label of a multi-label model, a rounded number)."""
     differences, seeds = [], []
     sizes = []
-    for b_dir, v_dir in zip(base, variant, strict=True):
-        b_folds, v_folds = fold_outcomes(b_dir, positive), fold_outcomes(v_dir, positive)
+    for b_dir, v_dir, b_folds, v_folds in runs:
         if len(b_folds) != len(v_folds):
             raise SystemExit(
                 f"'{b_dir}' has {len(b_folds)} folds, '{v_dir}' {len(v_folds)}: compare equal designs"
@@ -92,12 +102,12 @@ def compare(base: list[str], variant: list[str], positive: list[int] | None = No
                 "mcnemar": mcnemar(pooled_b.tolist(), pooled_v.tolist()),
             }
         )
-    cells = sum(sizes) // len(base)  # every non-test cell validates once per seed
-    n_test = round(cells / (len(sizes) // len(base)))
+    count = len(runs)
+    cells = sum(sizes) // count  # every non-test cell validates once per seed
+    n_test = round(cells / (len(sizes) // count))
     result = corrected_t(differences, n_train=cells - n_test, n_test=n_test)
     return {
-        "design": {"folds": len(sizes) // len(base), "seeds": len(base), "cells_per_seed": cells},
-        "scored": "group of classes " + str(positive) if positive else "class",
+        "design": {"folds": len(sizes) // count, "seeds": count, "cells_per_seed": cells},
         "seeds": seeds,
         "corrected_t": result,
         "smallest_resolved_gain_if_a_a": round(
