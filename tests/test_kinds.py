@@ -338,3 +338,12 @@ def test_finetune_from_a_recipe_hands_the_kind_to_the_model(squares_csv, tmp_pat
     figures = json.loads(metrics.read_text())
     assert set(figures["test"]) >= {"test_mae", "test_rmse", "test_r2", "test_loss"}
     assert figures["target"]["kind"] == "regression" and figures["target"]["names"] == ["level"]
+
+
+def test_a_streaming_pack_of_another_kind_is_refused_before_anything_is_written(squares_csv, tmp_path):
+    from transferkit.data.stream import pack_stream
+
+    dm = _data(squares_csv, {"kind": "multi_label"})
+    with pytest.raises(ConfigError, match=r"pack-data packs one class per image.*multi_label.*train from its CSV"):
+        pack_stream(dm, tmp_path / "pack")
+    assert not (tmp_path / "pack").exists()

@@ -38,7 +38,7 @@ from PIL import Image
 from transferkit.data.augment import decode_side
 from transferkit.data.datasets import sample_seed
 from transferkit.data.images import decode_image, to_rgb
-from transferkit.errors import DatasetError, ImageReadError, MissingDependencyError, warn
+from transferkit.errors import ConfigError, DatasetError, ImageReadError, MissingDependencyError, warn
 
 try:
     import litdata
@@ -87,6 +87,12 @@ def pack_stream(
     ``progress(n)`` is called as samples are done.
     """
     output_dir = str(output_dir)
+    kind = getattr(datamodule, "target_kind", "single_label")
+    if kind != "single_label":
+        raise ConfigError(
+            f"pack-data packs one class per image, and this data's targets are {kind} (data.target.kind): "
+            "train from its CSV instead (a streaming pack of other kinds of target is not supported)."
+        )
     if _is_url(output_dir):
         raise DatasetError(
             f"pack into a local folder, not {output_dir}; then upload it (e.g. aws s3 sync DIR "
