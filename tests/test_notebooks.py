@@ -43,6 +43,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "05_elpv": {"max_samples": 160, "max_epochs": 4, "image_size": 64, "tta": "none"},
     "06_optimizers_and_schedules": {"max_epochs": 4, "max_samples": 500, "image_size": 32},
     "07_interpretation_and_cv": {"max_epochs": 3, "max_samples": 300, "image_size": 64, "folds": 3},
+    "08_labels_and_numbers": {"images": 240, "image_size": 64, "max_epochs": 3},
 }
 
 
@@ -222,6 +223,24 @@ def check_06_optimizers_and_schedules(nb, out: Path) -> None:
     assert images_shown(nb) == 4
     assert re.search(r"Adam: [\d.]+ best validation accuracy, rank \d of 8", text)
     assert "verdict:" in text
+
+
+def check_08_labels_and_numbers(nb, out: Path) -> None:
+    text = text_of(nb)
+    printed = float(re.search(r"test mAP ([\d.]+)", text).group(1))
+    # the per-label table's APs, computed apart with scikit-learn, average to the model's own test_map
+    assert float(re.search(r"mean AP over labels: ([\d.]+)", text).group(1)) == pytest.approx(
+        printed, abs=2e-3
+    )
+    table = re.findall(r"^\s+(\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", text, re.M)
+    assert sorted(int(row[0]) for row in table) == list(range(10)), text
+    assert all(0 < float(row[4]) < 1 for row in table)  # every threshold a probability
+    assert re.search(r"test MAE [\d.]+, RMSE [\d.]+, R\^2 -?[\d.]+", text)
+    # predictions are in the targets' own units: counts of 2-4 digits, not standardised values near 0
+    scaling = re.search(r"'count': \(([\d.]+), ([\d.]+)\)", text)
+    assert 2 <= float(scaling.group(1)) <= 4
+    assert (out / "08_labels_and_numbers" / "regression_scatter.png").is_file()
+    assert images_shown(nb) >= 1
 
 
 CHECKS = {name[len("check_") :]: f for name, f in globals().items() if name.startswith("check_")}
