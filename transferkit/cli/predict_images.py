@@ -7,7 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from transferkit.inference.loading import load_for_inference
-from transferkit.inference.predict import list_images, predict_images, write_predictions_csv
+from transferkit.inference.predict import (
+    describe_columns,
+    list_images,
+    predict_images,
+    write_predictions_csv,
+)
 from transferkit.models.prediction import TTA_VIEWS
 
 
@@ -16,9 +21,12 @@ def main(argv: Sequence[str]) -> int:
         prog="python -m transferkit predict-images",
         description=(
             "Predict image files with a transferkit checkpoint (its own eval pipeline, no recipe) and write "
-            "a CSV: file, predicted, prob_<class> per class, [uncertainty], error. Unreadable images get a "
-            "row with the reason and are listed on stderr; the others are still predicted. Exit status 0 "
-            "when at least one image was predicted, 1 when none could be."
+            "a CSV, its columns by the model's kind of target: single label: file, predicted, prob_<class> "
+            "per class; multi-label: file, predicted_labels (the labels over their stored thresholds, joined "
+            "with ';'), prob_<label> per label; regression: file, predicted_<target> per target (in the "
+            "target's units); then [uncertainty], error. What each column means is printed on stderr. "
+            "Unreadable images get a row with the reason and are listed on stderr; the others are still "
+            "predicted. Exit status 0 when at least one image was predicted, 1 when none could be."
         ),
     )
     parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a transferkit .ckpt file")
@@ -38,7 +46,8 @@ def main(argv: Sequence[str]) -> int:
         type=int,
         default=0,
         metavar="N",
-        help="N >= 2 Monte Carlo dropout passes; adds an 'uncertainty' (entropy) column",
+        help="N >= 2 Monte Carlo dropout passes (the head needs dropout); adds an 'uncertainty' column: the "
+        "entropy of the class probabilities, or the spread of the label probabilities or values",
     )
     parser.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per batch")
     args = parser.parse_args(list(argv))
@@ -57,11 +66,18 @@ def main(argv: Sequence[str]) -> int:
     )
     groups = list(model.class_groups) if getattr(model, "class_groups", None) else None
     out = write_predictions_csv(
-        rows, model.class_names, args.out, uncertainty=bool(args.mc_dropout), groups=groups
+        rows,
+        model.class_names,
+        args.out,
+        uncertainty=bool(args.mc_dropout),
+        groups=groups,
+        kind=model.task.kind,
     )
     failed = [row for row in rows if row["error"]]
     predicted = len(rows) - len(failed)
     print(f"predicted {predicted} of {len(rows)} images -> {out}", file=sys.stderr)
+    for line in describe_columns(model, uncertainty=bool(args.mc_dropout)):
+        print(f"  {line}", file=sys.stderr)
     if failed:
         print(
             f"{len(failed)} images could not be predicted (rows with an 'error' in the CSV):", file=sys.stderr

@@ -1,11 +1,27 @@
 """Export a checkpoint for serving: ONNX or TorchScript, BatchNorm folded, with its preprocessing beside it.
 
-The exported graph maps images ``(B, 3, S, S)`` float32 (already through the eval pipeline) to
-``(logits (B, C), probabilities (B, C))``; the batch size is free. Next to ``model.onnx`` (or
-``model.torchscript.pt``) sits ``model.preprocessing.json``: the eval pipeline (``A.to_dict``, replay it
-with ``A.from_dict``), input size, mean, std and class names. ONNX files also carry it in their
+The exported graph maps images ``(B, 3, S, S)`` float32 (already through the eval pipeline) to two outputs:
+the head's raw outputs, and what ``predict-images`` gives for one view (the task's scores, so a user needs
+nothing but the JSON's thresholds besides the graph); the batch size is free.
+
+==================  =======================================  ==============================================
+kind                outputs                                  the prediction from them
+==================  =======================================  ==============================================
+``single_label``    ``logits`` (B, C), ``probabilities``     the most probable class (or class 1 when
+                    (B, C): ``softmax(logits / T)``          ``probabilities[:, 1] >= calibration.threshold``)
+``multi_label``     ``logits`` (B, L), ``probabilities``     label ``i`` when ``probabilities[:, i] >=
+                    (B, L): ``sigmoid(logits)``              target.thresholds[i]``
+``regression``      ``standardised`` (B, T), ``values``      the values, in the targets' own units
+                    (B, T): ``standardised * std + mean``
+==================  =======================================  ==============================================
+
+Next to ``model.onnx`` (or ``model.torchscript.pt``) sits ``model.preprocessing.json``: the eval pipeline
+(``A.to_dict``, replay it with ``A.from_dict``), input size, mean, std, class names, the ``target`` (its kind,
+names, a multi-label model's thresholds and which were fitted, a regression model's target mean and std),
+``output_names``, ``outputs`` (what each means) and ``decision``. ONNX files also carry it in their
 ``metadata_props`` (key ``transferkit.preprocessing``), TorchScript files as the extra file
-``preprocessing.json``.
+``preprocessing.json``. The graph computes one view: a model whose ``test_time_augmentation`` is not
+``none`` averages the second output over those views in ``predict-images``.
 
 >>> import os, tempfile, torch
 >>> from transferkit import TransferClassifier
@@ -21,6 +37,7 @@ with ``A.from_dict``), input size, mean, std and class names. ONNX files also ca
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -52,8 +69,11 @@ class ExportResult:
     preprocessing: Path
     format: str
     folded_batchnorms: int
-    max_abs_diff: float | None  # exported vs unfolded checkpoint model, logits, on the check batch
+    max_abs_diff: float | None  # exported vs unfolded checkpoint model, raw outputs, on the check batch
     size_bytes: int
+    # exported vs the checkpoint model's predict_proba (one view): probabilities or values
+    scores_max_abs_diff: float | None = None
+    output_names: tuple[str, str] = ("logits", "probabilities")
 
 
 class _Logits(nn.Module):
@@ -68,18 +88,86 @@ class _Logits(nn.Module):
         return self.head(self.backbone(images))
 
 
-class _LogitsAndProbabilities(nn.Module):
-    """Images -> (logits, probabilities): the probabilities are ``softmax(logits / temperature)``, the
-    checkpoint's calibration (1 when it was never calibrated)."""
+class _OutputsAndScores(nn.Module):
+    """Images -> (raw outputs, scores): the scores are the task's for one view (``softmax(logits /
+    temperature)`` with the checkpoint's temperature, 1 when never calibrated; each label's sigmoid; the
+    values un-standardised), what ``predict_proba`` gives."""
 
-    def __init__(self, logits: nn.Module, temperature: float = 1.0) -> None:
+    def __init__(self, logits: nn.Module, task: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.logits = logits
+        self.task = task
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.logits(images)
-        return logits, (logits / self.temperature).softmax(dim=-1)
+        outputs = self.logits(images)
+        return outputs, self.task.scores(outputs[None], self.temperature)
+
+
+def _single_label(model: TransferClassifier) -> dict[str, Any]:
+    calibration = model.calibration
+    return {
+        "outputs": {
+            "logits": "(B, C) float32, as trained",
+            "probabilities": f"(B, C) float32, softmax(logits / {calibration.temperature:.6g})",
+        },
+        "calibration": calibration.to_dict(),
+        "decision": (
+            f"class 1 when probabilities[:, 1] >= {calibration.threshold}"
+            if calibration.threshold is not None
+            else "the most probable class"
+        ),
+    }
+
+
+def _multi_label(model: TransferClassifier) -> dict[str, Any]:
+    calibration = model.calibration
+    fitted = calibration.label_thresholds is not None
+    labels = range(model.task.outputs)
+    return {
+        "target": {
+            "thresholds": model.task.thresholds(calibration),
+            "thresholds_fitted": [fitted and calibration.label_kept(i) for i in labels],
+            "thresholds_fitted_on": calibration.fitted_on if fitted else None,
+            "validation_positives": calibration.label_positives if fitted else None,
+            "thresholds_note": (
+                "each label's threshold maximised its F1 on the validation split; a label with too few "
+                "validation positives or negatives (thresholds_fitted false) keeps 0.5"
+            ),
+        },
+        "outputs": {
+            "logits": "(B, L) float32, one per label, as trained",
+            "probabilities": (
+                "(B, L) float32, sigmoid(logits): each label's probability, independent of the others"
+            ),
+        },
+        "calibration": calibration.to_dict(),
+        "decision": "label i is present when probabilities[:, i] >= target.thresholds[i] (none may be)",
+    }
+
+
+def _regression(model: TransferClassifier) -> dict[str, Any]:
+    return {
+        "target": {
+            "scaling_note": (
+                "the head predicts (value - mean) / std with the training split's mean and std; the graph's "
+                "'values' output has it undone already"
+            ),
+        },
+        "outputs": {
+            "standardised": "(B, T) float32, as trained: (value - target.mean) / target.std",
+            "values": "(B, T) float32, standardised * target.std + target.mean: each target in its own units",
+        },
+        "decision": "the values themselves",
+    }
+
+
+# what the exported graph's two outputs are called, and what preprocessing.json says about them, per kind
+_EXPORTS: dict[str, tuple[tuple[str, str], Any]] = {
+    "single_label": (("logits", "probabilities"), _single_label),
+    "multi_label": (("logits", "probabilities"), _multi_label),
+    "regression": (("standardised", "values"), _regression),
+}
 
 
 def preprocessing_path(model_path: str | os.PathLike) -> Path:
@@ -105,7 +193,8 @@ def export_checkpoint(
         example: a batch ``(B, 3, S, S)`` through the eval pipeline, used to trace and to check the fold;
             default: 2 random normalised images.
         check: run the exported file on ``example`` and compare with the unfolded checkpoint model
-            (ONNX: needs ``onnxruntime``); the largest logit difference is ``max_abs_diff``.
+            (ONNX: needs ``onnxruntime``): the largest difference of the raw outputs is ``max_abs_diff``, of
+            the scores (probabilities or values) against its ``predict_proba`` ``scores_max_abs_diff``.
 
     Returns:
         An :class:`ExportResult`.
@@ -114,19 +203,20 @@ def export_checkpoint(
         raise ConfigError(f"unknown export format '{format}'; choose 'onnx' or 'torchscript'.")
     checkpoint = read_checkpoint(ckpt_path)
     model = build_model(TransferClassifier, checkpoint, ckpt_path)
+    kind = model.task.kind
+    if kind not in _EXPORTS:
+        raise ConfigError(
+            f"export does not know the outputs of a {kind!r} model; it exports {', '.join(_EXPORTS)} models."
+        )
+    output_names, describe = _EXPORTS[kind]
+    described = describe(model)
     preprocessing = preprocessing_of(checkpoint)
     preprocessing["source_checkpoint"] = Path(ckpt_path).name
-    calibration = model.calibration
-    preprocessing["outputs"] = {
-        "logits": "(B, C) float32, as trained",
-        "probabilities": f"(B, C) float32, softmax(logits / {calibration.temperature:.6g})",
-    }
-    preprocessing["calibration"] = calibration.to_dict()
-    preprocessing["decision"] = (
-        f"class 1 when probabilities[:, 1] >= {calibration.threshold}"
-        if calibration.threshold is not None
-        else "the most probable class"
-    )
+    # the model's own task: a regression model's scaling is read from the weights it un-standardises with
+    preprocessing["target"] = {**model.task.describe(), **described.pop("target", {})}
+    preprocessing["output_names"] = list(output_names)
+    preprocessing.update(described)
+    preprocessing["test_time_augmentation"] = model.settings.prediction.tta
     size = int(preprocessing["input_size"][-1])
     if example is None:
         example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -136,23 +226,26 @@ def export_checkpoint(
     unfolded = _Logits(model.backbone, model.head).eval()
     with torch.no_grad():
         expected = unfolded(example)
+        expected_scores = model.predict_proba(example, tta="none")
     folded = fold_batchnorm(unfolded, example)
-    exported = _LogitsAndProbabilities(folded, calibration.temperature).eval()
+    exported = _OutputsAndScores(folded, copy.deepcopy(model.task), model.calibration.temperature).eval()
     folded_count = count_batchnorm(unfolded) - count_batchnorm(folded)
     text = json.dumps(preprocessing, indent=2)
 
     if format == "onnx":
-        _export_onnx(exported, example, out_path, text)
+        _export_onnx(exported, example, out_path, text, output_names)
     else:
         _export_torchscript(exported, example, out_path, text)
     json_path = preprocessing_path(out_path)
     json_path.write_text(text + "\n")
 
-    difference = None
+    difference = scores_difference = None
     if check:
-        logits = _run_exported(out_path, format, example)
-        if logits is not None:
-            difference = float((torch.as_tensor(logits) - expected).abs().max())
+        results = _run_exported(out_path, format, example)
+        if results is not None:
+            outputs, scores = (torch.as_tensor(r) for r in results)
+            difference = float((outputs - expected).abs().max())
+            scores_difference = float((scores - expected_scores).abs().max())
     return ExportResult(
         path=out_path,
         preprocessing=json_path,
@@ -160,6 +253,8 @@ def export_checkpoint(
         folded_batchnorms=folded_count,
         max_abs_diff=difference,
         size_bytes=out_path.stat().st_size,
+        scores_max_abs_diff=scores_difference,
+        output_names=output_names,
     )
 
 
@@ -168,7 +263,9 @@ def _default_out(ckpt_path: Path, format: str) -> Path:
     return ckpt_path.with_name(stem + _SUFFIXES[format])
 
 
-def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, preprocessing: str) -> None:
+def _export_onnx(
+    module: nn.Module, example: torch.Tensor, path: Path, preprocessing: str, output_names: tuple[str, str]
+) -> None:
     missing = [name for name in ("onnx", "onnxscript") if not _importable(name)]
     if missing:
         raise MissingDependencyError(
@@ -184,7 +281,7 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, preproces
             (example,),
             str(path),
             input_names=["images"],
-            output_names=["logits", "probabilities"],
+            output_names=list(output_names),
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             dynamo=True,
             external_data=False,
@@ -212,15 +309,16 @@ def _importable(name: str) -> bool:
 
 
 def _run_exported(path: Path, format: str, example: torch.Tensor) -> Any:
+    """Both outputs of the exported file on ``example`` (``None`` for ONNX without onnxruntime)."""
     if format == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = torch.jit.load(str(path), map_location="cpu")
         with torch.no_grad():
-            return loaded(example)[0]
+            return loaded(example)
     if not _importable("onnxruntime"):
         return None
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"images": example.numpy()})[0]
+    return session.run(None, {"images": example.numpy()})

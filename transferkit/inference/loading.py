@@ -30,6 +30,9 @@ def load_for_inference(path: str | os.PathLike, **overrides: Any) -> tuple[Trans
     Needs no recipe and no network; the checkpoint is read once, with ``weights_only=True``. The
     pipeline maps an ``(H, W, 3) uint8`` RGB image (:func:`transferkit.data.images.load_image`) to the
     ``(3, S, S)`` float tensor the model expects. ``overrides`` as in :func:`load_checkpoint_model`.
+    Every kind of target loads the same way: the model's task (``model.task.kind``), its calibration (a
+    multi-label model's per-label thresholds) and a regression model's target scaling come from the
+    checkpoint, so ``predict_proba`` gives probabilities or values in the targets' units at once.
 
     Example (a checkpoint written by hand here; a training run writes them in its ``checkpoints/``):
         >>> import os, tempfile, numpy as np, torch
