@@ -56,7 +56,7 @@ _TOOL_HELP = {
     "diagnose": "gradient health per layer (vanishing / exploding / dying; saturated units) over a few training batches",
     "augment-search": "rank candidate augmentations and policies against the recipe's by validation loss, in a time budget",
     "augment-preview": "one training image through the recipe's train pipeline N times, in a grid with the pipeline's text",
-    "predict-images": "class probabilities of image files/folders from a checkpoint alone, to CSV (unreadable ones listed)",
+    "predict-images": "predictions of image files/folders (classes, labels over their thresholds, or values) from a checkpoint alone, to CSV",
     "interpret": "top losses with Grad-CAM, per-class table, normalised confusion, calibration (ECE, reliability) of a checkpoint",
     "export": "a checkpoint to ONNX or TorchScript, BatchNorm folded, with <name>.preprocessing.json beside it",
     "check-data": "decode every image of the recipe's data (threads, progress bar) and list each bad file with its reason",

@@ -380,6 +380,12 @@ def _csv_targets_source(csv_path: Path, root: Path | None, target: TargetSetting
         labels, names = _label_columns(csv_path, rows, target.columns), list(target.columns)
     else:
         labels, names = _numeric_columns(csv_path, rows, wanted), list(wanted)
+    joined = [n for n in names if ";" in n] if target.kind == "multi_label" else []
+    if joined:  # predictions list an image's labels joined by ';'
+        raise DatasetError(
+            f"CSV '{csv_path}': the labels {joined} have ';' in their names, which separates the labels of a "
+            "prediction; rename them."
+        )
     if target.kind == "multi_label" and not target.allow_empty:
         empty = [(i, "no label") for i in np.flatnonzero(labels.sum(axis=1) == 0)]
         _refuse_rows(
