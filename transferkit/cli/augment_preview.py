@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transferkit.cli.recipes import config_paths, load_recipe
 from transferkit.errors import ConfigError
-from transferkit.reporting.previews import augment_preview
+from transferkit.reporting.previews import augment_preview, target_text
 
 
 def main(argv: Sequence[str]) -> int:
@@ -40,7 +40,7 @@ def main(argv: Sequence[str]) -> int:
     train = datamodule.datasets["train"]
     if not 0 <= args.index < len(train):
         raise ConfigError(f"--index {args.index} is outside the training split (0..{len(train) - 1}).")
-    label = datamodule.class_names[int(train.labels[args.index])]
+    label = target_text(datamodule.target_kind, datamodule.class_names, train.labels[args.index])
     item = train.items[args.index]
     where = f" {Path(item).name}," if isinstance(item, str) else ""
     augment = datamodule.settings.pipeline.preset

@@ -19,14 +19,23 @@ def main(argv: Sequence[str]) -> int:
             "most confident correct images with Grad-CAM overlays, a per-class table (precision, recall, F1, "
             "support), the row-normalised confusion matrix, a reliability diagram with the expected calibration "
             "error before and after temperature scaling, and for two classes the ROC and precision-recall "
-            "curves. Data: the recipe's split (--config X, test by default) or labelled files (--images DIR "
-            "--labels CSV with 'path' and 'label' columns). Writes PNGs, interpretation.json and "
-            "interpretation.md into --out."
+            "curves. A multi-label model: the per-label table (AP, AUROC, F1 at its threshold), each label's "
+            "confusion, and the top losses with Grad-CAM per predicted label. A regression model: MAE, RMSE and "
+            "R^2 per target, predicted against true, and the largest errors with Grad-CAM. Data: the recipe's "
+            "split (--config X, test by default) or labelled files (--images DIR --labels CSV: a 'path' column, "
+            "and a 'label' column; multi-label, a 'labels' column of names separated by ';' or a 0/1 column per "
+            "label; regression, a column per target, named as the model names them). Writes PNGs, "
+            "interpretation.json and interpretation.md into --out."
         ),
     )
     parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a transferkit .ckpt file")
     parser.add_argument("--images", default=None, help="folder of labelled images (with --labels)")
-    parser.add_argument("--labels", default=None, help="CSV with 'path' (relative to --images) and 'label'")
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="CSV with 'path' (relative to --images) and the targets: 'label'; 'labels' (multi-label); a "
+        "column per target (regression)",
+    )
     parser.add_argument(
         "--split", choices=["test", "val"], default="test", help="with --config (default: test)"
     )
@@ -61,6 +70,7 @@ def main(argv: Sequence[str]) -> int:
             transform,
             preprocessing["mean"],
             preprocessing["std"],
+            kind=model.task.kind,
         )
     out = (
         Path(args.out)

@@ -1,7 +1,8 @@
-"""What a trained model learned and how far to trust it: top losses with Grad-CAM, a per-class table, the
-row-normalised confusion matrix, and calibration before and after temperature scaling.
+"""What a trained model learned and how far to trust it, for each kind of target.
 
-:func:`interpret` computes it all for one split of a data module and writes, into ``out``::
+:func:`interpret` computes it for one split of a data module and writes, into ``out``:
+
+One class per image (``single_label``)::
 
     top_losses.png          the images the model is most wrong about (true, predicted, probability),
                             each also with its Grad-CAM overlay for the predicted class
@@ -10,8 +11,21 @@ row-normalised confusion matrix, and calibration before and after temperature sc
     reliability.png         accuracy vs confidence, before and after temperature scaling, with the ECE
     roc_pr.png              two classes: ROC and precision-recall, the decision threshold marked
     confusion_groups.png    with class groups: the groups' confusion matrix (counts)
-    interpretation.json     every figure above as numbers, the per-class table (and the per-group one)
-    interpretation.md       all of it, linked
+
+Several labels per image (``multi_label``)::
+
+    top_losses.png          the images with the largest loss (binary cross-entropy, mean over labels), each
+                            with one Grad-CAM overlay per predicted label (a label over its threshold)
+    label_confusion.png     a 2 x 2 confusion matrix per label, at the label's threshold
+
+Numbers (``regression``)::
+
+    largest_errors.png      the images with the largest errors, with Grad-CAM of each target's output
+    predicted_vs_true_<target>.png  predicted against true, one per target, with y = x
+
+and, for every kind, ``interpretation.json`` (every figure as numbers: the per-class, per-label or per-target
+table, the ranked images) and ``interpretation.md`` (all of it, linked). Calibration (ECE, reliability) is
+a single-label section: the other kinds say why it is left out.
 
 ``python -m transferkit interpret`` runs it on a checkpoint; :meth:`transferkit.Trainer.finetune` adds the
 same sections to the run report, on the test split.
@@ -21,6 +35,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +50,7 @@ from transferkit.errors import ConfigError
 from transferkit.files import atomic_write
 from transferkit.inference.calibrate import split_outputs
 from transferkit.models.calibration import (
+    MIN_THRESHOLD_POSITIVES,
     Calibration,
     expected_calibration_error,
     fit_calibration,
@@ -45,10 +62,34 @@ __all__ = [
     "InterpretationReport",
     "LabelledImages",
     "interpret",
+    "label_confusion_counts",
+    "label_losses",
+    "label_thresholds",
+    "draw_label_confusion",
+    "draw_predicted_vs_true",
     "labelled_images",
+    "largest_errors",
     "per_class_table",
+    "per_label_markdown",
+    "per_label_table",
+    "per_target_markdown",
+    "per_target_table",
     "rank_predictions",
+    "scatter_name",
 ]
+
+# what interpret writes instead of the calibration sections, for the kinds that have none
+CALIBRATION_LEFT_OUT = {
+    "multi_label": (
+        "Calibration (ECE, reliability diagram) is left out: it compares the most probable class's probability "
+        "with how often that class is right, and a multi-label model decides each label on its own. What was "
+        "fitted on validation is each label's threshold (the per-label table)."
+    ),
+    "regression": (
+        "Calibration (ECE, reliability diagram) is left out: a regression model predicts numbers, not "
+        "probabilities. The predicted-against-true scatter and the largest errors show how far to trust them."
+    ),
+}
 
 
 @dataclass
@@ -69,13 +110,30 @@ def labelled_images(
     transform: Any,
     mean: Any,
     std: Any,
+    kind: str = "single_label",
 ) -> LabelledImages:
-    """The images a CSV (``path``, ``label`` columns; paths relative to ``root``) lists, through a model's
-    eval ``transform``, as a split to interpret. Every label must be one of the model's ``class_names``."""
+    """The images a CSV (a ``path`` column, paths relative to ``root``) lists, through a model's eval
+    ``transform``, as a split to interpret. ``class_names``: the model's classes, labels or targets; ``kind``:
+    its kind of target, which says where the CSV holds them:
+
+    - ``single_label``: a ``label`` column; every label must be one of the model's classes;
+    - ``multi_label``: a ``labels`` column of names separated by ``;`` (each one of the model's labels), or
+      one 0/1 column per label, named as the model's labels;
+    - ``regression``: one numeric column per target, named as the model's targets (or a ``target`` column for
+      a model of one target).
+    """
     from transferkit.data.datasets import ImageDataset
     from transferkit.data.sources import load_source
     from transferkit.errors import DatasetError
 
+    if kind != "single_label":
+        source = load_source(
+            "csv",
+            root=str(root),
+            csv_path=str(labels_csv),
+            target=_csv_target(Path(labels_csv), kind, [str(n) for n in class_names]),
+        )
+        return LabelledImages({"test": ImageDataset(list(source.items), source.labels, transform)}, mean, std)
     source = load_source("csv", root=str(root), csv_path=str(labels_csv))
     names = [str(source.class_names[int(i)]) for i in source.labels]
     unknown = sorted(set(names) - set(map(str, class_names)))
@@ -89,13 +147,51 @@ def labelled_images(
     return LabelledImages({"test": ImageDataset(list(source.items), labels, transform)}, mean, std)
 
 
+def _csv_target(path: Path, kind: str, names: list[str]) -> Any:
+    """Where a CSV of labelled files holds a multi-label or regression model's targets, named as the model
+    names them (so the outputs and the CSV's columns line up)."""
+    import csv
+
+    from transferkit.data.targets import TargetSettings
+    from transferkit.errors import DatasetError
+
+    if not path.is_file():
+        raise DatasetError(f"CSV file '{path}' does not exist.")
+    with path.open(newline="") as handle:
+        columns = next(csv.reader(handle), [])
+    missing = [name for name in names if name not in columns]
+    if kind == "multi_label" and "labels" in columns:  # names separated by ';', each one of the model's
+        return TargetSettings(kind=kind, names=tuple(names))
+    if not missing:  # a 0/1 column per label, or a numeric column per target
+        return TargetSettings(kind=kind, columns=tuple(names))
+    if kind == "regression" and len(names) == 1 and "target" in columns:
+        return TargetSettings(kind=kind)  # one target, in the CSV's 'target' column
+    want = (
+        f"a 'labels' column of the model's label names separated by ';', or a 0/1 column per label named as "
+        f"them ({names})"
+        if kind == "multi_label"
+        else f"a numeric column per target, named as the model's targets ({names})"
+    )
+    raise DatasetError(
+        f"'{path}' has no column {missing} of the model's {kind} targets; it has {columns}. Give {want}."
+    )
+
+
 @dataclass
 class InterpretationReport:
-    """What :func:`interpret` found; ``pngs`` maps each picture's name to its file."""
+    """What :func:`interpret` found; ``pngs`` maps each picture's name to its file.
+
+    ``kind`` is the model's kind of target. One class per image fills ``accuracy``, ``per_class``,
+    ``top_losses``, ``most_confident``, ``calibration``, ``binary`` and ``groups``. Several labels per image
+    fill ``summary`` (``map``, ``f1_macro``, ``f1_micro``, ``auroc``, ``exact_match``), ``per_label`` (see
+    :func:`per_label_table`) and ``top_losses`` (each row's ``gradcam``: the labels overlaid). Numbers fill
+    ``summary`` (``mae``, ``rmse``, ``r2``), ``per_target`` (:func:`per_target_table`) and ``largest_errors``.
+    ``notes`` say which sections were left out for the kind, and why.
+    """
 
     split: str
     images: int
-    accuracy: float
+    accuracy: float | None
     class_names: list[str]
     per_class: list[dict[str, Any]]
     top_losses: list[dict[str, Any]]
@@ -108,16 +204,28 @@ class InterpretationReport:
     problems: list[str] = field(default_factory=list)
     pngs: dict[str, Path] = field(default_factory=dict)
     markdown: Path | None = None
+    kind: str = "single_label"
+    summary: dict[str, float | None] = field(default_factory=dict)
+    per_label: list[dict[str, Any]] | None = None
+    per_target: list[dict[str, Any]] | None = None
+    largest_errors: list[dict[str, Any]] | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("pngs", "markdown")}
+        """Plain types, for JSON: the fields of the report's kind of target, and those every kind has."""
+        elsewhere = {name for fields in _KIND_FIELDS.values() for name in fields} - _KIND_FIELDS[self.kind]
+        out = {k: v for k, v in self.__dict__.items() if k not in ("pngs", "markdown", *elsewhere)}
         out["pngs"] = {name: str(path) for name, path in self.pngs.items()}
         if self.groups is not None:  # the per-image group labels serve the picture; the figures are kept
             out["groups"] = {k: v for k, v in self.groups.items() if k not in ("labels", "predicted")}
         return out
 
     def table(self) -> str:
-        """The per-class table and the calibration figures as text."""
+        """The per-class (per-label, per-target) table and the headline figures as text."""
+        if self.per_label is not None:
+            return self._label_table()
+        if self.per_target is not None:
+            return self._target_table()
         lines = [f"{self.split} split: {self.images} images, accuracy {self.accuracy:.4f}", ""]
         lines.append(f"{'class':<16} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>8}")
         for row in self.per_class:
@@ -141,6 +249,47 @@ class InterpretationReport:
                 f"ECE after (temperature {cal['temperature']:.3f}, {cal['source']}): {cal['ece_after']:.4f}"
             )
         return "\n".join(lines)
+
+    def _label_table(self) -> str:
+        lines = [f"{self.split} split: {self.images} images, {_label_headline(self.summary)}", ""]
+        lines.append(
+            f"{'label':<16} {'positives':>9} {'AP':>6} {'AUROC':>6} {'F1':>6} {'precision':>9} {'recall':>7} "
+            f"{'threshold':>9}"
+        )
+        for row in self.per_label or []:
+            threshold = "" if row["threshold"] is None else f"{row['threshold']:.3f}"
+            threshold += {"kept": " kept", "default": " default"}.get(row["set"] or "", "")
+            lines.append(
+                f"{row['label'][:16]:<16} {row['positives']:>9d} {_score(row['ap']):>6} {_score(row['auroc']):>6} "
+                f"{row['f1']:>6.3f} {row['precision']:>9.3f} {row['recall']:>7.3f} {threshold:>9}"
+            )
+        return "\n".join(lines + [""] + self.notes)
+
+    def _target_table(self) -> str:
+        lines = [f"{self.split} split: {self.images} images, {_target_headline(self.summary)}", ""]
+        lines.append(f"{'target':<16} {'MAE':>10} {'RMSE':>10} {'R^2':>7} {'bias':>10}")
+        for row in self.per_target or []:
+            lines.append(
+                f"{row['target'][:16]:<16} {_units(row['mae']):>10} {_units(row['rmse']):>10} "
+                f"{_score(row['r2']):>7} {_units(row['bias']):>10}"
+            )
+        return "\n".join(lines + [""] + self.notes)
+
+
+# the fields of an InterpretationReport that only some kinds of target fill
+_KIND_FIELDS: dict[str, set[str]] = {
+    "single_label": {
+        "accuracy",
+        "per_class",
+        "top_losses",
+        "most_confident",
+        "calibration",
+        "binary",
+        "groups",
+    },
+    "multi_label": {"summary", "per_label", "top_losses", "notes"},
+    "regression": {"summary", "per_target", "largest_errors", "notes"},
+}
 
 
 def rank_predictions(
@@ -195,6 +344,384 @@ def per_class_table(
     return rows
 
 
+# --- several labels per image ----------------------------------------------------------------------
+
+
+def label_thresholds(calibration: Calibration | None, count: int) -> list[dict[str, Any]]:
+    """Each of ``count`` labels' decision threshold and how it was set: ``fitted`` on validation (the
+    threshold that maximises the label's F1 there), ``kept`` at 0.5 (fewer than
+    :data:`~transferkit.models.calibration.MIN_THRESHOLD_POSITIVES` validation positives or negatives), or
+    ``default`` 0.5 (the model holds no per-label thresholds); with the label's validation positives and
+    where the thresholds were fitted, where known.
+
+    Example:
+        >>> fitted = Calibration(fitted_on="val (40 images)", label_thresholds=[0.3, 0.5],
+        ...                      label_positives=[12, 2], label_fitted=[True, False])
+        >>> [(row["threshold"], row["set"]) for row in label_thresholds(fitted, 2)]
+        [(0.3, 'fitted'), (0.5, 'kept')]
+    """
+    thresholds = getattr(calibration, "label_thresholds", None)
+    if thresholds is None or calibration is None:
+        return [{"threshold": 0.5, "set": "default", "val_positives": None, "fitted_on": None}] * count
+    if len(thresholds) != count:
+        raise ConfigError(
+            f"the model's calibration holds {len(thresholds)} label thresholds for {count} labels; refit them "
+            "(transferkit.inference.calibrate.calibrate) or leave the calibration out of the checkpoint."
+        )
+    positives = calibration.label_positives or [None] * count
+    return [
+        {
+            "threshold": float(threshold),
+            "set": "fitted" if calibration.label_kept(i) else "kept",
+            "val_positives": None if positives[i] is None else int(positives[i]),
+            "fitted_on": calibration.fitted_on,
+        }
+        for i, threshold in enumerate(thresholds)
+    ]
+
+
+def per_label_table(
+    truth: np.ndarray,
+    probs: np.ndarray,
+    predicted: np.ndarray,
+    names: Sequence[str],
+    thresholds: Sequence[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per label, then the macro and the micro average, from 0/1 ``truth`` ``(N, L)``, the labels'
+    probabilities ``probs`` ``(N, L)`` and the 0/1 decisions ``predicted`` ``(N, L)`` (at ``thresholds``, rows
+    of :func:`label_thresholds`, whose fields each row repeats).
+
+    Each row: ``label``, ``positives`` (in ``truth``), ``predicted_positives``, ``ap`` (average precision, the
+    area under the label's precision-recall curve; ``None`` without a positive), ``auroc`` (``None`` without
+    both positives and negatives), and ``f1``, ``precision``, ``recall`` of the decisions. The macro row's
+    ``ap`` is the mAP and its ``f1`` the macro-F1 (the means over labels, as ``test_map`` and
+    ``test_f1_macro``); the micro row counts every decision together (``test_f1_micro``).
+
+    Example:
+        >>> truth = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+        >>> probs = np.array([[0.9, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.1]])
+        >>> rows = per_label_table(truth, probs, (probs >= 0.5).astype(int), ["red", "blue"])
+        >>> [(r["label"], r["ap"], r["f1"]) for r in rows]
+        [('red', 1.0, 1.0), ('blue', 1.0, 0.6666666666666666), ('macro average', 1.0, 0.8333333333333333), ('micro average', None, 0.8571428571428571)]
+    """
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+
+    y = (np.asarray(truth) >= 0.5).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    decided = (np.asarray(predicted) >= 0.5).astype(int)
+    if not y.shape == p.shape == decided.shape or y.ndim != 2 or y.shape[1] != len(names):
+        raise ValueError(
+            f"truth, probs and predicted must all be (images, {len(names)} labels); got {y.shape}, {p.shape} and "
+            f"{decided.shape}."
+        )
+    thresholds = list(thresholds) if thresholds is not None else label_thresholds(None, len(names))
+    precision, recall, f1, _ = precision_recall_fscore_support(y, decided, average=None, zero_division=0)
+    rows: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        positives = int(y[:, i].sum())
+        rows.append(
+            {
+                "label": str(name),
+                "positives": positives,
+                "predicted_positives": int(decided[:, i].sum()),
+                "ap": float(average_precision_score(y[:, i], p[:, i])) if positives else None,
+                "auroc": float(roc_auc_score(y[:, i], p[:, i])) if 0 < positives < len(y) else None,
+                "f1": float(f1[i]),
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                **thresholds[i],
+            }
+        )
+
+    def mean(key: str) -> float | None:
+        values = [row[key] for row in rows if row[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    micro = precision_recall_fscore_support(y, decided, average="micro", zero_division=0)
+    empty = {"threshold": None, "set": None, "val_positives": None, "fitted_on": None}
+    rows += [
+        {
+            "label": "macro average",
+            "positives": int(y.sum()),
+            "predicted_positives": int(decided.sum()),
+            "ap": mean("ap"),
+            "auroc": mean("auroc"),
+            "f1": mean("f1"),
+            "precision": mean("precision"),
+            "recall": mean("recall"),
+            **empty,
+        },
+        {
+            "label": "micro average",
+            "positives": int(y.sum()),
+            "predicted_positives": int(decided.sum()),
+            "ap": None,
+            "auroc": None,
+            "f1": float(micro[2]),
+            "precision": float(micro[0]),
+            "recall": float(micro[1]),
+            **empty,
+        },
+    ]
+    return rows
+
+
+def label_summary(rows: Sequence[dict[str, Any]], truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """The headline figures of a :func:`per_label_table`: ``map``, ``auroc``, ``f1_macro``, ``f1_micro``, and
+    ``exact_match`` (the share of images with every label right)."""
+    macro, micro = rows[-2], rows[-1]
+    right = (np.asarray(truth) >= 0.5) == (np.asarray(predicted) >= 0.5)
+    return {
+        "map": macro["ap"],
+        "auroc": macro["auroc"],
+        "f1_macro": macro["f1"],
+        "f1_micro": micro["f1"],
+        "exact_match": float(right.all(axis=1).mean()) if len(right) else None,
+    }
+
+
+def label_confusion_counts(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Each label's 2 x 2 confusion matrix ``(L, 2, 2)`` from 0/1 ``truth`` and ``predicted`` ``(N, L)``: rows
+    are true absent / present, columns predicted absent / present (``[[TN, FP], [FN, TP]]``).
+
+    Example:
+        >>> label_confusion_counts(np.array([[1, 0], [1, 1], [0, 0]]), np.array([[1, 1], [0, 1], [0, 0]]))[0]
+        array([[1, 0],
+               [1, 1]])
+    """
+    y = (np.asarray(truth) >= 0.5).astype(int)
+    d = (np.asarray(predicted) >= 0.5).astype(int)
+    counts = np.zeros((y.shape[1], 2, 2), dtype=np.int64)
+    for label in range(y.shape[1]):
+        np.add.at(counts[label], (y[:, label], d[:, label]), 1)
+    return counts
+
+
+def label_losses(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each image's loss ``(N,)``: the binary cross-entropy of its labels' probabilities ``(N, L)`` against
+    0/1 ``truth``, the mean over labels (as the multi-label loss, without positive weights).
+
+    Example:
+        >>> label_losses(np.array([[0.9, 0.1], [0.5, 0.5]]), np.array([[1, 0], [1, 1]])).round(3)
+        array([0.105, 0.693])
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    present = np.asarray(truth) >= 0.5
+    return -np.where(present, np.log(p), np.log1p(-p)).mean(axis=1)
+
+
+def per_label_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A :func:`per_label_table` as a markdown table, then what its thresholds are and where they came from."""
+    lines = [
+        "| label | test positives | AP | AUROC | F1 | precision | recall | threshold |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        name = r["label"] if r["threshold"] is not None else f"*{r['label']}*"
+        lines.append(
+            f"| {name} | {r['positives']} | {_score(r['ap'])} | {_score(r['auroc'])} | {r['f1']:.3f} | "
+            f"{r['precision']:.3f} | {r['recall']:.3f} | {_threshold_text(r)} |"
+        )
+    labels = [r for r in rows if r["threshold"] is not None]
+    lines.append("")
+    if all(r["set"] == "default" for r in labels):
+        lines.append(
+            "No per-label thresholds were fitted (the run kept no validation split): every label is predicted "
+            "at probability >= 0.5."
+        )
+        return lines
+    fitted_on = next((r["fitted_on"] for r in labels if r["fitted_on"]), "the validation split")
+    text = (
+        f"Thresholds fitted on {fitted_on}, each the one that maximises its label's F1 there; a label with fewer "
+        f"than {MIN_THRESHOLD_POSITIVES} validation positives (or negatives) keeps 0.5."
+    )
+    kept = [r for r in labels if r["set"] == "kept"]
+    if kept:
+        text += " Kept at 0.5 here: " + ", ".join(
+            f"{r['label']} ({r['val_positives']} validation positives)" if r["val_positives"] is not None
+            else r["label"]
+            for r in kept
+        ) + "."  # fmt: skip
+    else:
+        text += " Every label's threshold was fitted."
+    lines.append(text + " AP and AUROC do not depend on the thresholds; F1, precision and recall do.")
+    return lines
+
+
+def _threshold_text(row: dict[str, Any]) -> str:
+    if row["threshold"] is None:
+        return ""
+    if row["set"] == "fitted":
+        return f"{row['threshold']:.3f} (fitted)"
+    if row["set"] == "kept":
+        return "0.5 (kept: too few validation positives or negatives)"
+    return "0.5 (not fitted)"
+
+
+def _label_headline(summary: dict[str, Any]) -> str:
+    text = (
+        f"mAP {_score(summary.get('map'), 4)}, macro-F1 {_score(summary.get('f1_macro'), 4)}, micro-F1 "
+        f"{_score(summary.get('f1_micro'), 4)}, mean AUROC {_score(summary.get('auroc'), 4)}"
+    )
+    if summary.get("exact_match") is not None:
+        text += f"; every label right on {100 * summary['exact_match']:.1f} % of the images"
+    return text
+
+
+def draw_label_confusion(
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    rows: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    path: str | os.PathLike,
+    split: str = "test",
+) -> Path:
+    """``label_confusion.png`` as :func:`interpret` and the run report draw it: each label's 2 x 2 confusion
+    (:func:`label_confusion_counts` of 0/1 ``truth`` and ``predicted`` ``(N, L)``), titled with its F1 and
+    threshold from the :func:`per_label_table` ``rows``."""
+    subtitles = [f"F1 {r['f1']:.3f} at {_threshold_text(r)}" for r in rows[: len(names)]]
+    return figures.label_confusion_plot(
+        label_confusion_counts(truth, predicted),
+        names,
+        path,
+        subtitles=subtitles,
+        title=f"{split} split: each label at its threshold",
+    )
+
+
+# --- numbers ---------------------------------------------------------------------------------------
+
+
+def per_target_table(truth: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per target of ``truth`` and ``predicted`` ``(N, T)`` (in the targets' own units): ``target``,
+    ``images``, ``mae``, ``rmse``, ``r2`` (``None`` for a target that does not vary) and ``bias`` (the mean of
+    predicted - true). With several targets, an ``all targets`` row as ``test_mae`` and ``test_rmse`` count
+    (every error together) and ``test_r2`` (the mean of the targets' R^2).
+
+    Example:
+        >>> rows = per_target_table(np.array([[1.0], [2.0], [3.0]]), np.array([[1.5], [2.0], [2.5]]), ["level"])
+        >>> {k: round(v, 4) for k, v in rows[0].items() if k in ("mae", "rmse", "r2", "bias")}
+        {'mae': 0.3333, 'rmse': 0.4082, 'r2': 0.75, 'bias': 0.0}
+    """
+    t = np.asarray(truth, dtype=np.float64).reshape(len(truth), -1)
+    v = np.asarray(predicted, dtype=np.float64).reshape(len(predicted), -1)
+    if t.shape != v.shape or t.shape[1] != len(names):
+        raise ValueError(
+            f"truth and predicted must both be (images, {len(names)} targets); got {t.shape} and {v.shape}."
+        )
+    errors = v - t
+    rows = []
+    for i, name in enumerate(names):
+        spread = float(((t[:, i] - t[:, i].mean()) ** 2).sum()) if len(t) else 0.0
+        rows.append(
+            {
+                "target": str(name),
+                "images": len(t),
+                "mae": float(np.abs(errors[:, i]).mean()) if len(t) else None,
+                "rmse": float(np.sqrt((errors[:, i] ** 2).mean())) if len(t) else None,
+                "r2": 1.0 - float((errors[:, i] ** 2).sum()) / spread if spread > 0 else None,
+                "bias": float(errors[:, i].mean()) if len(t) else None,
+            }
+        )
+    if len(names) > 1:
+        r2 = [row["r2"] for row in rows if row["r2"] is not None]
+        rows.append(
+            {
+                "target": "all targets",
+                "images": len(t),
+                "mae": float(np.abs(errors).mean()) if len(t) else None,
+                "rmse": float(np.sqrt((errors**2).mean())) if len(t) else None,
+                "r2": float(np.mean(r2)) if r2 else None,
+                "bias": float(errors.mean()) if len(t) else None,
+            }
+        )
+    return rows
+
+
+def largest_errors(
+    truth: np.ndarray, predicted: np.ndarray, scale: Sequence[float] | None, count: int
+) -> dict[str, np.ndarray]:
+    """The ``count`` images with the largest errors, largest first (``indices``), and every image's error in
+    units of ``scale`` (the training split's standard deviation per target, so that targets of different units
+    weigh alike), the mean over targets (``scaled``); one target ranks exactly by its absolute error.
+
+    Example:
+        >>> largest_errors(np.array([[1.0], [2.0], [3.0]]), np.array([[1.5], [2.0], [1.0]]), [2.0], 2)["indices"]
+        array([2, 0])
+    """
+    t = np.asarray(truth, dtype=np.float64).reshape(len(truth), -1)
+    v = np.asarray(predicted, dtype=np.float64).reshape(len(predicted), -1)
+    spread = np.asarray(scale if scale is not None else [1.0] * t.shape[1], dtype=np.float64)
+    scaled = (np.abs(v - t) / np.where(spread > 0, spread, 1.0)).mean(axis=1)
+    return {"indices": np.argsort(-scaled, kind="stable")[:count], "scaled": scaled}
+
+
+def scatter_name(names: Sequence[str], index: int) -> str:
+    """The file of target ``index``'s predicted-against-true scatter, named after the target.
+
+    Example:
+        >>> scatter_name(["defect probability", "age"], 0)
+        'predicted_vs_true_defect_probability.png'
+    """
+    safe = [re.sub(r"[^A-Za-z0-9_.-]+", "_", str(n)).strip("._") or f"target{i}" for i, n in enumerate(names)]
+    name = safe[index] if safe.count(safe[index]) == 1 else f"{safe[index]}_{index}"
+    return f"predicted_vs_true_{name}.png"
+
+
+def draw_predicted_vs_true(
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    rows: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    index: int,
+    path: str | os.PathLike,
+    split: str = "test",
+) -> Path:
+    """Target ``index``'s scatter (:func:`scatter_name`) as :func:`interpret` and the run report draw it, from
+    ``truth`` and ``predicted`` ``(N, T)`` and its row of the :func:`per_target_table` ``rows``."""
+    return figures.predicted_vs_true_plot(
+        truth[:, index],
+        predicted[:, index],
+        path,
+        name=names[index],
+        figures=rows[index],
+        title=f"{split} split",
+    )
+
+
+def per_target_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A :func:`per_target_table` as a markdown table (errors in the targets' own units)."""
+    lines = [
+        "| target | images | MAE | RMSE | R^2 | mean error (bias) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['target']} | {r['images']} | {_units(r['mae'])} | {_units(r['rmse'])} | {_score(r['r2'], 4)} | "
+        f"{_units(r['bias'])} |"
+        for r in rows
+    ]
+    return lines
+
+
+def _target_headline(summary: dict[str, Any]) -> str:
+    return (
+        f"MAE {_units(summary.get('mae'))}, RMSE {_units(summary.get('rmse'))}, R^2 "
+        f"{_score(summary.get('r2'), 4)} (in the targets' own units)"
+    )
+
+
+def _score(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _units(value: float | None) -> str:
+    """A number in a target's own units: four decimals, or four significant digits when far from 1."""
+    if value is None:
+        return "n/a"
+    size = abs(value)
+    return f"{value:.4f}" if size == 0 or 0.01 <= size < 1000 else f"{value:.4g}"
+
+
 def _group_figures(
     groups: dict[str, list[int]] | None, probs: np.ndarray, labels: np.ndarray, names: list[str]
 ) -> dict[str, Any] | None:
@@ -229,6 +756,68 @@ def _item_name(dataset: Any, index: int) -> str:
     return f"#{index}"
 
 
+class _Looking:
+    """What each kind's interpretation shares: the split's images as the model saw them, Grad-CAM (its layer
+    found once), and pictures drawn or reported as problems."""
+
+    def __init__(
+        self, model: Any, datamodule: Any, split: str, out: Path, count: int, gradcam: bool, names: list[str]
+    ) -> None:
+        self.model, self.split, self.out, self.count, self.gradcam = model, split, out, count, gradcam
+        self.names = names
+        self.datamodule = datamodule
+        self.has_validation = bool(getattr(datamodule, "has_validation", False))
+        self.dataset = datamodule.datasets[split]
+        self.mean, self.std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if self.mean is None or self.std is None:
+            config = model.data_config
+            self.mean, self.std = config["mean"], config["std"]
+        self.problems: list[str] = []
+        self.layer: Any = None  # Grad-CAM's layer, looked up with the first maps
+        self.layer_name: str | None = None
+
+    def attempt(self, report: InterpretationReport, name: str, draw: Callable[[Path], Path]) -> None:
+        try:
+            report.pngs[name] = draw(self.out / name)
+        except Exception as err:  # a picture that fails is reported, the others are still drawn
+            self.problems.append(f"`{name}` was not drawn: {type(err).__name__}: {err}")
+
+    def images(self, chosen: Sequence[int]) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+        """The eval-pipeline tensors of samples ``chosen`` and the images they show."""
+        tensors = [self.dataset[int(i)][0] for i in chosen]
+        return tensors, [_display_image(t, self.mean, self.std) for t in tensors]
+
+    def maps(self, tensors: Sequence[torch.Tensor], outputs: Sequence[int]) -> np.ndarray | None:
+        """Grad-CAM maps of each tensor for the output (class, label or target) beside it; ``None`` when
+        Grad-CAM is off or cannot read the architecture (said in ``problems``)."""
+        if not self.gradcam or not len(tensors):
+            return None
+        try:
+            from transferkit.inference.gradcam import gradcam_layer, gradcam_maps
+
+            self.layer = self.layer or gradcam_layer(self.model, int(tensors[0].shape[-1]))
+            self.layer_name = self.layer[2]
+            return gradcam_maps(
+                self.model, torch.stack(list(tensors)), classes=list(outputs), layer=self.layer
+            )
+        except (ConfigError, ImportError) as err:  # an architecture it cannot read; grad-cam missing
+            if str(err) not in self.problems:
+                self.problems.append(str(err))
+            return None
+
+    def overlays(
+        self, tensors: Sequence[torch.Tensor], outputs: Sequence[Sequence[int]]
+    ) -> list[list[tuple[str, np.ndarray]]]:
+        """Per image, a Grad-CAM map for each of its ``outputs`` (one call for them all), named by the output."""
+        pairs = [(i, o) for i, chosen in enumerate(outputs) for o in chosen]
+        maps = self.maps([tensors[i] for i, _ in pairs], [o for _, o in pairs]) if pairs else None
+        found: list[list[tuple[str, np.ndarray]]] = [[] for _ in tensors]
+        if maps is not None:
+            for (i, o), cam in zip(pairs, maps, strict=True):
+                found[i].append((self.names[o], cam))
+        return found
+
+
 def interpret(
     model: Any,
     datamodule: Any,
@@ -239,23 +828,24 @@ def interpret(
     outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> InterpretationReport:
     """Interpret ``model`` on ``split`` of a set-up ``datamodule``; write the pictures, ``interpretation.json``
-    and ``interpretation.md`` into ``out``.
+    and ``interpretation.md`` into ``out`` (what each kind of target gets: see the module's docstring).
 
     Args:
         model: a :class:`~transferkit.TransferClassifier`; its stored calibration (temperature, decision
-            threshold) decides its probabilities and predictions, as ``predict`` would.
+            threshold, per-label thresholds) decides its probabilities and predictions, as ``predict`` would.
         datamodule: an :class:`~transferkit.ImageDataModule` after ``setup``.
         split: ``test`` or ``val``.
         out: the folder to write into.
-        count: images in each grid (top losses, most confident).
-        gradcam: overlay Grad-CAM maps (:func:`~transferkit.inference.gradcam.gradcam_maps`); an
-            architecture it does not support is noted in ``problems``, the rest is still written.
-        outputs: the split's raw logits ``(V, N, C)`` and labels ``(N,)`` when already computed (the test
-            loop keeps them), else the split is predicted here.
+        count: images in each grid (top losses, most confident, largest errors).
+        gradcam: overlay Grad-CAM maps (:func:`~transferkit.inference.gradcam.gradcam_maps`): of the predicted
+            class, of each predicted label, of each target's output; an architecture it does not support is
+            noted in ``problems``, the rest is still written.
+        outputs: the split's raw outputs ``(V, N, K)`` and truth (labels ``(N,)``, 0/1 labels or numbers
+            ``(N, K)``) when already computed (the test loop keeps them), else the split is predicted here.
 
-    Calibration: "before" is the model's plain softmax; "after" uses the stored temperature when the model
-    was calibrated, otherwise one fitted here on the validation split (shown, not stored). Without a
-    validation split only "before" is shown.
+    Single-label calibration: "before" is the model's plain softmax; "after" uses the stored temperature when
+    the model was calibrated, otherwise one fitted here on the validation split (shown, not stored). Without a
+    validation split only "before" is shown. The other kinds have no such section (``notes`` say why).
 
     Example:
         >>> import tempfile, transferkit as tk
@@ -271,26 +861,47 @@ def interpret(
         raise ConfigError(f"interpret looks at the 'test' or 'val' split, got '{split}'.")
     if count < 1:
         raise ConfigError(f"count must be >= 1, got {count}.")
+    kind = getattr(getattr(model, "task", None), "kind", "single_label")
+    if kind not in _INTERPRETERS:
+        raise ConfigError(
+            f"interpret knows the target kinds {', '.join(_INTERPRETERS)}; this model's is {kind!r}. Interpret "
+            "a model of one of those kinds."
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    logits, labels_t = outputs if outputs is not None else split_outputs(model, datamodule, split)
+    logits, truth = outputs if outputs is not None else split_outputs(model, datamodule, split)
     logits = torch.as_tensor(logits).float()
     logits = logits[None] if logits.ndim == 2 else logits
-    labels = torch.as_tensor(labels_t).long().numpy()
-    names = [str(n) for n in getattr(model, "class_names", range(logits.shape[-1]))]
+    names = [str(n) for n in getattr(model, "class_names", None) or range(logits.shape[-1])]
+    looking = _Looking(model, datamodule, split, out, count, gradcam, names)
+    report = _INTERPRETERS[kind](looking, logits, torch.as_tensor(truth))
+    report.gradcam_layer = looking.layer_name
+    atomic_write(
+        out / "interpretation.json", json.dumps(report.to_dict(), indent=2) + "\n", what="interpretation"
+    )
+    report.markdown = atomic_write(
+        out / "interpretation.md", interpretation_markdown(report, out), what="report"
+    )
+    return report
+
+
+def _interpret_classes(looking: _Looking, logits: torch.Tensor, truth: torch.Tensor) -> InterpretationReport:
+    """One class per image: top losses and most confident with Grad-CAM, per-class table, normalised confusion,
+    calibration (and ROC/PR for two classes, the groups' confusion with class groups)."""
+    model, split, names, problems = looking.model, looking.split, looking.names, looking.problems
+    labels = truth.long().numpy()
     stored: Calibration = model.calibration
     probs = stored.probabilities(logits).mean(dim=0)
     predicted = stored.predict(probs).numpy()
     probs = probs.numpy()
     raw = logits.softmax(dim=-1).mean(dim=0).numpy()
     accuracy = float((predicted == labels).mean())
-    problems: list[str] = []
 
     # calibration: stored, or fitted on validation here for the picture only
     after: Calibration | None = stored if stored.fitted else None
     source = f"stored, fitted on {stored.fitted_on}" if stored.fitted else None
-    if after is None and getattr(datamodule, "has_validation", False) and split != "val":
-        val_logits, val_labels = split_outputs(model, datamodule, "val")
+    if after is None and looking.has_validation and split != "val":
+        val_logits, val_labels = split_outputs(model, looking.datamodule, "val")
         after = fit_calibration(val_logits, val_labels)
         source = f"fitted here on {after.fitted_on}, not stored"
     elif after is None and split == "val":
@@ -327,26 +938,14 @@ def interpret(
         problems=problems,
     )
 
-    def attempt(name: str, draw: Any) -> None:
-        try:
-            report.pngs[name] = draw(out / name)
-        except Exception as err:  # a picture that fails is reported, the others are still drawn
-            problems.append(f"`{name}` was not drawn: {type(err).__name__}: {err}")
-
     # top losses and most confident correct, as the model saw them, with Grad-CAM for the predicted class
-    ranked = rank_predictions(probs, labels, predicted, count)
-    dataset = datamodule.datasets[split]
-    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-    if mean is None or std is None:
-        config = model.data_config
-        mean, std = config["mean"], config["std"]
-    target = None  # Grad-CAM's layer, looked up with the first grid
+    ranked = rank_predictions(probs, labels, predicted, looking.count)
     for key, heading in (("top_losses", "top losses"), ("most_confident", "most confident, correct")):
         chosen = ranked[key].tolist()
         rows = [
             {
                 "index": int(i),
-                "image": _item_name(dataset, i),
+                "image": _item_name(looking.dataset, i),
                 "true": names[labels[i]],
                 "predicted": names[predicted[i]],
                 "probability": float(probs[i, predicted[i]]),
@@ -355,37 +954,28 @@ def interpret(
             for i in chosen
         ]
         setattr(report, key, rows)
-        tensors = [dataset[i][0] for i in chosen]
-        shown = [_display_image(t, mean, std) for t in tensors]
+        tensors, shown = looking.images(chosen)
         titles = [
             f"{r['image']}\ntrue {r['true']}, pred {r['predicted']} ({r['probability']:.2f})" for r in rows
         ]
-        maps = None
-        if gradcam and tensors:
-            try:
-                from transferkit.inference.gradcam import gradcam_layer, gradcam_maps
-
-                target = target or gradcam_layer(model, int(tensors[0].shape[-1]))  # found once, used twice
-                report.gradcam_layer = target[2]
-                chosen_classes = [int(predicted[i]) for i in chosen]
-                maps = gradcam_maps(model, torch.stack(tensors), classes=chosen_classes, layer=target)
-            except (ConfigError, ImportError) as err:  # an architecture it cannot read; grad-cam missing
-                if str(err) not in problems:
-                    problems.append(str(err))
-        attempt(
+        maps = looking.maps(tensors, [int(predicted[i]) for i in chosen])
+        looking.attempt(
+            report,
             f"{key}.png",
             lambda path, shown=shown, titles=titles, maps=maps, heading=heading: figures.prediction_grid(
                 shown, titles, path, maps=maps, title=f"{split} split: {heading}"
             ),
         )
 
-    attempt(
+    looking.attempt(
+        report,
         "confusion_normalised.png",
         lambda path: plots.confusion_matrix_plot(
             labels, predicted, names, path, normalize="true", title=f"{split} split, rows sum to 1 (recall)"
         ),
     )
-    attempt(
+    looking.attempt(
+        report,
         "reliability.png",
         lambda path: figures.reliability_diagram(
             bins, eces, path, title=f"{split} split: {len(labels)} images"
@@ -393,7 +983,8 @@ def interpret(
     )
     if report.groups is not None:
         groups = report.groups
-        attempt(
+        looking.attempt(
+            report,
             "confusion_groups.png",
             lambda path: plots.confusion_matrix_plot(
                 groups["labels"],
@@ -420,27 +1011,190 @@ def interpret(
             "average_precision": curves["average_precision"],
             **point,
         }
-        attempt("roc_pr.png", lambda path: figures.roc_pr_plot(curves, path, operating_point=point))
+        looking.attempt(
+            report, "roc_pr.png", lambda path: figures.roc_pr_plot(curves, path, operating_point=point)
+        )
+    return report
 
-    atomic_write(
-        out / "interpretation.json", json.dumps(report.to_dict(), indent=2) + "\n", what="interpretation"
+
+def _interpret_labels(looking: _Looking, logits: torch.Tensor, truth: torch.Tensor) -> InterpretationReport:
+    """Several labels per image: the per-label table at the stored thresholds, each label's 2 x 2 confusion,
+    and the images with the largest loss, with Grad-CAM of each predicted label."""
+    model, split, names = looking.model, looking.split, looking.names
+    task = model.task
+    scores = task.scores(logits)
+    decided = task.decide(scores, model.calibration).numpy()
+    probs = scores.numpy()
+    present = (truth.float().numpy() >= 0.5).astype(int)
+    thresholds = label_thresholds(model.calibration, len(names))
+    rows = per_label_table(present, probs, decided, names, thresholds)
+    notes = [CALIBRATION_LEFT_OUT["multi_label"]]
+    if split == "val" and any(r["set"] == "fitted" for r in thresholds):
+        notes.append(
+            "The thresholds were fitted on this split, so its F1, precision and recall are optimistic; AP and "
+            "AUROC are not affected."
+        )
+    report = InterpretationReport(
+        split=split,
+        images=len(present),
+        accuracy=None,
+        class_names=names,
+        per_class=[],
+        top_losses=[],
+        most_confident=[],
+        calibration={},
+        binary=None,
+        gradcam_layer=None,
+        problems=looking.problems,
+        kind="multi_label",
+        summary=label_summary(rows, present, decided),
+        per_label=rows,
+        notes=notes,
     )
-    report.markdown = atomic_write(
-        out / "interpretation.md", interpretation_markdown(report, out), what="report"
+    losses = label_losses(probs, present)
+    chosen = np.argsort(-losses, kind="stable")[: looking.count].tolist()
+    wanted = [np.flatnonzero(decided[i]).tolist() for i in chosen]
+    tensors, shown = looking.images(chosen)
+    overlays = looking.overlays(tensors, wanted)
+    for i, maps in zip(chosen, overlays, strict=True):
+        report.top_losses.append(
+            {
+                "index": int(i),
+                "image": _item_name(looking.dataset, i),
+                "true": [names[j] for j in np.flatnonzero(present[i])],
+                "predicted": [names[j] for j in np.flatnonzero(decided[i])],
+                "probabilities": {name: float(p) for name, p in zip(names, probs[i], strict=True)},
+                "loss": float(losses[i]),
+                "gradcam": [name for name, _ in maps],
+            }
+        )
+    captions = [
+        f"{r['image']}, loss {r['loss']:.3f}\ntrue: {_with_probabilities(r, 'true')}\n"
+        f"predicted: {_with_probabilities(r, 'predicted')}"
+        for r in report.top_losses
+    ]
+    overlays = [[(f"Grad-CAM: {name}", cam) for name, cam in maps] for maps in overlays]
+    looking.attempt(
+        report,
+        "top_losses.png",
+        lambda path: figures.overlay_grid(
+            shown, captions, overlays, path, title=f"{split} split: top losses (BCE, mean over labels)"
+        ),
+    )
+    looking.attempt(
+        report,
+        "label_confusion.png",
+        lambda path: draw_label_confusion(present, decided, rows, names, path, split),
     )
     return report
 
 
-def interpretation_markdown(report: InterpretationReport, folder: Path, level: int = 1) -> str:
-    """The report's sections as markdown, the pictures linked relative to ``folder``; ``level`` is the
-    heading level of the title (2 inside the run report)."""
-    h = "#" * level
+def _interpret_values(looking: _Looking, logits: torch.Tensor, truth: torch.Tensor) -> InterpretationReport:
+    """Numbers: the per-target table, a predicted-against-true scatter per target, and the images with the
+    largest errors, with Grad-CAM of each target's output."""
+    model, split, names = looking.model, looking.split, looking.names
+    values = model.task.scores(logits).numpy().astype(np.float64)
+    true = truth.double().numpy().reshape(len(values), -1)
+    rows = per_target_table(true, values, names)
+    overall = rows[-1]
+    report = InterpretationReport(
+        split=split,
+        images=len(true),
+        accuracy=None,
+        class_names=names,
+        per_class=[],
+        top_losses=[],
+        most_confident=[],
+        calibration={},
+        binary=None,
+        gradcam_layer=None,
+        problems=looking.problems,
+        kind="regression",
+        summary={"mae": overall["mae"], "rmse": overall["rmse"], "r2": overall["r2"]},
+        per_target=rows,
+        largest_errors=[],
+        notes=[CALIBRATION_LEFT_OUT["regression"]],
+    )
+    ranked = largest_errors(true, values, model.task.describe().get("std"), looking.count)
+    chosen = ranked["indices"].tolist()
+    tensors, shown = looking.images(chosen)
+    overlays = looking.overlays(tensors, [list(range(len(names)))] * len(chosen))
+    for i in chosen:
+        report.largest_errors.append(
+            {
+                "index": int(i),
+                "image": _item_name(looking.dataset, i),
+                "true": {n: float(v) for n, v in zip(names, true[i], strict=True)},
+                "predicted": {n: float(v) for n, v in zip(names, values[i], strict=True)},
+                "error": {n: float(v) for n, v in zip(names, values[i] - true[i], strict=True)},
+                "scaled_error": float(ranked["scaled"][i]),
+            }
+        )
+    captions = [
+        r["image"]
+        + "".join(
+            f"\n{n}: true {_units(r['true'][n])}, pred {_units(r['predicted'][n])} "
+            f"(error {'+' if r['error'][n] >= 0 else ''}{_units(r['error'][n])})"
+            for n in names[:3]
+        )
+        for r in report.largest_errors
+    ]
+    overlays = [[(f"Grad-CAM: {name}", cam) for name, cam in maps] for maps in overlays]
+    looking.attempt(
+        report,
+        "largest_errors.png",
+        lambda path: figures.overlay_grid(
+            shown, captions, overlays, path, title=f"{split} split: largest errors"
+        ),
+    )
+    for i in range(len(names)):
+        looking.attempt(
+            report,
+            scatter_name(names, i),
+            lambda path, i=i: draw_predicted_vs_true(true, values, rows, names, i, path, split),
+        )
+    return report
 
+
+# how each kind of target is interpreted (the one place interpret tells the kinds apart)
+_INTERPRETERS: dict[str, Callable[[_Looking, torch.Tensor, torch.Tensor], InterpretationReport]] = {
+    "single_label": _interpret_classes,
+    "multi_label": _interpret_labels,
+    "regression": _interpret_values,
+}
+
+
+def interpretation_markdown(
+    report: InterpretationReport, folder: Path, level: int = 1, tables: bool = True
+) -> str:
+    """The report's sections as markdown, the pictures linked relative to ``folder``; ``level`` is the
+    heading level of the title (2 inside the run report). ``tables=False`` leaves out the per-label or
+    per-target table and its pictures (the run report shows them already, from the test loop); a single-label
+    report is written whole."""
+    h = "#" * level
+    lines = [f"{h} Interpretation ({report.split} split, {report.images} images)", ""]
+    lines += _MARKDOWN.get(report.kind, _classes_markdown)(report, folder, h, tables)
+    if report.problems:
+        lines += ["", f"{h}# Problems", ""] + [f"- {p}" for p in report.problems]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(
+    report: InterpretationReport, folder: Path, name: str, heading: str, caption: str = ""
+) -> list[str]:
+    """A picture and its caption, or the line saying it was not drawn."""
+    if name in report.pngs:
+        lines = [f"![{heading}]({os.path.relpath(report.pngs[name], folder)})", ""]
+    else:
+        lines = ["Not drawn; see Problems.", ""]
+    return lines + ([caption] if caption else [])
+
+
+def _classes_markdown(report: InterpretationReport, folder: Path, h: str, tables: bool) -> list[str]:
     def link(name: str) -> str:
         return os.path.relpath(report.pngs[name], folder)
 
-    lines = [f"{h} Interpretation ({report.split} split, {report.images} images)", ""]
-    lines += [f"Accuracy {report.accuracy:.4f}.", ""]
+    lines = [f"Accuracy {report.accuracy:.4f}.", ""]
     lines += [
         f"{h}# Per class",
         "",
@@ -512,6 +1266,101 @@ def interpretation_markdown(report: InterpretationReport, folder: Path, level: i
             lines += ["Not drawn; see Problems.", ""]
         if caption:
             lines.append(caption)
-    if report.problems:
-        lines += ["", f"{h}# Problems", ""] + [f"- {p}" for p in report.problems]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _labels_markdown(report: InterpretationReport, folder: Path, h: str, tables: bool) -> list[str]:
+    lines = [_label_headline(report.summary) + ".", ""]
+    if tables:
+        lines += [f"{h}# Per label", ""] + per_label_markdown(report.per_label or []) + [""]
+        lines += _figure(
+            report,
+            folder,
+            "label_confusion.png",
+            "Each label's confusion matrix",
+            "Each label at its threshold: rows true absent / present, columns predicted absent / present.",
+        )
+        lines.append("")
+    gradcam = (
+        f" Beside each image, Grad-CAM from `{report.gradcam_layer}` of each predicted label (a label over its "
+        "threshold): the regions that raise that label's probability."
+        if report.gradcam_layer
+        else ""
+    )
+    lines += [f"{h}# Top losses", ""]
+    lines += _figure(
+        report,
+        folder,
+        "top_losses.png",
+        "Top losses",
+        "The images with the largest loss (binary cross-entropy of the labels' probabilities, the mean over "
+        f"labels): caption = true labels, predicted labels, each with its probability.{gradcam}",
+    )
+    lines += ["", "| image | true | predicted | loss |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| {r['image']} | {_with_probabilities(r, 'true')} | {_with_probabilities(r, 'predicted')} | "
+        f"{r['loss']:.4f} |"
+        for r in report.top_losses
+    ]
+    return lines + ["", f"{h}# Calibration", ""] + _notes(report)
+
+
+def _values_markdown(report: InterpretationReport, folder: Path, h: str, tables: bool) -> list[str]:
+    names = report.class_names
+    lines = [_target_headline(report.summary) + ".", ""]
+    if tables:
+        lines += [f"{h}# Per target", ""] + per_target_markdown(report.per_target or []) + [""]
+        for i, name in enumerate(names):
+            lines += _figure(report, folder, scatter_name(names, i), f"Predicted against true: {name}")
+            lines.append("")
+        lines.append("Each point an image; the line is y = x (a perfect prediction).")
+        lines.append("")
+    lines += [f"{h}# Largest errors", ""]
+    lines += ["| image | " + " | ".join(f"true {n} | predicted {n} | error {n}" for n in names) + " |"]
+    lines += ["| --- | " + " | ".join(["--- | --- | ---"] * len(names)) + " |"]
+    lines += [
+        f"| {r['image']} | "
+        + " | ".join(
+            f"{_units(r['true'][n])} | {_units(r['predicted'][n])} | {_units(r['error'][n])}" for n in names
+        )
+        + " |"
+        for r in report.largest_errors or []
+    ]
+    lines.append("")
+    gradcam = (
+        f" Beside each image, Grad-CAM from `{report.gradcam_layer}` of each target's output: the regions that "
+        "raise the predicted value."
+        if report.gradcam_layer
+        else ""
+    )
+    lines += _figure(
+        report,
+        folder,
+        "largest_errors.png",
+        "Largest errors",
+        "Error = predicted - true, in the target's own units"
+        + (
+            " (ranked by the mean over targets of |error| / the training split's spread)"
+            if len(names) > 1
+            else ""
+        )
+        + f".{gradcam}",
+    )
+    return lines + ["", f"{h}# Calibration", ""] + _notes(report)
+
+
+def _with_probabilities(row: dict[str, Any], which: str) -> str:
+    """A top-loss row's true or predicted labels, each with its probability (``none`` for no label)."""
+    return ", ".join(f"{n} ({row['probabilities'][n]:.2f})" for n in row[which]) or "none"
+
+
+def _notes(report: InterpretationReport) -> list[str]:
+    return [line for note in report.notes for line in (note, "")][:-1]
+
+
+# how each kind's interpretation reads
+_MARKDOWN: dict[str, Callable[[InterpretationReport, Path, str, bool], list[str]]] = {
+    "single_label": _classes_markdown,
+    "multi_label": _labels_markdown,
+    "regression": _values_markdown,
+}

@@ -404,8 +404,10 @@ def learning_curves(
     path: str | os.PathLike,
     unfreeze_epochs: Sequence[int] | None = None,
     title: str | None = None,
+    scores: Sequence[str] | None = None,
+    score_label: str = "score",
 ) -> Path:
-    """Loss and accuracy per epoch, train vs validation, from a run's logged metrics.
+    """Loss and accuracy (or the scores named) per epoch, train vs validation, from a run's logged metrics.
 
     Args:
         metrics: anything :func:`epoch_metrics` reads: usually ``Path(trainer.log_dir) / "metrics.csv"``.
@@ -415,6 +417,9 @@ def learning_curves(
         unfreeze_epochs: epochs at which backbone groups were unfrozen, drawn as dashed lines just before
             the epoch; ``None`` = read from the logged ``trainable_groups`` (``[]`` draws none).
         title: the figure's title.
+        scores: the logged columns of the second panel in place of accuracy, each under its own name (e.g. a
+            multi-label model's ``val_map`` and ``val_f1_macro``, a regression's ``train_mae`` and ``val_mae``);
+            those not logged are left out. ``score_label`` names the panel's axis.
 
     Example:
         >>> import tempfile, os
@@ -424,16 +429,20 @@ def learning_curves(
         'lc.png'
     """
     table = epoch_metrics(metrics)
+    second = (
+        ("accuracy", _ACC_COLUMNS) if scores is None else (score_label, tuple((name,) for name in scores))
+    )
     panels = []
-    for label, (train_names, val_names) in (("loss", _LOSS_COLUMNS), ("accuracy", _ACC_COLUMNS)):
-        series = [s for s in (_series(table, train_names), _series(table, val_names)) if s is not None]
+    for label, columns in (("loss", _LOSS_COLUMNS), second):
+        series = [s for s in (_series(table, names) for names in columns) if s is not None]
         if series:
             panels.append((label, series))
     if not panels:
         logged = ", ".join(k for k in table if k != "epoch") or "nothing"
+        wanted = "train_acc / val_acc" if scores is None else " / ".join(scores)
         raise ValueError(
-            f"no per-epoch loss or accuracy to draw: the metrics hold {logged}. Expected train_loss_epoch / "
-            "val_loss / train_acc / val_acc, as TransferClassifier logs them."
+            f"no per-epoch loss or score to draw: the metrics hold {logged}. Expected train_loss_epoch / "
+            f"val_loss / {wanted}, as TransferClassifier logs them."
         )
     marks = unfreeze_epochs_from(metrics) if unfreeze_epochs is None else list(unfreeze_epochs)
 
@@ -443,7 +452,9 @@ def learning_curves(
     for ax, (label, series) in zip(axes, panels, strict=True):
         for name, xs, ys in series:
             style = "-o" if name.startswith("train") else "-s"
-            ax.plot(xs, ys, style, markersize=4, label="train" if name.startswith("train") else "validation")
+            shown = "train" if name.startswith("train") else "validation"
+            named = scores is not None and label != "loss"  # several scores: each under its own name
+            ax.plot(xs, ys, style, markersize=4, label=name if named else shown)
         for i, epoch in enumerate(marks):
             # the value at x = e is the end of epoch e, so unfreezing at epoch e sits between e-1 and e
             ax.axvline(

@@ -1,4 +1,5 @@
-"""The train pipeline shown: one image through it N times in a grid, with the pipeline listed under it."""
+"""The train pipeline shown: one image through it N times in a grid, with the pipeline listed under it; and
+a training image's target in words, for each kind of target (:func:`target_text`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import inspect
 import math
 import os
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,34 @@ import numpy as np
 import transferkit.reporting.plots as plots
 from transferkit.containers import plain
 
-__all__ = ["augment_preview", "pipeline_text"]
+__all__ = ["augment_preview", "pipeline_text", "target_text"]
+
+
+def target_text(kind: str, names: Sequence[str], target: Any) -> str:
+    """An image's target as a caption: its class (``single_label``, a class index), its labels
+    (``multi_label``, 0/1 per label; ``no label`` when none is present), or its numbers (``regression``).
+
+    Example:
+        >>> target_text("single_label", ["cat", "dog"], 1), target_text("multi_label", ["red", "blue"], [1.0, 1.0])
+        ('dog', 'red, blue')
+        >>> target_text("regression", ["level"], [0.53125])
+        'level 0.531'
+    """
+    if kind not in _TARGET_TEXT:
+        raise ValueError(f"unknown target kind {kind!r}; choose one of {', '.join(_TARGET_TEXT)}.")
+    return _TARGET_TEXT[kind]([str(n) for n in names], np.asarray(target))
+
+
+# how each kind of target reads in a caption
+_TARGET_TEXT = {
+    "single_label": lambda names, target: names[int(target)] if names else str(int(target)),
+    "multi_label": lambda names, target: (
+        ", ".join(n for n, on in zip(names, target >= 0.5, strict=True) if on) or "no label"
+    ),
+    "regression": lambda names, target: ", ".join(
+        f"{n} {float(v):.3g}" for n, v in zip(names, target.reshape(-1), strict=True)
+    ),
+}
 
 
 def _non_default_params(transform: A.BasicTransform) -> dict[str, Any]:
