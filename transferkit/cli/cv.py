@@ -1,5 +1,5 @@
 """``python -m transferkit cv --config X --folds 5 [--ensemble] [--out DIR]``: stratified k-fold
-cross-validation of a recipe."""
+cross-validation of a recipe, of any kind of target (single label, multi-label, regression)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ def main(argv: Sequence[str]) -> int:
         description=(
             "Stratified k-fold cross-validation of the recipe over its non-test images: fold i validates on "
             "the i-th part and trains on the rest, each a full run in DIR/fold_i/. Prints and writes the "
-            "per-fold figures with their mean and std (cv.json, cv.csv) and the out-of-fold predictions "
-            "(oof_predictions.csv). The test split stays the recipe's and is not scored without --ensemble. "
-            "Run the same command again to resume a stopped cross-validation."
+            "per-fold figures of the recipe's kind of target (accuracy and F1; mAP, F1 and AUROC of labels; "
+            "MAE, RMSE and R^2 of numbers) with their mean and std (cv.json, cv.csv) and the out-of-fold "
+            "predictions (oof_predictions.csv). The test split stays the recipe's and is not scored without "
+            "--ensemble. Run the same command again to resume a stopped cross-validation."
         ),
         epilog="The recipe: --config recipes/X.yaml, and any field overridden as for fit (--model.optimizer.lr 3e-4, or --lr 3e-4).",
     )
@@ -37,7 +38,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--ensemble",
         action="store_true",
-        help="also score the fold models on the test split, alone and as an ensemble (averaged probabilities)",
+        help="also score the fold models on the test split, alone and as an ensemble (their class or label "
+        "probabilities, or values, averaged)",
     )
     parser.add_argument(
         "--checkpoint",

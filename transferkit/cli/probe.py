@@ -1,4 +1,5 @@
-"""``python -m transferkit probe --config X``: a linear probe of the frozen features after every group."""
+"""``python -m transferkit probe --config X``: a linear probe of the frozen features after every group
+(scored by accuracy, mAP or R^2, by the data's kind of target)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from transferkit.cli.recipes import load_recipe
-from transferkit.tuning.probing import probe
+from transferkit.tuning.probing import METRIC_LABELS, probe
 
 
 def main(argv: Sequence[str]) -> int:
@@ -24,12 +25,16 @@ def main(argv: Sequence[str]) -> int:
         f"({report.train_images} train / {report.val_images} val images)"
     )
     table = Table(title=title)
-    for column in ("group", "output of", "width", "train acc", "val acc"):
-        table.add_column(column, justify="right" if column in ("width", "train acc", "val acc") else "left")
-    best = max(r.val_acc for r in report.results)
+    label = METRIC_LABELS.get(report.results[0].metric, report.results[0].metric)
+    scores = (f"train {label}", f"val {label}")  # accuracy, mAP or R^2, by the kind of target
+    for column in ("group", "output of", "width", *scores):
+        table.add_column(column, justify="right" if column in ("width", *scores) else "left")
+    best = max(r.val_score for r in report.results)
     for r in report.results:
-        mark = " *" if r.val_acc == best else ""
-        table.add_row(f"g{r.group}", r.module, str(r.width), f"{r.train_acc:.3f}", f"{r.val_acc:.3f}{mark}")
+        mark = " *" if r.val_score == best else ""
+        table.add_row(
+            f"g{r.group}", r.module, str(r.width), f"{r.train_score:.3f}", f"{r.val_score:.3f}{mark}"
+        )
     console = Console(width=max(Console().width, 120))
     console.print(table)
     console.print(f"suggestion: {report.suggestion}")

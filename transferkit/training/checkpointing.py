@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from transferkit.files import atomic_write
 from transferkit.lightning_internals import last_saved_step, save_last_checkpoint, saves_on_train_epoch_end
+from transferkit.training.early_stopping import check_monitor
 
 __all__ = ["DEFAULT_CHECKPOINT", "AtomicCheckpointIO", "RunCheckpoint"]
 
@@ -51,7 +52,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RunCheckpoint(ModelCheckpoint):
     """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` that rewrites ``last.ckpt`` after every
     epoch (with ``save_last=True``), not only in epochs that also save a new best, so a killed run
-    resumes from its latest epoch with ``ckpt_path=last``.
+    resumes from its latest epoch with ``ckpt_path=last``. When a fit starts, a ``monitor`` that the model's
+    kind of target does not log, or a ``mode`` that contradicts it, is refused
+    (:func:`~transferkit.training.early_stopping.check_monitor`).
 
     Args: those of ``ModelCheckpoint``.
 
@@ -61,6 +64,11 @@ class RunCheckpoint(ModelCheckpoint):
         >>> trainer.checkpoint_callback.save_last
         True
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            check_monitor(self.monitor, self.mode, pl_module, "checkpoint")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)

@@ -27,7 +27,9 @@ are.
 - **all**, a recipe that trains everything from the start: ``lr`` swept, every backbone group keeping its
   ratio to it.
 
-The model's weights are put back after every test.
+The loss swept is the model's own (its task's: cross-entropy, binary cross-entropy per label, or MSE /
+Huber on standardised targets, the scaling counted on the training split first), so every kind of target
+is range-tested alike. The model's weights are put back after every test.
 """
 
 from __future__ import annotations
@@ -218,6 +220,7 @@ def lr_find(
     report = LRFindReport()
     state = copy.deepcopy(model.state_dict())
     try:
+        _prepare_task(model, datamodule)
         if freezing.schedule.active and freezing.trainable_at(0) == 0:
             head_steps = steps if first_unfreeze is None else steps_per_epoch * first_unfreeze
             if head_steps >= steps:
@@ -256,6 +259,15 @@ def lr_find(
 
         report.png = lr_find_plot(report, out)
     return report
+
+
+def _prepare_task(model: Any, datamodule: Any) -> None:
+    """Count on the training split what the task's loss counts when a fit starts (a regression's target
+    scaling, ``class_weights`` / ``pos_weight: auto``), so the sweeps' loss is the one training minimises: the
+    sweeps of our own loop run no Lightning ``setup``. The scaling is a buffer, put back with the weights."""
+    task = getattr(model, "task", None)
+    if task is not None and task.wants_training_targets("fit") and hasattr(datamodule, "split_targets"):
+        task.prepare(datamodule.split_targets("train"))
 
 
 def _named(sweep: tuple[list[float], list[float]], phase: str, epoch: int, parameter: str) -> LRSweep:

@@ -34,7 +34,14 @@ import yaml
 from transferkit.data.augment import augmentations
 from transferkit.errors import ConfigError
 
-__all__ = ["DEFAULT_CANDIDATES", "AugmentSearchReport", "augment_search", "parse_budget"]
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "AugmentSearchReport",
+    "Trial",
+    "augment_search",
+    "headline_metric",
+    "parse_budget",
+]
 
 DEFAULT_CANDIDATES: list[Any] = [
     "none",
@@ -81,16 +88,50 @@ def _name(candidate: Any) -> str:
     return f"+ {name}({inner})"
 
 
+# how the table heads the kind's first validation metric (the one a trial reports beside its loss)
+_METRIC_LABELS = {"val_acc": "val acc", "val_map": "val mAP", "val_mae": "val MAE"}
+
+
+def headline_metric(model: Any) -> str:
+    """The validation figure a trial reports beside its loss: the first of the model's kind's metrics
+    (``val_acc``, ``val_map``, ``val_mae``); ``val_acc`` for a module without a task."""
+    task = getattr(model, "task", None)
+    return f"val_{task.metric_names[0]}" if task is not None else "val_acc"
+
+
 @dataclass
 class Trial:
+    """One candidate's runs, one per seed: validation loss (what ranks) and the kind's ``metric``."""
+
     name: str
     candidate: Any  # "baseline", "none" or the item added
     val_loss: list[float] = field(default_factory=list)
-    val_acc: list[float] = field(default_factory=list)
+    val_score: list[float] = field(default_factory=list)  # the kind's metric per seed
     seconds: float = 0.0
+    metric: str = "val_acc"  # which figure val_score holds: val_acc, val_map, val_mae
+
+    @property
+    def val_acc(self) -> list[float]:
+        """``val_score`` under the name single-label reports have always used."""
+        return self.val_score
 
     def mean(self, metric: str) -> float:
-        return float(np.mean(getattr(self, metric))) if getattr(self, metric) else math.nan
+        values = self.val_score if metric in ("val_score", self.metric) else getattr(self, metric)
+        return float(np.mean(values)) if values else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``augment_search.json`` holds it: the metric's values under its own name (``val_acc`` ...)."""
+        out = {"name": self.name, "candidate": self.candidate, "val_loss": self.val_loss}
+        out |= {self.metric: self.val_score, "seconds": self.seconds}
+        return out if self.metric == "val_acc" else out | {"metric": self.metric}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Trial:
+        metric = values.get("metric", "val_acc")
+        return cls(
+            values["name"], values["candidate"], list(values["val_loss"]), list(values[metric]),
+            float(values.get("seconds", 0.0)), metric,
+        )  # fmt: skip
 
 
 @dataclass
@@ -107,11 +148,12 @@ class AugmentSearchReport:
 
     def table(self) -> str:
         base = self.baseline.mean("val_loss")
-        lines = [f"{'rank':>4}  {'val loss':>8}  {'vs base':>8}  {'val acc':>7}  {'s':>5}  candidate"]
+        label = _METRIC_LABELS.get(self.baseline.metric, self.baseline.metric)
+        lines = [f"{'rank':>4}  {'val loss':>8}  {'vs base':>8}  {label:>7}  {'s':>5}  candidate"]
         for rank, trial in enumerate(self.trials, 1):
             delta = trial.mean("val_loss") - base
             lines.append(
-                f"{rank:>4}  {trial.mean('val_loss'):>8.4f}  {delta:>+8.4f}  {trial.mean('val_acc'):>7.3f}"
+                f"{rank:>4}  {trial.mean('val_loss'):>8.4f}  {delta:>+8.4f}  {trial.mean('val_score'):>7.3f}"
                 f"  {trial.seconds:>5.0f}  {trial.name}"
             )
         lines.append(
@@ -127,7 +169,7 @@ class AugmentSearchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "trials": [vars(t) | {"candidate": t.candidate} for t in self.trials],
+            "trials": [t.to_dict() for t in self.trials],
             "baseline": self.baseline.name,
             "noise_val_loss": self.noise,
             "skipped": self.skipped,
@@ -140,7 +182,7 @@ class AugmentSearchReport:
         """The report back from :meth:`to_dict` (what ``augment_search.json`` holds), to rank or compare
         a search that ran earlier without running it again."""
         try:
-            trials = [Trial(**trial) for trial in values["trials"]]
+            trials = [Trial.from_dict(trial) for trial in values["trials"]]
             (baseline,) = [t for t in trials if t.name == values["baseline"]]
             return cls(
                 trials=trials,
@@ -188,6 +230,11 @@ def augment_search(
     loss, within ``budget`` (see the module's text). ``model`` and ``datamodule`` are the recipe's; they are
     not trained. ``out``: a folder for ``augment_search.png``, ``.json`` and ``.yaml`` (the winner).
 
+    Every kind of target is ranked by its own validation loss (cross-entropy, binary cross-entropy per
+    label, or the regression loss on standardised targets); each trial also reports the kind's first metric
+    (:func:`headline_metric`: ``val_acc``, ``val_map`` or ``val_mae``), which is what a candidate that
+    moves a label (a flip of a left/right label, a crop that cuts a positive label out) shows up in.
+
     Example:
         >>> import tempfile, transferkit as tk
         >>> dm = tk.ImageDataModule(source="digits", loader={"num_workers": 0}, split={"max_samples": 300},
@@ -204,6 +251,7 @@ def augment_search(
         raise ConfigError(f"epochs, views and repeats must be >= 1, got {epochs}, {views}, {repeats}.")
     if not datamodule.has_validation:
         raise ConfigError("augment_search ranks by validation loss: the data needs val_fraction > 0.")
+    metric = headline_metric(model)
     candidates = list(DEFAULT_CANDIDATES if candidates is None else candidates)
     for candidate in candidates:
         if candidate != "none":
@@ -235,12 +283,12 @@ def augment_search(
         if trials and elapsed + slowest > seconds:
             skipped.append(name)
             continue
-        trial = Trial(name, candidate)
+        trial = Trial(name, candidate, metric=metric)
         began = time.perf_counter()
         for seed in range(repeats):
-            loss, acc = _trial(model, datamodule, items, seed, epochs, views, root)
+            loss, score = _trial(model, datamodule, items, seed, epochs, views, root, metric)
             trial.val_loss.append(loss)
-            trial.val_acc.append(acc)
+            trial.val_score.append(score)
         trial.seconds = time.perf_counter() - began
         slowest = max(slowest, trial.seconds)
         trials.append(trial)
@@ -269,10 +317,17 @@ def augment_search(
 
 
 def _trial(
-    model: Any, datamodule: Any, items: list[Any], seed: int, epochs: int, views: int, root: Path
+    model: Any,
+    datamodule: Any,
+    items: list[Any],
+    seed: int,
+    epochs: int,
+    views: int,
+    root: Path,
+    metric: str = "val_acc",
 ) -> tuple[float, float]:
     """The recipe's head trained for ``epochs`` on ``views`` augmented feature views of the training
-    images through ``items``; its validation loss and accuracy."""
+    images through ``items``; its validation loss and ``metric`` (the kind's: accuracy, mAP, MAE)."""
     import lightning as L
 
     from transferkit.data.datamodule import ImageDataModule
@@ -305,4 +360,4 @@ def _trial(
     )
     trainer.fit(trial_model, datamodule=data)
     metrics = trainer.callback_metrics
-    return float(metrics["val_loss"]), float(metrics["val_acc"])
+    return float(metrics["val_loss"]), float(metrics[metric])
