@@ -16,6 +16,8 @@ Per seed, McNemar's exact test over the pooled out-of-fold cells is reported bes
 (two runs of the same recipe with other training seeds) for an A/A comparison: its spread says the smallest
 gain the design resolves (:func:`paired.smallest_resolved_gain`).
 
+Runs of multi-label models compare each label's decision (at 0.5: folds fit no thresholds), and regression
+runs compare as decisions on either side of ``--threshold``: McNemar's test needs right-or-wrong cells.
 ``--positive`` scores a grouping of the classes as well: the classes whose summed probability reaches 0.5
 predict the positive group (ELPV's 4 defect levels: ``--positive 2 3``, defective = 2/3 and 1). No test
 split is read: the cross-validations are run without ``--ensemble``. ``--checkpoint last`` (fixed epochs, no
@@ -37,9 +39,12 @@ from provenance import provenance, save  # noqa: E402
 PREDICTIONS_FILE = "cv_predictions.npz"  # transferkit.tuning.cross_validation's, in each fold's folder
 
 
-def fold_outcomes(folder: str | Path, positive: list[int] | None = None) -> list[dict[str, np.ndarray]]:
+def fold_outcomes(
+    folder: str | Path, positive: list[int] | None = None, threshold: float | None = None
+) -> list[dict[str, np.ndarray]]:
     """Per fold of the cross-validation in ``folder``: its validation cells' indices and whether each was
-    predicted right (the class, or with ``positive`` the group)."""
+    predicted right (the class, or with ``positive`` the group; each label's decision of a multi-label run, at
+    0.5; a regression's value on the same side of ``threshold`` as the truth)."""
     folds = sorted(Path(folder).glob(f"fold_*/{PREDICTIONS_FILE}"), key=lambda p: int(p.parent.name[5:]))
     if not folds:
         raise SystemExit(
@@ -48,6 +53,18 @@ def fold_outcomes(folder: str | Path, positive: list[int] | None = None) -> list
     out = []
     for path in folds:
         arrays = np.load(path)
+        kind = str(arrays["kind"]) if "kind" in arrays else "single_label"
+        if kind != "single_label":  # multi-label: each label decision; regression: the side of a threshold
+            from transferkit.tuning.cross_validation import cell_outcomes
+
+            found = cell_outcomes(dict(arrays), positive=positive, threshold=threshold)
+            if not found["binary"]:
+                raise SystemExit(
+                    f"'{folder}' holds a regression's predictions, whose errors are not right or wrong: give "
+                    "--threshold T to compare them as decisions (value and truth on the same side of T)"
+                )
+            out.append({"index": arrays["val_index"], "correct": np.asarray(found["outcome"], dtype=bool)})
+            continue
         labels, probs = arrays["val_label"], arrays["val_probs"]
         if positive:
             truth = np.isin(labels, positive)
@@ -58,15 +75,20 @@ def fold_outcomes(folder: str | Path, positive: list[int] | None = None) -> list
     return out
 
 
-def compare(base: list[str], variant: list[str], positive: list[int] | None = None) -> dict:
+def compare(
+    base: list[str], variant: list[str], positive: list[int] | None = None, threshold: float | None = None
+) -> dict:
     """The protocol's figures for runs ``base[i]`` and ``variant[i]`` (seed ``i`` each)."""
     if len(base) != len(variant):
         raise SystemExit(f"give one base and one variant run per seed, got {len(base)} and {len(variant)}")
     runs = [
-        (b_dir, v_dir, fold_outcomes(b_dir, positive), fold_outcomes(v_dir, positive))
+        (b_dir, v_dir, fold_outcomes(b_dir, positive, threshold), fold_outcomes(v_dir, positive, threshold))
         for b_dir, v_dir in zip(base, variant, strict=True)
     ]
-    return {**compare_outcomes(runs), "scored": "group of classes " + str(positive) if positive else "class"}
+    scored = "group of classes " + str(positive) if positive else "class"
+    if threshold is not None:
+        scored = f"a regression's value on the truth's side of {threshold}"
+    return {**compare_outcomes(runs), "scored": scored}
 
 
 def compare_outcomes(runs: list[tuple[str, str, list[dict], list[dict]]]) -> dict:
@@ -126,9 +148,15 @@ def main() -> None:
         "--variant", nargs="+", required=True, help="cv output folders of the variant, same seeds"
     )
     parser.add_argument("--positive", nargs="+", type=int, default=None, help="classes of the positive group")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="regression runs: score value >= T against truth >= T"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    report = {"benchmark": "cv paired comparison", **compare(args.base, args.variant, args.positive)}
+    report = {
+        "benchmark": "cv paired comparison",
+        **compare(args.base, args.variant, args.positive, args.threshold),
+    }
     report["provenance"] = provenance()
     save(report, args.out)
 

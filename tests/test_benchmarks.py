@@ -717,3 +717,36 @@ def test_selection_judges_several_knobs_at_once_with_holms_adjustment_and_resume
     assert ran[-1] == command
     assert record["command"].startswith("python -m transferkit cv --config r.yaml --folds 5")
     assert record["wall_s"] >= 0 and json.loads((tmp_path / "x" / "provenance.json").read_text()) == record
+
+
+def test_compare_cv_pairs_regression_runs_only_as_decisions_and_multi_label_runs_label_by_label(tmp_path):
+    compare_cv = _benchmark("compare_cv")
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 1, (40, 1)).astype(np.float32)
+
+    def write(folder: Path, kind: str, label: np.ndarray, pred: np.ndarray) -> str:
+        decided = (pred >= 0.5).astype(np.float32) if kind == "multi_label" else pred  # as cv writes them
+        for fold in range(2):
+            where = folder / f"fold_{fold}"
+            where.mkdir(parents=True)
+            cells = slice(fold * 20, fold * 20 + 20)
+            np.savez(
+                where / "cv_predictions.npz", val_index=np.arange(40)[cells], val_label=label[cells],
+                val_probs=pred[cells], val_pred=decided[cells], kind=np.asarray(kind),
+            )  # fmt: skip
+        return str(folder)
+
+    good = write(tmp_path / "good", "regression", truth, truth + 0.05)
+    poor = write(tmp_path / "poor", "regression", truth, 1 - truth)
+    with pytest.raises(SystemExit, match=r"errors are not right or wrong: give --threshold"):
+        compare_cv.compare([good], [poor])
+    report = compare_cv.compare([poor], [good], threshold=0.5)
+    assert report["seeds"][0]["variant_accuracy"] > 0.9 > 0.2 > report["seeds"][0]["base_accuracy"]
+    labels = (rng.uniform(0, 1, (40, 2)) < 0.5).astype(np.float32)
+    right = write(tmp_path / "right", "multi_label", labels, labels * 0.8 + 0.1)
+    half = write(
+        tmp_path / "half", "multi_label", labels, np.stack([labels[:, 0] * 0.8 + 0.1, 1 - labels[:, 1]], 1)
+    )
+    report = compare_cv.compare([half], [right])
+    # one of the two labels is always wrong in the base: label accuracy 0.5 against 1.0
+    assert report["seeds"][0]["base_accuracy"] == 0.5 and report["seeds"][0]["variant_accuracy"] == 1.0
