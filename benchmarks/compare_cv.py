@@ -16,8 +16,9 @@ Per seed, McNemar's exact test over the pooled out-of-fold cells is reported bes
 (two runs of the same recipe with other training seeds) for an A/A comparison: its spread says the smallest
 gain the design resolves (:func:`paired.smallest_resolved_gain`).
 
-Runs of multi-label models compare each label's decision (at 0.5: folds fit no thresholds), and regression
-runs compare as decisions on either side of ``--threshold``: McNemar's test needs right-or-wrong cells.
+Runs of multi-label models compare images with every label right (decisions at 0.5: folds fit no
+thresholds; the image is the unit, its labels' decisions not being independent), and regression runs compare
+as decisions on either side of ``--threshold``: McNemar's test needs right-or-wrong cells.
 ``--positive`` scores a grouping of the classes as well: the classes whose summed probability reaches 0.5
 predict the positive group (ELPV's 4 defect levels: ``--positive 2 3``, defective = 2/3 and 1). No test
 split is read: the cross-validations are run without ``--ensemble``. ``--checkpoint last`` (fixed epochs, no
@@ -43,8 +44,8 @@ def fold_outcomes(
     folder: str | Path, positive: list[int] | None = None, threshold: float | None = None
 ) -> list[dict[str, np.ndarray]]:
     """Per fold of the cross-validation in ``folder``: its validation cells' indices and whether each was
-    predicted right (the class, or with ``positive`` the group; each label's decision of a multi-label run, at
-    0.5; a regression's value on the same side of ``threshold`` as the truth)."""
+    predicted right (the class, or with ``positive`` the group; every label of a multi-label run, at 0.5; a
+    regression's value on the same side of ``threshold`` as the truth)."""
     folds = sorted(Path(folder).glob(f"fold_*/{PREDICTIONS_FILE}"), key=lambda p: int(p.parent.name[5:]))
     if not folds:
         raise SystemExit(
@@ -63,7 +64,9 @@ def fold_outcomes(
                     f"'{folder}' holds a regression's predictions, whose errors are not right or wrong: give "
                     "--threshold T to compare them as decisions (value and truth on the same side of T)"
                 )
-            out.append({"index": arrays["val_index"], "correct": np.asarray(found["outcome"], dtype=bool)})
+            correct = np.asarray(found["outcome"], dtype=bool).reshape(len(arrays["val_index"]), -1)
+            # the image is the unit McNemar pairs: its label decisions are not independent of each other
+            out.append({"index": arrays["val_index"], "correct": correct.all(axis=1)})
             continue
         labels, probs = arrays["val_label"], arrays["val_probs"]
         if positive:

@@ -206,10 +206,10 @@ def test_the_loss_follows_the_kind_never_the_labels_shape():
     single = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(outputs, targets)
     assert multi.loss(outputs, targets) == pytest.approx(bce.item())
-    # the same 2-D targets are class distributions to a single-label model (soft labels): not BCE
-    assert single.loss(outputs, targets / targets.sum(1, keepdim=True).clamp_min(1)) != pytest.approx(
-        bce.item()
-    )
+    # 2-D targets are class distributions to a single-label model (soft labels): its soft cross-entropy
+    distributions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.25, 0.75]])
+    soft = -(distributions * outputs.log_softmax(dim=-1)).sum(dim=-1).mean()
+    assert single.loss(outputs, distributions) == pytest.approx(soft.item())
     with pytest.raises(
         ConfigError, match=r"multi-label model of 2 labels takes targets of shape \(batch, 2\)"
     ):
@@ -344,6 +344,89 @@ def test_a_streaming_pack_of_another_kind_is_refused_before_anything_is_written(
     from transferkit.data.stream import pack_stream
 
     dm = _data(squares_csv, {"kind": "multi_label"})
-    with pytest.raises(ConfigError, match=r"pack-data packs one class per image.*multi_label.*train from its CSV"):
+    with pytest.raises(
+        ConfigError, match=r"pack-data packs one class per image.*multi_label.*train from its CSV"
+    ):
         pack_stream(dm, tmp_path / "pack")
     assert not (tmp_path / "pack").exists()
+
+
+def test_test_scores_count_the_decisions_of_the_stored_thresholds_not_half():
+    from sklearn.metrics import f1_score
+
+    from transferkit.models.calibration import Calibration
+    from transferkit.models.scoring import Scoring
+    from transferkit.models.tasks import create_task
+
+    task = create_task("multi_label", ["a", "b"])
+    probs = torch.tensor([[0.95, 0.05], [0.6, 0.2], [0.85, 0.4], [0.3, 0.15], [0.92, 0.6]])
+    truth = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    calibration = Calibration(fitted_on="val", label_thresholds=[0.9, 0.1])
+    decided = task.decide(probs, calibration)
+    assert decided.tolist() == [[1, 0], [0, 1], [0, 1], [0, 1], [1, 1]]
+    scoring = Scoring(task)
+    logits = torch.logit(probs)
+    (metrics, _), *_ = scoring.update("test", logits, truth, decided, logits[None], probs, task)
+    computed = metrics.compute()
+    expected = f1_score(truth.numpy(), decided.numpy(), average="macro")
+    at_half = f1_score(truth.numpy(), (probs >= 0.5).long().numpy(), average="macro")
+    assert computed["test_f1_macro"].item() == pytest.approx(expected) and expected != pytest.approx(at_half)
+
+
+def test_a_regression_loss_in_bfloat16_standardises_its_targets_in_float32():
+    model = tk.TransferClassifier(
+        num_classes=1, target="regression", backbone=TINY_BACKBONE, pretrained=False
+    )
+    model.task.prepare(np.asarray([[1003.1], [1250.37], [1497.6]]))
+    targets = torch.tensor([[1250.37], [1003.1]])
+    perfect = model.task.standardise(targets)
+    # outputs in bf16 carry their own rounding (about 4e-3 here); targets rounded to bf16 first would add 0.01
+    assert model.loss(perfect.bfloat16(), targets).item() < 2e-5
+    assert model.task.values(perfect.bfloat16()).dtype == torch.float32
+
+
+def test_more_settings_a_kind_ignores_are_refused():
+    with pytest.raises(ConfigError, match=r"model\.loss\.huber_delta does not apply"):
+        tk.TransferClassifier(
+            num_classes=1,
+            target="regression",
+            loss={"huber_delta": 2.0},
+            backbone=TINY_BACKBONE,
+            pretrained=False,
+        )
+    huber = tk.TransferClassifier(
+        num_classes=1,
+        target="regression",
+        loss={"regression": "huber", "huber_delta": 2.0},
+        backbone=TINY_BACKBONE,
+        pretrained=False,
+    )
+    assert huber.settings.loss.huber_delta == 2.0
+    from transferkit.data.targets import TargetSettings
+
+    with pytest.raises(ConfigError, match=r"data\.target\.names must be a list of distinct label names"):
+        TargetSettings(kind="multi_label", names=["a", "a"])
+    with pytest.raises(ConfigError, match=r"data\.target\.separator must be ';' unless"):
+        TargetSettings(kind="multi_label", columns=["a"], separator="|")
+    with pytest.raises(ConfigError, match=r"data\.target\.allow_empty must be true unless"):
+        TargetSettings(kind="regression", allow_empty=False)
+    with pytest.raises(DatasetError, match=r"data\.target\.columns says how a CSV holds its targets; ELPV"):
+        tk.ImageDataModule(
+            source="elpv", task="defect_probability", target={"kind": "regression", "columns": ["p"]}
+        )
+
+
+def test_tools_refuse_a_model_and_data_of_different_kinds(squares_csv, tmp_path):
+    dm = _data(squares_csv, {"kind": "regression", "columns": ["level"]})
+    dm.setup("fit")
+    labels = tk.TransferClassifier(
+        num_classes=1, target="multi_label", backbone=TINY_BACKBONE, pretrained=False
+    )
+    with pytest.raises(ConfigError, match=r"data's targets are regression.*model is multi_label"):
+        tk.interpret(labels, dm, out=str(tmp_path / "i"), split="val")
+    with pytest.raises(ConfigError, match=r"data's targets are regression.*model is multi_label"):
+        tk.lr_find(labels, dm, out=str(tmp_path / "lr.png"))
+    classes = tk.TransferClassifier(num_classes=2, backbone=TINY_BACKBONE, pretrained=False)
+    multi = _data(squares_csv, {"kind": "multi_label"})
+    with pytest.raises(ConfigError, match=r"data's targets are multi_label.*model is single_label"):
+        L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False).fit(classes, datamodule=multi)

@@ -99,7 +99,9 @@ class ImageDataModule(L.LightningDataModule):
         source: SourceName = "folder",
         root: str | None = None,
         csv_path: str | None = None,
-        task: Literal["binary", "4class", "cell_type", "defective_polycrystalline", "defect_probability"] = "binary",
+        task: Literal[
+            "binary", "4class", "cell_type", "defective_polycrystalline", "defect_probability"
+        ] = "binary",
         seed: int = 0,
         class_groups: dict[str, list[str | int]] | None = None,
         soft_labels: bool = False,

@@ -132,6 +132,14 @@ def load_source(
             Path(csv_path).expanduser(), Path(root).expanduser() if root else None, target
         )
     if source == "elpv":
+        own = {"columns": target.columns is not None, "names": target.names is not None}
+        own["allow_empty"] = not target.allow_empty
+        given = [name for name, on in own.items() if on]
+        if given:
+            raise DatasetError(
+                f"data.target.{given[0]} says how a CSV holds its targets; ELPV's label sets are fixed "
+                f"(data.task): leave data.target.{given[0]} unset."
+            )
         kind = ELPV_TASKS.get(task)
         if kind is not None and kind != target.kind:
             raise DatasetError(

@@ -59,6 +59,28 @@ class TargetSettings(SettingsGroup):
             self.require(
                 self.kind != "single_label", "columns", "null for single_label (its CSV has a 'label' column)"
             )
+        if self.names is not None:
+            object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+            self.require(
+                self.kind == "multi_label" and self.columns is None,
+                "names",
+                "null unless the kind is multi_label with a 'labels' column (columns: null)",
+            )
+            self.require(
+                len(self.names) >= 1 and len(set(self.names)) == len(self.names),
+                "names",
+                "a list of distinct label names",
+            )
         self.require(
             isinstance(self.separator, str) and len(self.separator) >= 1, "separator", "a non-empty string"
+        )
+        self.require(
+            self.separator == ";" or (self.kind == "multi_label" and self.columns is None),
+            "separator",
+            "';' unless the kind is multi_label with a 'labels' column (columns: null), where it splits the names",
+        )
+        self.require(
+            self.allow_empty or self.kind == "multi_label",
+            "allow_empty",
+            "true unless the kind is multi_label (only a multi-label image can have no label)",
         )

@@ -74,6 +74,11 @@ def calibrate(
         ('val (24 images)', True)
     """
     prediction = model.settings.prediction
+    if threshold is not None and model.settings.target != "single_label":
+        raise ConfigError(
+            f"threshold={threshold!r} chooses class 1's threshold for two classes; this model is "
+            f"{model.settings.target}: leave it out (a multi-label model fits one threshold per label by itself)."
+        )
     if threshold is not None:
         prediction = prediction.replace(decision_threshold=threshold)
     logits, labels = split_outputs(model, datamodule, split)

@@ -44,7 +44,7 @@ from transferkit.models.settings import (
     RegularisationSettings,
     RuntimeSettings,
 )
-from transferkit.models.tasks import TargetKind, create_task
+from transferkit.models.tasks import TargetKind, check_same_kind, create_task
 
 __all__ = ["TransferClassifier"]
 
@@ -223,6 +223,8 @@ class TransferClassifier(Predicting, SelfDescribing, L.LightningModule):
         if self.settings.runtime.compile and stage == "fit":
             self.backbone.model.compile()  # in place: parameter names (and checkpoints) stay the same
         trainer = attached_trainer(self)
+        # a plain Lightning Trainer (or a tool's own) skips transferkit.Trainer's checks: the kinds agree here
+        check_same_kind(self, getattr(trainer, "datamodule", None))
         if stage in ("fit", "validate", "test") and self.task.wants_training_targets(stage):
             self.task.prepare(training_targets(trainer, self.settings))
         strategy = trainer.strategy if trainer is not None else None

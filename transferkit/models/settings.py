@@ -401,13 +401,18 @@ class ClassifierSettings(GroupedSettings):
              "it weighs each label's positives in a multi-label model's binary cross-entropy."),
             ("model.loss.regression", not regression and self.loss.regression != "mse",
              "it chooses a regression model's loss; classes are trained with cross-entropy."),
+            ("model.loss.huber_delta", self.loss.huber_delta != 1.0 and not (regression and self.loss.regression == "huber"),
+             "it shapes the Huber loss of a regression model (model.loss.regression: huber); set that, or leave it."),
             ("model.class_groups", not single and bool(self.class_groups),
              "a group's probability is the sum of its classes', which holds for classes that exclude each other."),
             ("model.regularisation.label_smoothing", not single and self.regularisation.label_smoothing > 0,
              "it smooths a distribution over classes that exclude each other; set it to 0."),
-            ("model.mixing", multi and self.mixing.active,
+            ("model.mixing", multi and self.mixing.active and self.mixing.cutmix_alpha > 0,
              "a CutMix box can cut out the only object of a positive label, which its target would still "
-             "count; turn mixup and CutMix off."),
+             "count; turn CutMix off."),
+            ("model.mixing", multi and self.mixing.active and self.mixing.mixup_alpha > 0,
+             "a blend of two images holds both images' labels, faded, and their blended targets say each is "
+             "half present, which binary cross-entropy reads as uncertain labels; turn mixup off."),
             ("model.mixing", regression and self.mixing.active,
              "a blend of two images has no known target (their targets' blend is a guess); turn mixup and "
              "CutMix off."),

@@ -55,6 +55,7 @@ __all__ = [
     "SingleLabel",
     "TargetKind",
     "Task",
+    "check_same_kind",
     "create_task",
     "inverse_frequency_weights",
     "positive_weights",
@@ -356,6 +357,11 @@ class MultiLabel(Task):
         thresholds = torch.tensor(self.thresholds(calibration), dtype=scores.dtype, device=scores.device)
         return (scores >= thresholds).long()
 
+    def scored_outputs(self, views: torch.Tensor, scores: torch.Tensor, calibrated: bool) -> torch.Tensor:
+        if len(views) == 1:
+            return views[0]
+        return torch.logit(scores.clamp(1e-6, 1 - 1e-6))  # the loss of the averaged probabilities predicted
+
     def metrics(self, prefix: str) -> MetricCollection:
         n = self.outputs
         return MetricCollection(
@@ -418,11 +424,13 @@ class Regression(Task):
         self.scaling_fitted.fill_(True)
 
     def standardise(self, targets: torch.Tensor) -> torch.Tensor:
-        return (targets - self.target_mean) / self.target_std
+        """Targets in standard deviations from the training mean, in float32 (a bf16 target would be rounded
+        before its mean is taken off: 300 +- 2 K in steps of 2)."""
+        return (targets.float() - self.target_mean.float()) / self.target_std.float()
 
     def values(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Outputs ``(..., T)`` in the targets' own units."""
-        return outputs * self.target_std + self.target_mean
+        """Outputs ``(..., T)`` in the targets' own units, in float32."""
+        return outputs.float() * self.target_std.float() + self.target_mean.float()
 
     def check_targets(self, targets: torch.Tensor) -> None:
         if targets.ndim != 2 or targets.shape[-1] != self.outputs or not targets.is_floating_point():
@@ -434,11 +442,11 @@ class Regression(Task):
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.check_targets(targets)
-        scaled = self.standardise(targets.to(outputs.dtype))
+        scaled = self.standardise(targets)  # float32, whatever the precision the head ran in
         settings = self.loss_settings
         if getattr(settings, "regression", "mse") == "huber":
-            return F.huber_loss(outputs, scaled, delta=float(settings.huber_delta))
-        return F.mse_loss(outputs, scaled)
+            return F.huber_loss(outputs.float(), scaled, delta=float(settings.huber_delta))
+        return F.mse_loss(outputs.float(), scaled)
 
     def training_score(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (self.values(outputs.detach()) - targets).abs().mean()
@@ -500,3 +508,26 @@ def create_task(kind: str, names: Sequence[str], loss: Any = None, label_smoothi
     if kind not in _TASKS:
         raise ConfigError(f"unknown target kind {kind!r}; choose one of {', '.join(TARGET_KINDS)}.")
     return _TASKS[kind](names, loss, label_smoothing)
+
+
+def check_same_kind(model: Any, datamodule: Any) -> None:
+    """Refuse a model and data whose kinds of target differ (``model.settings.target`` against
+    ``datamodule.target_kind``), or whose outputs are named differently, before anything is trained or scored:
+    class indices read as numbers, or 0/1 labels read as class distributions, would give figures that mean
+    nothing. Objects that do not say their kind are let through."""
+    kind = getattr(datamodule, "target_kind", None)
+    settings = getattr(model, "settings", None)
+    if kind is None or settings is None:
+        return
+    if kind != settings.target:
+        raise ConfigError(
+            f"the data's targets are {kind} (data.target.kind) and the model is {settings.target} "
+            f"(its target): build the model with target={kind!r}, or load data of its kind."
+        )
+    names = getattr(datamodule, "class_names", None)
+    own = getattr(model, "class_names", None)
+    if kind != "single_label" and names is not None and own is not None and list(names) != list(own):
+        what = "labels" if kind == "multi_label" else "targets"
+        raise ConfigError(
+            f"the data's {what} {list(names)} are not the model's {list(own)}: give them the same."
+        )

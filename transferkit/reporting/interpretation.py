@@ -55,6 +55,7 @@ from transferkit.models.calibration import (
     reliability_bins,
     roc_pr_curves,
 )
+from transferkit.models.tasks import check_same_kind
 from transferkit.reporting.label_tables import (
     _label_headline,
     _score,
@@ -495,6 +496,7 @@ def interpret(
         >>> sorted(report.pngs), len(report.top_losses)
         (['confusion_normalised.png', 'most_confident.png', 'reliability.png', 'top_losses.png'], 4)
     """
+    check_same_kind(model, datamodule)
     if split not in ("test", "val"):
         raise ConfigError(f"interpret looks at the 'test' or 'val' split, got '{split}'.")
     if count < 1:

@@ -52,6 +52,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from transferkit.errors import ConfigError
+from transferkit.models.tasks import check_same_kind
 from transferkit.training.feeding import FreezeAndCache
 
 __all__ = ["LRFindReport", "LRSweep", "lr_find", "suggest"]
@@ -198,6 +199,7 @@ def lr_find(
         >>> [s.phase for s in report.sweeps], report.values["lr"] > 0
         (['all'], True)
     """
+    check_same_kind(model, datamodule)
     if steps < SKIP_BEGIN + SKIP_END + 3:
         raise ConfigError(f"lr_find needs at least {SKIP_BEGIN + SKIP_END + 3} steps per sweep, got {steps}.")
     if not 0 < min_lr < max_lr:

@@ -31,6 +31,7 @@ from transferkit.errors import CheckpointError, ConfigError, warn
 from transferkit.lightning_internals import strategy_checkpoint_io
 from transferkit.models.checkpoint import learning_rates, refused_pickle
 from transferkit.models.classifier import TransferClassifier
+from transferkit.models.tasks import check_same_kind
 from transferkit.runtime import quiet_third_party, tune_allocator
 from transferkit.training.checkpointing import DEFAULT_CHECKPOINT, AtomicCheckpointIO, RunCheckpoint
 from transferkit.training.early_stopping import DEFAULT_EARLY_STOPPING, PhaseEarlyStopping
@@ -360,12 +361,7 @@ def connect(model: Any, datamodule: Any) -> None:
     preprocessing its checkpoints describe. Any other model or data module is left as it is."""
     if not isinstance(model, TransferClassifier) or not isinstance(datamodule, ImageDataModule):
         return
-    kind = getattr(datamodule, "target_kind", "single_label")
-    if kind != model.settings.target:
-        raise ConfigError(
-            f"the data's targets are {kind} (data.target.kind) and the model is {model.settings.target} "
-            f"(its target): build the model with target={kind!r}, or load data of its kind."
-        )
+    check_same_kind(model, datamodule)
     datamodule.use_data_config(model.data_config)
     model.check_input_size(int(datamodule.image_size))  # before training, not at the first batch
     model.set_preprocessing(datamodule.preprocessing())
