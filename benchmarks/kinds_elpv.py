@@ -159,6 +159,15 @@ def regression_figures(folders: list[Path]) -> dict:
     }
 
 
+def _record(folder: Path) -> dict:
+    """A run's provenance record, or what is known of a run without one (still going, or stopped)."""
+    path = folder / "provenance.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    done = len(list(folder.glob(f"fold_*/{PREDICTIONS_FILE}")))
+    return {"unfinished": True, "folds_finished": done, "folder": str(folder)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -166,9 +175,17 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--runs", default="runs/cv/protocol")
     parser.add_argument("--run-only", action="store_true", help="run the cross-validations, compare nothing")
+    parser.add_argument(
+        "--analyse-only", action="store_true", help="compare the folds the runs have finished, run nothing"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    records = run_arms(args.arms, args.seeds, args.folds, Path(args.runs))
+    if args.analyse_only:  # runs made (or still running) elsewhere: their finished folds, and records if any
+        records = {
+            arm: {s: _record(Path(args.runs) / f"{arm}-s{s}") for s in args.seeds} for arm in args.arms
+        }
+    else:
+        records = run_arms(args.arms, args.seeds, args.folds, Path(args.runs))
     if args.run_only:
         print(
             json.dumps(
@@ -182,11 +199,30 @@ def main() -> None:
     for question, base, variant in COMPARISONS:
         if base not in folder or variant not in folder:
             continue
-        paired = [
-            (str(b), str(v), outcomes(b, base, question), outcomes(v, variant, question))
-            for b, v in zip(folder[base], folder[variant], strict=True)
-        ]
-        comparisons[f"{question}: {variant} against {base}"] = compare_outcomes(paired)
+        paired = []
+        for b, v in zip(folder[base], folder[variant], strict=True):
+            b_folds, v_folds = outcomes(b, base, question), outcomes(v, variant, question)
+            k = min(len(b_folds), len(v_folds))  # a run still going: the folds both have finished
+            paired.append((str(b), str(v), b_folds[:k], v_folds[:k]))
+        if min(len(b_folds) for _, _, b_folds, _ in paired) < 2:  # too few folds for the corrected t
+            from paired import mcnemar
+
+            (b_dir, v_dir, b_folds, v_folds), *_ = paired
+            b_cells, v_cells = b_folds[0]["correct"], v_folds[0]["correct"]
+            comparisons[f"{question}: {variant} against {base}"] = {
+                "partial": f"1 of {args.folds} folds finished when compared: McNemar over its cells only",
+                "base_accuracy": round(float(b_cells.mean()), 4),
+                "variant_accuracy": round(float(v_cells.mean()), 4),
+                "difference": round(float(v_cells.mean() - b_cells.mean()), 4),
+                "mcnemar": mcnemar(b_cells.tolist(), v_cells.tolist()),
+                "base": b_dir,
+                "variant": v_dir,
+            }
+            continue
+        found = compare_outcomes(paired)
+        if found["design"]["folds"] < args.folds:
+            found["partial"] = f"{found['design']['folds']} of {args.folds} folds finished when compared"
+        comparisons[f"{question}: {variant} against {base}"] = found
     report = {
         "benchmark": "target kinds on ELPV under the selection protocol",
         "recipe": RECIPE,
