@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from transferkit.errors import ConfigError
+from transferkit.models.tasks import SingleLabel
 
 __all__ = [
     "TTA_VIEWS",
@@ -81,7 +82,9 @@ def predict_mc_dropout(
     by ``temperature`` (a calibrated model's) before the softmax.
 
     Returns ``probs`` (mean, ``(B, C)``), ``std`` (spread of each class probability, ``(B, C)``) and
-    ``entropy`` (of the mean, ``(B,)``; high = uncertain). The backbone runs once per view.
+    ``entropy`` (of the mean, ``(B,)``; high = uncertain). The backbone runs once per view. A model with a
+    ``task`` (:mod:`~transferkit.models.tasks`) is scored by it: label probabilities or values, and their
+    mean spread as the uncertainty.
     """
     if samples < 2:
         raise ConfigError(f"MC dropout needs at least 2 samples, got {samples}.")
@@ -89,6 +92,7 @@ def predict_mc_dropout(
     dropouts = [m for m in model.head.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     if not dropouts:
         raise ConfigError("MC dropout needs dropout in the head; this model was built with dropout=0.")
+    task = getattr(model, "task", None) or SingleLabel([])
     was_training = model.training
     model.eval()
     try:
@@ -97,40 +101,10 @@ def predict_mc_dropout(
         draws = []
         for view in TTA_VIEWS[tta]:
             features = model.features(view(images))
-            draws += [(model.head(features) / temperature).softmax(dim=-1) for _ in range(samples)]
+            draws += [task.scores(model.head(features)[None], temperature) for _ in range(samples)]
     finally:
         model.train(was_training)
-    stacked = torch.stack(draws)
-    probs = stacked.mean(dim=0)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
-    return {"probs": probs, "std": stacked.std(dim=0), "entropy": entropy}
-
-
-@torch.no_grad()
-def task_mc_dropout(
-    model: Any, images: torch.Tensor, samples: int, tta: str, temperature: float
-) -> dict[str, torch.Tensor]:
-    """:func:`predict_mc_dropout` for a model with a ``task`` (:mod:`~transferkit.models.tasks`): each pass's
-    scores (class or label probabilities, or values) from the task, and its uncertainty (the entropy of the
-    mean class distribution, or the mean spread of label probabilities or values)."""
-    if samples < 2:
-        raise ConfigError(f"MC dropout needs at least 2 samples, got {samples}.")
-    check_prediction_settings(tta, 0, 0.0)
-    dropouts = [m for m in model.head.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-    if not dropouts:
-        raise ConfigError("MC dropout needs dropout in the head; this model was built with dropout=0.")
-    was_training = model.training
-    model.eval()
-    try:
-        for m in dropouts:
-            m.train()
-        draws = []
-        for view in TTA_VIEWS[tta]:
-            features = model.features(view(images))
-            draws += [model.task.scores(model.head(features)[None], temperature) for _ in range(samples)]
-    finally:
-        model.train(was_training)
-    return model.task.uncertainty(torch.stack(draws))
+    return task.uncertainty(torch.stack(draws))
 
 
 class Predicting:
@@ -173,4 +147,4 @@ class Predicting:
         """Monte Carlo dropout over ``samples`` passes (:func:`predict_mc_dropout`): mean ``probs``
         ``(B, C)``, their ``std`` ``(B, C)`` and the predictive ``entropy`` ``(B,)``."""
         tta = tta or self.settings.prediction.tta
-        return task_mc_dropout(self, images, samples, tta, self.calibration.temperature)
+        return predict_mc_dropout(self, images, samples, tta, self.calibration.temperature)
