@@ -116,7 +116,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None):
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
-def squares_image(red: bool, blue: bool, level: float, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+def squares_image(
+    red: bool, blue: bool, level: float, rng: np.random.Generator, size: int = 32
+) -> np.ndarray:
     """A grey image of brightness ``level`` (0..1) with noise, holding a red and/or a blue square where asked."""
     image = np.full((size, size, 3), 40 + 150 * level, dtype=np.float64)
     image += rng.normal(0, 8, image.shape)

@@ -149,7 +149,13 @@ def test_recipe_trains_its_model_through_the_cli(path: Path, tmp_path: Path):
         assert getattr(feeding, key) == value, f"caches.{key}"
     assert settings.num_classes == data.num_classes == model.head.fc.out_features
     if data.hparams.source == "elpv":
-        outputs = {"binary": 2, "4class": 4, "cell_type": 2, "defective_polycrystalline": 2, "defect_probability": 1}
+        outputs = {
+            "binary": 2,
+            "4class": 4,
+            "cell_type": 2,
+            "defective_polycrystalline": 2,
+            "defect_probability": 1,
+        }
         assert settings.num_classes == outputs[data.hparams.task]
         assert settings.target == data.target_kind  # the kind the data gives, handed to the model
 
