@@ -59,12 +59,14 @@ if TYPE_CHECKING:
     from transferkit.reporting.interpretation import interpret
     from transferkit.reporting.run_report import write_run_report
     from transferkit.training.averaging import EMA
+    from transferkit.training.budget import TimeBudget
     from transferkit.training.feeding import FreezeAndCache
     from transferkit.training.lr_finder import lr_find
     from transferkit.training.nonfinite import NonFiniteLossGuard
     from transferkit.training.precise_bn import PreciseBN
     from transferkit.training.trainer import Trainer
     from transferkit.tuning.augment_search import augment_search
+    from transferkit.tuning.auto import auto_plan
     from transferkit.tuning.cross_validation import cross_validate
     from transferkit.tuning.planning import plan
     from transferkit.tuning.probing import probe
@@ -91,6 +93,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "lr_find": "transferkit.training.lr_finder",
         "plan": "transferkit.tuning.planning",
         "probe": "transferkit.tuning.probing",
+        "auto_plan": "transferkit.tuning.auto",
+        "TimeBudget": "transferkit.training.budget",
         "FreezeSchedule": "transferkit.finetuning.schedule",
         "OptimizerSettings": "transferkit.finetuning.optim",
         "LRScheduleSettings": "transferkit.finetuning.optim",

@@ -17,6 +17,7 @@ import importlib
 import os
 import pickle
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ TRAINING_COMMANDS = {
 
 # tool command -> the module of this package whose main(argv) runs it, in --help order
 TOOL_COMMANDS = {
+    "auto": "auto",
     "probe": "probe",
     "plan": "plan",
     "lr-find": "lr_find",
@@ -49,6 +51,7 @@ TOOL_COMMANDS = {
 
 # the one-line help of each tool, here so that --help imports no tool (and so neither torch nor Lightning)
 _TOOL_HELP = {
+    "auto": "plan a run that fits a time budget on this machine (--budget 10m), write it as a recipe, train, test, report",
     "probe": "linear probe of the frozen features at every backbone depth, and how deep to unfreeze",
     "plan": "print the freeze schedule phase by phase (groups, params, LRs, BN) without training",
     "lr-find": "learning-rate range test per phase of the freeze schedule: suggestions, why, and lr_find.png",
@@ -119,8 +122,14 @@ def _ckpt_path(args: Sequence[str]) -> str | None:
     return None
 
 
+#: ``time.time()`` when :func:`main` last started a command (``auto`` counts its budget from there)
+STARTED_AT: float | None = None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m transferkit`` and the ``transferkit`` script; returns the exit status."""
+    global STARTED_AT
+    STARTED_AT = time.time()
     args = list(sys.argv[1:] if argv is None else argv)
     show_traceback = "--traceback" in args or os.environ.get("TRANSFERKIT_TRACEBACK", "0") not in ("", "0")
     args = [a for a in args if a != "--traceback"]

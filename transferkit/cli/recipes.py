@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +157,14 @@ def refuse_code_in_recipes(args: Sequence[str]) -> None:
 @dataclass
 class Recipe:
     """What a recipe describes, built: the model, the data module (its image size, mean and std filled
-    in from the model's backbone), the Trainer, and the trainer section of the parsed config."""
+    in from the model's backbone), the Trainer, the trainer section of the parsed config, and the whole
+    parsed config as plain values."""
 
     model: Any
     datamodule: Any
     trainer: Any
     trainer_config: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def load_recipe(args: Sequence[str], logger: bool = True) -> Recipe:
@@ -178,4 +180,5 @@ def load_recipe(args: Sequence[str], logger: bool = True) -> Recipe:
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         cli = TransferKitCLI(**cli_kwargs(args), run=False)
     cli.datamodule.use_data_config(cli.model.data_config)  # the backbone's size, mean and std where unset
-    return Recipe(cli.model, cli.datamodule, cli.trainer, dict(cli.config.get("trainer") or {}))
+    config = cli.config.as_dict() if hasattr(cli.config, "as_dict") else dict(cli.config)
+    return Recipe(cli.model, cli.datamodule, cli.trainer, dict(cli.config.get("trainer") or {}), config)
