@@ -750,3 +750,22 @@ def test_compare_cv_pairs_regression_runs_only_as_decisions_and_multi_label_runs
     report = compare_cv.compare([half], [right])
     # one of the two labels is always wrong in the base: no image has every label right, against all of them
     assert report["seeds"][0]["base_accuracy"] == 0.0 and report["seeds"][0]["variant_accuracy"] == 1.0
+
+
+def test_auto_rules_keep_a_costlier_rung_only_where_the_other_datasets_found_it_better():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    rules = _benchmark("auto_rules")
+    ladder = [r.name for r in rules.LADDER]
+    # on a and b the third rung beats the first two, the fourth is no better than the third; c disagrees
+    scores = {"a": [0.70, 0.72, 0.80, 0.79], "b": [0.60, 0.58, 0.70, 0.70], "c": [0.9, 0.95, 0.5, 0.99]}
+    records = [
+        {"dataset": d, "rung": {"name": ladder[i]}, "val_acc": acc}
+        for d, values in scores.items()
+        for i, acc in enumerate(values)
+    ]
+    chosen = rules.leave_one_out(records, ["a", "b", "c"])
+    assert chosen["c"]["on"] == ["a", "b"]
+    assert chosen["c"]["ladder"] == [ladder[0], ladder[2]]  # chosen without c's own scores
+    # held out a: b and c's means are 0.75, 0.765, 0.60, 0.845: rungs 0, 1 and 3 kept
+    assert chosen["a"]["ladder"] == [ladder[0], ladder[1], ladder[3]]
+    assert all(not row["kept"] for row in chosen["a"]["rows"][4:])  # not run on every other dataset
