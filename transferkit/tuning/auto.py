@@ -252,8 +252,10 @@ def measure_backbone(
         pretrained="bundled",
         freeze_schedule=FreezeSchedule(milestones={0: 0}),
     ).eval()  # BatchNorm on its stored statistics throughout, as bn_policy: eval trains
+    # the layout training runs in (runtime.channels_last, on in every rung's recipe)
+    model.backbone.to(memory_format=torch.channels_last)
     net = model.backbone.model
-    x = torch.randn(batch, 3, side, side)
+    x = torch.randn(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
     stages = [
         lambda t: net.bn1(net.conv_stem(t)),
         *list(net.blocks),
