@@ -242,3 +242,12 @@ def test_a_budget_no_plan_fits_is_refused_with_one_that_does(tmp_path: Path, str
     assert done.returncode == 0, done.stderr[-2000:]
     written = yaml.safe_load((tmp_path / "a" / "auto-recipe.yaml").read_text())
     assert written["data"]["root"] == str(stripes_folder) and written["model"]["pretrained"] == "bundled"
+
+
+def test_auto_says_which_sections_of_a_given_recipe_the_plan_replaces(capsys):
+    from transferkit.cli.auto import _say_what_a_config_gives
+
+    _say_what_a_config_gives(["--config", str(ROOT / "recipes" / "quickstart.yaml"), "--budget", "5m"])
+    said = capsys.readouterr().err
+    assert "takes the data section and the seed" in said
+    assert "the plan replaces its caches, early_stopping, model, trainer" in said

@@ -73,6 +73,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say_what_a_config_gives(args: Sequence[str]) -> None:
+    """A ``--config`` recipe gives auto its data section and seed; say which of its other sections the plan
+    replaces, so that none is dropped unsaid."""
+    import yaml
+
+    from transferkit.cli.recipes import config_paths
+
+    for path in config_paths(args):
+        try:
+            recipe = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the recipe parser reports it in its own words
+        replaced = sorted(k for k in (recipe or {}) if k not in ("data", "seed_everything"))
+        if replaced:
+            print(
+                f"auto: from '{path}' it takes the data section and the seed; the plan replaces its "
+                f"{', '.join(replaced)} (edit <out>/{RECIPE_NAME} to change what auto chose)",
+                file=sys.stderr,
+            )
+
+
 def _template(out: Path) -> Path:
     """A recipe holding auto's model and trainer, from which the user's data settings are parsed."""
     import yaml
@@ -130,6 +151,7 @@ def main(argv: Sequence[str]) -> int:
         )
     out = Path(args.out)
     ladder = load_ladder(args.rules) if args.rules else LADDER
+    _say_what_a_config_gives(rest)
 
     template = _template(out)
     try:
