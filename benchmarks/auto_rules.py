@@ -31,13 +31,13 @@ from pathlib import Path
 
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(ROOT))  # this checkout's transferkit, the one its `python -m transferkit fit` runs
 from auto_budget import DATASETS  # noqa: E402
 from provenance import provenance, save, write  # noqa: E402
 
 from transferkit.tuning.auto import LADDER, Rung, recipe_for  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_section(name: str, data_dir: Path, seed: int) -> dict:
