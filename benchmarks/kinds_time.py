@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kinds_elpv import ARMS, RECIPE  # noqa: E402
 from provenance import provenance, save  # noqa: E402
 from rounds import per_round_ratio  # noqa: E402
+from time_to_accuracy import run_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE = ("base", "cell-type")
@@ -38,23 +39,7 @@ MULTI = "multi-label"
 
 def fit_command(arm: str, root: Path, seed: int) -> list[str]:
     overrides = [f"--{key}={value}" for key, value in (o.split("=", 1) for o in ARMS[arm])]
-    return [
-        sys.executable,
-        "-m",
-        "transferkit",
-        "fit",
-        "--config",
-        RECIPE,
-        "--seed_everything",
-        str(seed),
-        "--data.seed",
-        str(seed),
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        *overrides,
-    ]
+    return run_command(RECIPE, seed, root, overrides, command="fit")
 
 
 def timed_fit(arm: str, seed: int) -> float:

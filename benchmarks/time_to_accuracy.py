@@ -46,12 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {"VGG-19 fine-tuned, GPU (Deitsch et al. 2019)": 0.8842}
 
 
-def run_command(recipe: str, seed: int, root: Path, extra: list[str]) -> list[str]:
+def run_command(recipe: str, seed: int, root: Path, extra: list[str], command: str = "finetune") -> list[str]:
+    """``python -m transferkit <command> --config <recipe>`` on seed ``seed`` in the run folder ``root``."""
     return [
         sys.executable,
         "-m",
         "transferkit",
-        "finetune",
+        command,
         "--config",
         recipe,
         "--seed_everything",
