@@ -127,7 +127,7 @@ def _print_plan(plan: AutoPlan) -> None:
         phases.add_row(name, f"{seconds:.0f}")
     phases.add_row("total", f"{plan.predicted_s:.0f}")
     console.print(phases)
-    schedule = f"{r.head_epochs} head-only epochs on stored features"
+    schedule = f"{r.head_epochs} head-only epoch{'s' * (r.head_epochs != 1)} on stored features"
     if r.unfrozen_groups:
         fed = "the stored trunk" if r.feeds_trunk else f"{r.augment}-augmented images"
         schedule += f", then the top {r.unfrozen_groups} groups for {r.unfrozen_epochs} epochs on {fed}"
@@ -136,6 +136,9 @@ def _print_plan(plan: AutoPlan) -> None:
         f"validation {sizes.get('val', 0)}, test {sizes.get('test', 0)}. Predicted {plan.predicted_s:.0f} s of "
         f"{plan.budget_s:.0f} s."
     )
+    cap = plan.caps.get("trunk_cache_bytes")
+    if cap:
+        console.print(f"caches: a trunk cache may take up to {cap / 2**30:.1f} GiB ({plan.caps['why']}).")
 
 
 def main(argv: Sequence[str]) -> int:
