@@ -208,14 +208,14 @@ class InterpretationReport:
 
     split: str
     images: int
-    accuracy: float | None
     class_names: list[str]
-    per_class: list[dict[str, Any]]
-    top_losses: list[dict[str, Any]]
-    most_confident: list[dict[str, Any]]
-    calibration: dict[str, Any]
-    binary: dict[str, Any] | None
-    gradcam_layer: str | None
+    accuracy: float | None = None
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    top_losses: list[dict[str, Any]] = field(default_factory=list)
+    most_confident: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    binary: dict[str, Any] | None = None
+    gradcam_layer: str | None = None
     # with class groups: {"accuracy", "members": {group: [class names]}, "per_group": rows like per_class}
     groups: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
@@ -569,11 +569,7 @@ def _interpret_classes(looking: _Looking, logits: torch.Tensor, truth: torch.Ten
         accuracy=accuracy,
         class_names=names,
         per_class=per_class_table(labels, predicted, names),
-        top_losses=[],
-        most_confident=[],
         calibration=calibration,
-        binary=None,
-        gradcam_layer=None,
         groups=_group_figures(getattr(model, "class_groups", None), probs, labels, names),
         problems=problems,
     )
@@ -677,14 +673,7 @@ def _interpret_labels(looking: _Looking, logits: torch.Tensor, truth: torch.Tens
     report = InterpretationReport(
         split=split,
         images=len(present),
-        accuracy=None,
         class_names=names,
-        per_class=[],
-        top_losses=[],
-        most_confident=[],
-        calibration={},
-        binary=None,
-        gradcam_layer=None,
         problems=looking.problems,
         kind="multi_label",
         summary=label_summary(rows, present, decided),
@@ -740,14 +729,7 @@ def _interpret_values(looking: _Looking, logits: torch.Tensor, truth: torch.Tens
     report = InterpretationReport(
         split=split,
         images=len(true),
-        accuracy=None,
         class_names=names,
-        per_class=[],
-        top_losses=[],
-        most_confident=[],
-        calibration={},
-        binary=None,
-        gradcam_layer=None,
         problems=looking.problems,
         kind="regression",
         summary={"mae": overall["mae"], "rmse": overall["rmse"], "r2": overall["r2"]},
