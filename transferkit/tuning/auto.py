@@ -177,10 +177,11 @@ def load_ladder(path: str | os.PathLike) -> tuple[Rung, ...]:
 
 MEASURED_SIDE = {"tf_efficientnet_lite0": 192, "tf_efficientnet_lite1": 240, "tf_efficientnet_lite2": 260}
 # per optimizer step and per epoch, beyond the images' compute: the loop, the optimizer, logging, the
-# checkpoint of each epoch (measured: see benchmarks/auto_budget.py)
+# checkpoint of each epoch. Set by hand, not measured one by one; benchmarks/auto_budget.py checks the whole
+# prediction against measured runs
 STEP_OVERHEAD_S = 0.01
 EPOCH_OVERHEAD_S = 1.0
-REPORT_S = 12.0  # the run report's figures and the final checkpoint's test set-up (benchmarks/auto_budget.py)
+REPORT_S = 12.0  # the run report's figures and the test's set-up, set by hand like the two above
 
 
 @dataclass
@@ -374,7 +375,7 @@ def recipe_for(
 ) -> dict[str, Any]:
     """The recipe of ``rung`` on ``data`` (a recipe's data section) for a target of ``kind``: ``finetune --config``
     on it trains what ``auto`` trains."""
-    r = rung
+    r = rung  # short: it is read on every line below
     milestones = {0: 0} if not r.unfrozen_groups else {0: 0, r.head_epochs: r.unfrozen_groups}
     data = {**data, "pipeline": {**(data.get("pipeline") or {}), "image_size": r.image_size}}
     data["pipeline"]["augment"] = AUGMENTATIONS[r.augment] or "none"
