@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -46,8 +47,6 @@ def _process_start() -> float | None:
             for line in Path("/proc/stat").read_text().splitlines()
             if line.startswith("btime")
         )
-        import os
-
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
