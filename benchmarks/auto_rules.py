@@ -19,7 +19,6 @@ protocol split of seed ``--seed``, 296 validation cells: a gain under about 0.02
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(ROOT))  # this checkout's transferkit, the one its `python -m transferkit fit` runs
-from auto_budget import DATASETS  # noqa: E402
+from auto_budget import DATASETS, best_validation  # noqa: E402
 from provenance import provenance, save, write  # noqa: E402
 
 from transferkit.tuning.auto import LADDER, Rung, recipe_for  # noqa: E402
@@ -45,22 +44,6 @@ def data_section(name: str, data_dir: Path, seed: int) -> dict:
         return {"source": "elpv", "task": "binary", "seed": seed, "loader": {"num_workers": 1}}
     folder = DATASETS[name](data_dir)
     return {"source": "folder", "root": str(folder), "seed": seed, "loader": {"num_workers": 1}}
-
-
-def best_validation(run_dir: Path) -> dict:
-    """The validation accuracy and loss of the epoch with the lowest validation loss, from Lightning's CSV log."""
-    rows = []
-    for path in run_dir.rglob("metrics.csv"):
-        with path.open() as handle:
-            rows += [r for r in csv.DictReader(handle) if r.get("val_loss") not in (None, "")]
-    if not rows:
-        raise SystemExit(f"no validation rows under {run_dir}")
-    best = min(rows, key=lambda r: float(r["val_loss"]))
-    return {
-        "val_acc": float(best["val_acc"]),
-        "val_loss": float(best["val_loss"]),
-        "epoch": int(best["epoch"]),
-    }
 
 
 def run_rung(dataset: str, rung: Rung, data: dict, seed: int, runs: Path) -> dict:

@@ -16,6 +16,12 @@ Every run scores a test split, so each goes into ``benchmarks/results/elpv-test-
 whose test split was scored before needs ``--rerun`` (the protocol in docs/elpv.md). ``--resume FILE`` keeps the
 runs an earlier results file of this script holds (same recipe, overrides and seed) instead of running them again.
 
+``--auto 3m 5m`` also times ``python -m transferkit auto --config <--auto-config> --budget B --out <run folder>``
+on the same seeds (``--auto-rules``: its ladder; for ELPV's figures, one chosen without ELPV), each budget an
+entry of its own (``auto --budget B``) whose test split is scored once per seed like a recipe's; its written
+``auto-recipe.yaml`` is what the checkpoint is scored through, and each run records the rung auto chose, its
+predicted seconds and the wall time against the budget.
+
 The JSON reports each run (wall seconds, fit seconds, test accuracy) and per recipe the mean +- std accuracy and
 the mean and largest wall time; the frontier is the recipes no other recipe beats on both mean accuracy and mean
 wall time. Each recipe after the first is paired with the first on the same seeds (``against_first``): the
@@ -67,10 +73,21 @@ def run_command(recipe: str, seed: int, root: Path, extra: list[str], command: s
     ]
 
 
-def timed_run(recipe: str, seed: int, root: Path, extra: list[str]) -> dict[str, Any]:
-    """One fresh ``finetune`` run, timed start to finish; its ``metrics.json``."""
+def auto_command(
+    config: str, budget: str, rules: str | None, seed: int, root: Path, extra: list[str]
+) -> list[str]:
+    """``python -m transferkit auto`` on ``config``'s data at ``budget``, seed ``seed``, run folder ``root``."""
+    command = [sys.executable, "-m", "transferkit", "auto", "--config", config, "--budget", budget]
+    command += ["--out", str(root), "--seed_everything", str(seed), "--data.seed", str(seed)]
+    return command + (["--rules", rules] if rules else []) + list(extra)
+
+
+def timed_run(
+    recipe: str, seed: int, root: Path, extra: list[str], command: list[str] | None = None
+) -> dict[str, Any]:
+    """One fresh run (``finetune`` on ``recipe``, or ``command``), timed start to finish; its ``metrics.json``."""
     shutil.rmtree(root, ignore_errors=True)  # a fresh run folder: no cache survives from an earlier run
-    command = run_command(recipe, seed, root, extra)
+    command = command or run_command(recipe, seed, root, extra)
     start = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -129,16 +146,19 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = [r for r in runs if r["recipe"] == name]
         acc = [r["test_acc_binary"] for r in mine]
         wall = [r["wall_seconds"] for r in mine]
-        rows.append(
-            {
-                "recipe": name,
-                "seeds": [r["seed"] for r in mine],
-                "test_acc_binary_mean": statistics.fmean(acc),
-                "test_acc_binary_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                "wall_seconds_mean": statistics.fmean(wall),
-                "wall_seconds_max": max(wall),
-            }
-        )
+        row = {
+            "recipe": name,
+            "seeds": [r["seed"] for r in mine],
+            "test_acc_binary_mean": statistics.fmean(acc),
+            "test_acc_binary_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "wall_seconds_mean": statistics.fmean(wall),
+            "wall_seconds_max": max(wall),
+        }
+        if mine[0].get("budget_s"):  # an auto entry: its slowest seed against the budget, the rungs it chose
+            row["budget_s"] = mine[0]["budget_s"]
+            row["wall_over_budget_max"] = max(wall) / mine[0]["budget_s"]
+            row["rungs"] = sorted({r["auto"]["rung"] for r in mine})
+        rows.append(row)
     first = by_seed[names[0]]
     for row in rows[1:]:
         mine = by_seed[row["recipe"]]
@@ -226,9 +246,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--recipes",
-        nargs="+",
+        nargs="*",
         default=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")),
     )
+    parser.add_argument(
+        "--auto", nargs="+", default=[], metavar="BUDGET", help="also time auto at these budgets (3m 5m ...)"
+    )
+    parser.add_argument(
+        "--auto-config", default="recipes/quickstart.yaml", help="the recipe auto takes its data from"
+    )
+    parser.add_argument("--auto-rules", default=None, help="auto's ladder (--rules), a YAML file")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rerun", action="store_true", help="score test splits the ledger says were scored")
     parser.add_argument("--resume", default=None, help="keep the runs of this earlier results file")
@@ -246,6 +273,20 @@ def main() -> None:
     record = provenance()
     recipes = {recipe: _recipe_path(recipe) for recipe in args.recipes}
     fingerprints = {recipe: recipe_fingerprint(str(path), extra) for recipe, path in recipes.items()}
+    autos: dict[str, str] = {}  # entry name -> budget
+    rules: str | None = None
+    if args.auto:
+        from transferkit.tuning.auto import LADDER, parse_budget
+
+        auto_config = str(_recipe_path(args.auto_config))
+        rules = str(_recipe_path(args.auto_rules)) if args.auto_rules else None
+        # the ladder is part of what is run: another ladder is another recipe on the ledger
+        ladder = Path(rules).read_text() if rules else repr(LADDER)
+        for budget in args.auto:
+            name = f"auto --budget {budget}"
+            autos[name] = budget
+            recipes[name] = Path(auto_config)
+            fingerprints[name] = recipe_fingerprint(auto_config, ["auto", "--budget", budget, ladder, *extra])
 
     def earlier_run(recipe: str, seed: int) -> dict[str, Any] | None:
         same = [r for r in kept if r["seed"] == seed and r["fingerprint"] == fingerprints[recipe]]
@@ -259,7 +300,7 @@ def main() -> None:
             args.rerun,
             ledger,
         )
-        for recipe in args.recipes
+        for recipe in recipes
     }
     runs: list[dict[str, Any]] = []
     for recipe, path in recipes.items():
@@ -269,19 +310,33 @@ def main() -> None:
             if done is not None:
                 runs.append(done)
                 continue
-            root = Path(args.runs_dir).resolve() / path.stem / f"seed{seed}"
-            timed = timed_run(str(path), seed, root, extra)
+            budget = autos.get(recipe)
+            if budget is None:
+                root = Path(args.runs_dir).resolve() / path.stem / f"seed{seed}"
+                timed = timed_run(str(path), seed, root, extra)
+                scored_through, scored_extra = str(path), extra
+            else:
+                root = Path(args.runs_dir).resolve() / f"auto-{budget}" / f"seed{seed}"
+                command = auto_command(str(path), budget, rules, seed, root, extra)
+                timed = timed_run(recipe, seed, root, extra, command=command)
+                # the recipe auto wrote holds the whole plan and this seed's data settings
+                scored_through, scored_extra = str(root / "auto-recipe.yaml"), []
             metrics = timed["metrics"]
             printed = metrics["test"].get("test_acc")
             scores: dict[str, float] = {}
             try:
-                scores = score_test(str(path), seed, root, extra, metrics["best_checkpoint"])
+                scores = score_test(scored_through, seed, root, scored_extra, metrics["best_checkpoint"])
             finally:
                 # the command scored the test split: the look goes on the ledger whatever happens next
                 binary = len(metrics.get("class_names", [])) == 2
                 accuracy = scores.get("acc_binary", printed if binary else None)
+                look = (
+                    (str(path.relative_to(ROOT)), ["auto", "--budget", budget, *extra])
+                    if budget
+                    else (recipe, extra)
+                )
                 record_test_look(
-                    record, recipe, extra, fingerprint, seed, seed in seen_before[recipe], accuracy, ledger
+                    record, *look, fingerprint, seed, seed in seen_before[recipe], accuracy, ledger
                 )
             if printed is not None and abs(printed - scores["acc"]) > 1e-6:
                 raise SystemExit(
@@ -295,8 +350,20 @@ def main() -> None:
                     f"{recipe} seed {seed}: the command printed test_group_acc {grouped:.6f}, the checkpoint's "
                     f"binary accuracy on the same split is {scores['acc_binary']:.6f}: they should be one figure."
                 )
+            entry: dict[str, Any] = {}
+            if budget is not None:
+                plan = json.loads((root / "auto-plan.json").read_text())
+                entry["budget_s"] = parse_budget(budget)
+                entry["auto"] = {
+                    "rung": plan["rung"]["name"],
+                    "predicted_s": plan["predicted_s"],
+                    "measured_s": plan.get("measured_s"),
+                    "stopped_early_at_epoch": plan.get("stopped_early_at_epoch"),
+                    "rules": rules or "built-in",
+                }
             runs.append(
                 {
+                    **entry,
                     "recipe": recipe,
                     "overrides": extra,
                     "fingerprint": fingerprint,

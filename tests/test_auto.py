@@ -119,10 +119,26 @@ def test_a_tiny_folder_spends_spare_budget_on_more_epochs_of_the_richest_rung():
     assert considered[-1]["fits"] and 10 + sum(predicted.values()) <= 0.9 * 600
 
 
+def test_a_rung_below_the_richest_grows_into_the_time_the_next_rung_could_not_use():
+    rung, predicted, considered, _ = _choose(ELPV, 600)
+    names = [r.name for r in LADDER]
+    base = LADDER[names.index(rung.name.split(" x")[0])]
+    assert base != LADDER[-1]
+    assert rung.unfrozen_epochs > base.unfrozen_epochs
+    spent = 10 + sum(predicted.values())
+    assert spent <= 0.9 * 600
+    # one more epoch would not have fitted, unless the growth stopped at twice the rung's epochs
+    per_epoch = predicted["unfrozen epochs"] / rung.unfrozen_epochs
+    assert spent + per_epoch > 0.9 * 600 or rung.unfrozen_epochs == 2 * base.unfrozen_epochs
+    richer = considered[names.index(base.name) + 1]
+    assert not richer.get("fits")  # the richer rung stays over the budget
+
+
 def test_a_backbone_is_not_measured_when_a_smaller_ones_cost_already_rules_it_out():
     _, _, considered, measured = _choose(ELPV, 300)
     assert measured == ["tf_efficientnet_lite0"]
-    assert "not measured" in considered[-1]["why_not"]
+    lite1 = next(row for row in considered if row["rung"].startswith("lite1"))
+    assert "not measured" in lite1["why_not"]
 
 
 def test_a_trunk_cache_over_the_cap_is_passed_over():

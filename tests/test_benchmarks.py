@@ -370,6 +370,28 @@ def test_time_to_accuracy_pairs_recipes_only_on_the_seeds_both_ran_and_tells_noi
     assert "against_first" not in rows["one-seed"]  # one common seed has no spread to judge by
 
 
+def test_time_to_accuracy_holds_auto_budgets_as_entries_with_their_slowest_seed_against_the_budget():
+    tta = _benchmark("time_to_accuracy")
+    runs = [{"recipe": "quick", "seed": s, "test_acc_binary": 0.87, "wall_seconds": 290} for s in (0, 1)]
+    runs += [
+        {
+            "recipe": "auto --budget 5m",
+            "seed": seed,
+            "test_acc_binary": acc,
+            "wall_seconds": wall,
+            "budget_s": 300.0,
+            "auto": {"rung": rung},
+        }
+        for seed, acc, wall, rung in [(0, 0.88, 270, "top4 x9 epochs"), (1, 0.89, 315, "top4 x8 epochs")]
+    ]
+    rows = {r["recipe"]: r for r in tta.summarise(runs)}
+    auto = rows["auto --budget 5m"]
+    assert auto["wall_over_budget_max"] == pytest.approx(1.05)  # the slowest seed, not the mean
+    assert auto["rungs"] == ["top4 x8 epochs", "top4 x9 epochs"]
+    assert auto["against_first"]["per_seed"] == pytest.approx([0.01, 0.02])
+    assert "budget_s" not in rows["quick"]
+
+
 @pytest.mark.slow
 def test_time_to_accuracy_times_a_fresh_finetune_and_puts_its_test_look_on_the_ledger(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"

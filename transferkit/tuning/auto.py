@@ -432,7 +432,7 @@ def auto_plan(
             measuring done here count too.
         ladder: rungs, cheapest first.
         margin: the share of the budget a plan may be predicted to take (the rest absorbs prediction error).
-        max_epoch_scale: when the richest rung leaves budget unused, its epochs grow up to this factor.
+        max_epoch_scale: when the chosen rung leaves budget unused, its epochs grow up to this factor.
         cache_dir: where the caches will be stored (its free disk caps them).
 
     Raises:
@@ -492,8 +492,9 @@ def choose(
 
     A backbone's costs are measured (``measure(backbone) -> BackboneCosts``, stored in ``costs``) the first time
     a rung needs them, unless the rung's time at an already measured, smaller backbone's cost is over the
-    budget. A rung whose trunk cache would pass ``cache_cap`` bytes is passed over. When the richest rung fits
-    with budget to spare, its epochs grow (up to ``max_epoch_scale`` times) to use it.
+    budget. A rung whose trunk cache would pass ``cache_cap`` bytes is passed over. When the chosen rung leaves
+    budget unused (the next richer one does not fit, or there is none), its epochs grow (up to
+    ``max_epoch_scale`` times) to use it.
 
     Raises:
         ConfigError: when no rung fits, naming the smallest budget that would.
@@ -539,7 +540,7 @@ def choose(
             "or fewer images (data.split.max_samples)."
         )
     rung, predicted = chosen
-    if rung == ladder[-1] and max_epoch_scale > 1:  # the richest rung with budget to spare: more epochs
+    if max_epoch_scale > 1:  # the chosen rung with budget to spare (the next one did not fit): more epochs
         base = rung.unfrozen_epochs or rung.head_epochs
         phase = "unfrozen epochs" if rung.unfrozen_epochs else "head epochs"
         per_epoch = predicted[phase] / base
