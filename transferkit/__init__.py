@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from transferkit.tuning.augment_search import augment_search
     from transferkit.tuning.auto import auto_plan
     from transferkit.tuning.cross_validation import cross_validate
+    from transferkit.tuning.doctor import doctor
     from transferkit.tuning.planning import plan
     from transferkit.tuning.probing import probe
 
@@ -94,6 +95,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "plan": "transferkit.tuning.planning",
         "probe": "transferkit.tuning.probing",
         "auto_plan": "transferkit.tuning.auto",
+        "doctor": "transferkit.tuning.doctor",
         "TimeBudget": "transferkit.training.budget",
         "FreezeSchedule": "transferkit.finetuning.schedule",
         "OptimizerSettings": "transferkit.finetuning.optim",

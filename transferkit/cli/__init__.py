@@ -46,6 +46,7 @@ TOOL_COMMANDS = {
     "interpret": "interpret",
     "export": "export",
     "check-data": "check_data",
+    "doctor": "doctor",
     "pack-data": "pack_data",
 }
 
@@ -63,6 +64,7 @@ _TOOL_HELP = {
     "interpret": "top losses with Grad-CAM, per-class table, normalised confusion, calibration (ECE, reliability) of a checkpoint",
     "export": "a checkpoint to ONNX or TorchScript, BatchNorm folded, with <name>.preprocessing.json beside it",
     "check-data": "decode every image of the recipe's data (threads, progress bar) and list each bad file with its reason",
+    "doctor": "likely label issues (out-of-fold), near-duplicates across splits and outliers: ranked CSVs, PNG grids",
     "pack-data": "the recipe's data, split, as a LitData streaming pack (a folder to train from, or to upload to S3/GCS)",
 }
 

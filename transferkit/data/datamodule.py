@@ -26,7 +26,7 @@ from transferkit.data.settings import (
     TargetSettings,
 )
 from transferkit.data.sources import DataSource, SourceName, load_source
-from transferkit.data.splits import cv_split_indices, make_splits
+from transferkit.data.splits import apply_exclusions, cv_split_indices, make_splits
 from transferkit.errors import ConfigError, DatasetError, ImageReadError, warn
 
 __all__ = ["FeatureFeed", "ImageDataModule", "cv_split_indices"]
@@ -149,6 +149,7 @@ class ImageDataModule(L.LightningDataModule):
         )
         self.skipped_images: list[ImageReadError] = []
         self.split_indices: dict[str, np.ndarray] | None = None
+        self.exclusions: dict[str, int] | None = None  # what data.split.exclude did, once set up
         self.datasets: dict[str, ImageDataset] = {}
         self._train_transform = self._eval_transform = None
 
@@ -250,6 +251,10 @@ class ImageDataModule(L.LightningDataModule):
             if files:
                 self.data, self.skipped_images = drop_unreadable(self.data, self.settings.skip_bad_images)
             self.split_indices = make_splits(self.data, self.settings.split, self.seed)
+            if self.settings.split.exclude is not None:  # after the splits: val and test stay as they are
+                self.data, self.split_indices, self.exclusions = apply_exclusions(
+                    self.data, self.split_indices, self.settings.split.exclude
+                )
             single = self.target_kind == "single_label"
             if single and self.settings.loader.sampler is None:  # a sampler named was chosen knowing them
                 warn_imbalance(self.data.labels[self.split_indices["train"]], self.class_names)

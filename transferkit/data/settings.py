@@ -69,6 +69,11 @@ class SplitSettings(SettingsGroup):
             the ``val_fraction`` split (see :func:`~transferkit.data.splits.cv_split_indices`). The test split
             is the one the data holds out without them. Set both or neither;
             :func:`~transferkit.tuning.cross_validation.cross_validate` runs every fold.
+        exclude: a CSV of images to take out of the training split (a ``file`` column; ``doctor``'s
+            ``label_issues.csv`` is one): each listed training image is dropped, or, where the row's
+            ``action`` is ``relabel``, given the row's ``suggested`` class (``keep``: left as it is). The splits
+            are drawn before, so validation and test hold the same images with or without it; listed images
+            of those splits are never changed.
     """
 
     where = "data.split"
@@ -79,6 +84,7 @@ class SplitSettings(SettingsGroup):
     max_samples: int | None = None
     cv_folds: int | None = None
     cv_fold: int | None = None
+    exclude: str | None = None
 
     def __post_init__(self) -> None:
         self.require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1) (0: no validation split)")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import os
+from pathlib import Path
+
 import numpy as np
 
 from transferkit.data.checks import stratified_sample
 from transferkit.data.settings import SplitSettings, check_folds
 from transferkit.data.sources import DataSource, split_indices
-from transferkit.errors import ConfigError, DatasetError
+from transferkit.errors import ConfigError, DatasetError, warn
 
-__all__ = ["cv_split_indices", "make_splits"]
+__all__ = ["apply_exclusions", "cv_split_indices", "make_splits"]
 
 
 def make_splits(data: DataSource, split: SplitSettings, seed: int) -> dict[str, np.ndarray]:
@@ -139,3 +144,100 @@ def _multilabel_fold(
     splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     train, val = list(splitter.split(rest, data.labels[rest] >= 0.5))[fold]
     return {"train": np.sort(rest[train]), "val": np.sort(rest[val])}
+
+
+def apply_exclusions(
+    data: DataSource, splits: dict[str, np.ndarray], path: str | os.PathLike
+) -> tuple[DataSource, dict[str, np.ndarray], dict[str, int]]:
+    """``data`` and ``splits`` with the training images listed in the CSV ``path`` dropped (or relabelled to
+    the row's ``suggested`` class where its ``action`` is ``relabel``; ``keep`` leaves one as it is), and the
+    counts of what was done. Listed images of the validation and test splits are left as they are (a
+    warning says how many); a CSV none of whose files is in the data is refused, naming one of each.
+
+    Example:
+        >>> import tempfile
+        >>> from transferkit.data.sources import DataSource
+        >>> data = DataSource("folder", ["a.png", "b.png", "c.png"], np.array([0, 1, 0]), ["cat", "dog"])
+        >>> listing = os.path.join(tempfile.mkdtemp(), "issues.csv")
+        >>> _ = open(listing, "w").write("file,action,suggested\\na.png,relabel,dog\\nc.png,drop,\\n")
+        >>> data, splits, done = apply_exclusions(data, {"train": np.array([0, 2]), "test": np.array([1])}, listing)
+        >>> splits["train"].tolist(), data.labels.tolist(), done
+        ([0], [1, 1, 0], {'dropped': 1, 'relabelled': 1, 'kept': 0, 'not_training': 0, 'not_found': 0})
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as err:
+        raise ConfigError(
+            f"data.split.exclude: cannot read {path} ({err}); give the CSV doctor wrote."
+        ) from err
+    if rows and "file" not in rows[0]:
+        raise ConfigError(
+            f"data.split.exclude: {path} has no 'file' column (its columns: {', '.join(rows[0])}); it needs one "
+            "row per image with its file, as doctor's label_issues.csv has."
+        )
+
+    def key(item: object) -> str:
+        return os.path.normcase(os.path.abspath(str(item)))
+
+    where = {key(item): i for i, item in enumerate(data.items) if isinstance(item, str | os.PathLike)}
+    training = {int(i) for i in splits["train"]}
+    labels = np.array(data.labels, copy=True)
+    done = {"dropped": 0, "relabelled": 0, "kept": 0, "not_training": 0, "not_found": 0}
+    drop: set[int] = set()
+    missing: list[str] = []
+    for number, row in enumerate(rows, 2):
+        index = where.get(key(row["file"]))
+        if index is None:
+            done["not_found"] += 1
+            missing.append(row["file"])
+            continue
+        if index not in training:
+            done["not_training"] += 1
+            continue
+        action = (row.get("action") or "drop").strip().lower()
+        if action == "drop":
+            drop.add(index)
+            done["dropped"] += 1
+        elif action == "keep":
+            done["kept"] += 1
+        elif action == "relabel":
+            suggested = (row.get("suggested") or "").strip()
+            if data.kind != "single_label" or suggested not in data.class_names:
+                raise ConfigError(
+                    f"data.split.exclude: {path} line {number} relabels {row['file']} to {suggested!r}, which is "
+                    f"not one of the classes {data.class_names}"
+                    + (
+                        ""
+                        if data.kind == "single_label"
+                        else f" (relabelling is for single-label data, this is {data.kind})"
+                    )
+                    + "; fix the 'suggested' column or make the action drop."
+                )
+            labels[index] = data.class_names.index(suggested)
+            done["relabelled"] += 1
+        else:
+            raise ConfigError(
+                f"data.split.exclude: {path} line {number}: action {action!r} is not one of drop, relabel, keep."
+            )
+    if rows and done["not_found"] == len(rows):
+        example = next(iter(where), "(no files: the data is in memory)")
+        raise ConfigError(
+            f"data.split.exclude: none of the {len(rows)} files listed in {path} is in this data (e.g. "
+            f"{missing[0]}; the data has e.g. {example}): it was written for other data. Give the CSV doctor "
+            "wrote for this recipe."
+        )
+    if done["not_found"] or done["not_training"]:
+        warn(
+            f"data.split.exclude: of the {len(rows)} images listed in {path}, {done['not_training']} are in the "
+            f"validation or test split and were left as they are, and {done['not_found']} are not in this data "
+            f"(e.g. {missing[0] if missing else '-'})."
+        )
+    splits = {
+        **splits,
+        "train": np.asarray([i for i in splits["train"] if int(i) not in drop], dtype=np.int64),
+    }
+    if len(splits["train"]) == 0:
+        raise DatasetError(f"data.split.exclude: {path} drops every training image; list fewer.")
+    return dataclasses.replace(data, labels=labels), splits, done
