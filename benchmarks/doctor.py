@@ -49,6 +49,7 @@ from auto_budget import DATASETS  # noqa: E402
 from provenance import provenance, save, write  # noqa: E402
 
 import transferkit as tk  # noqa: E402
+from transferkit.data.checks import image_hashes  # noqa: E402
 from transferkit.data.features import extract_features  # noqa: E402
 from transferkit.tuning.doctor import (  # noqa: E402
     _unit,
@@ -254,19 +255,8 @@ def _variants(image: Image.Image) -> dict[str, Image.Image]:
     }
 
 
-def dct_hash(paths: list[str]) -> np.ndarray:
-    """The 8x8 lowest DCT coefficients (the mean left out) of each image's 32x32 grey thumbnail."""
-    from scipy.fft import dctn
-
-    rows = []
-    for path in paths:
-        grey = np.asarray(Image.open(path).convert("L").resize((32, 32), Image.BILINEAR), dtype=np.float64)
-        rows.append(dctn(grey, norm="ortho")[:8, :8].ravel()[1:])
-    return np.stack(rows)
-
-
 def part_duplicates(args: argparse.Namespace, cache: Path, planted_dir: Path) -> dict[str, Any]:
-    thresholds = [0.80, 0.85, 0.90, 0.92, 0.94, 0.96, 0.98]
+    thresholds = [0.80, 0.85, 0.90, 0.92, 0.94, 0.96, 0.98, 0.99, 0.995]
     out: dict[str, Any] = {}
     for name in ("photo-digits", "elpv", "digits"):
         dm, model = _module(name, Path(args.data_dir))
@@ -288,7 +278,7 @@ def part_duplicates(args: argparse.Namespace, cache: Path, planted_dir: Path) ->
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=1)
         x_planted = extract_features(model.backbone, loader).float().flatten(1).numpy()
         start = time.perf_counter()
-        hashes = dct_hash(files + planted)
+        hashes = image_hashes(files + planted)
         hash_s = time.perf_counter() - start
         descriptors = {"backbone features": np.concatenate([x, x_planted]), "DCT hash": hashes}
         rows = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,40 @@ def test_an_image_far_from_every_class_scores_highest():
     assert ratio.argmax() == 100 and ratio[100] > 2
     assert (nearest[:100] == labels).mean() > 0.95
     assert np.quantile(ratio[:100], 0.5) < 1
+
+
+def _textured_tiles(root: Path, per_class: int = 60) -> Path:
+    """Tiles of scikit-learn's two sample photographs, one class per photograph, none overlapping, none flat
+    (a tile of clear sky looks like every other)."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    for name, photo in zip(("china", "flower"), load_sample_images().images, strict=True):
+        (root / name).mkdir(parents=True)
+        tiles = [(y, x) for y in range(0, photo.shape[0] - 48, 48) for x in range(0, photo.shape[1] - 48, 48)]
+        textured = [t for t in tiles if photo[t[0] : t[0] + 48, t[1] : t[1] + 48].std() > 25]
+        for k, t in enumerate(rng.choice(len(textured), per_class, replace=False)):
+            y, x = textured[t]
+            Image.fromarray(photo[y : y + 48, x : x + 48]).save(root / name / f"{name}_{k:03d}.png")
+    return root
+
+
+def test_setup_warns_when_a_test_image_is_a_training_image_in_other_bytes(tmp_path: Path):
+    root = _textured_tiles(tmp_path / "tiles", per_class=40)
+
+    def set_up(**split) -> list[str]:
+        dm = tk.ImageDataModule(source="folder", root=str(root), pipeline=PIPELINE, split=split)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            dm.setup("fit")
+        return [str(w.message) for w in seen if "look like training or validation images" in str(w.message)]
+
+    assert set_up() == []  # distinct pictures: no warning
+    for path in sorted((root / "china").glob("*.png")):  # each picture again, resized and re-encoded
+        Image.open(path).resize((40, 40)).save(path.with_name(f"copy_{path.stem}.jpg"), quality=75)
+    (message,) = set_up()
+    assert "(test) ~" in message and "copy_" in message and "doctor" in message
+    assert set_up(near_duplicates="off") == []
 
 
 @pytest.fixture

@@ -14,14 +14,21 @@ from transferkit.errors import DatasetError, ImageReadError, warn
 
 __all__ = [
     "IMBALANCE_WARNING_RATIO",
+    "NEAR_DUPLICATE_HASH_SIMILARITY",
     "check_images",
     "drop_unreadable",
+    "image_hashes",
+    "near_duplicates_across",
     "warn_duplicates_across_splits",
     "warn_imbalance",
+    "warn_near_duplicates_across_splits",
 ]
 
 # the largest / smallest class count in train above which setup warns and suggests sampler: balanced
 IMBALANCE_WARNING_RATIO = 10.0
+#: cosine similarity of two images' centred DCT hashes from which set-up calls them near-duplicates
+#: (measured: benchmarks/doctor.py, docs/benchmarks.md)
+NEAR_DUPLICATE_HASH_SIMILARITY = 0.99
 
 
 def drop_unreadable(
@@ -123,6 +130,81 @@ def warn_duplicates_across_splits(data: DataSource, splits: Mapping[str, np.ndar
             + "; ".join(found)
             + ". Scores on val/test overstate accuracy on new images; remove the copies."
         )
+
+
+def image_hashes(items: Sequence[object], workers: int = 2) -> np.ndarray:
+    """Per image, the 63 lowest DCT coefficients (the mean left out) of its 32x32 grey thumbnail: a continuous
+    perceptual hash, which re-encoding and resizing move little. Files are decoded at a reduced scale where
+    they are JPEGs (``load_image(min_side=32)``), in ``workers`` threads; arrays are used as they are. An
+    unreadable file gets a row of zeros (it is found, and reported, by the checks that read images)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+    from scipy.fft import dctn
+
+    from transferkit.data.images import load_image
+
+    def one(item: object) -> np.ndarray:
+        try:
+            pixels = (
+                load_image(item, min_side=32) if isinstance(item, str | os.PathLike) else np.asarray(item)
+            )
+        except ImageReadError:
+            return np.zeros(63)
+        grey = (
+            Image.fromarray(np.asarray(pixels, dtype=np.uint8)).convert("L").resize((32, 32), Image.BILINEAR)
+        )
+        return dctn(np.asarray(grey, dtype=np.float64), norm="ortho")[:8, :8].ravel()[1:]
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        rows = list(pool.map(one, items))
+    return np.stack(rows) if rows else np.zeros((0, 63))
+
+
+def near_duplicates_across(
+    hashes: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    similarity: float = NEAR_DUPLICATE_HASH_SIMILARITY,
+) -> list[tuple[int, int, float]]:
+    """Pairs ``(i, j, similarity)`` of an image of ``first`` and one of ``second`` (row indices of ``hashes``)
+    whose hashes, centred on the mean of all rows, have a cosine similarity of at least ``similarity``,
+    most similar first."""
+    if len(first) == 0 or len(second) == 0:
+        return []
+    centred = hashes - hashes.mean(axis=0)
+    unit = centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+    pairs = []
+    for start in range(0, len(first), 1024):
+        block = first[start : start + 1024]
+        sims = unit[block] @ unit[second].T
+        for r, c in zip(*np.nonzero(sims >= similarity), strict=True):
+            pairs.append((int(block[r]), int(second[c]), float(sims[r, c])))
+    return sorted(pairs, key=lambda p: -p[2])
+
+
+def warn_near_duplicates_across_splits(data: DataSource, splits: Mapping[str, np.ndarray]) -> int:
+    """Warn when a test image looks like a training or validation one (re-encoded, resized: the same picture
+    in other bytes), which makes the test score optimistic; return the number of test images concerned.
+    Costs a reduced-scale decode of every image (``data.split.near_duplicates: off`` skips it)."""
+    test = np.asarray(splits.get("test", []), dtype=np.int64)
+    rest = np.concatenate([np.asarray(splits.get(s, []), dtype=np.int64) for s in ("train", "val")])
+    if len(test) == 0 or len(rest) == 0:
+        return 0
+    order = np.concatenate([rest, test])
+    hashes = image_hashes([data.items[i] for i in order])
+    position = np.arange(len(order))
+    pairs = near_duplicates_across(hashes, position[len(rest) :], position[: len(rest)])
+    concerned = len({i for i, _, _ in pairs})
+    if concerned:
+        shown = "; ".join(f"{data.items[order[i]]} (test) ~ {data.items[order[j]]}" for i, j, _ in pairs[:3])
+        warn(
+            f"{concerned} test images look like training or validation images (the same picture re-encoded or "
+            f"resized), e.g. {shown}. The test score overstates accuracy on new images: run python -m "
+            "transferkit doctor --config <recipe> to list every group, and remove the copies "
+            "(data.split.near_duplicates: off skips this check)."
+        )
+    return concerned
 
 
 def _file_digest(path: str) -> str:

@@ -12,7 +12,13 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.data.augment import build_eval_transform, build_train_transform, decode_side
-from transferkit.data.checks import drop_unreadable, subset, warn_duplicates_across_splits, warn_imbalance
+from transferkit.data.checks import (
+    drop_unreadable,
+    subset,
+    warn_duplicates_across_splits,
+    warn_imbalance,
+    warn_near_duplicates_across_splits,
+)
 from transferkit.data.class_groups import resolve_class_groups
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decoded import DecodedImages, working_side
@@ -260,6 +266,8 @@ class ImageDataModule(L.LightningDataModule):
                 warn_imbalance(self.data.labels[self.split_indices["train"]], self.class_names)
             if files:
                 warn_duplicates_across_splits(self.data, self.split_indices)
+            if files and self.settings.split.near_duplicates == "warn":
+                warn_near_duplicates_across_splits(self.data, self.split_indices)
         self._resolve_transforms()
         for split, indices in self.split_indices.items():
             transform = self._train_transform if split == "train" else self._eval_transform

@@ -74,6 +74,10 @@ class SplitSettings(SettingsGroup):
             ``action`` is ``relabel``, given the row's ``suggested`` class (``keep``: left as it is). The splits
             are drawn before, so validation and test hold the same images with or without it; listed images
             of those splits are never changed.
+        near_duplicates: ``warn`` (default): set-up warns when a test image looks like a training or
+            validation one (the same picture re-encoded or resized; a perceptual hash of a 32 px thumbnail,
+            see :func:`~transferkit.data.checks.warn_near_duplicates_across_splits`), as it does for copies with
+            the same bytes; ``off`` skips the reduced-scale decode of every image this costs.
     """
 
     where = "data.split"
@@ -85,6 +89,7 @@ class SplitSettings(SettingsGroup):
     cv_folds: int | None = None
     cv_fold: int | None = None
     exclude: str | None = None
+    near_duplicates: Literal["warn", "off"] = "warn"
 
     def __post_init__(self) -> None:
         self.require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1) (0: no validation split)")
@@ -104,6 +109,7 @@ class SplitSettings(SettingsGroup):
             "a whole number >= 1, or null for every image",
         )
         check_folds(self.cv_folds, self.cv_fold, where="data.split.")
+        self.require(self.near_duplicates in ("warn", "off"), "near_duplicates", "'warn' or 'off'")
 
 
 def check_folds(folds: int | None, fold: int | None, where: str = "") -> None:
