@@ -237,3 +237,40 @@ def test_doctor_reads_a_stored_cross_validation_and_refuses_one_of_other_data(
     (cv / "oof_predictions.csv").write_text(lines[0] + "\n" + lines[1].replace(".png", ".jpg") + "\n")
     with pytest.raises(ConfigError, match="does not match this recipe's data"):
         tk.doctor(model, dm, tmp_path / "out", cv_dir=cv)
+
+
+@pytest.mark.parametrize("kind", ["multi_label", "regression"])
+def test_doctor_finds_wrong_labels_and_numbers_of_the_other_kinds(kind: str, tmp_path: Path):
+    from conftest import make_squares_csv
+
+    table = make_squares_csv(tmp_path / "squares", count=160, size=48)
+    lines = table.read_text().splitlines()
+    wrong = list(range(1, 161, 20))  # 8 rows: a label dropped or added, or the brightness moved
+    for row in wrong:
+        path, labels, red, blue, level = lines[row].split(",")
+        labels = "" if labels else "red;blue"
+        level = f"{(float(level) + 0.5) % 1:.4f}"
+        lines[row] = ",".join([path, labels, red, blue, level])
+    table.write_text("\n".join(lines) + "\n")
+    target = (
+        {"kind": "multi_label"} if kind == "multi_label" else {"kind": "regression", "columns": ["level"]}
+    )
+    dm = tk.ImageDataModule(
+        source="csv", csv_path=str(table), target=target, pipeline=PIPELINE, loader={"num_workers": 0}
+    )
+    model = tk.TransferClassifier(
+        num_classes=dm.num_classes, class_names=dm.class_names, target=dm.target_kind
+    )
+    report = tk.doctor(model, dm, tmp_path / "out", cv_dir=tmp_path / "ignored")
+    wrong_files = {str((tmp_path / "squares" / lines[row].split(",")[0]).resolve()) for row in wrong}
+    scored = ~np.isnan(report.label_scores)
+    assert not scored[[row["split"] == "test" for row in report.images]].any()
+    order = np.argsort(-np.where(scored, report.label_scores, -np.inf), kind="stable")[: scored.sum()]
+    ranking = [report.images[k]["file"] for k in order]
+    ranks = [ranking.index(f) for f in wrong_files if f in ranking]
+    # a random ranking puts them at half the list on average; doctor near the top
+    assert len(ranks) >= 4 and np.mean(ranks) < 0.2 * len(ranking)
+    assert sum(r < len(ranking) / 8 for r in ranks) >= len(ranks) / 2
+    assert {row["file"] for row in report.label_issues} & set(wrong_files)
+    assert "--cv is read for single-label data only" in report.notes[0]
+    assert (tmp_path / "out" / "label_issues.png").is_file() and (tmp_path / "out" / "outliers.csv").is_file()

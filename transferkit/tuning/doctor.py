@@ -26,8 +26,12 @@ its reason), a PNG grid beside each, and ``doctor.json`` (the counts, thresholds
 label issues is one setting: ``data.split.exclude: <out>/label_issues.csv`` drops the listed training
 images in the next run (``action: relabel`` in a row gives it the suggested label instead).
 
-Kinds of target: single label as above. Multi-label and regression data get near-duplicates and outliers
-(one centre for all training images); label issues are for single-label data only, and the command says so.
+Kinds of target: single label as above. Multi-label data: a logistic regression per label, out-of-fold; an
+image's score is its largest ``|truth - P(label)|``, and it is listed when the labels over 0.5 differ from its
+own (the suggestion). Regression: ridge regression, out-of-fold; the score is the error in units of the
+errors' robust spread (1.4826 x their median absolute deviation), listed from 3. For both, outliers are
+measured from one centre of all training images, ``--cv`` is not read, and ``data.split.exclude`` drops (it
+does not relabel).
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ __all__ = [
     "doctor",
     "duplicate_groups",
     "label_issue_scores",
+    "oof_label_probabilities",
     "oof_probabilities",
+    "oof_values",
     "outlier_scores",
 ]
 
@@ -185,6 +191,58 @@ def label_issue_scores(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     """Per image: ``1 - P(given label)`` (higher: more likely wrong) and the out-of-fold predicted class."""
     given = probs[np.arange(len(labels)), labels]
     return 1.0 - given, probs.argmax(axis=1)
+
+
+def oof_label_probabilities(
+    features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0
+) -> np.ndarray:
+    """Out-of-fold probabilities ``(N, L)`` of each label of multi-label data: a logistic regression per label
+    on the standardised ``features``, ``folds`` folds (unstratified); a label that a fold's training part
+    never (or always) has gets that part's rate."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.asarray(labels, dtype=bool)
+    probs = np.zeros(labels.shape)
+    for seen, held in KFold(min(folds, len(labels)), shuffle=True, random_state=seed).split(features):
+        scaler = StandardScaler().fit(features[seen])
+        a, b = scaler.transform(features[seen]), scaler.transform(features[held])
+        for j in range(labels.shape[1]):
+            y = labels[seen, j]
+            if y.all() or not y.any():
+                probs[held, j] = float(y.mean())
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                probe = LogisticRegression(max_iter=2000, C=0.1).fit(a, y)
+            probs[held, j] = probe.predict_proba(b)[:, 1]
+    return probs
+
+
+def oof_values(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold predictions ``(N, T)`` of numeric targets: ridge regression on the standardised
+    ``features`` (its penalty chosen inside each fold), ``folds`` folds, each prediction kept within the
+    range of the targets its fold trained on."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    predicted = np.zeros(targets.shape)
+    for seen, held in KFold(min(folds, len(targets)), shuffle=True, random_state=seed).split(features):
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 6, 8)))
+        model.fit(features[seen], targets[seen])
+        # within the range the fold trained on: a linear model extrapolates far off it on an unusual image
+        low, high = targets[seen].min(axis=0), targets[seen].max(axis=0)
+        predicted[held] = np.clip(model.predict(features[held]).reshape(len(held), -1), low, high)
+    return predicted
+
+
+def _robust_spread(errors: np.ndarray) -> np.ndarray:
+    """Per column, the standard deviation a normal distribution with these errors' median absolute
+    deviation would have (a few wrong targets do not inflate it)."""
+    return 1.4826 * np.median(np.abs(errors - np.median(errors, axis=0)), axis=0)
 
 
 def read_cv_probabilities(
@@ -393,11 +451,48 @@ def doctor(
                 }
             )
     else:
-        source = "none"
-        notes.append(
-            f"label issues are found for single-label data only; this data's target is {kind} (near-duplicates "
-            "and outliers are found)."
-        )
+        if cv_dir is not None:
+            notes.append(
+                "--cv is read for single-label data only; this data's out-of-fold estimates come from the features."
+            )
+        targets = np.asarray(data.labels)[[images[k]["index"] for k in scored]].astype(np.float64)
+        targets = targets.reshape(len(scored), -1)
+        label_names = list(data.class_names)
+        if kind == "multi_label":
+            probs = oof_label_probabilities(x[scored], targets >= 0.5, folds, datamodule.seed)
+            source = f"{folds}-fold logistic regression per label on the backbone's features"
+            score = np.abs((targets >= 0.5) - probs).max(axis=1)
+            suggestion = [
+                ";".join(n for n, on in zip(label_names, row >= 0.5, strict=True) if on) for row in probs
+            ]
+            disagree = [s != images[scored[k]]["label"] for k, s in enumerate(suggestion)]
+            why = [
+                ", ".join(
+                    f"P({n}) = {p:.2f}"
+                    for n, p, y in zip(label_names, row, t, strict=True)
+                    if (p >= 0.5) != (y >= 0.5)
+                )
+                for row, t in zip(probs, targets, strict=True)
+            ]
+        else:
+            predicted = oof_values(x[scored], targets, folds, datamodule.seed)
+            source = f"{folds}-fold ridge regression on the backbone's features"
+            residual = (targets - predicted) / np.maximum(_robust_spread(targets - predicted), 1e-12)
+            score = np.abs(residual).max(axis=1)
+            suggestion = [";".join(f"{v:.4g}" for v in row) for row in predicted]
+            disagree = list(score >= 3.0)  # three robust standard deviations from the out-of-fold value
+            why = [
+                f"{score[k]:.1f} spreads of the out-of-fold errors from the predicted {suggestion[k]}"
+                for k in range(len(scored))
+            ]
+        scores[scored] = score
+        for k in np.argsort(-score, kind="stable"):
+            if disagree[k]:
+                row = images[scored[k]]
+                issues.append(
+                    {**row, "suggested": suggestion[k], "score": round(float(score[k]), 4),
+                     "reason": f"out-of-fold {why[k]}", "action": "drop"}
+                )  # fmt: skip
     seconds["label_issues"] = round(time.perf_counter() - t, 2)
 
     # near-duplicates over every split
