@@ -73,7 +73,10 @@ def cv_command(
         key, sep, value = setting.partition("=")
         if not sep:
             raise SystemExit(f"a variant's setting must read key=value, got {setting!r}")
-        command += [f"--{key}", value]
+        command += [
+            f"--{key}",
+            value.replace("{seed}", str(data_seed)),
+        ]  # a per-seed file, e.g. doctor's list
     return command
 
 
@@ -133,7 +136,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar=("NAME", "KEY=VALUE"),
-        help="a variant's name and its settings (key=value, recipe keys with dots)",
+        help="a variant's name and its settings (key=value, recipe keys with dots; {seed} in a value is the "
+        "run's data seed, for a file made per seed such as doctor's list)",
     )
     parser.add_argument("--positive", nargs="+", type=int, default=None, help="classes of the positive group")
     parser.add_argument("--runs", default="runs/cv/protocol", help="folder of the runs' cross-validations")

@@ -660,6 +660,14 @@ def test_cross_validated_comparison_pairs_folds_by_their_cells_and_scores_groups
         compare_cv.compare([base[0]], [shuffled])
 
 
+def test_a_selection_variant_can_name_a_file_made_per_seed():
+    selection = _benchmark("selection")
+    command = selection.cv_command(
+        "recipes/quickstart.yaml", 5, Path("runs/x"), 1, 1, ["data.split.exclude=runs/doctor/s{seed}/top.csv"]
+    )
+    assert command[-2:] == ["--data.split.exclude", "runs/doctor/s1/top.csv"]
+
+
 def test_selection_judges_several_knobs_at_once_with_holms_adjustment_and_resumes(
     tmp_path, monkeypatch, capsys
 ):
