@@ -232,7 +232,7 @@ def draw(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> 
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 50, 100, 200, 500 s
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("wall time of `python -m transferkit finetune`, fresh run folder (s, log scale)")
+    ax.set_xlabel("wall time of the command (`finetune` or `auto`), fresh run folder (s, log scale)")
     ax.set_ylabel("binary test accuracy")
     ax.set_title("ELPV: accuracy against time to train (each seed faint; mean +- std)")
     ax.legend(fontsize=8, loc="lower right")
