@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--folds", type=int, default=5, help="folds of the features' logistic regression")
     parser.add_argument(
-        "--similarity", type=float, default=DUPLICATE_SIMILARITY, help="cosine similarity of near-duplicates"
+        "--similarity",
+        type=float,
+        default=DUPLICATE_SIMILARITY,
+        help="cosine similarity of near-duplicates' centred hashes",
     )
     parser.add_argument(
         "--outlier-ratio", type=float, default=OUTLIER_RATIO, help="distance, in class spreads, of an outlier"

@@ -1,8 +1,9 @@
 """What is wrong with the data: likely label issues, near-duplicates and outliers. ``tk.doctor`` and
 ``python -m transferkit doctor --config X``.
 
-Everything is read from the pretrained backbone's pooled features of every image (the recipe's backbone and
-eval pipeline, stored like the frozen-feature cache, so a second run costs seconds):
+Label issues and outliers are read from the pretrained backbone's pooled features of every image (the
+recipe's backbone and eval pipeline, stored like the frozen-feature cache, so a second run costs seconds),
+near-duplicates from a perceptual hash of each image:
 
 - **Label issues** (training and validation images; the test split's labels are never read): each image's
   *out-of-fold* probability of the label it was given, from a model that did not train on it. Those of a
@@ -11,12 +12,14 @@ eval pipeline, stored like the frozen-feature cache, so a second run costs secon
   one whose out-of-fold prediction is another class is listed, ranked by score, with that class as the
   suggestion. A single model's own losses on its training images (``interpret``'s top losses) rank lower
   the images it memorised, mislabelled ones among them: out-of-fold is the remedy.
-- **Near-duplicates** (every split): pairs of images whose features, centred on the data's mean, have a
-  cosine similarity of at least ``similarity``, joined into groups. Backbone features, not a perceptual hash: a hash of the pixels
-  survives re-encoding and resizing but moves with a crop, a feature vector of a pretrained network is made
-  to move little under all three; the threshold is measured (``benchmarks/doctor.py``, docs/benchmarks.md).
-  A group that crosses the train/test boundary makes the test score optimistic; one whose labels differ
-  holds at least one wrong label.
+- **Near-duplicates** (every split): pairs of images whose perceptual hashes (the lowest DCT coefficients of
+  a 32x32 grey thumbnail, :func:`~transferkit.data.checks.image_hashes`, the one set-up's check uses), centred
+  on the data's mean, have a cosine similarity of at least ``similarity``, joined into groups. A hash, not
+  the backbone's features: measured on planted copies (``benchmarks/doctor.py``, docs/benchmarks.md), the hash
+  found every re-encoded and resized copy at 0.99 on three datasets, the features a fraction of them at any
+  threshold without many false groups; neither finds a copy cropped by 6 % a side. A group that crosses
+  the train/test boundary makes the test score optimistic; one whose labels differ holds at least one wrong
+  label.
 - **Outliers** (every split): an image's cosine distance to the nearest class centre (centres of the training
   images), in units of that class's own spread (the 95th percentile of its training images' distances). Over
   ``1``: farther from every class than almost all of that class's own images; listed, ranked.
@@ -51,6 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from transferkit.data.checks import NEAR_DUPLICATE_HASH_SIMILARITY, image_hashes
 from transferkit.data.features import FeatureCache, extract_features
 from transferkit.errors import ConfigError
 from transferkit.files import atomic_write
@@ -68,9 +72,9 @@ __all__ = [
     "outlier_scores",
 ]
 
-#: cosine similarity of pooled backbone features from which two images are called near-duplicates
-#: (measured: benchmarks/doctor.py)
-DUPLICATE_SIMILARITY = 0.95
+#: cosine similarity of two images' centred perceptual hashes from which they are near-duplicates (measured:
+#: benchmarks/doctor.py; the threshold of set-up's check)
+DUPLICATE_SIMILARITY = NEAR_DUPLICATE_HASH_SIMILARITY
 #: an image this many times its nearest class's 95th-percentile distance from that class's centre is listed
 OUTLIER_RATIO = 1.0
 SPLITS = ("train", "val", "test")
@@ -108,7 +112,7 @@ class DoctorReport:
             (
                 "near-duplicate groups",
                 f"{len(groups)} ({len(crossing)} across train/test)",
-                f"{self.out / DUPLICATES} (cosine >= {self.similarity})",
+                f"{self.out / DUPLICATES} (hash similarity >= {self.similarity})",
             ),
             ("outliers", str(len(self.outliers)), str(self.out / OUTLIERS)),
         ]
@@ -372,7 +376,7 @@ def doctor(
         out: the folder the CSVs, grids and ``doctor.json`` are written to.
         cv_dir: the output folder of ``cv`` on the same recipe: its out-of-fold probabilities score the
             label issues (else ``folds``-fold logistic regression on the features).
-        similarity: cosine similarity of features from which two images are near-duplicates.
+        similarity: cosine similarity of centred perceptual hashes from which two images are near-duplicates.
         outlier_ratio: an image is listed as an outlier above this ratio (see :func:`outlier_scores`).
         cache_dir: where the features are stored (``None``: ``out/cache``).
         grid: images per PNG grid (the top of each list).
@@ -498,12 +502,13 @@ def doctor(
     # near-duplicates over every split
     t = time.perf_counter()
     duplicates: list[dict[str, Any]] = []
+    hashes = image_hashes([data.items[row["index"]] for row in images])
     # centred on the data's mean: what all its images share (cells, a background) does not make two alike
-    for number, (members, top) in enumerate(duplicate_groups(x - x.mean(axis=0), similarity)):
+    for number, (members, top) in enumerate(duplicate_groups(hashes - hashes.mean(axis=0), similarity)):
         splits = {images[m]["split"] for m in members}
         crosses = "test" in splits and len(splits) > 1
         differ = len({images[m]["label"] for m in members}) > 1
-        reason = f"cosine similarity up to {top:.3f}" + (", across train/test" if crosses else "")
+        reason = f"hash similarity up to {top:.4f}" + (", across train/test" if crosses else "")
         reason += ", labels differ" if differ else ""
         for m in members:
             duplicates.append(
