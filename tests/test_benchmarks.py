@@ -390,6 +390,10 @@ def test_time_to_accuracy_holds_auto_budgets_as_entries_with_their_slowest_seed_
     assert auto["rungs"] == ["top4 x8 epochs", "top4 x9 epochs"]
     assert auto["against_first"]["per_seed"] == pytest.approx([0.01, 0.02])
     assert "budget_s" not in rows["quick"]
+    # the recipe to beat at a budget is the most accurate whose slowest seed fits it
+    assert auto["against_best_fitting"]["recipe"] == "quick"
+    runs[0]["wall_seconds"] = 301  # the quick start no longer fits 5 minutes: nothing to pair with
+    assert "against_best_fitting" not in {r["recipe"]: r for r in tta.summarise(runs)}["auto --budget 5m"]
 
 
 @pytest.mark.slow
