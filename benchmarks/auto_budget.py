@@ -124,6 +124,18 @@ def best_validation(run_dir: Path) -> dict:
     }
 
 
+def _timed(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``command`` from the repository root; it and its wall seconds, start to exit."""
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    return done, time.perf_counter() - start
+
+
+def _figures(run_dir: Path) -> tuple[dict, dict]:
+    """A run's ``metrics.json`` and its best epoch's validation figures."""
+    return json.loads(next(run_dir.rglob("metrics.json")).read_text()), best_validation(run_dir)
+
+
 def run_quickstart(folder: Path, seed: int) -> dict:
     """``finetune --config recipes/quickstart.yaml`` pointed at ``folder`` (seed ``seed``), timed start to exit."""
     out = Path(tempfile.mkdtemp(prefix="auto-budget-quickstart-"))
@@ -132,13 +144,10 @@ def run_quickstart(folder: Path, seed: int) -> dict:
     command += ["--data.seed", str(seed), "--trainer.default_root_dir", str(out)]
     command += ["--trainer.enable_progress_bar", "false"]
     try:
-        start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        wall = time.perf_counter() - start
+        done, wall = _timed(command)
         if done.returncode != 0:
             raise SystemExit(f"quick start on {folder} failed: {done.stderr[-2000:]}")
-        metrics = json.loads(next(out.rglob("metrics.json")).read_text())
-        validation = best_validation(out)
+        metrics, validation = _figures(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {
@@ -163,14 +172,11 @@ def run_auto(
         command += ["--seed_everything", str(seed), "--data.seed", str(seed)]
     command += ["--budget", budget, "--out", str(out), *extra]
     try:
-        start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        wall = time.perf_counter() - start
+        done, wall = _timed(command)
         if done.returncode != 0:
             return {"command": " ".join(command[1:]), "exit": done.returncode, "stderr": done.stderr[-2000:]}
         record = json.loads((out / "auto-plan.json").read_text())
-        metrics = json.loads(next(out.rglob("metrics.json")).read_text())
-        validation = best_validation(out)
+        metrics, validation = _figures(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {
