@@ -51,8 +51,8 @@ def timed_doctor(args: list[str]) -> dict:
 
 
 def timed_check(folder: Path, max_samples: int | None) -> dict:
-    from transferkit.data.checks import warn_near_duplicates_across_splits
     from transferkit.data.checks import subset as take
+    from transferkit.data.checks import warn_near_duplicates_across_splits
     from transferkit.data.settings import SplitSettings
     from transferkit.data.sources import load_source
     from transferkit.data.splits import make_splits
@@ -65,7 +65,11 @@ def timed_check(folder: Path, max_samples: int | None) -> dict:
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         concerned = warn_near_duplicates_across_splits(data, splits)
-    return {"images": len(data), "seconds": round(time.perf_counter() - start, 2), "test_images_flagged": concerned}
+    return {
+        "images": len(data),
+        "seconds": round(time.perf_counter() - start, 2),
+        "test_images_flagged": concerned,
+    }
 
 
 def main() -> None:
@@ -81,7 +85,14 @@ def main() -> None:
     plan = {
         "elpv": quick,
         "elpv_with_stored_cv": [*quick, "--cv", str(Path(args.cv).resolve())],
-        "digits_10000": ["--data.source", "folder", "--data.root", str(x10), "--data.split.max_samples", "10000"],
+        "digits_10000": [
+            "--data.source",
+            "folder",
+            "--data.root",
+            str(x10),
+            "--data.split.max_samples",
+            "10000",
+        ],
     }
     for name, doctor_args in plan.items():
         report["runs"][name] = timed_doctor(doctor_args)
