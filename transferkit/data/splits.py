@@ -157,7 +157,7 @@ def apply_exclusions(
     Example:
         >>> import tempfile
         >>> from transferkit.data.sources import DataSource
-        >>> data = DataSource("folder", ["a.png", "b.png", "c.png"], np.array([0, 1, 0]), ["cat", "dog"])
+        >>> data = DataSource("folder", ["a.png", "b.png", "c.png"], np.array([0, 1, 0]), ["cat", "dog"], None)
         >>> listing = os.path.join(tempfile.mkdtemp(), "issues.csv")
         >>> _ = open(listing, "w").write("file,action,suggested\\na.png,relabel,dog\\nc.png,drop,\\n")
         >>> data, splits, done = apply_exclusions(data, {"train": np.array([0, 2]), "test": np.array([1])}, listing)
