@@ -1,4 +1,4 @@
-"""How long ``doctor`` takes, start to printed summary, and what set-up's near-duplicate check costs.
+"""How long ``doctor`` takes, start to printed summary, and what finetune's near-duplicate check costs.
 
     python benchmarks/doctor_time.py --cv runs/cv/protocol/base-s0 --out benchmarks/results/doctor-time-<cpu>.json
 
@@ -6,7 +6,7 @@ Each run is ``python -m transferkit doctor`` in a new process with a fresh featu
 an earlier run), timed from outside: ELPV through ``recipes/quickstart.yaml`` (seed 0) without and with a
 stored cross-validation (``--cv``, whose out-of-fold probabilities replace the features' logistic
 regression; the features are still computed for the outliers), and 10,000 images of the noisy ten-fold
-digits folder of ``benchmarks/auto_budget.py`` at the backbone's own input size. Set-up's check
+digits folder of ``benchmarks/auto_budget.py`` at the backbone's own input size. ``finetune``'s check
 (:func:`~transferkit.data.checks.warn_near_duplicates_across_splits`: a reduced-scale decode and a hash of
 every image) is timed in this process on the photo digits (1,000 JPEGs of 480x360) and the 10,000 digits.
 """

@@ -15,7 +15,7 @@ from conftest import run_cli
 from PIL import Image
 
 import transferkit as tk
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, TransferKitWarning
 from transferkit.tuning.doctor import duplicate_groups, label_issue_scores, oof_probabilities, outlier_scores
 
 SMALL = ["--data.pipeline.image_size", "64", "--data.loader.num_workers", "0"]
@@ -86,14 +86,15 @@ def _textured_tiles(root: Path, per_class: int = 60) -> Path:
     return root
 
 
-def test_setup_warns_when_a_test_image_is_a_training_image_in_other_bytes(tmp_path: Path):
+def test_a_test_image_that_is_a_training_image_in_other_bytes_is_warned_about(tmp_path: Path):
     root = _textured_tiles(tmp_path / "tiles", per_class=40)
 
     def set_up(**split) -> list[str]:
         dm = tk.ImageDataModule(source="folder", root=str(root), pipeline=PIPELINE, split=split)
+        dm.setup("fit")  # headers only: the check is finetune's, before the test split is scored
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            dm.setup("fit")
+            dm.check_near_duplicates()
         return [str(w.message) for w in seen if "look like training or validation images" in str(w.message)]
 
     assert set_up() == []  # distinct pictures: no warning
@@ -274,3 +275,18 @@ def test_doctor_finds_wrong_labels_and_numbers_of_the_other_kinds(kind: str, tmp
     assert {row["file"] for row in report.label_issues} & set(wrong_files)
     assert "--cv is read for single-label data only" in report.notes[0]
     assert (tmp_path / "out" / "label_issues.png").is_file() and (tmp_path / "out" / "outliers.csv").is_file()
+
+
+def test_finetune_warns_before_it_scores_a_test_split_holding_training_images(tmp_path: Path):
+    from conftest import quiet_trainer
+
+    root = _textured_tiles(tmp_path / "tiles", per_class=30)
+    for path in sorted((root / "china").glob("*.png")):
+        Image.open(path).resize((40, 40)).save(path.with_name(f"copy_{path.stem}.jpg"), quality=75)
+    dm = tk.ImageDataModule(
+        source="folder", root=str(root), pipeline={**PIPELINE, "image_size": 32, "augment": "none"},
+        loader={"num_workers": 0, "batch_size": 16},
+    )  # fmt: skip
+    model = tk.TransferClassifier(num_classes=2, class_names=dm.class_names)
+    with pytest.warns(TransferKitWarning, match="test images look like training or validation images"):
+        quiet_trainer(tmp_path / "run", max_epochs=1).finetune(model, datamodule=dm)

@@ -186,7 +186,8 @@ def near_duplicates_across(
 def warn_near_duplicates_across_splits(data: DataSource, splits: Mapping[str, np.ndarray]) -> int:
     """Warn when a test image looks like a training or validation one (re-encoded, resized: the same picture
     in other bytes), which makes the test score optimistic; return the number of test images concerned.
-    Costs a reduced-scale decode of every image (``data.split.near_duplicates: off`` skips it)."""
+    Costs a reduced-scale decode of every image; ``finetune`` runs it before scoring the test split
+    (``data.split.near_duplicates: off`` skips it)."""
     test = np.asarray(splits.get("test", []), dtype=np.int64)
     rest = np.concatenate([np.asarray(splits.get(s, []), dtype=np.int64) for s in ("train", "val")])
     if len(test) == 0 or len(rest) == 0:

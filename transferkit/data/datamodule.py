@@ -266,8 +266,6 @@ class ImageDataModule(L.LightningDataModule):
                 warn_imbalance(self.data.labels[self.split_indices["train"]], self.class_names)
             if files:
                 warn_duplicates_across_splits(self.data, self.split_indices)
-            if files and self.settings.split.near_duplicates == "warn":
-                warn_near_duplicates_across_splits(self.data, self.split_indices)
         self._resolve_transforms()
         for split, indices in self.split_indices.items():
             transform = self._train_transform if split == "train" else self._eval_transform
@@ -282,6 +280,19 @@ class ImageDataModule(L.LightningDataModule):
             self.decoded = self._build_decoded_cache()
             for dataset in self.datasets.values():
                 dataset.decoded = self.decoded
+
+    def check_near_duplicates(self) -> int:
+        """Warn when a test image looks like a training or validation one in other bytes (re-encoded,
+        resized), as set-up does for identical files; return the number of test images concerned. It decodes
+        every image at a reduced scale, so set-up, which reads headers only, leaves it to
+        :meth:`Trainer.finetune <transferkit.Trainer.finetune>`, before it scores the test split.
+        ``data.split.near_duplicates: off``, in-memory arrays and packaged datasets skip it."""
+        if self.split_indices is None:
+            self.setup("fit")
+        files = bool(self.data.items) and isinstance(self.data.items[0], str) and not self.data.verified
+        if not files or self.settings.split.near_duplicates != "warn":
+            return 0
+        return warn_near_duplicates_across_splits(self.data, self.split_indices)
 
     def image_dataset(
         self, items: list, labels: np.ndarray, transform: A.Compose, epoch: int = 0

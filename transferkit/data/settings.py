@@ -74,10 +74,10 @@ class SplitSettings(SettingsGroup):
             ``action`` is ``relabel``, given the row's ``suggested`` class (``keep``: left as it is). The splits
             are drawn before, so validation and test hold the same images with or without it; listed images
             of those splits are never changed.
-        near_duplicates: ``warn`` (default): set-up warns when a test image looks like a training or
-            validation one (the same picture re-encoded or resized; a perceptual hash of a 32 px thumbnail,
-            see :func:`~transferkit.data.checks.warn_near_duplicates_across_splits`), as it does for copies with
-            the same bytes; ``off`` skips the reduced-scale decode of every image this costs.
+        near_duplicates: ``warn`` (default): ``finetune`` warns, before it scores the test split, when a test
+            image looks like a training or validation one (the same picture re-encoded or resized; a perceptual
+            hash of a 32 px thumbnail, see :meth:`~transferkit.ImageDataModule.check_near_duplicates`), as set-up
+            does for copies with the same bytes; ``off`` skips the reduced-scale decode of every image it costs.
     """
 
     where = "data.split"

@@ -313,6 +313,8 @@ class Trainer(L.Trainer):
         best = getattr(callback, "best_model_path", "") or None
         calibration = self._calibrate(model, datamodule, best) if calibrating else None
         start = time.perf_counter()
+        if hasattr(datamodule, "check_near_duplicates"):  # a test image seen in training overstates its score
+            datamodule.check_near_duplicates()
         tested = self.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         test_seconds = time.perf_counter() - start
 

@@ -13,7 +13,7 @@ near-duplicates from a perceptual hash of each image:
   suggestion. A single model's own losses on its training images (``interpret``'s top losses) rank lower
   the images it memorised, mislabelled ones among them: out-of-fold is the remedy.
 - **Near-duplicates** (every split): pairs of images whose perceptual hashes (the lowest DCT coefficients of
-  a 32x32 grey thumbnail, :func:`~transferkit.data.checks.image_hashes`, the one set-up's check uses), centred
+  a 32x32 grey thumbnail, :func:`~transferkit.data.checks.image_hashes`, the one ``finetune``'s check uses), centred
   on the data's mean, have a cosine similarity of at least ``similarity``, joined into groups. A hash, not
   the backbone's features: measured on planted copies (``benchmarks/doctor.py``, docs/benchmarks.md), the hash
   found every re-encoded and resized copy at 0.99 on three datasets, the features a fraction of them at any
@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 #: cosine similarity of two images' centred perceptual hashes from which they are near-duplicates (measured:
-#: benchmarks/doctor.py; the threshold of set-up's check)
+#: benchmarks/doctor.py; the threshold of finetune's check)
 DUPLICATE_SIMILARITY = NEAR_DUPLICATE_HASH_SIMILARITY
 #: an image this many times its nearest class's 95th-percentile distance from that class's centre is listed
 OUTLIER_RATIO = 1.0
