@@ -49,10 +49,9 @@ from auto_budget import DATASETS  # noqa: E402
 from provenance import provenance, save, write  # noqa: E402
 
 import transferkit as tk  # noqa: E402
-from transferkit.data.checks import image_hashes  # noqa: E402
+from transferkit.data.checks import image_hashes, unit_rows  # noqa: E402
 from transferkit.data.features import extract_features  # noqa: E402
 from transferkit.tuning.doctor import (  # noqa: E402
-    _unit,
     duplicate_groups,
     label_issue_scores,
     oof_probabilities,
@@ -283,7 +282,7 @@ def part_duplicates(args: argparse.Namespace, cache: Path, planted_dir: Path) ->
         descriptors = {"backbone features": np.concatenate([x, x_planted]), "DCT hash": hashes}
         rows = {}
         for descriptor, values in descriptors.items():
-            centred = _unit(values - values[: len(files)].mean(axis=0))
+            centred = unit_rows(values - values[: len(files)].mean(axis=0))
             sweep = []
             for threshold in thresholds:
                 groups = duplicate_groups(centred, threshold)

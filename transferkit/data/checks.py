@@ -19,6 +19,7 @@ __all__ = [
     "drop_unreadable",
     "image_hashes",
     "near_duplicates_across",
+    "unit_rows",
     "warn_duplicates_across_splits",
     "warn_imbalance",
     "warn_near_duplicates_across_splits",
@@ -161,6 +162,11 @@ def image_hashes(items: Sequence[object], workers: int = 2) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 63))
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` scaled to length 1 (a zero row stays zero): cosine similarity is then a dot product."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def near_duplicates_across(
     hashes: np.ndarray,
     first: np.ndarray,
@@ -172,8 +178,7 @@ def near_duplicates_across(
     most similar first."""
     if len(first) == 0 or len(second) == 0:
         return []
-    centred = hashes - hashes.mean(axis=0)
-    unit = centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+    unit = unit_rows(hashes - hashes.mean(axis=0))
     pairs = []
     for start in range(0, len(first), 1024):
         block = first[start : start + 1024]

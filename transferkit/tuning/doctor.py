@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from transferkit.data.checks import NEAR_DUPLICATE_HASH_SIMILARITY, image_hashes
+from transferkit.data.checks import NEAR_DUPLICATE_HASH_SIMILARITY, image_hashes, unit_rows
 from transferkit.data.features import FeatureCache, extract_features
 from transferkit.errors import ConfigError
 from transferkit.files import atomic_write
@@ -155,10 +155,6 @@ def split_features(
                 cache.save(f"doctor-{split}", key, stored)
         features[split] = stored.float().flatten(1)
     return features
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 # --- label issues ----------------------------------------------------------------------------------
@@ -298,7 +294,7 @@ def duplicate_groups(
         >>> [(members, round(s, 3)) for members, s in duplicate_groups(x, 0.95)]
         [([0, 1], 0.999)]
     """
-    unit = _unit(np.asarray(features, dtype=np.float32))
+    unit = unit_rows(np.asarray(features, dtype=np.float32))
     parent = list(range(len(unit)))
 
     def root(i: int) -> int:
@@ -337,10 +333,10 @@ def outlier_scores(
     """Per row of ``features``: its cosine distance to the nearest class centre (centres of the ``train``
     rows by ``train_labels``; one centre for all when ``None``), divided by that class's ``quantile`` of its
     own training rows' distances; and the index of that class."""
-    unit = _unit(np.asarray(features, dtype=np.float32))
+    unit = unit_rows(np.asarray(features, dtype=np.float32))
     groups = np.zeros(len(train), dtype=np.int64) if train_labels is None else np.asarray(train_labels)
     present = np.unique(groups)
-    centres = _unit(np.stack([unit[train[groups == g]].mean(axis=0) for g in present]))
+    centres = unit_rows(np.stack([unit[train[groups == g]].mean(axis=0) for g in present]))
     distance = 1.0 - unit @ centres.T  # (N, classes)
     spread = np.array(
         [
