@@ -41,6 +41,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_flags() -> list[str]:
+    """The instruction-set flags that decide which kernels run (AVX2, AVX-512, VNNI, AMX): int8 speed
+    depends on them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")) or "vnni" in f)
+    except OSError:
+        pass
+    return []
+
+
 def _memory_gb() -> float | None:
     try:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
@@ -76,6 +89,7 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": _cpu_model(),
+            "cpu_flags": _cpu_flags(),
             "cores": os.cpu_count(),
             "memory_gb": _memory_gb(),
             "gpu": _gpu(),

@@ -18,7 +18,9 @@ kind                outputs                                  the prediction from
 Next to ``model.onnx`` (or ``model.torchscript.pt``) sits ``model.preprocessing.json``: the eval pipeline
 (``A.to_dict``, replay it with ``A.from_dict``), input size, mean, std, class names, the ``target`` (its kind,
 names, a multi-label model's thresholds and which were fitted, a regression model's target mean and std),
-``output_names``, ``outputs`` (what each means) and ``decision``. ONNX files also carry it in their
+``output_names``, ``outputs`` (what each means) and ``decision``; a model with class groups also
+``class_groups`` (``{group: [class names]}``) and ``group_decision``, so that an exported 4-class ELPV model
+still gives the binary verdict (:class:`~transferkit.inference.exported.ExportedModel` applies both). ONNX files also carry it in their
 ``metadata_props`` (key ``transferkit.preprocessing``), TorchScript files as the extra file
 ``preprocessing.json``. The graph computes one view: a model whose ``test_time_augmentation`` is not
 ``none`` averages the second output over those views in ``predict-images``.
@@ -217,6 +219,13 @@ def export_checkpoint(
     preprocessing["output_names"] = list(output_names)
     preprocessing.update(described)
     preprocessing["test_time_augmentation"] = model.settings.prediction.tta
+    if model.class_groups:
+        names = list(model.class_names)
+        preprocessing["class_groups"] = {g: [names[i] for i in idx] for g, idx in model.class_groups.items()}
+        preprocessing["group_decision"] = (
+            "a group's probability is the sum of its classes' probabilities; the predicted group is the "
+            "most probable one"
+        )
     size = int(preprocessing["input_size"][-1])
     if example is None:
         example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import albumentations as A
 from transferkit.models.checkpoint import build_model, eval_transform_of, read_checkpoint
 from transferkit.models.classifier import TransferClassifier
 
-__all__ = ["load_checkpoint_model", "load_for_inference"]
+__all__ = ["load_checkpoint_model", "load_for_inference", "load_model_file"]
 
 
 def load_checkpoint_model(path: str | os.PathLike, **overrides: Any) -> TransferClassifier:
@@ -49,3 +49,15 @@ def load_for_inference(path: str | os.PathLike, **overrides: Any) -> tuple[Trans
     """
     checkpoint = read_checkpoint(path)
     return build_model(TransferClassifier, checkpoint, path, **overrides), eval_transform_of(checkpoint)
+
+
+def load_model_file(path: str | os.PathLike, **overrides: Any) -> tuple[Any, A.Compose]:
+    """A checkpoint (``.ckpt``) or an exported ONNX model (``.onnx``, fp32 or int8) and its eval pipeline:
+    what ``predict-images`` and ``serve`` accept. Both answer ``predict_proba`` / ``predict_labels`` and carry
+    ``class_names``, ``class_groups`` and ``task`` (:class:`~transferkit.inference.exported.ExportedModel`).
+    ``overrides`` apply to a checkpoint only."""
+    if str(path).lower().endswith(".onnx"):
+        from transferkit.inference.exported import load_exported
+
+        return load_exported(path)
+    return load_for_inference(path, **overrides)
