@@ -19,6 +19,7 @@ median of the per-round ratios against fp32 ONNX and against PyTorch eager. Prin
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -200,13 +201,16 @@ def main() -> None:
                         if n != "pytorch_eager"
                     },
                 }
+        # keep the test images and the files, not the runtimes (each holds its memory arena)
         per_seed[seed] = {
             "entry": entry,
-            "fp32": fp32,
-            "models": models,
+            "fp32": fp32_path,
+            "models": {name: model.path for name, model in models.items()},
             "test": (test_x, test_y),
             "groups": groups,
         }
+        del models, fp32, eager, runners, dm, recipe, val_x, cal, calibration
+        gc.collect()
         report["seeds"][str(seed)] = entry
         if args.out:
             write(report, args.out)
@@ -245,8 +249,8 @@ def main() -> None:
     test_rows = {}
     for seed, held in per_seed.items():
         test_x, test_y = held["test"]
-        a = _predict(held["fp32"], test_x)
-        b = _predict(held["models"][chosen], test_x)
+        a = _predict(load_exported(held["fp32"])[0], test_x)
+        b = _predict(load_exported(held["models"][chosen])[0], test_x)
         test_rows[seed] = {
             "fp32": _scores(a, test_y, held["groups"]),
             "int8": _scores(b, test_y, held["groups"]),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -150,3 +153,91 @@ def make_squares_csv(root: Path, count: int = 160, seed: int = 0, size: int = 32
 @pytest.fixture(scope="session")
 def squares_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_squares_csv(tmp_path_factory.mktemp("data") / "squares", count=200)
+
+
+SERVE_CLASSES = ["0", "1/3", "2/3", "1"]
+SERVE_GROUPS = {"functional": ["0", "1/3"], "defective": ["2/3", "1"]}
+
+
+@pytest.fixture(scope="session")
+def serve_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 4-class checkpoint with ELPV's class groups (a tiny real timm model), its fp32 and int8 ONNX exports,
+    and six PNG/JPEG images of different sizes."""
+    import torch
+
+    from transferkit import TransferClassifier
+    from transferkit.inference import export_checkpoint
+    from transferkit.inference.exported import load_exported
+    from transferkit.inference.quantize import quantize_onnx
+    from transferkit.models.checkpoint import checkpoint_section
+
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    trained = TransferClassifier(
+        num_classes=4,
+        backbone=TINY_BACKBONE,
+        pretrained=False,
+        class_names=SERVE_CLASSES,
+        class_groups=SERVE_GROUPS,
+    )
+    for bn in (m for m in trained.modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)  # statistics as training leaves
+    ckpt = root / "best.ckpt"
+    torch.save(
+        {
+            "state_dict": trained.state_dict(),
+            "hyper_parameters": dict(trained.hparams),
+            "transferkit": checkpoint_section(trained),
+        },
+        ckpt,
+    )
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir()
+    for i in range(6):
+        array = rng.integers(0, 255, (40 + 9 * i, 56 - 3 * i, 3), dtype=np.uint8)
+        Image.fromarray(array).save(images / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    onnx_path = export_checkpoint(ckpt, "onnx", root / "model.onnx").path
+    _, transform = load_exported(onnx_path)
+    calibration = [
+        np.stack(
+            [
+                transform(image=rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))["image"].numpy()
+                for _ in range(8)
+            ]
+        )
+        for _ in range(2)
+    ]
+    int8 = quantize_onnx(onnx_path, calibration).path
+    return {"ckpt": ckpt, "onnx": onnx_path, "int8": int8, "images": images}
+
+
+class Server:
+    """A uvicorn server in a thread, on a port the OS picked, for the duration of a ``with``."""
+
+    def __init__(self, predictor, settings=None) -> None:
+        import uvicorn
+
+        from transferkit.serving import ServeSettings, create_app
+
+        settings = settings if settings is not None else ServeSettings()
+
+        self.app = create_app(predictor, settings)
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.socket.close()

@@ -78,7 +78,7 @@ LAYERS = [
     {"inference"},
     {"reporting"},
     {"training"},
-    {"diagnostics", "tuning"},  # tools that drive a model, data and a Trainer
+    {"diagnostics", "tuning", "serving"},  # tools that drive a model, data and a Trainer; the HTTP service
     {"cli", "__main__"},
 ]
 

@@ -59,14 +59,16 @@ class ImageReadError(TransferKitError, OSError):
     """An image file could not be read. ``path`` and ``reason`` say which and why.
 
     Raised inside a DataLoader worker, it reaches the main process as an ``ImageReadError`` too, with
-    the same path and reason and the worker named instead of the worker's traceback.
+    the same path and reason and the worker named instead of the worker's traceback. ``oversized``: the
+    file is over a pixel limit rather than broken.
     """
 
-    def __init__(self, path: str | os.PathLike, reason: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, reason: str | None = None, oversized: bool = False) -> None:
         if reason is None:  # one argument: the text a DataLoader worker sends back
             path, reason = _from_worker_text(str(path))
         self.path = str(path)
         self.reason = reason
+        self.oversized = oversized  # readable, but over a pixel limit (a decompression bomb, or a server's)
         super().__init__(f"cannot read image '{self.path}': {reason}")
 
     def __str__(self) -> str:
@@ -145,6 +147,23 @@ class LightningInternalsError(TransferKitError, RuntimeError):
 
 class TransferKitWarning(UserWarning):
     """Something a person may want to act on that does not stop the run; :func:`warn` issues it."""
+
+
+class RequestRefused(TransferKitError):
+    """A request to ``serve`` that is answered with an HTTP error: ``status`` and the ``reason`` it gives."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+class QueueFull(RequestRefused):
+    """``serve``'s queue is full: the request is refused at once (HTTP 503, ``Retry-After``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, reason, {"Retry-After": "1"})
 
 
 def warn(message: str, stacklevel: int = 1) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from transferkit.errors import ConfigError
 from transferkit.inference.export import EXPORT_FORMATS, export_checkpoint
 
 # an output's name -> one of its elements, for the check's lines
@@ -100,10 +101,10 @@ def _calibration_source(args: argparse.Namespace, rest: list[str], transform) ->
 
         files = list_images(args.calibration_images)
         if not files:
-            raise SystemExit(f"no image files in {', '.join(args.calibration_images)}.")
+            raise ConfigError(f"no image files in {', '.join(args.calibration_images)} to calibrate on.")
         return files, f"{len(files)} files given with --calibration-images"
     if not rest:
-        raise SystemExit(
+        raise ConfigError(
             "--quantize int8 needs calibration images: the recipe the model was trained with (--config "
             "recipes/X.yaml, its training split is used) or --calibration-images DIR (training images, not test)."
         )
@@ -114,7 +115,7 @@ def _calibration_source(args: argparse.Namespace, rest: list[str], transform) ->
     dm.setup("fit")
     dataset = dm.datasets.get(args.calibrate_on)
     if dataset is None or len(dataset) == 0:
-        raise SystemExit(f"the recipe's {args.calibrate_on} split is empty: nothing to calibrate on.")
+        raise ConfigError(f"the recipe's {args.calibrate_on} split is empty: nothing to calibrate on.")
     images = dm.image_dataset(dataset.items, dataset.labels, transform)
     return images, f"the {args.calibrate_on} split of '{dm.data.name}' ({len(dataset)} images)"
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from transferkit.inference.loading import load_for_inference
+from transferkit.inference.loading import load_model_file
 from transferkit.inference.predict import (
     describe_columns,
     list_images,
@@ -29,7 +29,13 @@ def main(argv: Sequence[str]) -> int:
             "predicted. Exit status 0 when at least one image was predicted, 1 when none could be."
         ),
     )
-    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a transferkit .ckpt file")
+    parser.add_argument(
+        "--ckpt_path",
+        "--ckpt-path",
+        "--model",
+        required=True,
+        help="a transferkit .ckpt file, or a model exported with `export` (.onnx, fp32 or int8)",
+    )
     parser.add_argument(
         "--images", nargs="+", required=True, help="image files and/or folders (searched recursively)"
     )
@@ -56,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}.")
 
-    model, transform = load_for_inference(args.ckpt_path)
+    model, transform = load_model_file(args.ckpt_path)
     files = list_images(args.images)
     if not files:
         print(f"error: no image files found in {', '.join(args.images)}.", file=sys.stderr)

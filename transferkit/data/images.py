@@ -55,9 +55,12 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarr
         raise _read_error(path, err) from err
 
 
-def decode_image(data: bytes | memoryview, name: str, min_side: int | None = None) -> np.ndarray:
-    """:func:`load_image` for a file's bytes already in memory (a sample of a packed dataset);
-    ``name`` is the file's name, for errors.
+def decode_image(
+    data: bytes | memoryview, name: str, min_side: int | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """:func:`load_image` for a file's bytes already in memory (a sample of a packed dataset, an upload);
+    ``name`` is the file's name, for errors. ``max_pixels``: a lower limit than Pillow's decompression-bomb
+    limit, checked from the header before any pixel is decoded (a server's).
 
     Example:
         >>> import io
@@ -70,15 +73,17 @@ def decode_image(data: bytes | memoryview, name: str, min_side: int | None = Non
         if not data:
             raise ImageReadError(path, "the file is empty (0 bytes)")
         with Image.open(io.BytesIO(data)) as image:
-            return _decode(path, image, min_side)
+            return _decode(path, image, min_side, max_pixels)
     except ImageReadError:
         raise
     except Exception as err:
         raise _read_error(path, err) from err
 
 
-def _decode(path: Path, image: Image.Image, min_side: int | None) -> np.ndarray:
-    _check_size(path, image)
+def _decode(
+    path: Path, image: Image.Image, min_side: int | None, max_pixels: int | None = None
+) -> np.ndarray:
+    _check_size(path, image, max_pixels)
     if min_side is not None and image.format == "JPEG":
         image.draft(None, (min_side, min_side))  # both sides stay >= min_side
     image = ImageOps.exif_transpose(image) or image
@@ -121,6 +126,7 @@ def _read_error(path: Path, err: Exception) -> ImageReadError:
             path,
             f"over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS; "
             f"Pillow: {err}); downscale the file, or raise the limit if you trust it",
+            oversized=True,
         )
     if isinstance(err, OSError | SyntaxError | ValueError | EOFError):
         reason = str(err) or type(err).__name__
@@ -133,17 +139,24 @@ def _read_error(path: Path, err: Exception) -> ImageReadError:
     return ImageReadError(path, f"the file is corrupt ({type(err).__name__}: {err})")
 
 
-def _check_size(path: Path, image: Image.Image) -> None:
+def _check_size(path: Path, image: Image.Image, max_pixels: int | None = None) -> None:
     # Pillow only warns between 1x and 2x its limit; a training set is better served by a clear error
     limit = Image.MAX_IMAGE_PIXELS
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageReadError(path, f"the image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageReadError(
+            path,
+            f"{width}x{height} = {width * height:,} pixels is over this server's limit of {max_pixels:,} pixels",
+            oversized=True,
+        )
     if limit is not None and width * height > limit:
         raise ImageReadError(
             path,
             f"{width}x{height} = {width * height:,} pixels is over the decompression-bomb limit of "
             f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS); downscale the file, or raise the limit if you trust it",
+            oversized=True,
         )
 
 

@@ -51,13 +51,15 @@ def load_for_inference(path: str | os.PathLike, **overrides: Any) -> tuple[Trans
     return build_model(TransferClassifier, checkpoint, path, **overrides), eval_transform_of(checkpoint)
 
 
-def load_model_file(path: str | os.PathLike, **overrides: Any) -> tuple[Any, A.Compose]:
+def load_model_file(
+    path: str | os.PathLike, threads: int | None = None, **overrides: Any
+) -> tuple[Any, A.Compose]:
     """A checkpoint (``.ckpt``) or an exported ONNX model (``.onnx``, fp32 or int8) and its eval pipeline:
     what ``predict-images`` and ``serve`` accept. Both answer ``predict_proba`` / ``predict_labels`` and carry
     ``class_names``, ``class_groups`` and ``task`` (:class:`~transferkit.inference.exported.ExportedModel`).
-    ``overrides`` apply to a checkpoint only."""
+    ``threads``: ONNX Runtime's threads for an exported model; ``overrides`` apply to a checkpoint only."""
     if str(path).lower().endswith(".onnx"):
         from transferkit.inference.exported import load_exported
 
-        return load_exported(path)
+        return load_exported(path, threads=threads)
     return load_for_inference(path, **overrides)

@@ -32,7 +32,7 @@ from transferkit.data.class_groups import group_probabilities
 from transferkit.data.images import IMAGE_SUFFIXES, load_image
 from transferkit.errors import ConfigError, ImageReadError
 
-__all__ = ["describe_columns", "list_images", "predict_images", "write_predictions_csv"]
+__all__ = ["describe_columns", "list_images", "predict_images", "predict_tensors", "write_predictions_csv"]
 
 LABEL_SEPARATOR = ";"  # between the predicted labels of a multi-label row, as in a multi-label CSV's labels
 
@@ -205,6 +205,21 @@ def predict_images(
             readable = []
     if readable:
         _predict_batch(model, layout, readable, rows, tta, mc_dropout)
+    return rows
+
+
+def predict_tensors(
+    model: Any, tensors: Sequence[torch.Tensor], tta: str | None = None, mc_dropout: int = 0
+) -> list[dict[str, Any]]:
+    """:func:`predict_images`' rows (without ``file`` and ``error``) for images already through the eval
+    pipeline, ``(3, S, S)`` each, predicted as one batch: what ``serve`` answers, so that its answers and
+    ``predict-images``' rows are the same numbers."""
+    layout = _layout(_kind(model))
+    if mc_dropout:
+        _check_mc_dropout(model, mc_dropout)
+    rows: list[dict[str, Any]] = [{} for _ in tensors]
+    if tensors:
+        _predict_batch(model, layout, list(enumerate(tensors)), rows, tta, mc_dropout)
     return rows
 
 

@@ -20,7 +20,9 @@ Settings (:class:`QuantizeSettings`, validated at construction):
   ``entropy``.
 - ``keep_fp32``: modules kept in float: ``stem`` (the first convolution, which sees raw pixels), ``head``
   (the new classifier head, small and trained last), or a module path prefix such as
-  ``backbone.model.blocks.6``.
+  ``backbone.model.blocks.6``. What follows the head (the softmax or sigmoid, the temperature, a regression
+  model's un-standardising) always stays in float, so the probabilities sum to one and a fitted threshold
+  decides as in fp32.
 
 >>> QuantizeSettings(calibration="median")
 Traceback (most recent call last):
@@ -31,6 +33,7 @@ transferkit.errors.ConfigError: unknown calibration 'median'; choose minmax, per
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import tempfile
@@ -222,7 +225,14 @@ def quantize_onnx(
             f"'{fp32_path}' was not exported by transferkit (no preprocessing in its metadata)."
         )
     keep = _nodes_to_keep(source, settings.keep_fp32)
-    reader = _Reader(calibration_batches)
+    # what follows the head (softmax or sigmoid, the temperature, a regression's un-standardising) stays in
+    # float: 8-bit probabilities would move a calibrated threshold's decisions and no longer sum to one
+    keep += [n.name for n in source.graph.node if not _module_of(n) and n.name not in keep]
+    batches = iter(calibration_batches)
+    first = next(batches, None)
+    if first is None or len(first) == 0:
+        raise ConfigError("quantisation needs calibration images (training or validation images); none came.")
+    reader = _Reader(itertools.chain([first], batches))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
@@ -245,9 +255,6 @@ def quantize_onnx(
             }[settings.calibration],
             extra_options={"CalibMovingAverage": False},
         )
-    if reader.images == 0:
-        out_path.unlink(missing_ok=True)
-        raise ConfigError("quantisation needs calibration images (training or validation images); none came.")
     preprocessing = json.loads(props[METADATA_KEY])
     preprocessing["quantization"] = {
         **settings.describe(),
