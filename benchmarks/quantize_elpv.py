@@ -3,8 +3,8 @@
 For each seed's quick-start run (``python benchmarks/time_to_accuracy.py --recipes recipes/quickstart.yaml``
 writes them), it exports the best checkpoint to ONNX and quantises it under several settings, each calibrated
 on the same 256 training images (:func:`transferkit.inference.quantize.quantize_onnx`). The setting is chosen
-on validation, all seeds pooled: the one that changes the fewest 4-class predictions against the fp32 model
-(ties: the faster at batch 1). Then, once per seed, the test split is scored by fp32 and by the chosen int8
+on validation, all seeds pooled: among the settings at least 2x faster than fp32 ONNX at batch 1, the one that
+changes the fewest 4-class predictions against the fp32 model (ties: the faster). Then, once per seed, the test split is scored by fp32 and by the chosen int8
 model: binary (the class groups' verdict) and 4-class accuracy, and the share of predictions that changed.
 fp32 ONNX's test accuracy is checked against the run's own ``test_group_acc`` (the same model, so equal).
 
@@ -19,8 +19,9 @@ median of the per-round ratios against fp32 ONNX and against PyTorch eager. Prin
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,14 +42,20 @@ from transferkit.inference.exported import load_exported  # noqa: E402
 from transferkit.inference.quantize import QuantizeSettings, quantize_onnx  # noqa: E402
 
 CANDIDATES: dict[str, QuantizeSettings] = {
-    "u8s8-full-minmax": QuantizeSettings(),
+    "u8s8-full-minmax": QuantizeSettings(calibration="minmax"),
     "u8s8-full-percentile": QuantizeSettings(calibration="percentile"),
-    "u8s8-full-minmax-stem-head-fp32": QuantizeSettings(keep_fp32=("stem", "head")),
-    "s8s8-full-minmax": QuantizeSettings(activations="int8"),
+    # the blocks a one-block-at-a-time probe on seed 1's validation cells found most sensitive, kept in float
+    "u8s8-full-percentile-blocks01-fp32": QuantizeSettings(
+        calibration="percentile", keep_fp32=("backbone.model.blocks.0", "backbone.model.blocks.1")
+    ),
+    "u8s8-full-percentile-blocks013-fp32": QuantizeSettings(
+        calibration="percentile",
+        keep_fp32=("backbone.model.blocks.0", "backbone.model.blocks.1", "backbone.model.blocks.3"),
+    ),
+    "s8s8-full-minmax": QuantizeSettings(activations="int8", calibration="minmax"),
     # the schemes for CPUs without VNNI, where 8-bit weights can saturate: 7-bit weights, or U8U8
-    "u8s8-reduced-minmax": QuantizeSettings(reduce_range=True),
     "u8s8-reduced-percentile": QuantizeSettings(reduce_range=True, calibration="percentile"),
-    "u8u8-full-minmax": QuantizeSettings(weights="uint8"),
+    "u8u8-full-minmax": QuantizeSettings(weights="uint8", calibration="minmax"),
 }
 
 
@@ -117,100 +124,117 @@ def _latency(
     return times
 
 
+def measure_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
+    """Everything of one seed but its test split: run in a process of its own (ONNX Runtime's memory arenas
+    and the data module are freed with it)."""
+    ckpt, run = _run_of(Path(args.runs), seed)
+    # the data as time_to_accuracy.py ran it: the recipe with the seed's split
+    recipe = load_recipe(
+        ["--config", args.recipe, "--seed_everything", str(seed), "--data.seed", str(seed)], logger=False
+    )
+    dm = recipe.datamodule
+    dm.setup("fit")
+    dm.setup("test")
+    eager, transform = load_for_inference(ckpt)
+    groups = eager.class_groups
+    fp32_path = export_checkpoint(ckpt, "onnx", work / f"s{seed}" / "model.onnx").path
+    fp32, _ = load_exported(fp32_path)
+    train = dm.datasets["train"]
+    order = np.random.default_rng(seed).permutation(len(train))[: args.calibration_count]
+    calibration = dm.image_dataset([train.items[i] for i in order], train.labels[order], transform)
+    cal = torch.stack([calibration[i][0].float() for i in range(len(calibration))]).numpy()
+    val_x, val_y = _tensors(dm, "val", transform)
+    test_x, test_y = _tensors(dm, "test", transform)
+    models = {}
+    ops: dict[str, Any] = {}
+    for name in args.candidates:
+        out = work / f"s{seed}" / f"{name}.onnx"
+        result = quantize_onnx(
+            fp32_path, (cal[i : i + 16] for i in range(0, len(cal), 16)), out, CANDIDATES[name]
+        )
+        models[name] = load_exported(result.path)[0]
+        ops[name] = {
+            "int8_ops": result.quantized_ops,
+            "float_ops": result.float_ops,
+            "size_mb": round(result.size_bytes / 1e6, 2),
+        }
+    fp32_val = _predict(fp32, val_x)
+    entry: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "run_test_group_acc": _read_metric(run, "test_group_acc"),
+        "val_images": len(val_y),
+        "test_images": len(test_y),
+        "fp32_val": _scores(fp32_val, val_y, groups),
+        "val": {},
+        "ops": ops,
+    }
+    val_probs = {}
+    for name, model in models.items():
+        val_probs[name] = _predict(model, val_x)
+        entry["val"][name] = {
+            **_scores(val_probs[name], val_y, groups),
+            **_changed(fp32_val, val_probs[name], groups),
+        }
+    # latency: one batch of validation images, every model of this seed in each round
+    runners = {
+        "pytorch_eager": lambda b, m=eager: m.predict_proba(b, tta="none"),
+        "onnx_fp32": fp32.run,
+        **{f"int8:{n}": m.run for n, m in models.items()},
+    }
+    entry["latency_ms"] = {}
+    with torch.no_grad():
+        for size, iterations in ((1, 20), (32, 2)):
+            batch = val_x[:size].contiguous()
+            times = _latency(runners, batch, args.rounds, iterations)
+            entry["latency_ms"][f"batch{size}"] = {
+                "median": {n: round(statistics.median(t), 3) for n, t in times.items()},
+                "speedup_vs_onnx_fp32": {
+                    n: per_round_ratio(times["onnx_fp32"], t)
+                    for n, t in times.items()
+                    if n.startswith("int8")
+                },
+                "speedup_vs_pytorch_eager": {
+                    n: per_round_ratio(times["pytorch_eager"], t)
+                    for n, t in times.items()
+                    if n != "pytorch_eager"
+                },
+            }
+    # what the choice and the test need: the entry, the files, the test images (torch.save)
+    torch.save({"x": test_x, "y": test_y, "groups": groups}, work / f"s{seed}" / "test.pt")
+    entry["files"] = {"fp32": str(fp32_path), **{name: str(model.path) for name, model in models.items()}}
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/time-to-accuracy/quickstart")
     parser.add_argument("--recipe", default="recipes/quickstart.yaml", help="the recipe the runs trained")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--calibration-count", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_seed is not None:  # a worker: one seed's measurements to <work>/s<seed>/entry.json
+        entry = measure_seed(args, args.one_seed, Path(args.work))
+        (Path(args.work) / f"s{args.one_seed}" / "entry.json").write_text(json.dumps(entry))
+        return
     torch.set_num_threads(torch.get_num_threads())
     report: dict[str, Any] = {"provenance": provenance(), "candidates": {}, "seeds": {}}
     report["candidates"] = {n: CANDIDATES[n].describe() for n in args.candidates}
     work = Path(tempfile.mkdtemp(prefix="quantize-elpv-"))
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
-        ckpt, run = _run_of(Path(args.runs), seed)
-        # the data as time_to_accuracy.py ran it: the recipe with the seed's split
-        recipe = load_recipe(
-            ["--config", args.recipe, "--seed_everything", str(seed), "--data.seed", str(seed)], logger=False
-        )
-        dm = recipe.datamodule
-        dm.setup("fit")
-        dm.setup("test")
-        eager, transform = load_for_inference(ckpt)
-        groups = eager.class_groups
-        fp32_path = export_checkpoint(ckpt, "onnx", work / f"s{seed}" / "model.onnx").path
-        fp32, _ = load_exported(fp32_path)
-        train = dm.datasets["train"]
-        order = np.random.default_rng(seed).permutation(len(train))[: args.calibration_count]
-        calibration = dm.image_dataset([train.items[i] for i in order], train.labels[order], transform)
-        cal = torch.stack([calibration[i][0].float() for i in range(len(calibration))]).numpy()
-        val_x, val_y = _tensors(dm, "val", transform)
-        test_x, test_y = _tensors(dm, "test", transform)
-        models = {}
-        for name in args.candidates:
-            out = work / f"s{seed}" / f"{name}.onnx"
-            result = quantize_onnx(
-                fp32_path, (cal[i : i + 16] for i in range(0, len(cal), 16)), out, CANDIDATES[name]
-            )
-            models[name] = load_exported(result.path)[0]
-            report["candidates"][name]["int8_ops"] = result.quantized_ops
-            report["candidates"][name]["float_ops"] = result.float_ops
-            report["candidates"][name]["size_mb"] = round(result.size_bytes / 1e6, 2)
-        fp32_val = _predict(fp32, val_x)
-        entry: dict[str, Any] = {
-            "checkpoint": str(ckpt),
-            "run_test_group_acc": _read_metric(run, "test_group_acc"),
-            "val_images": len(val_y),
-            "test_images": len(test_y),
-            "fp32_val": _scores(fp32_val, val_y, groups),
-            "val": {},
-        }
-        val_probs = {}
-        for name, model in models.items():
-            val_probs[name] = _predict(model, val_x)
-            entry["val"][name] = {
-                **_scores(val_probs[name], val_y, groups),
-                **_changed(fp32_val, val_probs[name], groups),
-            }
-        # latency: one batch of validation images, every model of this seed in each round
-        runners = {
-            "pytorch_eager": lambda b, m=eager: m.predict_proba(b, tta="none"),
-            "onnx_fp32": fp32.run,
-            **{f"int8:{n}": m.run for n, m in models.items()},
-        }
-        entry["latency_ms"] = {}
-        with torch.no_grad():
-            for size, iterations in ((1, 20), (32, 2)):
-                batch = val_x[:size].contiguous()
-                times = _latency(runners, batch, args.rounds, iterations)
-                entry["latency_ms"][f"batch{size}"] = {
-                    "median": {n: round(statistics.median(t), 3) for n, t in times.items()},
-                    "speedup_vs_onnx_fp32": {
-                        n: per_round_ratio(times["onnx_fp32"], t)
-                        for n, t in times.items()
-                        if n.startswith("int8")
-                    },
-                    "speedup_vs_pytorch_eager": {
-                        n: per_round_ratio(times["pytorch_eager"], t)
-                        for n, t in times.items()
-                        if n != "pytorch_eager"
-                    },
-                }
-        # keep the test images and the files, not the runtimes (each holds its memory arena)
-        per_seed[seed] = {
-            "entry": entry,
-            "fp32": fp32_path,
-            "models": {name: model.path for name, model in models.items()},
-            "test": (test_x, test_y),
-            "groups": groups,
-        }
-        del models, fp32, eager, runners, dm, recipe, val_x, cal, calibration
-        gc.collect()
+        # one process per seed: what a seed's runtimes hold is returned to the system when it ends
+        (work / f"s{seed}").mkdir(parents=True, exist_ok=True)
+        worker = [sys.executable, __file__, *sys.argv[1:], "--one-seed", str(seed), "--work", str(work)]
+        subprocess.run(worker, check=True)
+        entry = json.loads((work / f"s{seed}" / "entry.json").read_text())
+        for name, values in entry.pop("ops").items():
+            report["candidates"][name].update(values)
+        per_seed[seed] = {"entry": entry}
         report["seeds"][str(seed)] = entry
         if args.out:
             write(report, args.out)
@@ -239,22 +263,25 @@ def main() -> None:
         }
         for name in args.candidates
     }
+    # the fewest changed 4-class predictions among the settings at least 2x faster than fp32 ONNX at batch 1
+    # (the issue's speed target), else among all
+    fast = [n for n in args.candidates if summary[n]["batch1_speedup_vs_onnx_fp32"] >= 2.0] or args.candidates
     chosen = min(
-        args.candidates,
-        key=lambda n: (summary[n]["val_changed_4class"], -summary[n]["batch1_speedup_vs_onnx_fp32"]),
+        fast, key=lambda n: (summary[n]["val_changed_4class"], -summary[n]["batch1_speedup_vs_onnx_fp32"])
     )
     report["validation_summary"] = summary
     report["chosen_on_validation"] = chosen
     # the test split, once per seed: fp32 and the chosen setting
     test_rows = {}
     for seed, held in per_seed.items():
-        test_x, test_y = held["test"]
-        a = _predict(load_exported(held["fp32"])[0], test_x)
-        b = _predict(load_exported(held["models"][chosen])[0], test_x)
+        files = held["entry"].pop("files")
+        test = torch.load(work / f"s{seed}" / "test.pt", weights_only=True)
+        a = _predict(load_exported(files["fp32"])[0], test["x"])
+        b = _predict(load_exported(files[chosen])[0], test["x"])
         test_rows[seed] = {
-            "fp32": _scores(a, test_y, held["groups"]),
-            "int8": _scores(b, test_y, held["groups"]),
-            **_changed(a, b, held["groups"]),
+            "fp32": _scores(a, test["y"], test["groups"]),
+            "int8": _scores(b, test["y"], test["groups"]),
+            **_changed(a, b, test["groups"]),
         }
         report["seeds"][str(seed)]["test"] = test_rows[seed]
 
@@ -304,8 +331,6 @@ def main() -> None:
 
 
 def _read_metric(run: Path, key: str) -> float | None:
-    import json
-
     path = run / "metrics.json"
     if not path.is_file():
         return None

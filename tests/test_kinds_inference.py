@@ -308,3 +308,36 @@ def test_mc_dropout_on_a_model_without_dropout_is_one_error_line(tmp_path):
     assert done.returncode == 0
     header, rows = _read_csv(tmp_path / "p.csv")
     assert header == ["file", "predicted_level", "error"] and 0 < float(rows[0]["predicted_level"]) < 100
+
+
+# --- serve ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serve_answers_multi_label_and_regression_models_as_predict_images_writes(multi_label, regression):
+    import httpx
+    from conftest import Server
+
+    from transferkit.serving import Predictor
+
+    for run in (multi_label, regression):
+        rows = {Path(r["file"]).name: r for r in _predicted_once(run)}
+        files = sorted(run.images.iterdir())[:5]
+        predictor = Predictor.load(run.best)
+        with Server(predictor) as server:
+            upload = [("files", (f.name, f.read_bytes(), "image/png")) for f in files]
+            body = httpx.post(f"{server.url}/predict", files=upload, timeout=60).json()
+            info = httpx.get(f"{server.url}/info").json()
+        assert [a["file"] for a in body["predictions"]] == [f.name for f in files]
+        for answer in body["predictions"]:
+            row = rows[answer["file"]]
+            if predictor.kind == "multi_label":
+                assert ";".join(answer["predicted"]) == row["predicted_labels"]
+                for name, p in answer["probs"].items():
+                    assert p == pytest.approx(float(row[f"prob_{name}"]), abs=1e-5)
+            else:
+                assert "predicted" not in answer
+                for name, value in answer["values"].items():
+                    assert value == pytest.approx(float(row[f"predicted_{name}"]), rel=1e-5, abs=1e-6)
+        assert info["kind"] == predictor.kind
+        assert info["gradcam"] is (predictor.kind != "regression")

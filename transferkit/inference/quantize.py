@@ -33,6 +33,8 @@ transferkit.errors.ConfigError: unknown calibration 'median'; choose minmax, per
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -64,7 +66,7 @@ class QuantizeSettings:
     reduce_range: bool = False
     activations: str = "uint8"
     weights: str = "int8"
-    calibration: str = "minmax"
+    calibration: str = "percentile"
     per_channel: bool = True
     keep_fp32: tuple[str, ...] = field(default_factory=tuple)
 
@@ -238,23 +240,24 @@ def quantize_onnx(
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         # pre-processing may rename nodes it merged: keep the ones still there
         names = {n.name for n in onnx.load(str(prepared)).graph.node}
-        quantize_static(
-            str(prepared),
-            str(out_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=settings.per_channel,
-            reduce_range=settings.reduce_range,
-            activation_type=QuantType.QInt8 if settings.activations == "int8" else QuantType.QUInt8,
-            weight_type=QuantType.QInt8 if settings.weights == "int8" else QuantType.QUInt8,
-            nodes_to_exclude=[n for n in keep if n in names],
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "percentile": CalibrationMethod.Percentile,
-                "entropy": CalibrationMethod.Entropy,
-            }[settings.calibration],
-            extra_options={"CalibMovingAverage": False},
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator prints its progress
+            quantize_static(
+                str(prepared),
+                str(out_path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                activation_type=QuantType.QInt8 if settings.activations == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8 if settings.weights == "int8" else QuantType.QUInt8,
+                nodes_to_exclude=[n for n in keep if n in names],
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "percentile": CalibrationMethod.Percentile,
+                    "entropy": CalibrationMethod.Entropy,
+                }[settings.calibration],
+                extra_options={"CalibMovingAverage": False},
+            )
     preprocessing = json.loads(props[METADATA_KEY])
     preprocessing["quantization"] = {
         **settings.describe(),
