@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--calibration",
         choices=["minmax", "percentile", "entropy"],
-        default="minmax",
+        default="percentile",
         help="how activation ranges are set from the calibration images (default: %(default)s)",
     )
     return parser
