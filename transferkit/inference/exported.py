@@ -152,20 +152,6 @@ class ExportedModel:
             "checkpoint; predict from the .ckpt file instead."
         )
 
-    def describe(self) -> dict[str, Any]:
-        """What ``serve``'s ``/info`` shows: classes, groups, input size, the target's kind, the source."""
-        return {
-            "kind": self.task.kind,
-            "class_names": self.class_names,
-            "class_groups": self.preprocessing.get("class_groups"),
-            "input_size": self.input_size,
-            "decision": self.preprocessing.get("decision"),
-            "source_checkpoint": self.preprocessing.get("source_checkpoint"),
-            "backbone": self.preprocessing.get("backbone"),
-            "quantization": self.quantization,
-            "test_time_augmentation": self.tta,
-        }
-
 
 def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[ExportedModel, A.Compose]:
     """The exported model in ``path`` and its eval pipeline, as :func:`~transferkit.load_for_inference` gives
