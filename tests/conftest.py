@@ -169,7 +169,7 @@ def serve_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transferkit.inference import export_checkpoint
     from transferkit.inference.exported import load_exported
     from transferkit.inference.quantize import quantize_onnx
-    from transferkit.models.checkpoint import checkpoint_section
+    from transferkit.models.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
@@ -183,14 +183,7 @@ def serve_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for bn in (m for m in trained.modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)):
         bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)  # statistics as training leaves
     ckpt = root / "best.ckpt"
-    torch.save(
-        {
-            "state_dict": trained.state_dict(),
-            "hyper_parameters": dict(trained.hparams),
-            "transferkit": checkpoint_section(trained),
-        },
-        ckpt,
-    )
+    save_checkpoint(trained, ckpt)
     rng = np.random.default_rng(0)
     images = root / "images"
     images.mkdir()

@@ -20,7 +20,7 @@ from conftest import NORM, TINY_BACKBONE, quiet_trainer, run_cli
 import transferkit as tk
 from transferkit.data.images import load_image
 from transferkit.inference.export import preprocessing_path
-from transferkit.models.checkpoint import checkpoint_section
+from transferkit.models.checkpoint import save_checkpoint
 
 
 def _train(root: Path, csv_path: Path, target: dict) -> types.SimpleNamespace:
@@ -262,14 +262,7 @@ def _checkpoint(tmp_path: Path, target: str, names: list[str], dropout: float = 
     if target == "regression":
         model.task.prepare(np.random.default_rng(0).normal(50.0, 10.0, (400, len(names))))
     path = tmp_path / f"{target}.ckpt"
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "hyper_parameters": dict(model.hparams),
-            "transferkit": checkpoint_section(model),
-        },
-        path,
-    )
+    save_checkpoint(model, path)
     return path, model.eval()
 
 

@@ -19,6 +19,7 @@ from typing import Any  # noqa: E402
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 from transferkit.data.policies import POLICIES, policy  # noqa: E402
@@ -31,6 +32,8 @@ __all__ = [
     "build_train_transform",
     "build_eval_transform",
     "decode_side",
+    "normalization",
+    "unnormalize",
 ]
 
 PRESETS = ("none", "light", "medium", "heavy")
@@ -133,6 +136,37 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTrans
 def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
     """``Resize(image_size) -> Normalize(mean, std) -> tensor``: ``(H, W, 3) uint8`` to ``(3, S, S)`` float."""
     return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA), *_normalize(mean, std)])
+
+
+def normalization(transform: A.Compose) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` of the pipeline's ``Normalize`` step (the statistics its tensors are in).
+
+    Example:
+        >>> normalization(build_eval_transform(64, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)))
+        ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    """
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, A.Normalize):
+            return tuple(float(v) for v in step.mean), tuple(float(v) for v in step.std)
+    raise ConfigError(
+        "the pipeline has no Normalize step, so its tensors cannot be shown as an image: build it with "
+        "build_eval_transform or build_train_transform."
+    )
+
+
+def unnormalize(tensor: Any, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A pipeline's tensor ``(3, S, S)`` back to the image it shows, ``(S, S, 3)`` float32 in [0, 1]: what the
+    model saw, for a figure or an overlay.
+
+    Example:
+        >>> pipeline = build_eval_transform(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        >>> image = np.full((40, 40, 3), 200, np.uint8)
+        >>> shown = unnormalize(pipeline(image=image)["image"], *normalization(pipeline))
+        >>> shown.shape, round(float(shown.max() * 255))
+        ((32, 32, 3), 200)
+    """
+    image = tensor.float().cpu().numpy().transpose(1, 2, 0)
+    return np.clip(image * np.asarray(std, np.float32) + np.asarray(mean, np.float32), 0.0, 1.0)
 
 
 def decode_side(transform: A.Compose) -> int | None:

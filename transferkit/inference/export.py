@@ -27,11 +27,9 @@ still gives the binary verdict (:class:`~transferkit.inference.exported.Exported
 
 >>> import os, tempfile, torch
 >>> from transferkit import TransferClassifier
->>> from transferkit.models.checkpoint import checkpoint_section
+>>> from transferkit.models.checkpoint import save_checkpoint
 >>> model = TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False)
->>> path = os.path.join(tempfile.mkdtemp(), "best.ckpt")
->>> torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-...             "transferkit": checkpoint_section(model)}, path)
+>>> path = save_checkpoint(model, os.path.join(tempfile.mkdtemp(), "best.ckpt"))
 >>> result = export_checkpoint(path, "torchscript")
 >>> result.path.name, result.preprocessing.name, result.max_abs_diff < 1e-4
 ('best.torchscript.pt', 'best.preprocessing.json', True)

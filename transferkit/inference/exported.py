@@ -11,14 +11,12 @@ pipeline run: no checkpoint, no timm model.
 
 >>> import os, tempfile, numpy as np, torch
 >>> from transferkit import TransferClassifier
->>> from transferkit.models.checkpoint import checkpoint_section
+>>> from transferkit.models.checkpoint import save_checkpoint
 >>> from transferkit.inference.export import export_checkpoint
 >>> trained = TransferClassifier(num_classes=4, backbone="test_efficientnet", pretrained=False,
 ...                              class_names=["0", "1/3", "2/3", "1"],
 ...                              class_groups={"functional": ["0", "1/3"], "defective": ["2/3", "1"]})
->>> path = os.path.join(tempfile.mkdtemp(), "best.ckpt")
->>> torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams),
-...             "transferkit": checkpoint_section(trained)}, path)
+>>> path = save_checkpoint(trained, os.path.join(tempfile.mkdtemp(), "best.ckpt"))
 >>> onnx_path = export_checkpoint(path, "onnx").path
 >>> model, transform = load_exported(onnx_path)
 >>> model.class_groups, model.task.kind

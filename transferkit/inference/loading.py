@@ -36,12 +36,10 @@ def load_for_inference(path: str | os.PathLike, **overrides: Any) -> tuple[Trans
 
     Example (a checkpoint written by hand here; a training run writes them in its ``checkpoints/``):
         >>> import os, tempfile, numpy as np, torch
-        >>> from transferkit.models.checkpoint import checkpoint_section
+        >>> from transferkit.models.checkpoint import save_checkpoint
         >>> trained = TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False,
         ...                              class_names=["ok", "defect"])
-        >>> path = os.path.join(tempfile.mkdtemp(), "best.ckpt")
-        >>> torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams),
-        ...             "transferkit": checkpoint_section(trained)}, path)
+        >>> path = save_checkpoint(trained, os.path.join(tempfile.mkdtemp(), "best.ckpt"))
         >>> model, transform = load_for_inference(path)
         >>> x = transform(image=np.zeros((300, 200, 3), np.uint8))["image"][None]  # (1, 3, S, S)
         >>> model.class_names[int(model.predict_proba(x).argmax())] in ("ok", "defect")

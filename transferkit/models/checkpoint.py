@@ -47,6 +47,7 @@ __all__ = [
     "preprocessing_of",
     "read_checkpoint",
     "refused_pickle",
+    "save_checkpoint",
     "store_calibration",
 ]
 
@@ -76,6 +77,30 @@ def checkpoint_section(model: Any) -> dict[str, Any]:
         # the kind of target, its names and (regression) the training split's scaling; the weights hold it too
         "target": model.task.describe(),
     }
+
+
+def save_checkpoint(model: Any, path: str | os.PathLike) -> Path:
+    """Write ``model`` (a :class:`~transferkit.TransferClassifier`) to ``path`` as a training run's checkpoint
+    holds it: weights, settings and the self-describing section, so it loads for inference, export and serving
+    with ``weights_only=True``. For a model trained outside :class:`transferkit.Trainer`, and for examples.
+    Written atomically: a failure leaves no half-written file.
+
+    Example:
+        >>> import os, tempfile
+        >>> from transferkit import TransferClassifier
+        >>> from transferkit.inference.loading import load_for_inference
+        >>> model = TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False,
+        ...                            class_names=["ok", "defect"])
+        >>> path = save_checkpoint(model, os.path.join(tempfile.mkdtemp(), "model.ckpt"))
+        >>> load_for_inference(path)[0].class_names
+        ['ok', 'defect']
+    """
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        SECTION: checkpoint_section(model),
+    }
+    return atomic_write(path, lambda handle: torch.save(checkpoint, handle), what="checkpoint")
 
 
 def checkpoint_preprocessing(model: Any) -> dict[str, Any]:

@@ -45,6 +45,7 @@ import torch
 
 import transferkit.reporting.interpretation_plots as figures
 import transferkit.reporting.plots as plots
+from transferkit.data.augment import unnormalize
 from transferkit.errors import ConfigError
 from transferkit.files import atomic_write
 from transferkit.inference.calibrate import split_outputs
@@ -382,12 +383,6 @@ def _group_figures(
     }
 
 
-def _display_image(tensor: torch.Tensor, mean: Any, std: Any) -> np.ndarray:
-    """An eval-pipeline tensor ``(3, S, S)`` back to an image ``(S, S, 3)`` in [0, 1], as the model saw it."""
-    image = tensor.float().cpu().numpy().transpose(1, 2, 0)
-    return np.clip(image * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32), 0.0, 1.0)
-
-
 def _item_name(dataset: Any, index: int) -> str:
     items = getattr(dataset, "items", None)
     if items is not None and isinstance(items[index], str | os.PathLike):
@@ -424,7 +419,7 @@ class _Looking:
     def images(self, chosen: Sequence[int]) -> tuple[list[torch.Tensor], list[np.ndarray]]:
         """The eval-pipeline tensors of samples ``chosen`` and the images they show."""
         tensors = [self.dataset[int(i)][0] for i in chosen]
-        return tensors, [_display_image(t, self.mean, self.std) for t in tensors]
+        return tensors, [unnormalize(t, self.mean, self.std) for t in tensors]
 
     def maps(self, tensors: Sequence[torch.Tensor], outputs: Sequence[int]) -> np.ndarray | None:
         """Grad-CAM maps of each tensor for the output (class, label or target) beside it; ``None`` when

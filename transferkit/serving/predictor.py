@@ -9,12 +9,10 @@ overlays; an exported graph cannot (it has no gradients), and :attr:`Predictor.g
 >>> import os, tempfile, io, torch
 >>> from PIL import Image
 >>> from transferkit import TransferClassifier
->>> from transferkit.models.checkpoint import checkpoint_section
+>>> from transferkit.models.checkpoint import save_checkpoint
 >>> trained = TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False,
 ...                              class_names=["ok", "defect"])
->>> path = os.path.join(tempfile.mkdtemp(), "best.ckpt")
->>> torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams),
-...             "transferkit": checkpoint_section(trained)}, path)
+>>> path = save_checkpoint(trained, os.path.join(tempfile.mkdtemp(), "best.ckpt"))
 >>> predictor = Predictor.load(path)
 >>> buffer = io.BytesIO(); Image.new("RGB", (40, 30), "gray").save(buffer, format="PNG")
 >>> row = predictor.predict([predictor.prepare(predictor.decode(buffer.getvalue(), "gray.png"))])[0]
@@ -35,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferkit.data.augment import decode_side
+from transferkit.data.augment import decode_side, normalization, unnormalize
 from transferkit.data.images import decode_image
 from transferkit.inference.loading import load_model_file
 from transferkit.inference.predict import predict_tensors
@@ -120,10 +118,10 @@ class Predictor:
         if self._gradcam_layer is None:
             self._gradcam_layer = gradcam_layer(self.model, side)
         cam = gradcam_maps(self.model, tensor[None], classes=[class_index], layer=self._gradcam_layer)[0]
-        shown = _display(tensor, self.transform)
+        shown = unnormalize(tensor, *normalization(self.transform))
         heat = np.stack([np.clip(3 * cam, 0, 1), np.clip(3 * cam - 1, 0, 1), np.clip(3 * cam - 2, 0, 1)], -1)
         alpha = 0.55 * cam[..., None]
-        blended = ((1 - alpha) * shown / 255.0 + alpha * heat) * 255
+        blended = ((1 - alpha) * shown + alpha * heat) * 255
         buffer = io.BytesIO()
         Image.fromarray(blended.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
         return buffer.getvalue()
@@ -153,15 +151,3 @@ class Predictor:
         if self.gradcam_note:
             info["gradcam_note"] = self.gradcam_note
         return info
-
-
-def _display(tensor: torch.Tensor, transform: Any) -> np.ndarray:
-    """A prepared image back to ``(S, S, 3) uint8`` with the pipeline's Normalize undone."""
-    import albumentations as A
-
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    for step in getattr(transform, "transforms", []):
-        if isinstance(step, A.Normalize):
-            mean, std = np.asarray(step.mean, float), np.asarray(step.std, float)
-    image = tensor.permute(1, 2, 0).cpu().numpy() * std + mean
-    return (image.clip(0, 1) * 255).astype(np.float64)
