@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +37,7 @@ sys.path.insert(1, str(ROOT))  # this checkout's transferkit, the one its `pytho
 from auto_budget import DATASETS, best_validation  # noqa: E402
 from provenance import provenance, save, write  # noqa: E402
 
-from transferkit.tuning.auto import LADDER, Rung, recipe_for  # noqa: E402
+from transferkit.tuning.auto import LADDER, Rung, load_ladder, recipe_for  # noqa: E402
 
 
 def data_section(name: str, data_dir: Path, seed: int) -> dict:
@@ -50,7 +51,13 @@ def run_rung(dataset: str, rung: Rung, data: dict, seed: int, runs: Path) -> dic
     folder = runs / f"{dataset}-{rung.name}-s{seed}"
     record_path = folder / "record.json"
     if record_path.exists():
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        if record["rung"] != asdict(rung):
+            raise SystemExit(
+                f"{folder} holds a run of another rung named {rung.name!r} ({record['rung']}): give the new rung "
+                "another name, or move that folder away to run it again."
+            )
+        return record
     folder.mkdir(parents=True, exist_ok=True)
     recipe = recipe_for(rung, data, root_dir=str(folder))
     recipe["seed_everything"] = seed
@@ -77,14 +84,14 @@ def run_rung(dataset: str, rung: Rung, data: dict, seed: int, runs: Path) -> dic
     return record
 
 
-def leave_one_out(records: list[dict], datasets: list[str]) -> dict:
+def leave_one_out(records: list[dict], datasets: list[str], ladder: Sequence[Rung] = LADDER) -> dict:
     """Per held-out dataset, the ladder kept by the other datasets' mean validation accuracy, and why."""
     by = {(r["dataset"], r["rung"]["name"]): r["val_acc"] for r in records}
     out = {}
     for held in datasets:
         others = [d for d in datasets if d != held]
         kept, rows, best = [], [], -1.0
-        for rung in LADDER:
+        for rung in ladder:
             scores = [by[(d, rung.name)] for d in others if (d, rung.name) in by]
             if len(scores) < len(others):
                 rows.append({"rung": rung.name, "kept": False, "why": "not run on every other dataset"})
@@ -104,7 +111,12 @@ def main() -> None:
     parser.add_argument(
         "--datasets", nargs="+", default=["digits", "photo-digits"], choices=[*DATASETS, "elpv"]
     )
-    parser.add_argument("--rungs", nargs="+", default=[r.name for r in LADDER])
+    parser.add_argument(
+        "--ladder",
+        default=None,
+        help="the candidate rungs, cheapest first, as a YAML file of auto --rules (default: auto's built-in ladder)",
+    )
+    parser.add_argument("--rungs", nargs="+", default=None, help="only these rungs of the ladder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="runs/auto-rules")
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "transferkit-auto-data"))
@@ -112,14 +124,16 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     runs, data_dir = Path(args.runs), Path(args.data_dir)
-    unknown = set(args.rungs) - {r.name for r in LADDER}
+    ladder = load_ladder(args.ladder) if args.ladder else LADDER
+    wanted = args.rungs or [r.name for r in ladder]
+    unknown = set(wanted) - {r.name for r in ladder}
     if unknown:
-        raise SystemExit(f"unknown rungs {sorted(unknown)}; the ladder has {[r.name for r in LADDER]}")
+        raise SystemExit(f"unknown rungs {sorted(unknown)}; the ladder has {[r.name for r in ladder]}")
     records: list[dict] = []
     report = {"records": records, "provenance": provenance()}
     for dataset in args.datasets:
         data = data_section(dataset, data_dir, args.seed)
-        for rung in (r for r in LADDER if r.name in args.rungs):
+        for rung in (r for r in ladder if r.name in wanted):
             record = run_rung(dataset, rung, data, args.seed, runs)
             records.append(
                 {k: v for k, v in record.items() if k != "provenance"}
@@ -131,10 +145,10 @@ def main() -> None:
             )
             if args.out:
                 write(report, args.out)
-    report["leave_one_dataset_out"] = leave_one_out(records, args.datasets)
+    report["leave_one_dataset_out"] = leave_one_out(records, args.datasets, ladder)
     if args.rules_dir:
         for held, chosen in report["leave_one_dataset_out"].items():
-            rungs = [asdict(r) for r in LADDER if r.name in chosen["ladder"]]
+            rungs = [asdict(r) for r in ladder if r.name in chosen["ladder"]]
             path = Path(args.rules_dir) / f"auto-rules-without-{held}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(rungs, sort_keys=False))

@@ -803,3 +803,38 @@ def test_auto_rules_keep_a_costlier_rung_only_where_the_other_datasets_found_it_
     # held out a: b and c's means are 0.75, 0.765, 0.60, 0.845: rungs 0, 1 and 3 kept
     assert chosen["a"]["ladder"] == [ladder[0], ladder[1], ladder[3]]
     assert all(not row["kept"] for row in chosen["a"]["rows"][4:])  # not run on every other dataset
+
+
+def test_auto_rules_weigh_candidate_rungs_from_a_file_and_refuse_a_stored_run_of_another_rung(tmp_path):
+    from dataclasses import asdict
+
+    from transferkit.tuning.auto import load_ladder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    rules = _benchmark("auto_rules")
+    ladder = load_ladder(
+        Path(__file__).resolve().parents[1] / "benchmarks/configs/auto-ladder-candidates.yaml"
+    )
+    names = [r.name for r in ladder]
+    assert (
+        names.index("lite0-192-top4")
+        < names.index("lite0-192-top5-augmented")
+        < names.index("lite0-224-top5-augmented")
+    )
+    # a rung between top 4 and the augmented top 5 that the other datasets found better is kept
+    accs = {name: 0.5 + 0.01 * i for i, name in enumerate(names)}
+    records = [{"dataset": d, "rung": {"name": n}, "val_acc": a} for d in ("a", "b") for n, a in accs.items()]
+    chosen = rules.leave_one_out(records, ["a", "b"], ladder)
+    assert "lite0-192-top5-augmented" in chosen["a"]["ladder"]
+    assert len(chosen["a"]["rows"]) == len(ladder)
+
+    # a stored run is read back only for the rung it ran: another rung under the same name is refused
+    rung = ladder[names.index("lite0-192-top4")]
+    folder = tmp_path / f"elpv-{rung.name}-s0"
+    folder.mkdir()
+    other = asdict(rung) | {"unfrozen_epochs": 9}
+    (folder / "record.json").write_text(json.dumps({"rung": other, "val_acc": 0.9}))
+    with pytest.raises(SystemExit, match="holds a run of another rung named 'lite0-192-top4'"):
+        rules.run_rung("elpv", rung, {}, 0, tmp_path)
+    (folder / "record.json").write_text(json.dumps({"rung": asdict(rung), "val_acc": 0.9}))
+    assert rules.run_rung("elpv", rung, {}, 0, tmp_path)["val_acc"] == 0.9
