@@ -183,6 +183,26 @@ def test_time_budget_stops_an_overrunning_fit_and_otherwise_changes_nothing(
     _, stopped = fit(spent)
     assert spent.stopped_at_epoch == 0 and stopped.global_step == 1
 
+    # testing a checkpoint saved before the stop (the best one) restores the callbacks' states from it: the
+    # stop this run made is kept, so auto-plan.json and the printed line say training was cut short
+    before = tmp_path / "saved-before-the-stop.ckpt"
+    stopped.save_checkpoint(before)
+    checkpoint = torch.load(before, weights_only=True)
+    states = [k for k in checkpoint["callbacks"] if k.startswith("TimeBudget")]
+    assert states, checkpoint["callbacks"].keys()
+    checkpoint["callbacks"][states[0]] = {"stopped_at_epoch": None}
+    torch.save(checkpoint, before)
+    model = tk.TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False)
+    dm = tk.ImageDataModule(
+        root=str(stripes_folder), pipeline={"image_size": 32}, loader={"batch_size": 8, "num_workers": 0}
+    )
+    stopped.test(model, datamodule=dm, ckpt_path=str(before), verbose=False)
+    assert spent.stopped_at_epoch == 0
+    # a fresh run resuming from a stopped one reads its stop
+    resumed = TimeBudget(deadline=time.time() + 3600)
+    resumed.load_state_dict({"stopped_at_epoch": 1})
+    assert resumed.stopped_at_epoch == 1
+
 
 def test_auto_refuses_model_and_trainer_settings_it_chooses_itself(stripes_folder: Path):
     done = run_cli(

@@ -83,4 +83,7 @@ class TimeBudget(Callback):
         return {"stopped_at_epoch": self.stopped_at_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.stopped_at_epoch = state_dict.get("stopped_at_epoch")
+        # Lightning restores callback states from every checkpoint it loads, also for ``test(ckpt_path=best)``
+        # after this fit: a best checkpoint saved before the stop must not erase the stop this run made
+        if self.stopped_at_epoch is None:
+            self.stopped_at_epoch = state_dict.get("stopped_at_epoch")
