@@ -25,7 +25,7 @@ still gives the binary verdict (:class:`~transferkit.inference.exported.Exported
 ``preprocessing.json``. The graph computes one view: a model whose ``test_time_augmentation`` is not
 ``none`` averages the second output over those views in ``predict-images``.
 
->>> import os, tempfile, torch
+>>> import os, tempfile
 >>> from transferkit import TransferClassifier
 >>> from transferkit.models.checkpoint import save_checkpoint
 >>> model = TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False)

@@ -35,7 +35,7 @@ def load_for_inference(path: str | os.PathLike, **overrides: Any) -> tuple[Trans
     checkpoint, so ``predict_proba`` gives probabilities or values in the targets' units at once.
 
     Example (a checkpoint written by hand here; a training run writes them in its ``checkpoints/``):
-        >>> import os, tempfile, numpy as np, torch
+        >>> import os, tempfile, numpy as np
         >>> from transferkit.models.checkpoint import save_checkpoint
         >>> trained = TransferClassifier(num_classes=2, backbone="test_efficientnet", pretrained=False,
         ...                              class_names=["ok", "defect"])

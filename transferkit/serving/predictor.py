@@ -6,7 +6,7 @@
 the names attached (``probs`` as ``{class: probability}``, ``top`` sorted). A checkpoint also gives Grad-CAM
 overlays; an exported graph cannot (it has no gradients), and :attr:`Predictor.gradcam_note` says so.
 
->>> import os, tempfile, io, torch
+>>> import os, tempfile, io
 >>> from PIL import Image
 >>> from transferkit import TransferClassifier
 >>> from transferkit.models.checkpoint import save_checkpoint
